@@ -1,0 +1,160 @@
+"""One flat config for every decoder we run, and the one mapping from a HF config.json.
+
+Two families are supported: Llama (RMSNorm, RoPE, SwiGLU, GQA) and OPT (LayerNorm,
+learned positions, ReLU MLP, pre- or post-LN). Any field value that would change the
+computation in a way this decoder does not implement raises UnsupportedConfig.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class UnsupportedConfig(ValueError):
+    pass
+
+
+@dataclass
+class Config:
+    arch: str  # "llama" | "opt"
+    vocab_size: int
+    dim: int  # hidden_size: width of the residual stream
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int  # < n_heads means grouped-query attention
+    head_dim: int
+    ffn_dim: int
+    max_seq_len: int  # max_position_embeddings
+    norm: str = "rms"  # "rms" | "layer"
+    norm_eps: float = 1e-5
+    norm_affine: bool = True  # LayerNorm weight and bias present
+    pre_norm: bool = True  # False: OPT-350m style post-LN blocks
+    final_norm: bool = True  # norm before the LM head
+    act: str = "silu"  # "silu" | "relu"
+    gated_mlp: bool = True  # SwiGLU: down(act(gate(x)) * up(x)); else fc2(act(fc1(x)))
+    attn_bias: bool = False  # bias on q/k/v projections
+    out_bias: bool = False  # bias on the attention output projection
+    mlp_bias: bool = False
+    pos: str = "rope"  # "rope" | "learned"
+    pos_offset: int = 0  # OPT learned positions start at row 2
+    rope_theta: float = 10000.0
+    rope_type: str = "default"  # "default" | "linear" | "llama3"
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_len: int = 8192
+    embed_dim: int = 0  # OPT word_embed_proj_dim; != dim adds project_in/out. 0 means dim
+    tie_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: list[int] = field(default_factory=list)
+    pad_token_id: int | None = None
+
+    def __post_init__(self):
+        if self.embed_dim == 0:
+            self.embed_dim = self.dim
+        if self.n_heads % self.n_kv_heads:
+            raise UnsupportedConfig(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+
+
+def _unsupported(field_name, value, allowed):
+    raise UnsupportedConfig(
+        f"unsupported config value {field_name}={value!r} (this decoder implements {allowed})")
+
+
+def _eos_list(v):
+    return [] if v is None else ([v] if isinstance(v, int) else list(v))
+
+
+def _llama(c: dict) -> Config:
+    if c.get("hidden_act", "silu") != "silu":
+        _unsupported("hidden_act", c["hidden_act"], "'silu'")
+    if c.get("pretraining_tp", 1) != 1:
+        _unsupported("pretraining_tp", c["pretraining_tp"], "1")
+    # transformers < 5 writes rope_scaling (+ rope_theta); >= 5 writes rope_parameters.
+    rope = dict(c.get("rope_parameters") or c.get("rope_scaling") or {})
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "linear", "llama3"):
+        _unsupported("rope_scaling.rope_type", rope_type, "'default', 'linear', 'llama3'")
+    n_heads = c["num_attention_heads"]
+    return Config(
+        arch="llama",
+        vocab_size=c["vocab_size"],
+        dim=c["hidden_size"],
+        n_layers=c["num_hidden_layers"],
+        n_heads=n_heads,
+        n_kv_heads=c.get("num_key_value_heads") or n_heads,
+        head_dim=c.get("head_dim") or c["hidden_size"] // n_heads,
+        ffn_dim=c["intermediate_size"],
+        max_seq_len=c.get("max_position_embeddings", 2048),
+        norm="rms",
+        norm_eps=c.get("rms_norm_eps", 1e-6),
+        act="silu",
+        gated_mlp=True,
+        attn_bias=c.get("attention_bias", False),
+        out_bias=c.get("attention_bias", False),
+        mlp_bias=c.get("mlp_bias", False),
+        pos="rope",
+        rope_theta=rope.get("rope_theta", c.get("rope_theta", 10000.0)),
+        rope_type=rope_type,
+        rope_factor=rope.get("factor", 1.0),
+        rope_low_freq_factor=rope.get("low_freq_factor", 1.0),
+        rope_high_freq_factor=rope.get("high_freq_factor", 4.0),
+        rope_original_max_len=rope.get("original_max_position_embeddings", 8192),
+        tie_embeddings=c.get("tie_word_embeddings", False),
+        bos_token_id=c.get("bos_token_id"),
+        eos_token_id=_eos_list(c.get("eos_token_id")),
+        pad_token_id=c.get("pad_token_id"),
+    )
+
+
+def _opt(c: dict) -> Config:
+    if c.get("activation_function", "relu") != "relu":
+        _unsupported("activation_function", c["activation_function"], "'relu'")
+    if c.get("_remove_final_layer_norm", False):
+        _unsupported("_remove_final_layer_norm", True, "False")
+    pre = c.get("do_layer_norm_before", True)
+    bias = c.get("enable_bias", True)
+    dim, n_heads = c["hidden_size"], c["num_attention_heads"]
+    return Config(
+        arch="opt",
+        vocab_size=c["vocab_size"],
+        dim=dim,
+        n_layers=c["num_hidden_layers"],
+        n_heads=n_heads,
+        n_kv_heads=n_heads,
+        head_dim=dim // n_heads,
+        ffn_dim=c["ffn_dim"],
+        max_seq_len=c.get("max_position_embeddings", 2048),
+        norm="layer",
+        norm_eps=1e-5,  # OPT uses nn.LayerNorm's default
+        norm_affine=c.get("layer_norm_elementwise_affine", True),
+        pre_norm=pre,
+        final_norm=pre,  # post-LN OPT (350m) has no final_layer_norm
+        act="relu",
+        gated_mlp=False,
+        attn_bias=bias,
+        out_bias=bias,
+        mlp_bias=bias,
+        pos="learned",
+        pos_offset=2,
+        embed_dim=c.get("word_embed_proj_dim") or dim,
+        tie_embeddings=c.get("tie_word_embeddings", True),
+        bos_token_id=c.get("bos_token_id"),
+        eos_token_id=_eos_list(c.get("eos_token_id")),
+        pad_token_id=c.get("pad_token_id"),
+    )
+
+
+def from_hf(c: dict) -> Config:
+    kind = c.get("model_type")
+    if kind == "llama":
+        return _llama(c)
+    if kind == "opt":
+        return _opt(c)
+    _unsupported("model_type", kind, "'llama', 'opt'")
+
+
+def load_config(path: str | Path) -> Config:
+    path = Path(path)
+    return from_hf(json.loads((path / "config.json" if path.is_dir() else path).read_text()))

@@ -1,0 +1,250 @@
+"""A Llama / OPT decoder whose layers can be run, skipped, observed and cached one by one.
+
+The per-layer API that every method in skip/ uses:
+    h = model.embed_tokens(ids, pos)                            # (B, T, d)
+    h = model.run_layers(h, pos, layers=range(0, l), cache=cache, start=s, mask=m,
+                         callback=fn)                           # any subset, in order
+    z = model.logits(h, last_only=True, vocab=ids_subset)       # the "logit lens"
+`start` is the cache slot of h's first token; `mask` (B, start+T) marks real tokens
+(False = left padding); `pos` are the rope/learned positions, from positions().
+callback(i, h, attn_out, mlp_out) sees every layer's output; returning True stops the loop.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .cache import CacheError
+from .config import Config
+from .flops import EmbedRun, HeadRun, LayerRun
+
+
+# ---------------------------------------------------------------- primitives
+class Norm(nn.Module):
+    """RMSNorm (Llama) or LayerNorm (OPT), computed in fp32 as transformers does."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.kind, self.eps = cfg.norm, cfg.norm_eps
+        self.weight = nn.Parameter(torch.ones(cfg.dim)) if cfg.norm_affine else None
+        self.bias = nn.Parameter(torch.zeros(cfg.dim)) if cfg.norm_affine and cfg.norm == "layer" else None
+
+    def forward(self, x):
+        xf = x.float()
+        if self.kind == "rms":
+            xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+            return self.weight * xf.to(x.dtype)  # HF order: cast back, then scale
+        w = None if self.weight is None else self.weight.float()
+        b = None if self.bias is None else self.bias.float()
+        return F.layer_norm(xf, (xf.shape[-1],), w, b, self.eps).to(x.dtype)
+
+
+def rope_inv_freq(cfg: Config) -> torch.Tensor:
+    inv = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim)
+    if cfg.rope_type == "linear":  # positions / factor == frequencies / factor
+        return inv / cfg.rope_factor
+    if cfg.rope_type == "llama3":  # Llama 3.1: slow down low frequencies, keep high ones, blend between
+        wavelen = 2 * math.pi / inv
+        lo_wl = cfg.rope_original_max_len / cfg.rope_low_freq_factor
+        hi_wl = cfg.rope_original_max_len / cfg.rope_high_freq_factor
+        scaled = torch.where(wavelen > lo_wl, inv / cfg.rope_factor, inv)
+        smooth = (cfg.rope_original_max_len / wavelen - cfg.rope_low_freq_factor) / (
+            cfg.rope_high_freq_factor - cfg.rope_low_freq_factor)
+        blended = (1 - smooth) * scaled / cfg.rope_factor + smooth * scaled
+        medium = (wavelen >= hi_wl) & (wavelen <= lo_wl)
+        return torch.where(medium, blended, scaled)
+    return inv
+
+
+def rotate(x, cos, sin):
+    # (B, n, T, hd) rotated in fp32 with the "rotate_half" pairing (i, i + hd/2) of HF Llama
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    return (xf * cos + torch.cat((-x2, x1), dim=-1) * sin).to(x.dtype)
+
+
+def positions(mask, start, T, device="cpu"):
+    """Positions of slots [start, start+T): count of real tokens before each, left pads at 0."""
+    if mask is None:
+        return torch.arange(start, start + T, device=device)[None]  # (1, T)
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)[:, start:start + T]  # (B, T)
+
+
+def attention_mask(mask, start, T, device="cpu"):
+    """Boolean (B|1, 1, T, S) allowed-mask for queries at slots [start, start+T), or None.
+
+    A query may see real keys at or before its own slot. It always sees itself, so a pad
+    query never has an empty row (which would make NaNs that leak through 0 * NaN)."""
+    S = start + T
+    if mask is None and T == 1:
+        return None  # one new token, no padding: every cached key is visible
+    q = torch.arange(start, S, device=device)[:, None]
+    k = torch.arange(S, device=device)[None, :]
+    allowed = k <= q  # (T, S)
+    if mask is not None:
+        allowed = (allowed & mask[:, None, :S]) | (k == q)  # (B, T, S)
+    return allowed.reshape(-1, 1, T, S)
+
+
+# ---------------------------------------------------------------- attention, MLP, block
+class Attention(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.n_heads, self.n_kv, self.hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.attn_bias)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.attn_bias)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.attn_bias)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.out_bias)
+
+    def kv(self, x, rope):
+        B, T, _ = x.shape
+        k = self.wk(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, n_kv, T, hd)
+        v = self.wv(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, n_kv, T, hd)
+        return (k if rope is None else rotate(k, *rope)), v
+
+    def forward(self, x, rope, mask, cache, layer, start, impl):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, n_h, T, hd)
+        if rope is not None:
+            q = rotate(q, *rope)
+        k, v = self.kv(x, rope)
+        if cache is not None:
+            k, v = cache.write(layer, start, k, v)  # (B, n_kv, start+T, hd)
+        elif start:
+            raise CacheError("start > 0 needs a cache holding the earlier slots")
+        causal = mask is None and T > 1 and start == 0
+        if impl == "sdpa":
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
+        else:  # explicit matmuls: slower, but FlopCounterMode sees them
+            g = self.n_heads // self.n_kv
+            k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)  # (B, n_h, S, hd)
+            scores = q @ k.transpose(-2, -1) / math.sqrt(self.hd)  # (B, n_h, T, S)
+            if causal:
+                mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            y = torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v  # (B, n_h, T, hd)
+        return self.wo(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))  # (B, T, d)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.act = F.silu if cfg.act == "silu" else F.relu
+        self.up = nn.Linear(cfg.dim, cfg.ffn_dim, bias=cfg.mlp_bias)
+        self.down = nn.Linear(cfg.ffn_dim, cfg.dim, bias=cfg.mlp_bias)
+        self.gate = nn.Linear(cfg.dim, cfg.ffn_dim, bias=cfg.mlp_bias) if cfg.gated_mlp else None
+
+    def forward(self, x):  # (B, T, d)
+        if self.gate is None:
+            return self.down(self.act(self.up(x)))
+        return self.down(self.act(self.gate(x)) * self.up(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.pre_norm = cfg.pre_norm
+        self.norm1, self.attn = Norm(cfg), Attention(cfg)
+        self.norm2, self.mlp = Norm(cfg), MLP(cfg)
+
+    def attn_input(self, h):
+        return self.norm1(h) if self.pre_norm else h
+
+    def forward(self, h, rope, mask, cache, layer, start, impl):
+        a = self.attn(self.attn_input(h), rope, mask, cache, layer, start, impl)
+        if self.pre_norm:  # Llama, OPT: h + f(norm(h))
+            h = h + a
+            m = self.mlp(self.norm2(h))
+            return h + m, a, m
+        h = self.norm1(h + a)  # OPT-350m: norm(h + f(h))
+        m = self.mlp(h)
+        return self.norm2(h + m), a, m
+
+
+# ---------------------------------------------------------------- model
+class Decoder(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.embed_dim)
+        self.pos_embed = nn.Embedding(cfg.max_seq_len + cfg.pos_offset, cfg.dim) if cfg.pos == "learned" else None
+        self.proj_in = nn.Linear(cfg.embed_dim, cfg.dim, bias=False) if cfg.embed_dim != cfg.dim else None
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = Norm(cfg) if cfg.final_norm else None
+        self.proj_out = nn.Linear(cfg.dim, cfg.embed_dim, bias=False) if cfg.embed_dim != cfg.dim else None
+        self.head = nn.Linear(cfg.embed_dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.head.weight = self.embed.weight
+        self.attn_impl = "sdpa"  # "math" for explicit matmuls (FLOPs counting, debugging)
+        self.runs = None  # list of LayerRun / HeadRun while recording()
+
+    @contextlib.contextmanager
+    def recording(self):
+        """Collect what ran (layers, tokens, context, head size) for flops.total()."""
+        self.runs = []
+        try:
+            yield self.runs
+        finally:
+            self.runs = None
+
+    def embed_tokens(self, ids, pos):  # (B, T) -> (B, T, d)
+        x = self.embed(ids)
+        if self.runs is not None:
+            self.runs.append(EmbedRun(*ids.shape))
+        if self.proj_in is not None:
+            x = self.proj_in(x)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(pos + self.cfg.pos_offset)
+        return x
+
+    def rope(self, pos):
+        if self.cfg.pos != "rope":
+            return None
+        # recomputed per call (hd/2 numbers) so that model.to(bf16) can never round it
+        freqs = pos[..., None].float() * rope_inv_freq(self.cfg).to(pos.device)  # (B, T, hd/2)
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hd)
+        return emb.cos(), emb.sin()
+
+    def run_layers(self, h, pos, layers=None, cache=None, start=0, mask=None, callback=None):
+        """Run the given layers, in the given order, on hidden states h (B, T, d)."""
+        B, T, _ = h.shape
+        rope, amask = self.rope(pos), attention_mask(mask, start, T, h.device)
+        for i in range(self.cfg.n_layers) if layers is None else layers:
+            h, a, m = self.blocks[i](h, rope, amask, cache, i, start, self.attn_impl)
+            if self.runs is not None:
+                self.runs.append(LayerRun(i, B, T, start))
+            if callback is not None and callback(i, h, a, m):
+                break
+        return h
+
+    def fill_kv(self, layer, h, pos, cache, start):
+        """Write layer's keys/values for slots [start, start+T) computed from h, the
+        hidden state standing in for that layer's input (state propagation after an exit)."""
+        blk = self.blocks[layer]
+        k, v = blk.attn.kv(blk.attn_input(h), self.rope(pos))
+        cache.write(layer, start, k, v)
+
+    def final(self, h):
+        """What the LM head reads: final norm (and OPT's project_out) of a hidden state."""
+        if self.norm is not None:
+            h = self.norm(h)
+        return h if self.proj_out is None else self.proj_out(h)
+
+    def logits(self, h, last_only=False, vocab=None):
+        """Final norm + LM head on any hidden state; vocab: 1-D ids to score only those."""
+        h = self.final(h[:, -1:] if last_only else h)
+        w = self.head.weight if vocab is None else self.head.weight[vocab]  # (V', d_e)
+        if self.runs is not None:
+            self.runs.append(HeadRun(h.shape[0], h.shape[1], w.shape[0]))
+        return h @ w.T  # (B, T, V')
+
+    def forward(self, ids, cache=None, start=0, mask=None, last_only=False):
+        """All layers on ids (B, T) at slots [start, start+T); returns logits."""
+        pos = positions(mask, start, ids.shape[1], ids.device)
+        h = self.run_layers(self.embed_tokens(ids, pos), pos, cache=cache, start=start, mask=mask)
+        return self.logits(h, last_only=last_only)

@@ -1,0 +1,80 @@
+"""FLOPs of what the decoder computes: matmul FLOPs only (2 per multiply-add).
+
+Norms, RoPE, softmax, activations, residual adds and embedding lookups are O(n*d) and
+left out, as FlopCounterMode leaves them out. Attention is counted as computed: n new
+queries against all S + n visible keys (the full rectangle, masked or not).
+
+Per layer, n new tokens, S cached tokens, d = dim, h = n_heads, h_kv = n_kv_heads,
+hd = head_dim, f = ffn_dim, m = 3 matrices for SwiGLU (Llama) or 2 (OPT):
+    projections  2*n*d*hd*(2*h + 2*h_kv)     q, o: d x h*hd;  k, v: d x h_kv*hd
+    attention    2*2*n*(S+n)*h*hd            q @ k^T and softmax(.) @ v
+    MLP          2*n*d*f*m
+The plain case (h_kv = h, h*hd = d, f = 4d, m = 2) gives the familiar form:
+    layer(n, S) = 2n*4d^2 + 4*n*(S+n)*d + 2n*2*4d^2 = 24*n*d^2 + 4*n*(S+n)*d
+    prefill of S tokens (n = S, no cache), L layers:  L*(24*S*d^2 + 4*S^2*d) = 4*L*S*d*(6d + S)
+    one decode step at context S:                     L*(24*d^2 + 4*(S+1)*d) ~ 2*params + 4*L*S*d
+The LM head adds 2*n*d_e*V (V = the scored vocabulary), OPT's project_in/out 2*n*d*d_e each.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class LayerRun:
+    layer: int
+    batch: int
+    n: int  # new tokens
+    ctx: int  # slots already cached before them
+
+
+@dataclass(frozen=True)
+class HeadRun:
+    batch: int
+    n: int  # positions scored
+    vocab: int  # rows of the head used
+
+
+@dataclass(frozen=True)
+class EmbedRun:
+    batch: int
+    n: int
+
+
+def layer_flops(cfg, n, S=0):
+    d, hd, h, h_kv = cfg.dim, cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
+    proj = 2 * n * d * hd * (2 * h + 2 * h_kv)
+    attn = 2 * 2 * n * (S + n) * h * hd
+    mlp = 2 * n * d * cfg.ffn_dim * (3 if cfg.gated_mlp else 2)
+    return proj + attn + mlp
+
+
+def head_flops(cfg, n, vocab=None):
+    out = 2 * n * cfg.dim * cfg.embed_dim if cfg.embed_dim != cfg.dim else 0  # project_out
+    return out + 2 * n * cfg.embed_dim * (cfg.vocab_size if vocab is None else vocab)
+
+
+def embed_flops(cfg, n):
+    return 2 * n * cfg.embed_dim * cfg.dim if cfg.embed_dim != cfg.dim else 0  # project_in
+
+
+def prefill_flops(cfg, T, last_only=True):
+    return embed_flops(cfg, T) + cfg.n_layers * layer_flops(cfg, T, 0) + head_flops(cfg, 1 if last_only else T)
+
+
+def decode_flops(cfg, S):
+    """One generated token with S tokens already cached."""
+    return embed_flops(cfg, 1) + cfg.n_layers * layer_flops(cfg, 1, S) + head_flops(cfg, 1)
+
+
+def total(cfg, runs):
+    """FLOPs of a record from Decoder.recording(): exactly what ran."""
+    flops = 0
+    for r in runs:
+        if isinstance(r, LayerRun):
+            flops += r.batch * layer_flops(cfg, r.n, r.ctx)
+        elif isinstance(r, HeadRun):
+            flops += r.batch * head_flops(cfg, r.n, r.vocab)
+        else:
+            flops += r.batch * embed_flops(cfg, r.n)
+    return flops
