@@ -1,0 +1,54 @@
+"""Tiny random transformers models saved as safetensors: the oracles of the golden tests."""
+import pytest
+import torch
+
+from model import load_model
+
+transformers = pytest.importorskip("transformers")
+
+SMALL = dict(vocab_size=97, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, max_position_embeddings=256)
+LLAMA = dict(SMALL, intermediate_size=96, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+OPT = dict(SMALL, ffn_dim=96, bos_token_id=2, eos_token_id=2, pad_token_id=1)
+
+VARIANTS = {
+    "llama_gqa": ("llama", dict(LLAMA, num_key_value_heads=2)),
+    "llama_tied": ("llama", dict(LLAMA, tie_word_embeddings=True)),
+    "llama_bias": ("llama", dict(LLAMA, num_key_value_heads=1, attention_bias=True, mlp_bias=True)),
+    "llama_rope_linear": ("llama", dict(LLAMA, rope_scaling={"rope_type": "linear", "factor": 4.0})),
+    "llama_rope_llama3": ("llama", dict(LLAMA, num_key_value_heads=2, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 32})),
+    "opt_pre": ("opt", dict(OPT, do_layer_norm_before=True)),
+    "opt_post_proj": ("opt", dict(OPT, do_layer_norm_before=False, word_embed_proj_dim=32)),
+}
+
+
+def build_hf(kind, kw, seed=0):
+    torch.manual_seed(seed)
+    if kind == "llama":
+        hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**kw))
+    else:
+        hf = transformers.OPTForCausalLM(transformers.OPTConfig(**kw))
+    # Larger than the default 0.02 init so every layer changes the output visibly.
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            is_norm_weight = "norm" in name and name.endswith("weight")
+            p.normal_(1.0 if is_norm_weight else 0.0, 0.15 if p.dim() > 1 else 0.1)
+    return hf.eval()
+
+
+@pytest.fixture(scope="session", params=list(VARIANTS))
+def pair(request, tmp_path_factory):
+    """(transformers model, our model loaded from its safetensors directory)."""
+    kind, kw = VARIANTS[request.param]
+    hf = build_hf(kind, kw)
+    path = tmp_path_factory.mktemp(request.param)
+    hf.save_pretrained(path, safe_serialization=True)
+    return hf, load_model(path)
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("llama")
+    build_hf(*VARIANTS["llama_gqa"]).save_pretrained(path, safe_serialization=True)
+    return path
