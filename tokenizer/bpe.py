@@ -1,0 +1,161 @@
+"""Byte-level BPE (GPT-2 style), from scratch, with only the standard library.
+
+encode: split out special tokens (kept whole) -> pre-tokenize with the GPT-2 regex
+(optionally every digit alone first, as SmolLM2's tokenizer.json does) -> map each
+UTF-8 byte to a printable character (bytes_to_unicode) -> apply merges by rank.
+Python's `re` has no \\p{L}; the letter / number / whitespace classes are built from
+unicodedata, with whitespace as Unicode's White_Space property (what Rust's \\s means).
+"""
+from __future__ import annotations
+
+import functools
+import json
+import re
+import unicodedata
+from pathlib import Path
+
+
+@functools.lru_cache(maxsize=1)
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's map: printable bytes stand for themselves, the rest move to 256+."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    out, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            out[b] = chr(b)
+        else:
+            out[b] = chr(256 + extra)
+            extra += 1
+    return out
+
+
+WHITE_SPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+
+
+def _char_class(first_letter: str) -> str:
+    """Regex class body of every code point whose general category starts with first_letter."""
+    ranges, start = [], None
+    for cp in range(0x110001):
+        hit = cp < 0x110000 and unicodedata.category(chr(cp))[0] == first_letter
+        if hit and start is None:
+            start = cp
+        elif not hit and start is not None:
+            ranges.append(re.escape(chr(start)) + ("" if cp - 1 == start else "-" + re.escape(chr(cp - 1))))
+            start = None
+    return "".join(ranges)
+
+
+@functools.lru_cache(maxsize=1)
+def gpt2_pattern() -> re.Pattern:
+    # 's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
+    L, N, S = _char_class("L"), _char_class("N"), WHITE_SPACE
+    return re.compile(rf"'s|'t|'re|'ve|'m|'ll|'d| ?[{L}]+| ?[{N}]+| ?[^{S}{L}{N}]+|[{S}]+(?![^{S}])|[{S}]+")
+
+
+@functools.lru_cache(maxsize=1)
+def digit_pattern() -> re.Pattern:
+    return re.compile(f"([{_char_class('N')}])")
+
+
+class BPETokenizer:
+    def __init__(self, vocab: dict[str, int], merges: list[tuple[str, str]], specials: list[str],
+                 split_digits=False):
+        self.vocab = vocab
+        self.id_to_token = {i: t for t, i in vocab.items()}
+        self.ranks = {pair: r for r, pair in enumerate(merges)}
+        self.specials = {t: vocab[t] for t in specials}
+        self.special_ids = set(self.specials.values())
+        by_length = sorted(specials, key=len, reverse=True)  # leftmost-longest match
+        self.special_re = re.compile("(" + "|".join(map(re.escape, by_length)) + ")") if specials else None
+        self.split_digits = split_digits
+        self.byte_char = bytes_to_unicode()
+        self.char_byte = {c: b for b, c in self.byte_char.items()}
+        self._cache: dict[str, list[int]] = {}
+
+    # ------------------------------------------------------------ loading
+    @classmethod
+    def from_tokenizer_json(cls, path):
+        """A HF tokenizer.json with a BPE model and a ByteLevel (optionally Digits) pre-tokenizer."""
+        spec = json.loads(Path(path).read_text())
+        model = spec["model"]
+        if model.get("type") != "BPE" or model.get("byte_fallback") or model.get("continuing_subword_prefix"):
+            raise ValueError(f"{path}: only byte-level BPE models are supported, got {model.get('type')}")
+        pre = spec.get("pre_tokenizer") or {}
+        steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+        kinds = [s.get("type") for s in steps]
+        if kinds not in (["ByteLevel"], ["Digits", "ByteLevel"]) or not steps[-1].get("use_regex", True) \
+                or steps[-1].get("add_prefix_space") or (kinds[0] == "Digits" and not steps[0]["individual_digits"]):
+            raise ValueError(f"{path}: unsupported pre_tokenizer {pre}")
+        merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+        specials = [t["content"] for t in spec.get("added_tokens", []) if t.get("special")]
+        return cls(model["vocab"], merges, specials, split_digits=kinds[0] == "Digits")
+
+    @classmethod
+    def from_gguf(cls, path):
+        """Vocabulary and merges of a GGUF file, as transformers reads them (control tokens special)."""
+        from gguf import GGUFReader  # conversion-time dependency only
+
+        fields = GGUFReader(path).fields
+        if fields["tokenizer.ggml.model"].contents() != "gpt2":
+            raise ValueError(f"{path}: tokenizer model is not byte-level BPE ('gpt2')")
+        tokens = fields["tokenizer.ggml.tokens"].contents()
+        types = fields["tokenizer.ggml.token_type"].contents()
+        merges = [tuple(m.split(" ")) for m in fields["tokenizer.ggml.merges"].contents()]
+        alphabet = set(bytes_to_unicode().values())
+        spelled = {}
+        for i, t in enumerate(tokens):  # a token stored as raw text is respelled in the byte alphabet
+            spelled[t if set(t) <= alphabet else "".join(bytes_to_unicode()[b] for b in t.encode())] = i
+        specials = [t for t, ty in zip(tokens, types) if ty == 3 and set(t) <= alphabet]  # 3 = CONTROL
+        return cls(spelled, merges, specials)
+
+    # ------------------------------------------------------------ encode / decode
+    def pre_tokenize(self, text: str) -> list[str]:
+        parts = digit_pattern().split(text) if self.split_digits else [text]
+        return [chunk for part in parts if part for chunk in gpt2_pattern().findall(part)]
+
+    def _bpe(self, chunk: str) -> list[int]:
+        if chunk in self._cache:
+            return self._cache[chunk]
+        word = [self.byte_char[b] for b in chunk.encode("utf-8")]
+        while len(word) > 1:
+            pairs = [(self.ranks.get(p, float("inf")), p) for p in zip(word, word[1:])]
+            rank, best = min(pairs, key=lambda rp: rp[0])
+            if rank == float("inf"):
+                break
+            merged, i = [], 0
+            while i < len(word):  # merge every occurrence of the best pair, left to right
+                if i + 1 < len(word) and (word[i], word[i + 1]) == best:
+                    merged.append(word[i] + word[i + 1])
+                    i += 2
+                else:
+                    merged.append(word[i])
+                    i += 1
+            word = merged
+        ids = [self.vocab[s] for s in word]
+        self._cache[chunk] = ids
+        return ids
+
+    def encode(self, text: str) -> list[int]:
+        ids = []
+        pieces = self.special_re.split(text) if self.special_re else [text]
+        for piece in pieces:
+            if piece in self.specials:
+                ids.append(self.specials[piece])
+            elif piece:
+                for chunk in self.pre_tokenize(piece):
+                    ids.extend(self._bpe(chunk))
+        return ids
+
+    def token_bytes(self, i: int) -> bytes:
+        t = self.id_to_token[i]
+        return t.encode() if i in self.special_ids else bytes(self.char_byte[c] for c in t)
+
+    def decode(self, ids) -> str:
+        return b"".join(self.token_bytes(int(i)) for i in ids).decode("utf-8", errors="replace")
+
+    def token_id(self, text: str) -> int:
+        """The id of text if it is exactly one token, else a ValueError."""
+        ids = self.encode(text)
+        if len(ids) != 1:
+            raise ValueError(f"{text!r} is {len(ids)} tokens, not one")
+        return ids[0]

@@ -1,0 +1,166 @@
+"""GGUF (llama.cpp) -> a HF-style directory: config.json, model.safetensors (fp32), tokenizer files.
+
+Dequantization uses the `gguf` package of the llama.cpp project (Q4_1, Q8_0, F16, F32 and
+the rest it knows). llama.cpp's converter permutes the rows of the Q and K projections
+(per head, from HF's "rotate_half" pairing to interleaved pairs); we undo that here so the
+tensors are in HF layout. The output is written to a temporary directory beside the target
+and renamed at the end, so a failure never leaves a half-written model behind.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from tokenizer.bpe import BPETokenizer
+
+DONE = "conversion.json"  # written last: its presence means the directory is complete
+
+LAYER_NAMES = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+               "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+               "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+               "ffn_down": "mlp.down_proj"}
+TOP_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+             "output.weight": "lm_head.weight"}
+
+
+class ConvertError(RuntimeError):
+    pass
+
+
+def hf_tensor_name(name: str) -> str:
+    if name in TOP_NAMES:
+        return TOP_NAMES[name]
+    blk, i, kind, suffix = (name.split(".") + ["", "", ""])[:4]
+    if blk != "blk" or kind not in LAYER_NAMES:
+        raise ConvertError(f"unknown GGUF tensor {name!r}")
+    return f"model.layers.{i}.{LAYER_NAMES[kind]}.{suffix}"
+
+
+def unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Inverse of llama.cpp's permute: rows (head, pair, 2) -> (head, 2, pair)."""
+    return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def read_gguf(path: Path):
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(path)
+        for t in reader.tensors:  # touch every tensor so a truncated file fails here
+            if t.data.nbytes != t.n_bytes:
+                raise ValueError(f"tensor {t.name} has {t.data.nbytes} of {t.n_bytes} bytes")
+    except (ValueError, IndexError, KeyError, OSError) as e:
+        raise ConvertError(f"{path} is not a readable GGUF file (truncated or corrupted?): {e}") from e
+    return reader
+
+
+def field(reader, key, default=None):
+    f = reader.fields.get(key)
+    return default if f is None else f.contents()
+
+
+def hf_config(reader, has_output: bool) -> dict:
+    arch = field(reader, "general.architecture")
+    if arch != "llama":
+        raise ConvertError(f"GGUF architecture {arch!r} is not supported (only 'llama')")
+    p = lambda k, d=None: field(reader, f"llama.{k}", d)  # noqa: E731
+    n_heads, dim = p("attention.head_count"), p("embedding_length")
+    return {
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_act": "silu",
+        "vocab_size": len(field(reader, "tokenizer.ggml.tokens")), "hidden_size": dim,
+        "intermediate_size": p("feed_forward_length"), "num_hidden_layers": p("block_count"),
+        "num_attention_heads": n_heads, "num_key_value_heads": p("attention.head_count_kv", n_heads),
+        "head_dim": p("rope.dimension_count", dim // n_heads), "max_position_embeddings": p("context_length"),
+        "rms_norm_eps": p("attention.layer_norm_rms_epsilon"), "rope_theta": p("rope.freq_base", 10000.0),
+        "tie_word_embeddings": not has_output, "attention_bias": False, "mlp_bias": False,
+        "bos_token_id": field(reader, "tokenizer.ggml.bos_token_id"),
+        "eos_token_id": field(reader, "tokenizer.ggml.eos_token_id"),
+        "pad_token_id": field(reader, "tokenizer.ggml.padding_token_id"), "torch_dtype": "float32",
+    }
+
+
+def tokenizer_files(reader, path) -> dict[str, dict]:
+    """tokenizer.json in HF's schema and tokenizer_config.json with the chat template.
+
+    The pre-tokenizer is SmolLM2's own (every digit alone, then GPT-2's byte-level regex), which is
+    what llama.cpp's 'smollm' pre-tokenizer does; transformers' GGUF reader skips the digit split."""
+    tok = BPETokenizer.from_gguf(path)
+    added = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+              "normalized": False, "special": True} for t, i in sorted(tok.specials.items(), key=lambda x: x[1])]
+    split_digits = field(reader, "tokenizer.ggml.pre") == "smollm"
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    pre = {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, byte_level]} \
+        if split_digits else byte_level
+    merges = sorted(tok.ranks, key=tok.ranks.get)
+    spec = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
+            "pre_tokenizer": pre, "post_processor": None, "decoder": dict(byte_level, add_prefix_space=True),
+            "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                      "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
+                      "ignore_merges": False, "vocab": tok.vocab, "merges": [list(m) for m in merges]}}
+    tokens = field(reader, "tokenizer.ggml.tokens")
+    name = lambda key: None if field(reader, key) is None else tokens[field(reader, key)]  # noqa: E731
+    config = {"chat_template": field(reader, "tokenizer.chat_template"), "bos_token": name("tokenizer.ggml.bos_token_id"),
+              "eos_token": name("tokenizer.ggml.eos_token_id"), "pad_token": name("tokenizer.ggml.padding_token_id"),
+              "add_bos_token": bool(field(reader, "tokenizer.ggml.add_bos_token", False))}
+    return {"tokenizer.json": spec, "tokenizer_config.json": config}
+
+
+def source_id(path: Path) -> dict:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return {"source": path.name, "sha256": h.hexdigest()}
+
+
+def convert(gguf_path, out_dir, log=print) -> bool:
+    """Convert; returns False (and does nothing) when out_dir already holds this conversion."""
+    gguf_path, out_dir = Path(gguf_path), Path(out_dir)
+    if not gguf_path.is_file():
+        raise ConvertError(f"{gguf_path} does not exist")
+    src = source_id(gguf_path)
+    if (out_dir / DONE).exists():
+        if json.loads((out_dir / DONE).read_text()).get("sha256") == src["sha256"]:
+            log(f"{out_dir} already holds {gguf_path.name} converted to fp32; nothing to do")
+            return False
+        raise ConvertError(f"{out_dir} holds a different conversion; remove it first")
+    reader = read_gguf(gguf_path)
+    names = {t.name for t in reader.tensors}
+    cfg = hf_config(reader, has_output="output.weight" in names)
+
+    from gguf import dequantize
+
+    tensors = {}
+    for t in reader.tensors:
+        w = dequantize(t.data, t.tensor_type).astype(np.float32).reshape([int(s) for s in reversed(t.shape)])
+        if t.name.endswith("attn_q.weight"):
+            w = unpermute(w, cfg["num_attention_heads"])
+        elif t.name.endswith("attn_k.weight"):
+            w = unpermute(w, cfg["num_key_value_heads"])
+        tensors[hf_tensor_name(t.name)] = torch.from_numpy(np.ascontiguousarray(w))
+        log(f"  {t.name:28s} {t.tensor_type.name:5s} -> {hf_tensor_name(t.name)} {tuple(w.shape)}")
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    try:
+        save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+        for name, content in tokenizer_files(reader, gguf_path).items():
+            (tmp / name).write_text(json.dumps(content, ensure_ascii=False, indent=1))
+        (tmp / DONE).write_text(json.dumps(dict(src, tensors=len(tensors)), indent=2))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)  # an incomplete earlier attempt (no DONE marker)
+        tmp.chmod(0o755)  # mkdtemp makes it private
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"wrote {out_dir} ({len(tensors)} tensors, fp32)")
+    return True
