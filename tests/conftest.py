@@ -1,4 +1,7 @@
-"""Tiny random transformers models saved as safetensors: the oracles of the golden tests."""
+"""Oracles of the golden tests: tiny random transformers models saved as safetensors, and the
+real SmolLM2-135M-Instruct GGUF (fetched and converted by `make weights`)."""
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -52,3 +55,24 @@ def llama_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("llama")
     build_hf(*VARIANTS["llama_gqa"]).save_pretrained(path, safe_serialization=True)
     return path
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf():
+    from weights.__main__ import smollm2_gguf
+    from weights.convert import ConvertError
+    try:
+        return smollm2_gguf()
+    except ConvertError as e:
+        pytest.fail(f"{e}")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(smollm2_gguf):
+    from weights.__main__ import SMOLLM2
+    from weights.convert import convert
+    convert(smollm2_gguf, SMOLLM2, log=lambda *a: None)  # a no-op when `make weights` already ran
+    return SMOLLM2

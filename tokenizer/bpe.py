@@ -131,7 +131,8 @@ class BPETokenizer:
                     merged.append(word[i])
                     i += 1
             word = merged
-        ids = [self.vocab[s] for s in word]
+        # A byte with no token (SmolLM2 lacks e.g. 0x16) is dropped, as the tokenizers library does.
+        ids = [self.vocab[s] for s in word if s in self.vocab]
         self._cache[chunk] = ids
         return ids
 
