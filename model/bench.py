@@ -1,0 +1,140 @@
+"""Decoder speed: this decoder against transformers on the same weights, in the same run.
+
+python -m model.bench --model weights/smollm2-135m-instruct [--runs 5] [--threads N]
+Prefill (ms) at prompt lengths 128 and 512; decode (ms/token) at contexts 128 and 1024; the
+median of --runs runs each; ratio = ours / transformers. The "GEMV floor" is the time of only
+the matrix-vector products of one decode step (every projection of every layer and the LM
+head, as bare F.linear calls on the same weights): no attention, no norms, no Python loop
+around the model. Writes runs/bench-decoder.json and prints a markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .cache import KVCache
+from .loader import load_model
+
+DECODE_STEPS = 16
+
+
+def median_ms(fn, runs, setup=lambda: None):
+    times = []
+    for _ in range(runs + 1):  # the first run warms up and is dropped
+        setup()
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:]) * 1000
+
+
+class Ours:
+    def __init__(self, model, max_len):
+        self.model, self.cache = model, KVCache.for_model(model.cfg, 1, max_len)
+
+    def prefill(self, ids):
+        self.cache.crop(0)
+        self.model(ids, cache=self.cache, last_only=True)
+
+    def decode(self, tok, n):
+        start = self.cache.lengths[0]
+        for i in range(n):
+            self.model(tok, cache=self.cache, start=start + i, last_only=True)
+
+    def crop(self, n):
+        self.cache.crop(n)
+
+
+class Transformers:
+    def __init__(self, model):
+        from transformers import DynamicCache
+        self.model, self.new_cache, self.cache = model, lambda: DynamicCache(config=model.config), None
+
+    def prefill(self, ids):
+        self.cache = self.new_cache()
+        self.model(ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+
+    def decode(self, tok, n):
+        for _ in range(n):
+            self.model(tok, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+
+    def crop(self, n):
+        self.cache.crop(n - self.cache.get_seq_length())  # transformers 5 takes "tokens to remove" (<= 0)
+
+
+def gemv_floor_ms(model, runs):
+    """Only the matrix-vector products of one decode step, on the model's own weights."""
+    mats = [m.weight for blk in model.blocks for m in
+            (blk.attn.wq, blk.attn.wk, blk.attn.wv, blk.attn.wo, blk.mlp.gate, blk.mlp.up, blk.mlp.down)]
+    mats.append(model.head.weight)
+    xs = {w.shape[1]: torch.randn(1, 1, w.shape[1]) for w in mats}
+
+    def step():
+        for w in mats:
+            F.linear(xs[w.shape[1]], w)
+    return median_ms(step, runs * 4)
+
+
+@torch.no_grad()
+def bench(model_dir, runs, threads):
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(threads)
+    ours = load_model(model_dir)
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(20, ours.cfg.vocab_size, (1, 1024 + DECODE_STEPS), generator=g)
+    rows = []
+    for name, impl in (("ours", Ours(ours, ids.shape[1])), ("transformers", Transformers(hf))):
+        r = {"impl": name}
+        for T in (128, 512):
+            r[f"prefill_{T}_ms"] = median_ms(lambda: impl.prefill(ids[:, :T]), runs)
+        for S in (128, 1024):
+            impl.prefill(ids[:, :S])
+            tok = ids[:, S:S + 1]
+            r[f"decode_{S}_ms_per_token"] = median_ms(
+                lambda: impl.decode(tok, DECODE_STEPS), runs, setup=lambda: impl.crop(S)) / DECODE_STEPS
+        rows.append(r)
+        print(json.dumps(r), flush=True)
+    ours_r, hf_r = rows
+    ratios = {k: ours_r[k] / hf_r[k] for k in ours_r if k != "impl"}
+    floor = gemv_floor_ms(ours, runs)
+    return {"model": str(model_dir), "threads": threads, "runs": runs, "decode_steps": DECODE_STEPS,
+            "torch": torch.__version__, "results": rows, "ratio_ours_over_transformers": ratios,
+            "gemv_floor_ms": floor, "ours_decode_128_over_gemv_floor": ours_r["decode_128_ms_per_token"] / floor}
+
+
+def table(res) -> str:
+    ours, hf = res["results"]
+    lines = ["| measure | ours | transformers | ours / transformers |", "|---|---:|---:|---:|"]
+    for k, label in (("prefill_128_ms", "prefill, 128 tokens (ms)"), ("prefill_512_ms", "prefill, 512 tokens (ms)"),
+                     ("decode_128_ms_per_token", "decode at context 128 (ms/token)"),
+                     ("decode_1024_ms_per_token", "decode at context 1024 (ms/token)")):
+        lines.append(f"| {label} | {ours[k]:.1f} | {hf[k]:.1f} | {res['ratio_ours_over_transformers'][k]:.2f} |")
+    lines.append(f"| GEMV floor of one decode step (ms) | {res['gemv_floor_ms']:.1f} | | "
+                 f"ours at 128 / floor: {res['ours_decode_128_over_gemv_floor']:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, required=True)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--out", type=Path, default=Path("runs/bench-decoder.json"))
+    a = ap.parse_args(argv)
+    res = bench(a.model, a.runs, a.threads)
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(res, indent=2))
+    print(json.dumps(res, indent=2))
+    print(table(res))
+
+
+if __name__ == "__main__":
+    main()

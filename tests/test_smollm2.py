@@ -1,0 +1,83 @@
+"""SmolLM2-135M-Instruct end to end: conversion, logits, hidden states and greedy chat
+against transformers loading the same GGUF file."""
+import json
+
+import pytest
+import torch
+
+from model import generate, load_model, positions
+from tokenizer import chatml, load_tokenizer
+from weights.convert import DONE, ConvertError, convert
+
+PROMPTS = ["What is the capital of France?", "Write a haiku about autumn leaves.",
+           "Explain in two sentences why the sky is blue.", "List three prime numbers larger than 100."]
+
+
+@pytest.fixture(scope="module")
+def hf(smollm2_gguf):
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name,
+                                                dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def ours(smollm2_dir):
+    return load_model(smollm2_dir), load_tokenizer(smollm2_dir)
+
+
+def test_converted_tensors_equal_transformers_dequantized_tensors(hf, smollm2_dir):
+    from safetensors import safe_open
+    ref = hf.state_dict()
+    with safe_open(smollm2_dir / "model.safetensors", "pt") as f:
+        names = list(f.keys())
+        assert len(names) == 272
+        for name in names:
+            assert torch.equal(f.get_tensor(name), ref[name]), name
+    cfg = json.loads((smollm2_dir / "config.json").read_text())
+    assert (cfg["num_hidden_layers"], cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"],
+            cfg["vocab_size"], cfg["tie_word_embeddings"]) == (30, 576, 9, 3, 49152, True)
+
+
+@torch.no_grad()
+def test_logits_and_hidden_states_match_transformers(hf, ours):
+    model, tok = ours
+    for prompt in PROMPTS:
+        ids = torch.tensor([tok.encode(chatml([{"role": "user", "content": prompt}]))])
+        ref = hf(ids, output_hidden_states=True)
+        pos = positions(None, 0, ids.shape[1])
+        outs = [model.embed_tokens(ids, pos)]
+        model.run_layers(outs[0], pos, callback=lambda i, h, a, m: outs.append(h))
+        for i in range(30):
+            scale = ref.hidden_states[i].abs().max()
+            assert (ref.hidden_states[i] - outs[i]).abs().max() <= 1e-5 * max(1.0, scale), f"layer {i}"
+        assert (model.logits(outs[30]) - ref.logits).abs().max() <= 1e-4
+
+
+@torch.no_grad()
+def test_greedy_chat_answer_identical_to_transformers(hf, ours):
+    model, tok = ours
+    ids = tok.encode(chatml([{"role": "user", "content": "Write a short story about a robot who learns to paint."}]))
+    ref = hf.generate(torch.tensor([ids]), max_new_tokens=64, do_sample=False, pad_token_id=2)[0, len(ids):].tolist()
+    mine = generate(model, [ids], max_new_tokens=64)[0]
+    assert len(ref) == 64 and mine == ref  # 64 tokens, no EOS on the way
+    assert "robot" in tok.decode(mine).lower()
+
+
+def test_conversion_is_idempotent(smollm2_gguf, smollm2_dir):
+    said = []
+    assert convert(smollm2_gguf, smollm2_dir, log=said.append) is False
+    assert "nothing to do" in said[0]
+
+
+def test_truncated_gguf_gives_a_clear_error_and_leaves_nothing_behind(smollm2_gguf, tmp_path):
+    bad = tmp_path / "broken.gguf"
+    with open(smollm2_gguf, "rb") as f:
+        bad.write_bytes(f.read(5_000_000))
+    out = tmp_path / "out"
+    with pytest.raises(ConvertError, match="not a readable GGUF file"):
+        convert(bad, out)
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["broken.gguf"]
+    bad.write_bytes(b"GGUF" + b"\x00" * 100)
+    with pytest.raises(ConvertError, match="not a readable GGUF file"):
+        convert(bad, out)
+    assert not (out / DONE).exists()
