@@ -24,14 +24,18 @@ from .loader import load_model
 DECODE_STEPS = 16
 
 
-def median_ms(fn, runs, setup=lambda: None):
-    times = []
-    for _ in range(runs + 1):  # the first run warms up and is dropped
-        setup()
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times[1:]) * 1000
+def interleaved_ms(fns, runs, setup=lambda i: None):
+    """Median ms of each fn, the fns taking turns in every run so that drifts in the
+    machine's speed hit all of them alike. The first round warms up and is dropped."""
+    times = [[] for _ in fns]
+    for r in range(runs + 1):
+        for i, fn in enumerate(fns):
+            setup(i)
+            t0 = time.perf_counter()
+            fn()
+            if r:
+                times[i].append(time.perf_counter() - t0)
+    return [statistics.median(t) * 1000 for t in times]
 
 
 class Ours:
@@ -78,10 +82,10 @@ def gemv_floor_ms(model, runs):
     def step():
         for w in mats:
             F.linear(xs[w.shape[1]], w)
-    return median_ms(step, runs * 4)
+    return interleaved_ms([step], runs * 4)[0]
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def bench(model_dir, runs, threads):
     from transformers import AutoModelForCausalLM
 
@@ -90,18 +94,21 @@ def bench(model_dir, runs, threads):
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(20, ours.cfg.vocab_size, (1, 1024 + DECODE_STEPS), generator=g)
-    rows = []
-    for name, impl in (("ours", Ours(ours, ids.shape[1])), ("transformers", Transformers(hf))):
-        r = {"impl": name}
-        for T in (128, 512):
-            r[f"prefill_{T}_ms"] = median_ms(lambda: impl.prefill(ids[:, :T]), runs)
-        for S in (128, 1024):
+    impls = [Ours(ours, ids.shape[1]), Transformers(hf)]
+    rows = [{"impl": "ours"}, {"impl": "transformers"}]
+    for T in (128, 512):
+        ms = interleaved_ms([lambda impl=impl: impl.prefill(ids[:, :T]) for impl in impls], runs)
+        for r, m in zip(rows, ms):
+            r[f"prefill_{T}_ms"] = m
+    for S in (128, 1024):
+        for impl in impls:
             impl.prefill(ids[:, :S])
-            tok = ids[:, S:S + 1]
-            r[f"decode_{S}_ms_per_token"] = median_ms(
-                lambda: impl.decode(tok, DECODE_STEPS), runs, setup=lambda: impl.crop(S)) / DECODE_STEPS
-        rows.append(r)
-        print(json.dumps(r), flush=True)
+        tok = ids[:, S:S + 1]
+        ms = interleaved_ms([lambda impl=impl: impl.decode(tok, DECODE_STEPS) for impl in impls], runs,
+                            setup=lambda i: impls[i].crop(S))
+        for r, m in zip(rows, ms):
+            r[f"decode_{S}_ms_per_token"] = m / DECODE_STEPS
+        print(json.dumps(rows), flush=True)
     ours_r, hf_r = rows
     ratios = {k: ours_r[k] / hf_r[k] for k in ours_r if k != "impl"}
     floor = gemv_floor_ms(ours, runs)

@@ -35,9 +35,8 @@ class Norm(nn.Module):
 
     def forward(self, x):
         xf = x.float()
-        if self.kind == "rms":
-            xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-            return self.weight * xf.to(x.dtype)  # HF order: cast back, then scale
+        if self.kind == "rms":  # x / sqrt(mean(x^2) + eps): HF order is cast back, then scale
+            return self.weight * F.rms_norm(xf, (xf.shape[-1],), eps=self.eps).to(x.dtype)
         w = None if self.weight is None else self.weight.float()
         b = None if self.bias is None else self.bias.float()
         return F.layer_norm(xf, (xf.shape[-1],), w, b, self.eps).to(x.dtype)

@@ -39,7 +39,7 @@ def left_pad(prompts, pad_id):
     return ids, mask
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate(model, prompts, max_new_tokens=32, temperature=0.0, top_k=0, top_p=1.0,
              generator=None, eos=None, on_token=None):
     """prompts: list of token-id lists. Returns the new tokens of each prompt (EOS included).
