@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from .cache import CacheError
 from .config import Config
-from .flops import EmbedRun, HeadRun, LayerRun
+from .flops import EmbedRun, HeadRun, KVRun, LayerRun
 
 
 # ---------------------------------------------------------------- primitives
@@ -227,6 +227,8 @@ class Decoder(nn.Module):
         blk = self.blocks[layer]
         k, v = blk.attn.kv(blk.attn_input(h), self.rope(pos))
         cache.write(layer, start, k, v)
+        if self.runs is not None:
+            self.runs.append(KVRun(h.shape[0], h.shape[1]))
 
     def final(self, h):
         """What the LM head reads: final norm (and OPT's project_out) of a hidden state."""
@@ -242,8 +244,8 @@ class Decoder(nn.Module):
             self.runs.append(HeadRun(h.shape[0], h.shape[1], w.shape[0]))
         return h @ w.T  # (B, T, V')
 
-    def forward(self, ids, cache=None, start=0, mask=None, last_only=False):
-        """All layers on ids (B, T) at slots [start, start+T); returns logits."""
+    def forward(self, ids, cache=None, start=0, mask=None, last_only=False, layers=None):
+        """All layers (or the given ones) on ids (B, T) at slots [start, start+T); returns logits."""
         pos = positions(mask, start, ids.shape[1], ids.device)
-        h = self.run_layers(self.embed_tokens(ids, pos), pos, cache=cache, start=start, mask=mask)
+        h = self.run_layers(self.embed_tokens(ids, pos), pos, layers, cache=cache, start=start, mask=mask)
         return self.logits(h, last_only=last_only)

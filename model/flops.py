@@ -13,7 +13,8 @@ The plain case (h_kv = h, h*hd = d, f = 4d, m = 2) gives the familiar form:
     layer(n, S) = 2n*4d^2 + 4*n*(S+n)*d + 2n*2*4d^2 = 24*n*d^2 + 4*n*(S+n)*d
     prefill of S tokens (n = S, no cache), L layers:  L*(24*S*d^2 + 4*S^2*d) = 4*L*S*d*(6d + S)
     one decode step at context S:                     L*(24*d^2 + 4*(S+1)*d) ~ 2*params + 4*L*S*d
-The LM head adds 2*n*d_e*V (V = the scored vocabulary), OPT's project_in/out 2*n*d*d_e each.
+The LM head adds 2*n*d_e*V (V = the scored vocabulary), OPT's project_in/out 2*n*d*d_e each,
+and filling a skipped layer's keys/values (state propagation) 2*n*d*hd*2*h_kv.
 """
 from __future__ import annotations
 
@@ -41,12 +42,22 @@ class EmbedRun:
     n: int
 
 
+@dataclass(frozen=True)
+class KVRun:  # Decoder.fill_kv: only a layer's K and V projections
+    batch: int
+    n: int
+
+
 def layer_flops(cfg, n, S=0):
     d, hd, h, h_kv = cfg.dim, cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
     proj = 2 * n * d * hd * (2 * h + 2 * h_kv)
     attn = 2 * 2 * n * (S + n) * h * hd
     mlp = 2 * n * d * cfg.ffn_dim * (3 if cfg.gated_mlp else 2)
     return proj + attn + mlp
+
+
+def kv_flops(cfg, n):
+    return 2 * n * cfg.dim * cfg.head_dim * 2 * cfg.n_kv_heads
 
 
 def head_flops(cfg, n, vocab=None):
@@ -75,6 +86,8 @@ def total(cfg, runs):
             flops += r.batch * layer_flops(cfg, r.n, r.ctx)
         elif isinstance(r, HeadRun):
             flops += r.batch * head_flops(cfg, r.n, r.vocab)
+        elif isinstance(r, KVRun):
+            flops += r.batch * kv_flops(cfg, r.n)
         else:
             flops += r.batch * embed_flops(cfg, r.n)
     return flops

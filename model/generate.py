@@ -41,9 +41,11 @@ def left_pad(prompts, pad_id):
 
 @torch.inference_mode()
 def generate(model, prompts, max_new_tokens=32, temperature=0.0, top_k=0, top_p=1.0,
-             generator=None, eos=None, on_token=None):
+             generator=None, eos=None, on_token=None, decode_layers=None):
     """prompts: list of token-id lists. Returns the new tokens of each prompt (EOS included).
-    on_token(step, tokens (B,)) is called after each step, e.g. to stream text."""
+    on_token(step, tokens (B,)) is called after each step, e.g. to stream text.
+    decode_layers(i) -> the layers that generated token i (i = 0, 1, ...) runs through when it
+    is fed back (default: all); the prompt always runs through all layers."""
     cfg = model.cfg
     eos = set(cfg.eos_token_id if eos is None else eos)
     bad = [t for p in prompts for t in p if not 0 <= t < cfg.vocab_size]
@@ -74,6 +76,6 @@ def generate(model, prompts, max_new_tokens=32, temperature=0.0, top_k=0, top_p=
         if bool(done.all()) or step == max_new_tokens - 1:
             break
         start = T + step
-        logits = model(tok[:, None], cache=cache, start=start,
-                       mask=full_mask[:, :start + 1] if padded else None, last_only=True)
+        logits = model(tok[:, None], cache=cache, start=start, mask=full_mask[:, :start + 1] if padded else None,
+                       last_only=True, layers=None if decode_layers is None else decode_layers(step))
     return out

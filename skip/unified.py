@@ -1,0 +1,58 @@
+"""Unified Layer Skipping (Liu et al., "Accelerating Inference in Large Language Models with a
+Unified Layer Skipping Strategy", arXiv 2404.06954).
+
+Notation (paper, Sec. 3):
+    L   number of decoder layers
+    r   target speedup ratio (an integer in the official code)
+    n   number of layers kept: n = int(L / r)
+    K   the kept set: the first and last layer, and every `interval`-th layer in between
+The set depends on r only, never on the input (Sec. 3.1), so every token of every sequence
+runs the same layers: batches stay batches and the KV cache stays valid, because a skipped
+layer is skipped for every generated token and nobody ever reads its keys/values there.
+The prompt runs through all layers (Sec. 3.2, "the input sequence is processed by the full
+model"); fine-tuning with the same pattern (Sec. 3.3) is in skip/finetune.py.
+"""
+from __future__ import annotations
+
+from model import generate
+
+
+def kept_layers(L: int, r: float, real_valued: bool = False) -> list[int]:
+    """The kept set K for L layers and target speedup r (the official code's rule).
+
+    For L = 30: r = 2 keeps {0, 2, ..., 26, 29} (15 layers), r = 3 {0, 3, ..., 24, 29},
+    r = 5 {0, 6, 12, 18, 24, 29}. The rule walks up from layer 0 in steps of
+    interval = int(L / (n - 1)) and then appends the last layer, so the last gap is uneven:
+    26 -> 29 at r = 2 (3 instead of 2), 24 -> 29 at r = 3 and r = 5.
+
+    real_valued=True is this project's extension, not the paper's: any real r >= 1, with
+    n = round(L / r) layers at the rounded positions of an evenly spaced grid over [0, L - 1],
+    so the gaps differ by at most one and the unevenness is spread out.
+    """
+    if r < 1:
+        raise ValueError(f"target speedup r={r} must be >= 1")
+    if r > L:
+        raise ValueError(f"target speedup r={r} is larger than the number of layers L={L}")
+    if real_valued:
+        n = max(2, round(L / r))
+        return sorted({round(k * (L - 1) / (n - 1)) for k in range(n)})
+    if r != int(r):
+        raise ValueError(f"target speedup r={r} is not an integer; pass real_valued=True for the "
+                         "evenly spaced extension (not in the paper)")
+    n = int(L / r)  # Sec. 3.1: the number of layers to keep follows from the target speedup alone
+    if n < 2:
+        raise ValueError(f"r={r} keeps n={n} layer of L={L}; the rule needs n >= 2 (first and last layer)")
+    interval = int(L / (n - 1))
+    K = [0]
+    layer = interval
+    while layer < L - 1 and len(K) < n - 1:
+        K.append(layer)
+        layer += interval
+    return K + [L - 1]  # the last layer is always kept: it feeds the LM head
+
+
+def generate_unified(model, prompts, r, real_valued=False, **kw):
+    """Decode with the kept set K: the prompt through all layers, each new token through K.
+    Batched with left padding, greedy or sampled (kw as for model.generate)."""
+    K = kept_layers(model.cfg.n_layers, r, real_valued)
+    return generate(model, prompts, decode_layers=lambda i: K, **kw)

@@ -1,0 +1,139 @@
+"""Unified Layer Skipping and its baselines, checked against a cache-free layer-wise reference."""
+import pytest
+import torch
+
+from model import KVCache, flops, generate, left_pad
+from skip.baselines import (calibrate_threshold, generate_early_exit, generate_skipdecode, skipdecode_layers,
+                            skipdecode_schedule)
+from skip.layerwise import layerwise_forward, prompt_then
+from skip.unified import generate_unified, kept_layers
+
+
+@pytest.mark.parametrize("L,r,expected", [
+    (30, 2, [0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 29]),
+    (30, 3, [0, 3, 6, 9, 12, 15, 18, 21, 24, 29]),
+    (30, 5, [0, 6, 12, 18, 24, 29]),
+    (30, 10, [0, 15, 29]),
+    (32, 2, [0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 31]),
+    (32, 4, [0, 4, 8, 12, 16, 20, 24, 31]),
+    (30, 1, list(range(30))),
+])
+def test_layer_rule_gives_the_official_sets(L, r, expected):
+    assert kept_layers(L, r) == expected
+
+
+@pytest.mark.parametrize("L", [4, 12, 30, 32, 40])
+def test_first_and_last_layer_always_kept(L):
+    for r in range(1, L // 2 + 1):
+        K = kept_layers(L, r)
+        assert K[0] == 0 and K[-1] == L - 1 and len(K) == int(L / r) and K == sorted(set(K))
+        R = kept_layers(L, r + 0.5, real_valued=True)
+        assert R[0] == 0 and R[-1] == L - 1 and len(R) == max(2, round(L / (r + 0.5)))
+
+
+def test_bad_speedups_raise():
+    with pytest.raises(ValueError, match="must be >= 1"):
+        kept_layers(30, 0.5)
+    with pytest.raises(ValueError, match="larger than the number of layers"):
+        kept_layers(30, 31)
+    with pytest.raises(ValueError, match="not an integer; pass real_valued=True"):
+        kept_layers(30, 2.5)
+    with pytest.raises(ValueError, match="needs n >= 2"):
+        kept_layers(30, 30)
+
+
+def reference_decode(model, prompts, layer_sets_for, n_new):
+    """Greedy decoding without any cache: recompute the whole sequence for every token."""
+    outs = [[] for _ in prompts]
+    for _ in range(n_new):
+        seqs = [p + o for p, o in zip(prompts, outs)]
+        ids, mask = left_pad(seqs, 0)
+        T_prompt = ids.shape[1] - len(outs[0])
+        runs = prompt_then(model.cfg.n_layers, T_prompt, [layer_sets_for(i) for i in range(len(outs[0]))])
+        nxt = layerwise_forward(model, ids, runs, mask)[:, -1].argmax(-1)
+        for o, t in zip(outs, nxt.tolist()):
+            o.append(t)
+    return outs
+
+
+@torch.no_grad()
+def test_r1_equals_plain_decoding(pair):
+    _, model = pair
+    prompts = [[5, 6, 7, 8], [9, 3]]
+    assert generate_unified(model, prompts, 1, max_new_tokens=10, eos=[]) == \
+        generate(model, prompts, max_new_tokens=10, eos=[])
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("r,real", [(2, False), (1.5, True)])
+def test_unified_decoding_equals_cache_free_reference_batched_and_alone(pair, r, real):
+    _, model = pair
+    prompts = [[5, 6, 7, 8, 9, 10], [9, 3], [11, 12, 13]]
+    K = kept_layers(model.cfg.n_layers, r, real)
+    assert len(K) < model.cfg.n_layers
+    ref = reference_decode(model, prompts, lambda i: K, 8)
+    assert generate_unified(model, prompts, r, real, max_new_tokens=8, eos=[]) == ref
+    for p, expected in zip(prompts, ref):
+        assert generate_unified(model, [p], r, real, max_new_tokens=8, eos=[])[0] == expected
+
+
+@torch.no_grad()
+def test_skipped_layers_hold_only_prompt_keys_values(pair):
+    _, model = pair
+    L, K = model.cfg.n_layers, kept_layers(model.cfg.n_layers, 2)
+    cache = KVCache.for_model(model.cfg, 1, 16)
+    model(torch.tensor([[5, 6, 7]]), cache=cache)
+    for t in range(3, 8):
+        model(torch.tensor([[4]]), cache=cache, start=t, layers=K)
+    assert cache.lengths == [8 if layer in K else 3 for layer in range(L)]
+
+
+def test_skipdecode_schedule_never_increases_and_matches_the_target():
+    for L, r, n in [(30, 2, 64), (30, 3, 10), (30, 5, 128), (4, 2, 7)]:
+        s = skipdecode_schedule(L, r, n)
+        assert all(a >= b for a, b in zip(s, s[1:])) and 1 <= min(s) and max(s) <= L
+        assert abs(sum(s) / len(s) - L / r) <= 0.5
+
+
+@torch.no_grad()
+def test_skipdecode_never_reads_a_missing_key_value_and_equals_reference(pair):
+    _, model = pair
+    L, prompts, n = model.cfg.n_layers, [[5, 6, 7, 8], [9, 3]], 8
+    schedule = skipdecode_schedule(L, 2, n)
+    # the cache raises on any read over a gap, so decoding at all proves no missing key/value
+    out = generate_skipdecode(model, prompts, 2, max_new_tokens=n, eos=[])
+    assert out == reference_decode(model, prompts, lambda i: skipdecode_layers(L, schedule, i), n)
+
+
+@torch.no_grad()
+def test_early_exit_equals_reference_with_state_propagation(pair):
+    _, model = pair
+    prompt, L = [5, 6, 7, 8], model.cfg.n_layers
+    tau = calibrate_threshold(model, [prompt], r=2, max_new_tokens=10)
+    res = generate_early_exit(model, prompt, tau, max_new_tokens=10, eos=[])
+    assert len(res.exit_layers) == 9 and min(res.exit_layers) < L - 1  # some tokens did exit early
+    ref = reference_decode(model, [prompt], lambda i: range(res.exit_layers[i] + 1), 10)[0]
+    assert res.tokens == ref
+
+
+@torch.no_grad()
+def test_early_exit_that_never_fires_is_plain_decoding_and_flops_count_every_check(pair):
+    _, model = pair
+    cfg, prompt, n = model.cfg, [5, 6, 7, 8], 6
+    with model.recording() as runs:
+        res = generate_early_exit(model, prompt, tau=1.01, max_new_tokens=n, eos=[])
+    assert res.tokens == generate(model, [prompt], max_new_tokens=n, eos=[])[0]
+    assert res.exit_layers == [cfg.n_layers - 1] * (n - 1)
+    steps = sum(flops.layer_flops(cfg, 1, len(prompt) + s) for s in range(n - 1))
+    expected = flops.prefill_flops(cfg, len(prompt)) + cfg.n_layers * steps + \
+        (n - 1) * (flops.embed_flops(cfg, 1) + cfg.n_layers * flops.head_flops(cfg, 1))
+    assert flops.total(cfg, runs) == expected
+
+
+@torch.no_grad()
+def test_calibrated_threshold_hits_the_target_layer_count(pair):
+    _, model = pair
+    prompts = [[5, 6, 7, 8], [9, 3, 4]]
+    tau = calibrate_threshold(model, prompts, r=2, max_new_tokens=12)
+    exits = [e for p in prompts for e in generate_early_exit(model, p, tau, 12, eos=[]).exit_layers]
+    assert abs(sum(e + 1 for e in exits) / len(exits) - model.cfg.n_layers / 2) <= 1.0
