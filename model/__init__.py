@@ -2,8 +2,8 @@ from .cache import CacheError, KVCache
 from .config import Config, UnsupportedConfig, from_hf, load_config
 from .decoder import Decoder, attention_mask, positions
 from .generate import filter_logits, generate, left_pad, next_token
-from .loader import LoadError, load_model
+from .loader import LoadError, load_model, save_model
 
 __all__ = ["CacheError", "Config", "Decoder", "KVCache", "LoadError", "UnsupportedConfig", "attention_mask",
            "filter_logits", "from_hf", "generate", "left_pad", "load_config", "load_model", "next_token",
-           "positions"]
+           "positions", "save_model"]

@@ -7,10 +7,12 @@ Pickle checkpoints (.bin, .pt) are refused: loading them can run arbitrary code.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 from .config import load_config
 from .decoder import Decoder
@@ -99,3 +101,15 @@ def load_model(path, dtype="float32") -> Decoder:
         for name, t in ours.items():
             t.copy_(handles[where[name]].get_tensor(name))
     return model.to(DTYPES[dtype]).eval()
+
+
+def save_model(model: Decoder, out_dir, config_from):
+    """Write model as a HF-style directory (config.json copied from config_from, tensors under
+    their HF names) that load_model reads back."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copy(Path(config_from) / "config.json", out_dir / "config.json")
+    tensors = {hf_name(model.cfg.arch, k): t.detach().contiguous().cpu() for k, t in model.state_dict().items()}
+    if model.cfg.tie_embeddings:
+        tensors.pop("lm_head.weight")
+    save_file(tensors, out_dir / "model.safetensors", metadata={"format": "pt"})

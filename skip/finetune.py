@@ -1,0 +1,131 @@
+"""Fine-tuning with a skip pattern (Unified Layer Skipping, paper Sec. 3.3), also used for the
+SkipDecode baseline so that the comparison is fair.
+
+The prompt passes through all layers, each response token through the method's layers only
+(exactly as at inference, see skip/layerwise.py); the loss is the cross-entropy of the
+response tokens; the embeddings (and with them a tied LM head) stay frozen. Training pairs
+are instruction/response pairs from AlpacaEval (instruction, output) and GSM8K train
+(question, answer) in the model's chat format; evaluation uses other data (Spec-Bench).
+
+python -m skip.finetune --method unified --r 2 [--minutes 30] [--steps N] [--device cpu]
+writes weights/<method>-<r>x/ (config.json, model.safetensors, finetune.json).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from model import load_model, save_model
+from tokenizer import chatml, load_tokenizer
+
+from .baselines import skipdecode_layers, skipdecode_schedule
+from .layerwise import layerwise_forward, prompt_then
+from .progress import Progress
+from .unified import kept_layers
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+
+
+def training_pairs(tok, data_dir=DATA, max_tokens=256, seed=0):
+    """(prompt ids, response ids) from AlpacaEval and GSM8K train, shuffled with a seed."""
+    rows = [json.loads(line) for line in (Path(data_dir) / "alpaca" / "alpaca_eval.jsonl").open()]
+    texts = [(r["instruction"], r["output"]) for r in rows]
+    rows = [json.loads(line) for line in (Path(data_dir) / "gsm8k" / "train.jsonl").open()]
+    texts += [(r["question"], r["answer"]) for r in rows]
+    random.Random(seed).shuffle(texts)
+    pairs = []
+    for instruction, response in texts:
+        p = tok.encode(chatml([{"role": "user", "content": instruction}]))
+        r = tok.encode(response + "<|im_end|>")
+        if len(p) + 8 <= max_tokens:
+            pairs.append((p, r[:max_tokens - len(p)]))
+    return pairs
+
+
+def response_layer_sets(method, L, r, n_new=64):
+    """Layer set of response position t, for t = 0..: the pattern the method decodes with."""
+    if method == "unified":
+        K = kept_layers(L, r)
+        return lambda t: K
+    if method == "skipdecode":
+        schedule = skipdecode_schedule(L, r, n_new)
+        return lambda t: skipdecode_layers(L, schedule, t)
+    raise ValueError(f"unknown method {method!r} (unified, skipdecode)")
+
+
+def response_loss(model, prompt, response, layer_set):
+    """Cross-entropy of the response tokens, the response running only layer_set(t)."""
+    ids = torch.tensor([prompt + response[:-1]], device=model.head.weight.device)
+    runs = prompt_then(model.cfg.n_layers, len(prompt), [layer_set(t) for t in range(len(response) - 1)])
+    logits = layerwise_forward(model, ids, runs.to(ids.device))[0, len(prompt) - 1:]  # (n_resp, V)
+    return F.cross_entropy(logits.float(), torch.tensor(response, device=ids.device))
+
+
+def finetune(model, pairs, layer_set, steps, minutes=None, lr=2e-5, warmup=20, clip=1.0, desc="fine-tune"):
+    """AdamW with linear warmup and cosine decay, gradient clipping; embeddings frozen.
+    Stops after `steps` steps or `minutes` minutes, whichever comes first. Returns the losses."""
+    model.train()
+    for name, p in model.named_parameters():
+        p.requires_grad_(not name.startswith(("embed.", "pos_embed.", "head.")))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (
+        1 + math.cos(math.pi * min(1.0, s / max(1, steps)))))
+    bar, losses, t0 = Progress(steps, desc), [], time.perf_counter()
+    for step in range(steps):
+        prompt, response = pairs[step % len(pairs)]
+        loss = response_loss(model, prompt, response, layer_set)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, clip)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        bar.update(loss=sum(losses[-20:]) / len(losses[-20:]))
+        if minutes is not None and time.perf_counter() - t0 > 60 * minutes:
+            bar.update(steps - step - 1)
+            break
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return losses
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, default=ROOT / "weights" / "smollm2-135m-instruct")
+    ap.add_argument("--method", choices=["unified", "skipdecode"], default="unified")
+    ap.add_argument("--r", type=int, default=2, help="target speedup")
+    ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--minutes", type=float, default=30.0, help="wall-clock budget (default about 30 minutes)")
+    ap.add_argument("--lr", type=float, default=2e-5)
+    ap.add_argument("--max-tokens", type=int, default=256)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", type=Path)
+    a = ap.parse_args(argv)
+    torch.manual_seed(a.seed)
+    out = a.out or ROOT / "weights" / f"{a.method}-{a.r}x"
+    model = load_model(a.model).to(a.device)
+    pairs = training_pairs(load_tokenizer(a.model), max_tokens=a.max_tokens, seed=a.seed)
+    layer_set = response_layer_sets(a.method, model.cfg.n_layers, a.r)
+    losses = finetune(model, pairs, layer_set, a.steps, a.minutes, a.lr, desc=f"{a.method} {a.r}x")
+    save_model(model, out, a.model)
+    (out / "finetune.json").write_text(json.dumps({
+        "base_model": str(a.model), "method": a.method, "r": a.r, "steps": len(losses), "lr": a.lr,
+        "max_tokens": a.max_tokens, "seed": a.seed, "data": ["alpaca/alpaca_eval.jsonl", "gsm8k/train.jsonl"],
+        "first_loss_avg20": sum(losses[:20]) / len(losses[:20]),
+        "final_loss_avg20": sum(losses[-20:]) / len(losses[-20:])}, indent=2))
+    print(f"saved {out} after {len(losses)} steps; loss {losses[0]:.3f} -> {sum(losses[-20:]) / len(losses[-20:]):.3f}")
+
+
+if __name__ == "__main__":
+    main()
