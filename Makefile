@@ -6,11 +6,11 @@ PIP    := $(PY) -m pip install -q --disable-pip-version-check
 STAMP  := $(VENV)/.installed
 MODEL  := weights/smollm2-135m-instruct
 
-.PHONY: setup weights test demo bench-decoder clean
+.PHONY: setup weights test demo bench-decoder finetune-skipping bench-skipping clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) -e '.[test]'
+	$(PIP) -e '.[test,bench]'
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -30,6 +30,16 @@ demo: weights
 
 bench-decoder: weights
 	$(PY) -m model.bench --model $(MODEL)
+
+# One checkpoint per method and target speedup in weights/<method>-<r>x (about FT_MINUTES each).
+SKIP_R     ?= 2 3 5
+FT_MINUTES ?= 30
+finetune-skipping: weights
+	for r in $(SKIP_R); do for m in unified skipdecode; do \
+		$(PY) -m skip.finetune --method $$m --r $$r --minutes $(FT_MINUTES) || exit 1; done; done
+
+bench-skipping: weights
+	$(PY) -m skip.bench_skipping --r $(SKIP_R)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -53,20 +53,24 @@ def generate_skipdecode(model, prompts, r, max_new_tokens=32, **kw):
 class EarlyExit:
     tokens: list[int]
     exit_layers: list[int]  # per generated token fed back: the last layer it ran (L - 1 = none)
+    logits: list[torch.Tensor]  # (V,) the logits each token was chosen from
 
 
 @torch.inference_mode()
-def generate_early_exit(model, prompt, tau, max_new_tokens=32, eos=None, min_layer=0, **sampling):
-    """Batch size 1 (a per-token exit cannot keep a batch in step). prompt: list of ids."""
+def generate_early_exit(model, prompt, tau, max_new_tokens=32, eos=None, min_layer=0, forced=None, **sampling):
+    """Batch size 1 (a per-token exit cannot keep a batch in step). prompt: list of ids.
+    forced: feed these tokens instead of the model's own (teacher forcing, for perplexity)."""
     cfg = model.cfg
     L, eos = cfg.n_layers, set(cfg.eos_token_id if eos is None else eos)
-    cache = KVCache.for_model(cfg, 1, len(prompt) + max_new_tokens, dtype=model.head.weight.dtype)
+    n = max_new_tokens if forced is None else len(forced)
+    cache = KVCache.for_model(cfg, 1, len(prompt) + n, dtype=model.head.weight.dtype)
     logits = model(torch.tensor([prompt]), cache=cache, last_only=True)  # the prompt: all layers
-    out, exits = [], []
-    for step in range(max_new_tokens):
-        tok = next_token(logits[:, -1].float(), **sampling)  # (1,)
-        out.append(int(tok))
-        if int(tok) in eos or step == max_new_tokens - 1:
+    res = EarlyExit([], [], [])
+    for step in range(n):
+        res.logits.append(logits[0, -1].float())
+        tok = next_token(logits[:, -1].float(), **sampling) if forced is None else torch.tensor([forced[step]])
+        res.tokens.append(int(tok))
+        if (forced is None and int(tok) in eos) or step == n - 1:
             break
         start = len(prompt) + step
         pos = positions(None, start, 1)
@@ -78,8 +82,8 @@ def generate_early_exit(model, prompt, tau, max_new_tokens=32, eos=None, min_lay
                 break
         for above in range(layer + 1, L):  # state propagation into the skipped layers
             model.fill_kv(above, h, pos, cache, start)
-        exits.append(layer)
-    return EarlyExit(out, exits)
+        res.exit_layers.append(layer)
+    return res
 
 
 def calibrate_threshold(model, prompts, r, max_new_tokens=32, iters=8):

@@ -137,3 +137,15 @@ def test_calibrated_threshold_hits_the_target_layer_count(pair):
     tau = calibrate_threshold(model, prompts, r=2, max_new_tokens=12)
     exits = [e for p in prompts for e in generate_early_exit(model, p, tau, 12, eos=[]).exit_layers]
     assert abs(sum(e + 1 for e in exits) / len(exits) - model.cfg.n_layers / 2) <= 1.0
+
+
+@torch.no_grad()
+def test_teacher_forced_early_exit_matches_reference_logits(pair):
+    _, model = pair
+    prompt, forced = [5, 6, 7, 8], [9, 10, 11, 12, 13]
+    tau = calibrate_threshold(model, [prompt], r=2, max_new_tokens=6)
+    res = generate_early_exit(model, prompt, tau, forced=forced)
+    runs = prompt_then(model.cfg.n_layers, len(prompt), [range(e + 1) for e in res.exit_layers])
+    ref = layerwise_forward(model, torch.tensor([prompt + forced[:-1]]), runs)[0, len(prompt) - 1:]
+    assert res.tokens == forced
+    assert (torch.stack(res.logits) - ref).abs().max() <= 1e-4

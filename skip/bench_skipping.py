@@ -1,0 +1,234 @@
+"""Unified Layer Skipping against early exit and SkipDecode at the same target speedup: the
+paper's comparison (Sec. 4, Tables 2-3) on SmolLM2-135M-Instruct and Spec-Bench.
+
+python -m skip.bench_skipping [--r 2 3 5] [--n-quality 8] [--max-new 48] [--batches 1 2 8]
+
+Quality: ROUGE-L (rouge-score) on Spec-Bench summarization and BLEU (sacrebleu) on its
+translation prompts, greedy; next-token agreement with the full model and perplexity on
+held-out text (MT-Bench questions with their GPT-4 reference answers, teacher-forced: the
+question through all layers, the answer through the method's layers). Throughput: decode
+tokens/s at each batch size over `--tok-new` new tokens per prompt (the prefill, identical for
+every method, is timed alone and subtracted), median of `--runs`, all methods in the same
+run; speedup against the full model, and beside it the ceiling its FLOPs allow (full decode
+FLOPs / method decode FLOPs, from the decoder's record of what ran).
+Fine-tuned rows appear for checkpoints weights/<method>-<r>x made by skip.finetune.
+Writes runs/bench-skipping.json, runs/bench-skipping.md and runs/skipping.png.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from model import flops, generate, load_model
+from tokenizer import chatml, load_tokenizer
+
+from .baselines import calibrate_threshold, generate_early_exit, generate_skipdecode, skipdecode_layers, \
+    skipdecode_schedule
+from .finetune import DATA, ROOT
+from .layerwise import layerwise_forward, prompt_then
+from .progress import Progress
+from .unified import generate_unified, kept_layers
+
+
+def as_list(field):
+    """Spec-Bench stores some lists as their JSON text and others as their Python repr."""
+    if not isinstance(field, str):
+        return field
+    try:
+        return json.loads(field)
+    except json.JSONDecodeError:
+        return ast.literal_eval(field)
+
+
+def specbench(category, n):
+    rows = [json.loads(line) for line in (DATA / "specbench" / "question.jsonl").open()]
+    rows = [r for r in rows if r["category"] == category][:n]
+    return [(as_list(r["turns"])[0], as_list(r.get("reference", "[null]"))[0]) for r in rows]
+
+
+def heldout(n):
+    qs = {json.loads(line)["question_id"]: json.loads(line) for line in (DATA / "mtbench" / "question.jsonl").open()}
+    refs = [json.loads(line) for line in (DATA / "mtbench" / "reference_answer_gpt-4.jsonl").open()]
+    return [(qs[r["question_id"]]["turns"][0], r["choices"][0]["turns"][0]) for r in refs][:n]
+
+
+class Method:
+    """One row: how it decodes (batched or not) and which layers a response token runs."""
+
+    def __init__(self, name, r, model, tuned, L, max_new, tau=None):
+        self.name, self.r, self.model, self.tuned, self.tau = name, r, model, tuned, tau
+        self.batchable = name != "early exit"
+        if name == "full":
+            self.layer_set = lambda t: range(L)
+        elif name == "unified":
+            K = kept_layers(L, r)
+            self.layer_set = lambda t: K
+        elif name == "skipdecode":
+            schedule = skipdecode_schedule(L, r, max_new)
+            self.layer_set = lambda t: skipdecode_layers(L, schedule, t)
+        self.label = name if name == "full" else f"{name} {r}x" + (" (fine-tuned)" if tuned else "")
+
+    def decode(self, prompts, max_new, eos=None):
+        if self.name == "early exit":
+            return [generate_early_exit(self.model, p, self.tau, max_new, eos=eos).tokens for p in prompts]
+        if self.name == "unified":
+            return generate_unified(self.model, prompts, self.r, max_new_tokens=max_new, eos=eos)
+        if self.name == "skipdecode":
+            return generate_skipdecode(self.model, prompts, self.r, max_new_tokens=max_new, eos=eos)
+        return generate(self.model, prompts, max_new_tokens=max_new, eos=eos)
+
+    @torch.inference_mode()
+    def forced_logits(self, prompt, response):  # (len(response), V)
+        if self.name == "early exit":
+            return torch.stack(generate_early_exit(self.model, prompt, self.tau, forced=response).logits)
+        runs = prompt_then(self.model.cfg.n_layers, len(prompt), [self.layer_set(t) for t in range(len(response) - 1)])
+        return layerwise_forward(self.model, torch.tensor([prompt + response[:-1]]), runs)[0, len(prompt) - 1:]
+
+
+def quality(m, tok, summ, trans, texts, full_argmax, max_new):
+    from rouge_score import rouge_scorer
+    import sacrebleu
+
+    def answers(pairs):
+        prompts = [tok.encode(chatml([{"role": "user", "content": q}])) for q, _ in pairs]
+        outs = []
+        for i in range(0, len(prompts), 8):
+            outs += m.decode(prompts[i:i + 8], max_new)
+        return [tok.decode([t for t in o if t not in m.model.cfg.eos_token_id]).strip() for o in outs]
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    rouge = statistics.mean(scorer.score(ref, out)["rougeL"].fmeasure for (_, ref), out in zip(summ, answers(summ)))
+    bleu = sacrebleu.corpus_bleu(answers(trans), [[ref for _, ref in trans]]).score
+    agree, nll, n = 0, 0.0, 0
+    for i, (prompt, response) in enumerate(texts):
+        logits = m.forced_logits(prompt, response).float()
+        agree += int((logits.argmax(-1) == full_argmax[i]).sum())
+        nll += float(torch.nn.functional.cross_entropy(logits, torch.tensor(response), reduction="sum"))
+        n += len(response)
+    return {"rougeL": 100 * rouge, "bleu": bleu, "agreement": agree / n, "perplexity": float(torch.exp(torch.tensor(nll / n)))}
+
+
+def throughput(m, prompts, batch, n_new, runs):
+    """Decode tokens/s: (n_new - 1) fed-back tokens per prompt over the time after the prefill
+    (the prefill, the same full pass for every method, timed alone and subtracted). FLOPs of
+    the decode steps only (records with one new token)."""
+    if not m.batchable and batch > 1:
+        return None
+    chunk = prompts[:batch]
+    with m.model.recording() as record:
+        m.decode(chunk, n_new, eos=[])
+    decode_flops = flops.total(m.model.cfg, [r for r in record if r.n == 1])
+    totals, prefills = [], []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        m.decode(chunk, 1, eos=[])  # the prefill and nothing else
+        t1 = time.perf_counter()
+        m.decode(chunk, n_new, eos=[])
+        totals.append(time.perf_counter() - t1)
+        prefills.append(t1 - t0)
+    decode_s = statistics.median(totals) - statistics.median(prefills)
+    return {"tokens_per_s": batch * (n_new - 1) / decode_s, "flops": decode_flops}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, default=ROOT / "weights" / "smollm2-135m-instruct")
+    ap.add_argument("--r", type=int, nargs="+", default=[2, 3, 5])
+    ap.add_argument("--n-quality", type=int, default=8, help="Spec-Bench prompts per category")
+    ap.add_argument("--n-heldout", type=int, default=10, help="MT-Bench reference answers")
+    ap.add_argument("--max-new", type=int, default=48)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 2, 8])
+    ap.add_argument("--tok-new", type=int, default=24, help="new tokens per prompt in the throughput runs")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=ROOT / "runs")
+    a = ap.parse_args(argv)
+    torch.set_grad_enabled(False)
+    base, tok = load_model(a.model), load_tokenizer(a.model)
+    L = base.cfg.n_layers
+    summ, trans = specbench("summarization", a.n_quality), specbench("translation", a.n_quality)
+    texts = [(tok.encode(chatml([{"role": "user", "content": q}])), tok.encode(ans)[:128]) for q, ans in heldout(a.n_heldout)]
+    tp_prompts = [tok.encode(chatml([{"role": "user", "content": q}])) for q, _ in specbench("qa", max(a.batches))]
+    calib = [tok.encode(chatml([{"role": "user", "content": q}])) for q, _ in specbench("math_reasoning", 2)]
+
+    full = Method("full", 1, base, False, L, a.max_new)
+    methods = [full]
+    for r in a.r:
+        methods.append(Method("early exit", r, base, False, L, a.max_new, tau=calibrate_threshold(base, calib, r, 24, 7)))
+        for name in ("skipdecode", "unified"):
+            methods.append(Method(name, r, base, False, L, a.max_new))
+            ck = ROOT / "weights" / f"{name}-{r}x"
+            if (ck / "finetune.json").exists():
+                methods.append(Method(name, r, load_model(ck), True, L, a.max_new))
+
+    full_argmax = [full.forced_logits(p, resp).argmax(-1) for p, resp in texts]
+    rows, bar = [], Progress(len(methods), "methods")
+    for m in methods:
+        row = {"method": m.label, "name": m.name, "r": m.r, "fine_tuned": m.tuned, "tau": m.tau}
+        row.update(quality(m, tok, summ, trans, texts, full_argmax, a.max_new))
+        row["throughput"] = {b: throughput(m, tp_prompts, b, a.tok_new, a.runs) for b in a.batches}
+        rows.append(row)
+        bar.update(method=m.label)
+    ref = rows[0]["throughput"]
+    for row in rows:
+        for b, t in row["throughput"].items():
+            if t is not None:
+                t["speedup"] = t["tokens_per_s"] / ref[b]["tokens_per_s"]
+                t["flops_ceiling"] = ref[b]["flops"] / t["flops"]
+    a.out.mkdir(parents=True, exist_ok=True)
+    res = {"model": str(a.model), "args": {k: str(v) for k, v in vars(a).items()}, "rows": rows}
+    (a.out / "bench-skipping.json").write_text(json.dumps(res, indent=2))
+    md = table(rows, a.batches)
+    (a.out / "bench-skipping.md").write_text(md + "\n")
+    print(json.dumps(res, indent=2))
+    print(md)
+    plot(rows, a.batches[0], a.out / "skipping.png")
+
+
+def table(rows, batches):
+    head = "| method | ROUGE-L | BLEU | agreement | perplexity | " + " | ".join(
+        f"tok/s b={b} (speedup / FLOPs ceiling)" for b in batches) + " |"
+    lines = [head, "|" + "---|" * (5 + len(batches))]
+    for r in rows:
+        cells = []
+        for b in batches:
+            t = r["throughput"][b]
+            cells.append("N/A" if t is None else f"{t['tokens_per_s']:.1f} ({t['speedup']:.2f}x / {t['flops_ceiling']:.2f}x)")
+        lines.append(f"| {r['method']} | {r['rougeL']:.1f} | {r['bleu']:.1f} | {r['agreement']:.3f} | "
+                     f"{r['perplexity']:.1f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(rows, batch, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
+    for ax, key, label in zip(axes, ("rougeL", "bleu", "agreement"),
+                              ("ROUGE-L (summarization)", "BLEU (translation)", "next-token agreement")):
+        for name, marker in (("full", "*"), ("early exit", "v"), ("skipdecode", "s"), ("unified", "o")):
+            for tuned in (False, True):
+                pts = sorted((r["throughput"][batch]["speedup"], r[key], r["r"]) for r in rows
+                             if r["name"] == name and r["fine_tuned"] == tuned)
+                if pts:
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, linestyle="--" if tuned else "-",
+                            label=name + (" (fine-tuned)" if tuned else ""))
+                    for x, y, r in pts:
+                        ax.annotate(f"{r}x", (x, y), fontsize=7)
+        ax.set_xlabel(f"measured speedup, batch {batch}")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("Quality against measured speedup (labels: target r), SmolLM2-135M-Instruct")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
