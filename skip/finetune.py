@@ -77,22 +77,24 @@ def finetune(model, pairs, layer_set, steps, minutes=None, lr=2e-5, warmup=20, c
         p.requires_grad_(not name.startswith(("embed.", "pos_embed.", "head.")))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (
-        1 + math.cos(math.pi * min(1.0, s / max(1, steps)))))
     bar, losses, t0 = Progress(steps, desc), [], time.perf_counter()
     for step in range(steps):
+        # progress: the larger of the step and the time budget used, so the cosine decay ends
+        # with the run whichever limit stops it
+        done = max(step / steps, 0.0 if minutes is None else (time.perf_counter() - t0) / (60 * minutes))
+        if done >= 1.0:
+            break
+        for group in opt.param_groups:
+            group["lr"] = lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * done))
         prompt, response = pairs[step % len(pairs)]
         loss = response_loss(model, prompt, response, layer_set)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, clip)
         opt.step()
-        sched.step()
         losses.append(loss.item())
         bar.update(loss=sum(losses[-20:]) / len(losses[-20:]))
-        if minutes is not None and time.perf_counter() - t0 > 60 * minutes:
-            bar.update(steps - step - 1)
-            break
+    bar.close()
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)

@@ -20,3 +20,7 @@ class Progress:
             if self.n >= self.total:
                 sys.stderr.write("\n")
             sys.stderr.flush()
+
+    def close(self):
+        if self.n < self.total:
+            sys.stderr.write("\n")

@@ -1,0 +1,199 @@
+"""AdaInfer (Fan et al., "Not all Layers of LLMs are Necessary during Inference", arXiv 2403.02181).
+
+Notation (paper Sec. 3-4), for one prompt whose answer is its next token:
+    l          layer index 0..L-1, h_l its output at the last prompt position
+    p_l        softmax(head(norm(h_l))): the logit lens, over the full vocabulary or the choices
+    gap_l      p_l(top1) - p_l(top2)          (Sec. 4.1, the feature the paper keeps)
+    top_l      p_l(top1)                      (Sec. 4.1)
+    cos_*      cosine similarity of layer l and l-1 of the hidden state, the attention output and
+               the MLP output (the feature study of Sec. 4.1; 0 at layer 0 for attn and MLP)
+    classifier SVM or CRF on the chosen features, or "gap >= tau" (Sec. 4.2);
+               inference stops at the first layer marked "stop" (Sec. 4.3); no stop: all layers.
+Labels (one row per instance and layer): "gold" = layer l's top-1 is the answer token;
+"final" = layer l's top-1 equals the full model's top-1.
+Every feature costs one LM-head call at one position per layer; flops.total counts them.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from model import positions
+
+from .crf import CRF
+
+FEATURES = ("gap", "top_prob", "cos_hidden", "cos_attn", "cos_mlp")
+DEFAULT_FEATURES = ("gap", "top_prob")
+
+
+def encode(tok, inst):
+    """(prompt ids, answer id, choice ids or None); the answer and choices must be one token
+    (or, with inst.first_token, the answer is the first token of its text)."""
+    ids = tok.encode(inst.prompt)
+
+    def one_token(cont, first=False):
+        full = tok.encode(inst.prompt + cont)
+        if len(full) <= len(ids) or full[:len(ids)] != ids or (len(full) != len(ids) + 1 and not first):
+            raise ValueError(f"answer {cont!r} is not a single token after the prompt {inst.prompt[-40:]!r}")
+        return full[len(ids)]
+    choices = None if inst.choices is None else [one_token(c) for c in inst.choices]
+    return ids, one_token(inst.answer, inst.first_token), choices
+
+
+@dataclass
+class Trace:
+    feats: torch.Tensor  # (L, len(FEATURES))
+    top1: list[int]  # per-layer predicted token id
+    answer: int
+
+
+def _layer_stream(model, ids, vocab, out):
+    """Run the layers one by one on the prompt; after each, yield its feature row and leave its
+    prediction in out["pred"], its index in out["layer"]. Stops running when not iterated."""
+    x = torch.tensor([ids])
+    pos = positions(None, 0, x.shape[1])
+    h = model.embed_tokens(x, pos)
+    prev = {"h": h[0, -1], "a": None, "m": None}
+    captured = {}
+
+    def grab(i, h_, a, m):
+        captured.update(a=a[0, -1], m=m[0, -1])
+
+    for layer in range(model.cfg.n_layers):
+        h = model.run_layers(h, pos, layers=[layer], callback=grab)
+        p = model.logits(h, last_only=True, vocab=vocab)[0, -1].float().softmax(-1)
+        top2 = p.topk(2)
+        cur = {"h": h[0, -1], "a": captured["a"], "m": captured["m"]}
+        cos = [0.0 if prev[k] is None else float(F.cosine_similarity(cur[k], prev[k], dim=0)) for k in "ham"]
+        prev = cur
+        idx = int(top2.indices[0])
+        out["pred"], out["layer"] = (idx if vocab is None else int(vocab[idx])), layer
+        yield [float(top2.values[0] - top2.values[1]), float(top2.values[0])] + cos
+
+
+@torch.inference_mode()
+def trace(model, ids, answer, vocab=None) -> Trace:
+    """Features and predictions of every layer (one full pass), for training and analysis."""
+    out, rows, top1 = {}, [], []
+    for row in _layer_stream(model, ids, vocab, out):
+        rows.append(row)
+        top1.append(out["pred"])
+    return Trace(torch.tensor(rows), top1, answer)
+
+
+def labels(tr: Trace, rule="gold"):
+    if rule not in ("gold", "final"):
+        raise ValueError(f"label rule {rule!r} (gold, final)")
+    target = tr.answer if rule == "gold" else tr.top1[-1]
+    return [int(t == target) for t in tr.top1]
+
+
+# ---------------------------------------------------------------- stop classifiers
+class Classifier:
+    """Selects features and decides online; stop_at(rows) -> first stop layer or None."""
+    kind = ""
+
+    def __init__(self, features=DEFAULT_FEATURES):
+        unknown = set(features) - set(FEATURES)
+        if unknown:
+            raise ValueError(f"unknown features {sorted(unknown)}; choose from {FEATURES}")
+        self.features = tuple(features)
+        self.cols = [FEATURES.index(f) for f in features]
+
+    def select(self, rows):
+        return (np.asarray(r, dtype=np.float64)[self.cols] for r in rows)
+
+    def save(self, path, model_cfg):
+        d = {"kind": self.kind, "features": self.features, "params": self.params(),
+             "model": {"n_layers": model_cfg.n_layers, "dim": model_cfg.dim, "vocab_size": model_cfg.vocab_size}}
+        Path(path).write_text(json.dumps(d))
+
+
+class Threshold(Classifier):
+    kind = "threshold"
+
+    def __init__(self, tau=0.8, feature="gap"):
+        super().__init__((feature,))
+        self.tau = tau
+
+    def stop_at(self, rows):
+        return next((l for l, x in enumerate(self.select(rows)) if x[0] >= self.tau), None)
+
+    def params(self):
+        return {"tau": self.tau}
+
+
+class SVM(Classifier):
+    """Linear SVM (scikit-learn) on standardised features, classes balanced."""
+    kind = "svm"
+
+    def fit(self, traces, rule="gold", C=1.0):
+        from sklearn.svm import LinearSVC
+        X = np.concatenate([t.feats.numpy()[:, self.cols] for t in traces])
+        y = np.concatenate([labels(t, rule) for t in traces])
+        if len(set(y)) < 2:
+            raise ValueError(f"all {len(y)} training rows have label {y[0]}; the SVM needs both classes")
+        self.mean, self.std = X.mean(0), X.std(0) + 1e-8
+        svm = LinearSVC(C=C, class_weight="balanced", dual="auto", max_iter=10000).fit((X - self.mean) / self.std, y)
+        self.w, self.b = svm.coef_[0], float(svm.intercept_[0])
+        return self
+
+    def stop_at(self, rows):
+        return next((l for l, x in enumerate(self.select(rows)) if (x - self.mean) / self.std @ self.w + self.b > 0), None)
+
+    def params(self):
+        return {"mean": self.mean.tolist(), "std": self.std.tolist(), "w": self.w.tolist(), "b": self.b}
+
+
+class CRFClassifier(Classifier):
+    kind = "crf"
+
+    def fit(self, traces, rule="gold"):
+        xs = [t.feats[:, self.cols].double() for t in traces]
+        self.crf = CRF(len(self.cols)).fit(xs, [labels(t, rule) for t in traces])
+        return self
+
+    def stop_at(self, rows):
+        return self.crf.stop_at(self.select(rows))
+
+    def params(self):
+        return self.crf.to_json()
+
+
+def load_classifier(path, model_cfg):
+    d = json.loads(Path(path).read_text())
+    want = {"n_layers": model_cfg.n_layers, "dim": model_cfg.dim, "vocab_size": model_cfg.vocab_size}
+    if d.get("model") != want:
+        raise ValueError(f"{path} was fitted for a model with {d.get('model')}, not {want}")
+    p = d["params"]
+    if d["kind"] == "threshold":
+        return Threshold(p["tau"], d["features"][0])
+    clf = {"svm": SVM, "crf": CRFClassifier}[d["kind"]](d["features"])
+    if d["kind"] == "svm":
+        clf.mean, clf.std, clf.w = (np.array(p[k]) for k in ("mean", "std", "w"))
+        clf.b = p["b"]
+    else:
+        clf.crf = CRF.from_json(p)
+    return clf
+
+
+def oracle_layer(tr: Trace):
+    """The earliest layer from which the prediction stays the final one (a perfect classifier)."""
+    l = len(tr.top1) - 1
+    while l > 0 and tr.top1[l - 1] == tr.top1[-1]:
+        l -= 1
+    return l
+
+
+# ---------------------------------------------------------------- inference
+@torch.inference_mode()
+def predict(model, ids, clf, vocab=None):
+    """AdaInfer on one prompt: layers run until clf says stop. Returns (token id, exit layer)."""
+    out = {}
+    clf.stop_at(_layer_stream(model, ids, vocab, out))
+    return out["pred"], out["layer"]

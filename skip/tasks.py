@@ -1,0 +1,135 @@
+"""Next-token tasks for AdaInfer: each instance is a prompt whose answer is one token.
+
+Train and test splits are kept apart as ../shared/data/README.md asks: SST-2 train / dev,
+CommonsenseQA train / dev, MMLU dev+val / test, SQuAD dev split in two (first 20% of the
+articles to train, the rest to test); synthetic rule tasks are generated from a seed.
+A JSONL file with {"prompt": ..., "answer": ..., "choices": [...]?} per line is a task too.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import random
+import string
+from dataclasses import dataclass
+from pathlib import Path
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@dataclass
+class Instance:
+    prompt: str
+    answer: str  # the continuation, e.g. " positive"; must be a single token
+    choices: list[str] | None = None
+    first_token: bool = False  # the answer is the first token of `answer` (SQuAD spans)
+
+
+@dataclass
+class Task:
+    name: str
+    train: list[Instance]
+    test: list[Instance]
+
+    def with_shots(self, inst: Instance, k: int, seed: int) -> Instance:
+        """k demonstrations from the train split, then the instance."""
+        if k == 0:
+            return inst
+        demos = random.Random(seed).sample(self.train, k)
+        text = "".join(d.prompt + d.answer + "\n\n" for d in demos)
+        return Instance(text + inst.prompt, inst.answer, inst.choices, inst.first_token)
+
+
+def sst2(n_train=None, n_test=None):
+    def read(split, n):
+        rows = list(csv.reader((DATA / "sst2" / f"{split}.tsv").open(), delimiter="\t", quoting=csv.QUOTE_NONE))[1:n and n + 1]
+        return [Instance(f"Review: {s.strip()}\nSentiment:", " positive" if y == "1" else " negative",
+                         [" positive", " negative"]) for s, y in rows]
+    return Task("sst2", read("train", n_train), read("dev", n_test))
+
+
+def _mc(question, options, answer_letter):
+    letters = string.ascii_uppercase[:len(options)]
+    body = "".join(f"\n{L}. {o}" for L, o in zip(letters, options))
+    return Instance(f"Question: {question}{body}\nAnswer:", " " + answer_letter, [" " + L for L in letters])
+
+
+def csqa(n_train=None, n_test=None):
+    def read(name, n):
+        rows = [json.loads(line) for line in (DATA / "csqa" / name).open()][:n]
+        return [_mc(r["question"]["stem"], [c["text"] for c in r["question"]["choices"]], r["answerKey"]) for r in rows]
+    return Task("csqa", read("train_rand_split.jsonl", n_train), read("dev_rand_split.jsonl", n_test))
+
+
+def mmlu(n_train=None, n_test=None, seed=0):
+    def read(*splits):
+        rows = [r for s in splits for f in sorted((DATA / "mmlu" / s).glob("*.csv")) for r in csv.reader(f.open())]
+        random.Random(seed).shuffle(rows)  # mixes the 57 subjects before taking the first n
+        return [_mc(r[0], r[1:5], r[5]) for r in rows]
+    return Task("mmlu", read("dev", "val")[:n_train], read("test")[:n_test])
+
+
+def squad(n_train=None, n_test=None):
+    articles = json.loads((DATA / "squad" / "dev-v1.1.json").read_text())["data"]
+    cut = len(articles) // 5
+
+    def read(arts, n):
+        out = [Instance(f"{p['context']}\nQuestion: {q['question']}\nAnswer:", " " + q["answers"][0]["text"], None, True)
+               for a in arts for p in a["paragraphs"] for q in p["qas"]]
+        return out[:n]
+    return Task("squad", read(articles[:cut], n_train), read(articles[cut:], n_test))
+
+
+ANTONYMS = [("hot", "cold"), ("big", "small"), ("up", "down"), ("fast", "slow"), ("old", "new"), ("day", "night"),
+            ("high", "low"), ("good", "bad"), ("open", "closed"), ("rich", "poor"), ("happy", "sad"), ("left", "right"),
+            ("early", "late"), ("hard", "soft"), ("light", "dark"), ("long", "short"), ("full", "empty"),
+            ("wet", "dry"), ("strong", "weak"), ("true", "false"), ("win", "lose"), ("buy", "sell"), ("in", "out"),
+            ("thick", "thin"), ("heavy", "light"), ("loud", "quiet"), ("near", "far"), ("first", "last"),
+            ("black", "white"), ("top", "bottom"), ("clean", "dirty"), ("safe", "dangerous"), ("north", "south"),
+            ("east", "west"), ("yes", "no"), ("more", "less"), ("before", "after"), ("inside", "outside")]
+WORDS = ("apple banana cherry river mountain table window garden pencil orange yellow tiger rabbit silver "
+         "forest doctor planet music summer winter castle bridge candle dragon engine flower guitar island "
+         "jacket kitten lemon market needle ocean pillow queen rocket school turtle umbrella violin wagon").split()
+
+
+def synthetic(kind, n_train=200, n_test=200, seed=0):
+    rng = random.Random(f"{kind}-{seed}")
+    if kind == "antonym":
+        pool = [Instance(f"Opposite of {a}:", f" {b}") for a, b in ANTONYMS] + \
+               [Instance(f"Opposite of {b}:", f" {a}") for a, b in ANTONYMS]
+    elif kind == "next_letter":
+        pool = [Instance(f"The letter after {c} is", f" {chr(ord(c) + 1)}") for c in string.ascii_letters if c not in "zZ"]
+    elif kind == "last_initial":
+        pool = []
+        for _ in range(n_train + n_test):
+            ws = rng.sample(WORDS, rng.randint(3, 5))
+            pool.append(Instance(f"Words: {' '.join(ws)}\nFirst letter of the last word, uppercase:", f" {ws[-1][0].upper()}"))
+    else:
+        raise ValueError(f"unknown synthetic task {kind!r} (antonym, next_letter, last_initial)")
+    rng.shuffle(pool)
+    half = len(pool) // 2 if kind != "last_initial" else n_train
+    return Task(kind, pool[:half][:n_train], pool[half:][:n_test])
+
+
+def from_jsonl(path, test_fraction=0.5, seed=0):
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    if not rows:
+        raise ValueError(f"{path}: no instances (expected one JSON object per line)")
+    bad = [i for i, r in enumerate(rows) if not {"prompt", "answer"} <= set(r)]
+    if bad:
+        raise ValueError(f"{path}: line {bad[0] + 1} lacks 'prompt' or 'answer'")
+    insts = [Instance(r["prompt"], r["answer"], r.get("choices"), r.get("first_token", False)) for r in rows]
+    random.Random(seed).shuffle(insts)
+    cut = int(len(insts) * (1 - test_fraction))
+    return Task(Path(path).stem, insts[:cut], insts[cut:])
+
+
+def load_task(name, n_train=None, n_test=None):
+    loaders = {"sst2": sst2, "csqa": csqa, "mmlu": mmlu, "squad": squad}
+    if name in loaders:
+        return loaders[name](n_train, n_test)
+    if name in ("antonym", "next_letter", "last_initial"):
+        return synthetic(name, n_train or 200, n_test or 200)
+    if name.endswith(".jsonl"):
+        return from_jsonl(name)
+    raise ValueError(f"unknown task {name!r}")

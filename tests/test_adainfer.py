@@ -1,0 +1,123 @@
+"""AdaInfer: features through the logit lens, online stop decisions, FLOPs of what ran."""
+import json
+
+import pytest
+import torch
+
+from model import flops, positions
+from skip.adainfer import (SVM, CRFClassifier, Threshold, encode, labels, load_classifier, oracle_layer, predict,
+                           trace)
+from skip.tasks import Instance, from_jsonl, load_task
+from tokenizer import load_tokenizer
+
+
+def prompts(model, n=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, model.cfg.vocab_size, (int(torch.randint(3, 9, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
+@torch.no_grad()
+def test_logit_lens_at_every_layer_equals_transformers(pair):
+    hf, model = pair
+    ids = torch.tensor([prompts(model, 1)[0]])
+    ref = hf(ids, output_hidden_states=True).hidden_states
+    tr = trace(model, ids[0].tolist(), answer=0)
+    L = model.cfg.n_layers
+    for layer in range(L):
+        h = ref[layer + 1] if layer == L - 1 else hf.model.norm(ref[layer + 1]) if hasattr(hf.model, "norm") else None
+        if h is None:  # OPT: final norm and project_out live in the decoder
+            dec = hf.model.decoder
+            h = ref[layer + 1]
+            if layer < L - 1:
+                h = dec.final_layer_norm(h) if dec.final_layer_norm is not None else h
+                h = dec.project_out(h) if dec.project_out is not None else h
+        p = hf.lm_head(h)[0, -1].softmax(-1)
+        assert tr.top1[layer] == int(p.argmax())
+        assert tr.feats[layer, 1] == pytest.approx(float(p.max()), abs=1e-5)
+
+
+@torch.no_grad()
+def test_threshold_that_never_fires_is_the_full_model(pair):
+    _, model = pair
+    for ids in prompts(model, 4):
+        pred, layer = predict(model, ids, Threshold(tau=2.0))
+        logits = model(torch.tensor([ids]), last_only=True)[0, -1]
+        p = logits.softmax(-1).topk(2)
+        assert (pred, layer) == (int(logits.argmax()), model.cfg.n_layers - 1)
+        tr = trace(model, ids, answer=pred)
+        assert tr.feats[-1, 0] == pytest.approx(float(p.values[0] - p.values[1]), abs=1e-6)
+        assert tr.feats[-1, 1] == pytest.approx(float(p.values[0]), abs=1e-6)
+
+
+def fitted(model, rule="final"):
+    traces = [trace(model, ids, answer=3) for ids in prompts(model, 16, seed=1)]
+    return traces, [Threshold(0.05), SVM(("gap", "top_prob", "cos_hidden")).fit(traces, rule),
+                    CRFClassifier().fit(traces, rule)]
+
+
+@torch.no_grad()
+def test_live_decisions_equal_decisions_on_traced_features_and_save_load(llama_dir, tmp_path):
+    from model import load_model
+    model = load_model(llama_dir)
+    traces, classifiers = fitted(model)
+    test = prompts(model, 10, seed=2)
+    for clf in classifiers:
+        clf.save(tmp_path / f"{clf.kind}.json", model.cfg)
+        again = load_classifier(tmp_path / f"{clf.kind}.json", model.cfg)
+        for ids in test:
+            tr = trace(model, ids, answer=0)
+            stop = clf.stop_at(iter(tr.feats.tolist()))
+            layer = model.cfg.n_layers - 1 if stop is None else stop
+            assert predict(model, ids, clf) == (tr.top1[layer], layer)
+            assert predict(model, ids, again) == (tr.top1[layer], layer)
+
+
+@torch.no_grad()
+def test_flops_of_an_exit_at_layer_l_are_exactly_those_layers_and_checks(llama_dir):
+    from model import load_model
+    model = load_model(llama_dir)
+    cfg, ids = model.cfg, [5, 6, 7, 8, 9]
+    for tau in (0.0, 2.0):
+        with model.recording() as runs:
+            _, layer = predict(model, ids, Threshold(tau), vocab=torch.tensor([1, 2, 3]))
+        n = layer + 1
+        expected = flops.embed_flops(cfg, 5) + n * (flops.layer_flops(cfg, 5) + flops.head_flops(cfg, 1, vocab=3))
+        assert flops.total(cfg, runs) == expected
+
+
+def test_labels_and_oracle():
+    from skip.adainfer import Trace
+    tr = Trace(torch.zeros(5, 5), [7, 3, 3, 9, 3], answer=9)
+    assert labels(tr, "gold") == [0, 0, 0, 1, 0] and labels(tr, "final") == [0, 1, 1, 0, 1]
+    assert oracle_layer(tr) == 4
+    assert oracle_layer(Trace(torch.zeros(3, 5), [1, 3, 3], 3)) == 1
+    with pytest.raises(ValueError, match="label rule 'best'"):
+        labels(tr, "best")
+
+
+def test_bad_inputs_raise_clearly(smollm2_dir, llama_dir, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(ValueError, match="no instances"):
+        from_jsonl(empty)
+    tok = load_tokenizer(smollm2_dir)
+    with pytest.raises(ValueError, match="not a single token"):
+        encode(tok, Instance("Capital of France:", " Paris is lovely"))
+    assert len(encode(tok, Instance("Review: great\nSentiment:", " positive", [" positive", " negative"]))[2]) == 2
+    from model import load_config, load_model
+    path = tmp_path / "svm.json"
+    Threshold(0.5).save(path, load_config(smollm2_dir))
+    with pytest.raises(ValueError, match="fitted for a model with"):
+        load_classifier(path, load_model(llama_dir).cfg)
+    with pytest.raises(ValueError, match="unknown features"):
+        SVM(("gap", "entropy"))
+
+
+def test_tasks_load_with_single_token_answers(smollm2_dir):
+    tok = load_tokenizer(smollm2_dir)
+    for name in ("sst2", "csqa", "mmlu", "squad", "antonym", "next_letter", "last_initial"):
+        task = load_task(name, n_train=20, n_test=20)
+        assert task.train and task.test and not {i.prompt for i in task.train} & {i.prompt for i in task.test}
+        for inst in task.test[:20]:
+            encode(tok, task.with_shots(inst, 2, seed=0))
