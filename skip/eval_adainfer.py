@@ -1,0 +1,190 @@
+"""AdaInfer evaluation: accuracy, exit layers, FLOPs and wall-clock per task, shot count and
+scoring mode (full vocabulary, or restricted to the choice tokens).
+
+python -m skip.eval_adainfer [--tasks sst2 csqa ...] [--shots 0 5] [--n-train 60] [--n-test 60]
+
+Per (task, shots, mode): one traced pass per instance gives every layer's features and
+prediction; SVM and CRF are fitted on the train split, then every stop rule is applied to
+the test split's features (decisions are identical to a live run, see the tests). FLOPs
+ratio = FLOPs of what AdaInfer runs (layers up to the exit on the whole prompt, plus one
+LM-head call per layer for the features) / the full model's (all layers, one head call);
+the paper's layers-only ratio is shown beside it. Wall-clock: live runs on --time-n test
+prompts, AdaInfer against the full forward, in the same run. The oracle is a perfect
+classifier: the earliest layer from which the prediction stays the final one.
+Writes runs/adainfer.json, runs/adainfer.md, runs/adainfer-sweep.png, runs/adainfer-exits.png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model import flops, load_model
+from tokenizer import load_tokenizer
+
+from .adainfer import SVM, CRFClassifier, Threshold, encode, oracle_layer, predict, trace
+from .finetune import ROOT
+from .progress import Progress
+from .tasks import load_task
+
+
+def exit_flops(cfg, T, layer, vocab):
+    """AdaInfer's cost on a T-token prompt that exits after `layer` (features at every layer)."""
+    return flops.embed_flops(cfg, T) + (layer + 1) * (flops.layer_flops(cfg, T) + flops.head_flops(cfg, 1, vocab))
+
+
+def full_flops(cfg, T, vocab):
+    return flops.embed_flops(cfg, T) + cfg.n_layers * flops.layer_flops(cfg, T) + flops.head_flops(cfg, 1, vocab)
+
+
+def simulate(rule, traces, lengths, cfg, vocab):
+    """Apply a stop rule (stop_at or 'oracle') to traced features: accuracy and costs."""
+    L, rows = cfg.n_layers, []
+    for tr, T in zip(traces, lengths):
+        stop = oracle_layer(tr) if rule == "oracle" else rule.stop_at(iter(tr.feats.tolist()))
+        layer = L - 1 if stop is None else stop
+        rows.append((tr.top1[layer] == tr.answer, layer, exit_flops(cfg, T, layer, vocab) / full_flops(cfg, T, vocab)))
+    acc, layers, ratio = (np.mean([r[i] for r in rows]) for i in range(3))
+    return {"accuracy": float(acc), "avg_exit_layer": float(layers), "flops_ratio": float(ratio),
+            "layers_ratio": float((layers + 1) / L), "exits": [int(r[1]) for r in rows]}
+
+
+def wall_clock(model, encoded, clf, vocab_of):
+    t_full = t_ada = 0.0
+    for ids, _, choices in encoded:
+        t0 = time.perf_counter()
+        model(torch.tensor([ids]), last_only=True)
+        t1 = time.perf_counter()
+        predict(model, ids, clf, vocab_of(choices))
+        t_ada += time.perf_counter() - t1
+        t_full += t1 - t0
+    return t_ada / t_full
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, default=ROOT / "weights" / "smollm2-135m-instruct")
+    ap.add_argument("--tasks", nargs="+", default=["sst2", "csqa", "mmlu", "squad", "antonym", "next_letter",
+                                                    "last_initial"])
+    ap.add_argument("--shots", type=int, nargs="+", default=[0])
+    ap.add_argument("--modes", nargs="+", default=["full", "choices"])
+    ap.add_argument("--n-train", type=int, default=60)
+    ap.add_argument("--n-test", type=int, default=60)
+    ap.add_argument("--time-n", type=int, default=10, help="test prompts timed live")
+    ap.add_argument("--rule", default="gold", choices=["gold", "final"])
+    ap.add_argument("--features", nargs="+", default=["gap", "top_prob"])
+    ap.add_argument("--tau", type=float, default=0.8, help="the gap threshold baseline (paper: 0.8)")
+    ap.add_argument("--out", type=Path, default=ROOT / "runs")
+    a = ap.parse_args(argv)
+    torch.set_grad_enabled(False)
+    model, tok = load_model(a.model), load_tokenizer(a.model)
+    cfg = model.cfg
+    configs = [(t, k, m) for t in a.tasks for k in a.shots for m in a.modes]
+    results, store, bar = [], {}, Progress(len(configs), "adainfer")
+    for name, k, mode in configs:
+        task = load_task(name, a.n_train, a.n_test)
+        if mode == "choices" and task.test[0].choices is None:
+            bar.update()
+            continue
+        enc = {s: [encode(tok, task.with_shots(i, k, seed=j)) for j, i in enumerate(getattr(task, s))]
+               for s in ("train", "test")}
+        vocab_of = (lambda c: None) if mode == "full" else (lambda c: torch.tensor(c))
+        V = None if mode == "full" else len(task.test[0].choices)
+        traces = {s: [trace(model, ids, ans, vocab_of(ch)) for ids, ans, ch in enc[s]] for s in enc}
+        lengths = [len(ids) for ids, _, _ in enc["test"]]
+        rules = {"threshold": Threshold(a.tau), "oracle": "oracle"}
+        for cls_name, cls in (("svm", SVM), ("crf", CRFClassifier)):
+            try:
+                rules[cls_name] = cls(a.features).fit(traces["train"], a.rule)
+            except ValueError as e:  # e.g. no layer ever right on the train split
+                print(f"\n{name} k={k} {mode}: {cls_name} not fitted: {e}")
+        row = {"task": name, "shots": k, "mode": mode, "n_train": len(traces["train"]), "n_test": len(lengths),
+               "full_accuracy": float(np.mean([t.top1[-1] == t.answer for t in traces["test"]]))}
+        for rname, rule in rules.items():
+            row[rname] = simulate(rule, traces["test"], lengths, cfg, V)
+            if rname != "oracle":
+                row[rname]["wall_clock_ratio"] = wall_clock(model, enc["test"][:a.time_n], rule, vocab_of)
+        row["sweep"] = [(tau, simulate(Threshold(tau), traces["test"], lengths, cfg, V)) for tau in np.linspace(0, 1, 11)]
+        results.append(row)
+        store[(name, k, mode)] = (traces, lengths, V, rules)
+        bar.update(task=name, k=k, mode=mode)
+    cross = cross_task(store, cfg, a.shots[0])
+    a.out.mkdir(parents=True, exist_ok=True)
+    res = {"model": str(a.model), "args": {k: str(v) for k, v in vars(a).items()}, "results": results, "cross_task": cross}
+    (a.out / "adainfer.json").write_text(json.dumps(res, indent=1))
+    md = table(results) + "\n\n" + cross_table(cross)
+    (a.out / "adainfer.md").write_text(md + "\n")
+    print(md)
+    plots(results, a.out)
+
+
+def cross_task(store, cfg, k):
+    """SVM fitted on one task (full vocabulary, k shots), applied to every other task."""
+    keys = [key for key in store if key[1] == k and key[2] == "full" and "svm" in store[key][3]]
+    out = {}
+    for src in keys:
+        for dst in keys:
+            traces, lengths, V, _ = store[dst]
+            out[f"{src[0]}->{dst[0]}"] = {m: v for m, v in simulate(store[src][3]["svm"], traces["test"], lengths, cfg, V).items()
+                                          if m != "exits"}
+    return out
+
+
+def table(results):
+    lines = ["| task | shots | scoring | full acc | SVM acc / FLOPs / layers / wall | CRF acc / FLOPs / layers / wall | "
+             "gap>=0.8 acc / FLOPs / layers / wall | oracle acc / FLOPs |", "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        cells = []
+        for rule in ("svm", "crf", "threshold"):
+            s = r.get(rule)
+            cells.append("n/a" if s is None else f"{100 * s['accuracy']:.1f} / {s['flops_ratio']:.2f} / "
+                         f"{s['layers_ratio']:.2f} / {s['wall_clock_ratio']:.2f}")
+        o = r["oracle"]
+        lines.append(f"| {r['task']} | {r['shots']} | {r['mode']} | {100 * r['full_accuracy']:.1f} | " + " | ".join(cells)
+                     + f" | {100 * o['accuracy']:.1f} / {o['flops_ratio']:.2f} |")
+    return "\n".join(lines)
+
+
+def cross_table(cross):
+    tasks = sorted({k.split("->")[0] for k in cross})
+    lines = ["SVM trained on (row) applied to (column): accuracy / FLOPs ratio", "",
+             "| trained on | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+    for s in tasks:
+        lines.append(f"| {s} | " + " | ".join(f"{100 * cross[f'{s}->{d}']['accuracy']:.1f} / "
+                                               f"{cross[f'{s}->{d}']['flops_ratio']:.2f}" for d in tasks) + " |")
+    return "\n".join(lines)
+
+
+def plots(results, out):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in results:
+        xs = [s["flops_ratio"] for _, s in r["sweep"]]
+        ys = [100 * s["accuracy"] for _, s in r["sweep"]]
+        ax.plot(xs, ys, marker=".", label=f"{r['task']} k={r['shots']} {r['mode']}")
+    ax.set_xlabel("FLOPs ratio (AdaInfer / full), gap threshold swept 0..1")
+    ax.set_ylabel("accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out / "adainfer-sweep.png", dpi=110)
+    n = len(results)
+    fig, axes = plt.subplots(1, n, figsize=(2.2 * n, 2.6), sharey=True, squeeze=False)
+    for ax, r in zip(axes[0], results):
+        rule = "svm" if "svm" in r else "threshold"
+        ax.hist(r[rule]["exits"], bins=range(0, 31), color="tab:blue")
+        ax.set_title(f"{r['task']} k={r['shots']}\n{r['mode']} ({rule})", fontsize=7)
+        ax.set_xlabel("exit layer", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "adainfer-exits.png", dpi=110)
+
+
+if __name__ == "__main__":
+    main()
