@@ -66,14 +66,19 @@ def _layer_stream(model, ids, vocab, out):
 
     for layer in range(model.cfg.n_layers):
         h = model.run_layers(h, pos, layers=[layer], callback=grab)
-        p = model.logits(h, last_only=True, vocab=vocab)[0, -1].float().softmax(-1)
-        top2 = p.topk(2)
         cur = {"h": h[0, -1], "a": captured["a"], "m": captured["m"]}
-        cos = [0.0 if prev[k] is None else float(F.cosine_similarity(cur[k], prev[k], dim=0)) for k in "ham"]
+        row, idx = feature_row(model.logits(h, last_only=True, vocab=vocab)[0, -1], cur, prev)
         prev = cur
-        idx = int(top2.indices[0])
         out["pred"], out["layer"] = (idx if vocab is None else int(vocab[idx])), layer
-        yield [float(top2.values[0] - top2.values[1]), float(top2.values[0])] + cos
+        yield row
+
+
+def feature_row(logits, cur, prev):
+    """FEATURES of one layer from its logit-lens logits (V',) and its (h, attn, mlp) outputs
+    at the position, against the previous layer's; also the top-1 index into logits."""
+    top2 = logits.float().softmax(-1).topk(2)
+    cos = [0.0 if prev[k] is None else float(F.cosine_similarity(cur[k], prev[k], dim=0)) for k in "ham"]
+    return [float(top2.values[0] - top2.values[1]), float(top2.values[0])] + cos, int(top2.indices[0])
 
 
 @torch.inference_mode()
@@ -95,7 +100,8 @@ def labels(tr: Trace, rule="gold"):
 
 # ---------------------------------------------------------------- stop classifiers
 class Classifier:
-    """Selects features and decides online; stop_at(rows) -> first stop layer or None."""
+    """Selects features and decides online: step(state, x) -> (state, stop) for one layer's
+    selected features x; stop_at(rows) -> the first stop layer or None."""
     kind = ""
 
     def __init__(self, features=DEFAULT_FEATURES):
@@ -106,7 +112,18 @@ class Classifier:
         self.cols = [FEATURES.index(f) for f in features]
 
     def select(self, rows):
-        return (np.asarray(r, dtype=np.float64)[self.cols] for r in rows)
+        return (self.pick(r) for r in rows)
+
+    def pick(self, row):
+        return np.asarray(row, dtype=np.float64)[self.cols]
+
+    def stop_at(self, rows):
+        state = None
+        for layer, x in enumerate(self.select(rows)):
+            state, stop = self.step(state, x)
+            if stop:
+                return layer
+        return None
 
     def save(self, path, model_cfg):
         d = {"kind": self.kind, "features": self.features, "params": self.params(),
@@ -121,8 +138,8 @@ class Threshold(Classifier):
         super().__init__((feature,))
         self.tau = tau
 
-    def stop_at(self, rows):
-        return next((l for l, x in enumerate(self.select(rows)) if x[0] >= self.tau), None)
+    def step(self, state, x):
+        return None, bool(x[0] >= self.tau)
 
     def params(self):
         return {"tau": self.tau}
@@ -143,8 +160,8 @@ class SVM(Classifier):
         self.w, self.b = svm.coef_[0], float(svm.intercept_[0])
         return self
 
-    def stop_at(self, rows):
-        return next((l for l, x in enumerate(self.select(rows)) if (x - self.mean) / self.std @ self.w + self.b > 0), None)
+    def step(self, state, x):
+        return None, bool((x - self.mean) / self.std @ self.w + self.b > 0)
 
     def params(self):
         return {"mean": self.mean.tolist(), "std": self.std.tolist(), "w": self.w.tolist(), "b": self.b}
@@ -158,8 +175,9 @@ class CRFClassifier(Classifier):
         self.crf = CRF(len(self.cols)).fit(xs, [labels(t, rule) for t in traces])
         return self
 
-    def stop_at(self, rows):
-        return self.crf.stop_at(self.select(rows))
+    def step(self, delta, x):
+        delta = self.crf.step(delta, x)
+        return delta, bool(delta[1] > delta[0])
 
     def params(self):
         return self.crf.to_json()

@@ -140,9 +140,10 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=ROOT / "weights" / "smollm2-135m-instruct")
     ap.add_argument("--r", type=int, nargs="+", default=[2, 3, 5])
-    ap.add_argument("--n-quality", type=int, default=8, help="Spec-Bench prompts per category")
+    ap.add_argument("--n-quality", type=int, default=6, help="Spec-Bench prompts per category")
     ap.add_argument("--n-heldout", type=int, default=10, help="MT-Bench reference answers")
-    ap.add_argument("--max-new", type=int, default=48)
+    ap.add_argument("--heldout-tokens", type=int, default=64, help="reference-answer tokens scored per text")
+    ap.add_argument("--max-new", type=int, default=40)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 2, 8])
     ap.add_argument("--tok-new", type=int, default=24, help="new tokens per prompt in the throughput runs")
     ap.add_argument("--runs", type=int, default=3)
@@ -152,7 +153,8 @@ def main(argv=None):
     base, tok = load_model(a.model), load_tokenizer(a.model)
     L = base.cfg.n_layers
     summ, trans = specbench("summarization", a.n_quality), specbench("translation", a.n_quality)
-    texts = [(tok.encode(chatml([{"role": "user", "content": q}])), tok.encode(ans)[:128]) for q, ans in heldout(a.n_heldout)]
+    texts = [(tok.encode(chatml([{"role": "user", "content": q}])), tok.encode(ans)[:a.heldout_tokens])
+             for q, ans in heldout(a.n_heldout)]
     tp_prompts = [tok.encode(chatml([{"role": "user", "content": q}])) for q, _ in specbench("qa", max(a.batches))]
     calib = [tok.encode(chatml([{"role": "user", "content": q}])) for q, _ in specbench("math_reasoning", 2)]
 

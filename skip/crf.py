@@ -52,13 +52,17 @@ class CRF:
             path.append(int(bp[path[-1]]))
         return path[::-1], float(delta.max())
 
+    def step(self, delta, x):
+        """One step of the Viterbi recursion: delta over labels after also seeing x (None at the start)."""
+        e = self.emissions(torch.as_tensor(x)[None])[0]
+        return e if delta is None else e + (delta[:, None] + self.T).max(0).values
+
     def stop_at(self, features):
         """Online decision: feed x_0, x_1, ... (an iterator); return the first layer whose best
         prefix path ends in "stop", or None. Reads no feature past the decision."""
         delta = None
         for l, x in enumerate(features):
-            e = self.emissions(torch.as_tensor(x)[None])[0]
-            delta = e if delta is None else e + (delta[:, None] + self.T).max(0).values
+            delta = self.step(delta, x)
             if delta[1] > delta[0]:
                 return l
         return None

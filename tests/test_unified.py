@@ -149,3 +149,14 @@ def test_teacher_forced_early_exit_matches_reference_logits(pair):
     ref = layerwise_forward(model, torch.tensor([prompt + forced[:-1]]), runs)[0, len(prompt) - 1:]
     assert res.tokens == forced
     assert (torch.stack(res.logits) - ref).abs().max() <= 1e-4
+
+
+@torch.no_grad()
+def test_unified_sampling_is_seeded_and_top_k_1_is_greedy(pair):
+    _, model = pair
+    prompts = [[5, 6, 7, 8], [9, 3]]
+    greedy = generate_unified(model, prompts, 2, max_new_tokens=6, eos=[])
+    assert generate_unified(model, prompts, 2, max_new_tokens=6, eos=[], temperature=0.8, top_k=1) == greedy
+    run = lambda: generate_unified(model, prompts, 2, max_new_tokens=6, eos=[], temperature=1.0,  # noqa: E731
+                                   generator=torch.Generator().manual_seed(3))
+    assert run() == run()
