@@ -111,16 +111,13 @@ class Classifier:
         self.features = tuple(features)
         self.cols = [FEATURES.index(f) for f in features]
 
-    def select(self, rows):
-        return (self.pick(r) for r in rows)
-
     def pick(self, row):
         return np.asarray(row, dtype=np.float64)[self.cols]
 
     def stop_at(self, rows):
         state = None
-        for layer, x in enumerate(self.select(rows)):
-            state, stop = self.step(state, x)
+        for layer, row in enumerate(rows):
+            state, stop = self.step(state, self.pick(row))
             if stop:
                 return layer
         return None

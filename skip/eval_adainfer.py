@@ -1,7 +1,7 @@
 """AdaInfer evaluation: accuracy, exit layers, FLOPs and wall-clock per task, shot count and
 scoring mode (full vocabulary, or restricted to the choice tokens).
 
-python -m skip.eval_adainfer [--tasks sst2 csqa ...] [--shots 0 5] [--n-train 60] [--n-test 60]
+python -m skip.eval_adainfer [--tasks sst2 csqa antonym:5 ...] [--shots 0 5] [--n-train 60] [--n-test 60]
 
 Per (task, shots, mode): one traced pass per instance gives every layer's features and
 prediction; SVM and CRF are fitted on the train split, then every stop rule is applied to
@@ -70,7 +70,7 @@ def main(argv=None):
     ap.add_argument("--model", type=Path, default=ROOT / "weights" / "smollm2-135m-instruct")
     ap.add_argument("--tasks", nargs="+", default=["sst2", "csqa", "mmlu", "squad", "antonym", "next_letter",
                                                     "last_initial"])
-    ap.add_argument("--shots", type=int, nargs="+", default=[0])
+    ap.add_argument("--shots", type=int, nargs="+", default=[0], help="for every task without its own ':k'")
     ap.add_argument("--modes", nargs="+", default=["full", "choices"])
     ap.add_argument("--n-train", type=int, default=60)
     ap.add_argument("--n-test", type=int, default=60)
@@ -78,12 +78,16 @@ def main(argv=None):
     ap.add_argument("--rule", default="gold", choices=["gold", "final"])
     ap.add_argument("--features", nargs="+", default=["gap", "top_prob"])
     ap.add_argument("--tau", type=float, default=0.8, help="the gap threshold baseline (paper: 0.8)")
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--out", type=Path, default=ROOT / "runs")
     a = ap.parse_args(argv)
     torch.set_grad_enabled(False)
+    torch.set_num_threads(a.threads)
     model, tok = load_model(a.model), load_tokenizer(a.model)
     cfg = model.cfg
-    configs = [(t, k, m) for t in a.tasks for k in a.shots for m in a.modes]
+    # "antonym:5" runs that task with 5 shots only
+    configs = [(t.split(":")[0], k, m) for t in a.tasks
+               for k in ([int(t.split(":")[1])] if ":" in t else a.shots) for m in a.modes]
     results, store, bar = [], {}, Progress(len(configs), "adainfer")
     for name, k, mode in configs:
         task = load_task(name, a.n_train, a.n_test)

@@ -1,0 +1,100 @@
+"""AdaInfer for generation on Spec-Bench prompts: FLOPs and wall-clock against agreement with
+the full model's greedy output.
+
+python -m skip.eval_adainfer_gen [--n-train 12] [--n-test 12] [--max-new 32]
+
+Training (AlpacaEval instructions, never Spec-Bench): the full model's greedy answers are
+traced token by token (every layer's features, full head); an SVM is fitted with the "final"
+label rule (stopping is right where the layer's top-1 equals the full model's), and the 2048
+most frequent output tokens make the cheap head. Test: Spec-Bench prompts from every
+category; each setting (stop rule x check schedule x head x fill) against the full model:
+token match rate (position by position), ROUGE-L of the decoded texts, FLOPs ratio of the
+decode steps from the decoder's record, wall-clock ratio of the decode steps in the same run
+(the prompt pass, identical for all, timed alone and subtracted). Writes runs/adainfer-gen.json and .md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from model import flops, load_model
+from tokenizer import chatml, load_tokenizer
+
+from .adainfer import SVM, Threshold
+from .adainfer_gen import frequent_tokens, generate_adainfer
+from .bench_skipping import specbench
+from .finetune import DATA, ROOT
+from .progress import Progress
+
+CATEGORIES = ("translation", "summarization", "qa", "math_reasoning", "rag")
+
+
+def run(model, prompts, max_new, **kw):
+    """Outputs, decode FLOPs (records of one new token: the prompt pass is the same for every
+    setting) and seconds, the prompt pass timed alone and subtracted."""
+    outs, secs = [], 0.0
+    with model.recording() as runs:
+        for p in prompts:
+            t0 = time.perf_counter()
+            model(torch.tensor([p]), last_only=True)
+            t1 = time.perf_counter()
+            outs.append(generate_adainfer(model, p, max_new_tokens=max_new, eos=[], **kw))
+            secs += time.perf_counter() - t1 - (t1 - t0)
+    return outs, flops.total(model.cfg, [r for r in runs if r.n == 1]), secs
+
+
+def main(argv=None):
+    from rouge_score import rouge_scorer
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, default=ROOT / "weights" / "smollm2-135m-instruct")
+    ap.add_argument("--n-train", type=int, default=12)
+    ap.add_argument("--n-test", type=int, default=12)
+    ap.add_argument("--max-new", type=int, default=32)
+    ap.add_argument("--out", type=Path, default=ROOT / "runs")
+    a = ap.parse_args(argv)
+    torch.set_grad_enabled(False)
+    model, tok = load_model(a.model), load_tokenizer(a.model)
+    chat = lambda q: tok.encode(chatml([{"role": "user", "content": q}]))  # noqa: E731
+    rows = [json.loads(line) for line in (DATA / "alpaca" / "alpaca_eval.jsonl").open()][:a.n_train]
+    train, _, _ = run(model, [chat(r["instruction"]) for r in rows], a.max_new, collect=True)
+    svm = SVM().fit([t for g in train for t in g.traces], "final")
+    cheap = frequent_tokens([g.tokens for g in train])
+    per_cat = -(-a.n_test // len(CATEGORIES))
+    test = [chat(q) for c in CATEGORIES for q, _ in specbench(c, per_cat)][:a.n_test]
+    full, full_flops, full_s = run(model, test, a.max_new)
+    settings = [("gap>=0.8", Threshold(0.8), 1, None, "propagate"), ("svm", svm, 1, None, "propagate"),
+                ("svm", svm, 4, None, "propagate"), ("svm", svm, 1, cheap, "propagate"),
+                ("svm", svm, 4, cheap, "propagate"), ("svm", svm, 4, cheap, "recompute")]
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    results, bar = [], Progress(len(settings), "settings")
+    for name, clf, every, vocab, fill in settings:
+        outs, fl, secs = run(model, test, a.max_new, clf=clf, check_every=every, vocab=vocab, fill=fill)
+        match = statistics.mean(sum(x == y for x, y in zip(o.tokens, f.tokens)) / len(f.tokens) for o, f in zip(outs, full))
+        rouge = statistics.mean(scorer.score(tok.decode(f.tokens), tok.decode(o.tokens))["rougeL"].fmeasure
+                                for o, f in zip(outs, full))
+        layers = [e + 1 for o in outs for e in o.exit_layers]
+        results.append({"rule": name, "check_every": every, "head": "full" if vocab is None else f"cheap {len(cheap)}",
+                        "fill": fill, "token_match": match, "rougeL": 100 * rouge,
+                        "avg_layers": statistics.mean(layers), "flops_ratio": fl / full_flops,
+                        "wall_clock_ratio": secs / full_s})
+        bar.update(rule=name, every=every)
+    lines = ["| stop rule | checks every | head for checks | fill | token match | ROUGE-L | avg layers | FLOPs ratio | "
+             "wall-clock ratio |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['rule']} | {r['check_every']} | {r['head']} | {r['fill']} | {r['token_match']:.3f} | "
+              f"{r['rougeL']:.1f} | {r['avg_layers']:.1f} | {r['flops_ratio']:.2f} | {r['wall_clock_ratio']:.2f} |"
+              for r in results]
+    a.out.mkdir(parents=True, exist_ok=True)
+    (a.out / "adainfer-gen.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(a).items()},
+                                                         "results": results}, indent=1))
+    (a.out / "adainfer-gen.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
