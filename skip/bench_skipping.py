@@ -123,7 +123,8 @@ def throughput(m, prompts, batch, n_new, runs):
     chunk = prompts[:batch]
     with m.model.recording() as record:
         m.decode(chunk, n_new, eos=[])
-    decode_flops = flops.total(m.model.cfg, [r for r in record if r.n == 1])
+    T = max(len(p) for p in chunk)  # left-padded prompt length; the prompt pass is the same for all
+    decode_flops = flops.total(m.model.cfg, record) - batch * flops.prefill_flops(m.model.cfg, T)
     totals, prefills = [], []
     for _ in range(runs):
         t0 = time.perf_counter()
