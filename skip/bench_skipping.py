@@ -116,8 +116,8 @@ def quality(m, tok, summ, trans, texts, full_argmax, max_new):
 
 def throughput(m, prompts, batch, n_new, runs):
     """Decode tokens/s: (n_new - 1) fed-back tokens per prompt over the time after the prefill
-    (the prefill, the same full pass for every method, timed alone and subtracted). FLOPs of
-    the decode steps only (records with one new token)."""
+    (the prefill, the same full pass for every method, timed alone and subtracted); the
+    decode FLOPs likewise: the recorded total minus the prefill's."""
     if not m.batchable and batch > 1:
         return None
     chunk = prompts[:batch]
