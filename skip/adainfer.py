@@ -1,14 +1,15 @@
 """AdaInfer (Fan et al., "Not all Layers of LLMs are Necessary during Inference", arXiv 2403.02181).
 
-Notation (paper Sec. 3-4), for one prompt whose answer is its next token:
+Notation (the paper's method: features, classifier, stop signal), for one prompt whose
+answer is its next token:
     l          layer index 0..L-1, h_l its output at the last prompt position
     p_l        softmax(head(norm(h_l))): the logit lens, over the full vocabulary or the choices
-    gap_l      p_l(top1) - p_l(top2)          (Sec. 4.1, the feature the paper keeps)
-    top_l      p_l(top1)                      (Sec. 4.1)
+    gap_l      p_l(top1) - p_l(top2)          (the paper's main feature)
+    top_l      p_l(top1)                      (its second feature)
     cos_*      cosine similarity of layer l and l-1 of the hidden state, the attention output and
-               the MLP output (the feature study of Sec. 4.1; 0 at layer 0 for attn and MLP)
-    classifier SVM or CRF on the chosen features, or "gap >= tau" (Sec. 4.2);
-               inference stops at the first layer marked "stop" (Sec. 4.3); no stop: all layers.
+               the MLP output (the paper's feature study; 0 at layer 0 for attn and MLP)
+    classifier SVM or CRF on the chosen features, or "gap >= tau" (tau = 0.8 in the paper);
+               inference stops at the first layer marked "stop"; no stop: all layers.
 Labels (one row per instance and layer): "gold" = layer l's top-1 is the answer token;
 "final" = layer l's top-1 equals the full model's top-1.
 Every feature costs one LM-head call at one position per layer; flops.total counts them.

@@ -1,4 +1,4 @@
-"""The two baselines that Unified Layer Skipping is compared with (paper, Sec. 4.1), at the
+"""The two baselines that Unified Layer Skipping is compared with in its paper, at the
 same target speedup r, i.e. the same average number of layers per generated token L / r.
 
 Early exit (confidence-based, per token, batch size 1): run the layers in order; after each

@@ -1,5 +1,5 @@
 """Unified Layer Skipping against early exit and SkipDecode at the same target speedup: the
-paper's comparison (Sec. 4, Tables 2-3) on SmolLM2-135M-Instruct and Spec-Bench.
+paper's comparison (its translation and summarization tables) on SmolLM2-135M-Instruct and Spec-Bench.
 
 python -m skip.bench_skipping [--r 2 3 5] [--n-quality 8] [--max-new 48] [--batches 1 2 8]
 

@@ -1,4 +1,4 @@
-"""Fine-tuning with a skip pattern (Unified Layer Skipping, paper Sec. 3.3), also used for the
+"""Fine-tuning with a skip pattern (as the Unified Layer Skipping paper does), also used for the
 SkipDecode baseline so that the comparison is fair.
 
 The prompt passes through all layers, each response token through the method's layers only

@@ -1,16 +1,16 @@
 """Unified Layer Skipping (Liu et al., "Accelerating Inference in Large Language Models with a
 Unified Layer Skipping Strategy", arXiv 2404.06954).
 
-Notation (paper, Sec. 3):
+Notation (the paper's method section):
     L   number of decoder layers
     r   target speedup ratio (an integer in the official code)
     n   number of layers kept: n = int(L / r)
     K   the kept set: the first and last layer, and every `interval`-th layer in between
-The set depends on r only, never on the input (Sec. 3.1), so every token of every sequence
+The set depends on r only, never on the input (the paper's central point), so every token of every sequence
 runs the same layers: batches stay batches and the KV cache stays valid, because a skipped
 layer is skipped for every generated token and nobody ever reads its keys/values there.
-The prompt runs through all layers (Sec. 3.2, "the input sequence is processed by the full
-model"); fine-tuning with the same pattern (Sec. 3.3) is in skip/finetune.py.
+The prompt runs through all layers and only generated tokens skip; fine-tuning with the same
+pattern, as the paper does, is in skip/finetune.py.
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def kept_layers(L: int, r: float, real_valued: bool = False) -> list[int]:
     if r != int(r):
         raise ValueError(f"target speedup r={r} is not an integer; pass real_valued=True for the "
                          "evenly spaced extension (not in the paper)")
-    n = int(L / r)  # Sec. 3.1: the number of layers to keep follows from the target speedup alone
+    n = int(L / r)  # the number of layers to keep follows from the target speedup alone
     if n < 2:
         raise ValueError(f"r={r} keeps n={n} layer of L={L}; the rule needs n >= 2 (first and last layer)")
     interval = int(L / (n - 1))
