@@ -179,9 +179,12 @@ def plots(results, out):
     ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     fig.savefig(out / "adainfer-sweep.png", dpi=110)
-    n = len(results)
-    fig, axes = plt.subplots(1, n, figsize=(2.2 * n, 2.6), sharey=True, squeeze=False)
-    for ax, r in zip(axes[0], results):
+    cols = min(5, len(results))
+    rows = -(-len(results) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.4 * rows), sharey=True, squeeze=False)
+    for ax in axes.flat[len(results):]:
+        ax.axis("off")
+    for ax, r in zip(axes.flat, results):
         rule = "svm" if "svm" in r else "threshold"
         ax.hist(r[rule]["exits"], bins=range(0, 31), color="tab:blue")
         ax.set_title(f"{r['task']} k={r['shots']}\n{r['mode']} ({rule})", fontsize=7)
