@@ -57,7 +57,7 @@ class EarlyExit:
 
 
 @torch.inference_mode()
-def generate_early_exit(model, prompt, tau, max_new_tokens=32, eos=None, min_layer=0, forced=None, **sampling):
+def generate_early_exit(model, prompt, tau, max_new_tokens=32, eos=None, forced=None, **sampling):
     """Batch size 1 (a per-token exit cannot keep a batch in step). prompt: list of ids.
     forced: feed these tokens instead of the model's own (teacher forcing, for perplexity)."""
     cfg = model.cfg
@@ -78,7 +78,7 @@ def generate_early_exit(model, prompt, tau, max_new_tokens=32, eos=None, min_lay
         for layer in range(L):
             h = model.run_layers(h, pos, layers=[layer], cache=cache, start=start)
             logits = model.logits(h, last_only=True)  # the confidence check (and the final logits)
-            if layer >= min_layer and logits.float().softmax(-1).max() >= tau:
+            if logits.float().softmax(-1).max() >= tau:
                 break
         for above in range(layer + 1, L):  # state propagation into the skipped layers
             model.fill_kv(above, h, pos, cache, start)
