@@ -1,10 +1,9 @@
 """AdaInfer: features through the logit lens, online stop decisions, FLOPs of what ran."""
-import json
 
 import pytest
 import torch
 
-from model import flops, positions
+from model import flops
 from skip.adainfer import (SVM, CRFClassifier, Threshold, encode, labels, load_classifier, oracle_layer, predict,
                            trace)
 from skip.tasks import Instance, from_jsonl, load_task
@@ -17,6 +16,15 @@ def prompts(model, n=12, seed=0):
             for _ in range(n)]
 
 
+def hf_final(hf, h):
+    """transformers' own path to the head: Llama's norm; OPT's final_layer_norm and project_out."""
+    if hasattr(hf.model, "norm"):
+        return hf.model.norm(h)
+    dec = hf.model.decoder
+    h = h if dec.final_layer_norm is None else dec.final_layer_norm(h)
+    return h if dec.project_out is None else dec.project_out(h)
+
+
 @torch.no_grad()
 def test_logit_lens_at_every_layer_equals_transformers(pair):
     hf, model = pair
@@ -24,14 +32,8 @@ def test_logit_lens_at_every_layer_equals_transformers(pair):
     ref = hf(ids, output_hidden_states=True).hidden_states
     tr = trace(model, ids[0].tolist(), answer=0)
     L = model.cfg.n_layers
-    for layer in range(L):
-        h = ref[layer + 1] if layer == L - 1 else hf.model.norm(ref[layer + 1]) if hasattr(hf.model, "norm") else None
-        if h is None:  # OPT: final norm and project_out live in the decoder
-            dec = hf.model.decoder
-            h = ref[layer + 1]
-            if layer < L - 1:
-                h = dec.final_layer_norm(h) if dec.final_layer_norm is not None else h
-                h = dec.project_out(h) if dec.project_out is not None else h
+    for layer in range(L):  # transformers' last hidden state is already through the final norm
+        h = ref[layer + 1] if layer == L - 1 else hf_final(hf, ref[layer + 1])
         p = hf.lm_head(h)[0, -1].softmax(-1)
         assert tr.top1[layer] == int(p.argmax())
         assert tr.feats[layer, 1] == pytest.approx(float(p.max()), abs=1e-5)

@@ -6,6 +6,13 @@ from model import KVCache, generate, left_pad, positions
 TOL = 1e-5
 
 
+def embedded(model, B, T, seed):
+    """Random ids (B, T), their positions and embeddings."""
+    ids = torch.randint(0, model.cfg.vocab_size, (B, T), generator=torch.Generator().manual_seed(seed))
+    pos = positions(None, 0, T)
+    return ids, pos, model.embed_tokens(ids, pos)
+
+
 def hidden_states(model, ids, layers=None):
     """Embeddings and every layer's output, through the public per-layer API."""
     pos = positions(None, 0, ids.shape[1])
@@ -47,9 +54,7 @@ def test_incremental_decoding_equals_full_forward(pair):
 @torch.no_grad()
 def test_layers_split_at_k_equal_all_layers(pair):
     _, ours = pair
-    ids = torch.randint(0, ours.cfg.vocab_size, (2, 12), generator=torch.Generator().manual_seed(3))
-    pos = positions(None, 0, 12)
-    h0 = ours.embed_tokens(ids, pos)
+    _, pos, h0 = embedded(ours, 2, 12, seed=3)
     whole = ours.run_layers(h0, pos)
     L = ours.cfg.n_layers
     for k in range(L + 1):
@@ -101,9 +106,7 @@ def test_fill_kv_writes_what_running_the_layer_writes(pair):
 @torch.no_grad()
 def test_callback_sees_attention_and_mlp_outputs_and_can_stop(pair):
     _, ours = pair
-    ids = torch.randint(0, ours.cfg.vocab_size, (1, 6), generator=torch.Generator().manual_seed(7))
-    pos = positions(None, 0, 6)
-    h0 = ours.embed_tokens(ids, pos)
+    _, pos, h0 = embedded(ours, 1, 6, seed=7)
     seen = []
 
     def cb(i, h, a, m):
