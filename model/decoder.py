@@ -179,6 +179,8 @@ class Decoder(nn.Module):
         self.head = nn.Linear(cfg.embed_dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
+        # fp32 frequencies kept as a plain attribute, not a buffer, so model.to(bf16) never rounds them
+        self.inv_freq = rope_inv_freq(cfg)
         self.attn_impl = "sdpa"  # "math" for explicit matmuls (FLOPs counting, debugging)
         self.runs = None  # list of LayerRun / HeadRun while recording()
 
@@ -204,8 +206,7 @@ class Decoder(nn.Module):
     def rope(self, pos):
         if self.cfg.pos != "rope":
             return None
-        # recomputed per call (hd/2 numbers) so that model.to(bf16) can never round it
-        freqs = pos[..., None].float() * rope_inv_freq(self.cfg).to(pos.device)  # (B, T, hd/2)
+        freqs = pos[..., None].float() * self.inv_freq.to(pos.device)  # (B, T, hd/2)
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hd)
         return emb.cos(), emb.sin()
 
