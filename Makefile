@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip install -q --disable-pip-version-check
 STAMP  := $(VENV)/.installed
 MODEL  := weights/smollm2-135m-instruct
 
-.PHONY: setup weights test demo bench-decoder finetune-skipping bench-skipping clean
+.PHONY: setup weights test demo bench-decoder finetune-skipping bench-skipping kangaroo bench-kangaroo clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,6 +40,15 @@ finetune-skipping: weights
 
 bench-skipping: weights
 	$(PY) -m skip.bench_skipping --r $(SKIP_R)
+
+# Kangaroo's adapter for SmolLM2 (committed, so tests and demo need not retrain it): about 30
+# minutes on 2 CPU cores; answers and hidden states are cached in runs/kangaroo/.
+KANGAROO_L ?= 2
+kangaroo: weights
+	$(PY) -m skip.kangaroo_train --l $(KANGAROO_L)
+
+bench-kangaroo: weights
+	$(PY) -m skip.bench_kangaroo
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -43,17 +43,27 @@ class EmbedRun:
 
 
 @dataclass(frozen=True)
+class AttnRun:  # an attention-only block beside the model (Kangaroo's adapter)
+    batch: int
+    n: int
+    ctx: int
+
+
+@dataclass(frozen=True)
 class KVRun:  # Decoder.fill_kv: only a layer's K and V projections
     batch: int
     n: int
 
 
-def layer_flops(cfg, n, S=0):
+def attn_flops(cfg, n, S=0):
     d, hd, h, h_kv = cfg.dim, cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
     proj = 2 * n * d * hd * (2 * h + 2 * h_kv)
     attn = 2 * 2 * n * (S + n) * h * hd
-    mlp = 2 * n * d * cfg.ffn_dim * (3 if cfg.gated_mlp else 2)
-    return proj + attn + mlp
+    return proj + attn
+
+
+def layer_flops(cfg, n, S=0):
+    return attn_flops(cfg, n, S) + 2 * n * cfg.dim * cfg.ffn_dim * (3 if cfg.gated_mlp else 2)
 
 
 def kv_flops(cfg, n):
@@ -88,6 +98,8 @@ def total(cfg, runs):
             flops += r.batch * head_flops(cfg, r.n, r.vocab)
         elif isinstance(r, KVRun):
             flops += r.batch * kv_flops(cfg, r.n)
+        elif isinstance(r, AttnRun):
+            flops += r.batch * attn_flops(cfg, r.n, r.ctx)
         else:
             flops += r.batch * embed_flops(cfg, r.n)
     return flops

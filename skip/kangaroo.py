@@ -1,0 +1,261 @@
+"""Kangaroo: lossless self-speculative decoding via double early exiting
+(Liu et al. 2024, arXiv 2404.18911; official code github.com/Equationliu/Kangaroo).
+
+Notation (paper Sec. 3):
+    M        the full model, layers [0, L); M^s = layers [0, l), the shallow sub-network
+    A        the adapter: RMSNorm -> attention (M's head layout, RoPE) -> + residual -> RMSNorm
+    H        M's frozen LM head; the draft model is M^d = H . A . M^s        (layer early exit)
+    gamma    at most gamma draft steps per round
+    eta      drafting stops after a draft whose top probability is below eta (draft early exit)
+    p, q     target (M) and draft (M^d) distributions of the next token
+
+One round, starting from the last committed token x (its slot n is not cached yet):
+  1. draft: run M^s on x, A, H -> d_1; M^s on d_1, A, H -> d_2; ... (Sec. 3.2). M^s keeps its
+     keys/values, and the exited hidden states h_l of x, d_1, ..., d_k are kept too.
+  2. verify: layers [l, L) run once on those k+1 hidden states (M^s is never recomputed);
+     the longest prefix of drafts that M agrees with is accepted, plus M's own next token.
+  3. every cache (shallow, deep, adapter) is cropped to the accepted length.
+Greedy rounds accept d_i while d_i = argmax p_i, so the output equals plain greedy decoding.
+Sampled rounds use the speculative sampling rule (Leviathan et al. 2023, Alg. 1; Chen et al.
+2023): accept d_i with probability min(1, p_i(d_i) / q_i(d_i)), else draw from
+norm(max(0, p_i - q_i)), which keeps every token distributed exactly as p.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from model import KVCache, attention_mask, filter_logits
+from model.decoder import Attention, Norm
+from model.flops import AttnRun, HeadRun
+
+
+class AdapterError(ValueError):
+    pass
+
+
+class Adapter(nn.Module):
+    """A = RMSNorm -> attention -> + residual -> RMSNorm, no MLP (Sec. 3.1, Fig. 2)."""
+
+    def __init__(self, cfg, l):
+        super().__init__()
+        if cfg.embed_dim != cfg.dim or cfg.pos != "rope":
+            raise AdapterError("the adapter needs a RoPE model whose head reads the hidden size (Llama)")
+        if not 0 < l < cfg.n_layers:
+            raise AdapterError(f"exit layer l must be in [1, {cfg.n_layers - 1}], got {l}")
+        self.cfg, self.l = cfg, l
+        self.norm_in, self.attn, self.norm_out = Norm(cfg), Attention(cfg), Norm(cfg)
+        # token ids by frequency in the training text, for the cheaper draft head (extension)
+        self.register_buffer("frequent", torch.zeros(0, dtype=torch.long))
+
+    @classmethod
+    def from_model(cls, model, l):
+        """Initialise from layer l's attention (the layer M^s would run next) and the final norm."""
+        a = cls(model.cfg, l)
+        a.norm_in.load_state_dict(model.blocks[l].norm1.state_dict())
+        a.attn.load_state_dict(model.blocks[l].attn.state_dict())
+        a.norm_out.load_state_dict(model.norm.state_dict())
+        return a
+
+    def new_cache(self, max_len, dtype=torch.float32):
+        return KVCache(1, 1, max_len, self.cfg.n_kv_heads, self.cfg.head_dim, dtype)
+
+    def forward(self, h, rope, cache=None, start=0, mask=None):  # (B, T, d) -> (B, T, d)
+        a = self.attn(self.norm_in(h), rope, mask, cache, 0, start, "sdpa")
+        return self.norm_out(h + a)  # already normalised: the head reads it directly
+
+
+# ---------------------------------------------------------------- save / load
+def save_adapter(adapter, path, **info):
+    """adapter.safetensors + adapter.json (settings and training record) in directory path."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in adapter.state_dict().items()}, str(path / "adapter.safetensors"))
+    meta = {"l": adapter.l, "dim": adapter.cfg.dim, "n_heads": adapter.cfg.n_heads,
+            "n_kv_heads": adapter.cfg.n_kv_heads, "vocab_size": adapter.cfg.vocab_size, **info}
+    (path / "adapter.json").write_text(json.dumps(meta, indent=1) + "\n")
+
+
+def load_adapter(path, model):
+    """Load an adapter saved by save_adapter for this model; any mismatch raises AdapterError."""
+    path = Path(path)
+    for name in ("adapter.json", "adapter.safetensors"):
+        if not (path / name).is_file():
+            raise AdapterError(f"no adapter in {path}: {name} is missing (train one: make kangaroo)")
+    try:
+        meta = json.loads((path / "adapter.json").read_text())
+        tensors = load_file(str(path / "adapter.safetensors"))
+    except (json.JSONDecodeError, SafetensorError, OSError) as e:
+        raise AdapterError(f"adapter in {path} is corrupted: {e}") from e
+    cfg = model.cfg
+    want = {"dim": cfg.dim, "n_heads": cfg.n_heads, "n_kv_heads": cfg.n_kv_heads, "vocab_size": cfg.vocab_size}
+    wrong = {k: (meta.get(k), v) for k, v in want.items() if meta.get(k) != v}
+    if wrong:
+        raise AdapterError(f"adapter in {path} was trained for another model: "
+                           + ", ".join(f"{k} {a} (model: {b})" for k, (a, b) in wrong.items()))
+    adapter = Adapter(cfg, meta["l"])
+    adapter.frequent = tensors.get("frequent", adapter.frequent)
+    own = adapter.state_dict()
+    missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
+    shapes = [f"{k} {tuple(tensors[k].shape)} (want {tuple(own[k].shape)})"
+              for k in set(own) & set(tensors) if tensors[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        raise AdapterError(f"adapter in {path} does not fit: missing {missing}, unexpected {unexpected}, "
+                           f"mis-shaped {shapes}")
+    adapter.load_state_dict(tensors)
+    return adapter.eval()
+
+
+# ---------------------------------------------------------------- acceptance rules
+def accept_greedy(p_logits, drafts):
+    """p_logits (k+1, V), drafts (k,) -> (accepted count a, M's token after them)."""
+    target = p_logits.argmax(-1).tolist()
+    a = 0
+    while a < len(drafts) and drafts[a] == target[a]:
+        a += 1
+    return a, target[a]
+
+
+def accept_sampled(p, q, drafts, generator=None):
+    """Speculative sampling (Leviathan et al. 2023, Alg. 1). p (k+1, V) and q (k, V) are
+    probabilities; d_i was drawn from q_i. Returns (accepted count a, next token)."""
+    for i, d in enumerate(drafts):
+        r = torch.rand((), generator=generator)
+        if r * q[i, d] < p[i, d]:  # r < p/q: accept with probability min(1, p/q)
+            continue
+        residual = (p[i] - q[i]).clamp(min=0)  # norm(max(0, p - q))
+        if residual.sum() <= 0:  # only by rounding, when p == q
+            residual = p[i]
+        return i, int(torch.multinomial(residual / residual.sum(), 1, generator=generator))
+    return len(drafts), int(torch.multinomial(p[-1], 1, generator=generator))  # bonus token
+
+
+def probs(logits, temperature, top_p):
+    """The sampling distribution; the same transform for p and q keeps the rule lossless."""
+    return filter_logits(logits.float() / temperature, top_p=top_p).softmax(-1)
+
+
+# ---------------------------------------------------------------- decoding
+@dataclass
+class Round:
+    drafted: int  # k: draft tokens proposed
+    accepted: int  # a: how many of them M accepted (the round yields a + 1 tokens)
+
+
+@dataclass
+class KangarooOutput:
+    tokens: list
+    rounds: list = field(default_factory=list)
+
+
+@torch.inference_mode()
+def generate_kangaroo(model, prompt, adapter=None, l=None, max_new_tokens=64, gamma=6, eta=0.6,
+                      draft_vocab=None, temperature=0.0, top_p=1.0, generator=None, eos=None, on_round=None):
+    """Kangaroo decoding of one prompt (a list of token ids).
+
+    adapter=None drafts with M's own final norm and head on h_l (self-speculation without an
+    adapter, the peer baseline; then give l). draft_vocab=K restricts the draft head to the
+    adapter's K most frequent tokens (the extension for models whose head dominates a draft
+    step); verification always uses the full head, so the output does not change.
+    on_round(tokens, caches) is called after each round's crop (for tests)."""
+    cfg, L = model.cfg, model.cfg.n_layers
+    l = adapter.l if adapter is not None else l
+    if l is None or not 0 < l < L:
+        raise ValueError(f"need an exit layer 0 < l < {L} (or an adapter), got {l}")
+    if gamma < 0 or not 0 <= eta <= 1 or temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"need gamma >= 0, 0 <= eta <= 1, temperature >= 0, 0 < top_p <= 1")
+    if not prompt or any(not 0 <= t < cfg.vocab_size for t in prompt):
+        raise ValueError(f"prompt must be non-empty token ids in [0, {cfg.vocab_size})")
+    eos = set(cfg.eos_token_id if eos is None else eos)
+    shallow, deep = range(l), range(l, L)
+    T = len(prompt)
+    max_len = T + max_new_tokens + gamma + 1
+    dtype = model.head.weight.dtype
+    cache = KVCache.for_model(cfg, 1, max_len, dtype=dtype)
+    acache = adapter.new_cache(max_len, dtype) if adapter is not None else None
+    vocab, W = None, model.head.weight  # (V, d)
+    if draft_vocab:
+        if adapter is None or len(adapter.frequent) < draft_vocab:
+            raise ValueError(f"draft_vocab={draft_vocab} needs an adapter with that many frequent tokens")
+        vocab = adapter.frequent[:draft_vocab]
+        W = W[vocab].contiguous()  # (K, d), gathered once, not per step
+
+    def draft_logits(h_l, start):  # M^d on the exited hidden state (1, 1, d) at slot start -> (V',)
+        if adapter is None:
+            return model.logits(h_l)[0, -1]
+        if acache.lengths[0] < start:  # all drafts were accepted: A has not seen the last one yet
+            h_l, start = torch.cat([last_h, h_l], 1), start - 1  # (1, 2, d)
+        t = h_l.shape[1]
+        z = adapter(h_l, model.rope(torch.arange(start, start + t)[None]), acache, start,
+                    attention_mask(None, start, t))[:, -1]  # (1, d)
+        if model.runs is not None:
+            model.runs += [AttnRun(1, t, start), HeadRun(1, 1, W.shape[0])]
+        return (z @ W.T)[0]
+
+    def to_vocab(x):  # index into W's rows -> token id
+        return int(x) if vocab is None else int(vocab[x])
+
+    def pick(logits):  # M's choice from full-vocabulary logits (V,)
+        if temperature == 0:
+            return int(logits.argmax())
+        return int(torch.multinomial(probs(logits, temperature, top_p), 1, generator=generator))
+
+    # prefill: M on the prompt; A on the prompt's h_l fills the adapter cache
+    pos = torch.arange(T)[None]
+    h = model.run_layers(model.embed_tokens(torch.tensor([prompt]), pos), pos, shallow, cache)
+    if adapter is not None:
+        adapter(h, model.rope(pos), acache, 0, None)
+        if model.runs is not None:
+            model.runs.append(AttnRun(1, T, 0))
+    x = pick(model.logits(model.run_layers(h, pos, deep, cache), last_only=True)[0, -1])
+    out = KangarooOutput([x])
+    n = T  # slot of x, the last committed token; slots [0, n) are cached in every layer
+    while len(out.tokens) < max_new_tokens and x not in eos:
+        budget = min(gamma, max_new_tokens - len(out.tokens) - 1)  # never draft past the end
+        drafts, qs, hs, tok = [], [], [], x  # x's slot n is not cached yet
+        for step in range(budget + 1):  # 1. draft (first early exit at layer l)
+            pos = torch.tensor([[n + step]])
+            h_l = model.run_layers(model.embed_tokens(torch.tensor([[tok]]), pos), pos, shallow, cache, start=n + step)
+            hs.append(h_l)
+            if step == budget or (step > 0 and conf < eta):  # second early exit (Sec. 3.2)
+                break  # the last draft is still verified: its h_l is already computed
+            z = draft_logits(h_l, n + step)  # (V')
+            if temperature == 0:
+                j = int(z.argmax())
+                conf = float(z.float().softmax(-1)[j])
+            else:
+                qv = probs(z, temperature, top_p)  # (V')
+                j = int(torch.multinomial(qv, 1, generator=generator))
+                conf = float(qv.max())
+                qs.append(qv if vocab is None else torch.zeros(cfg.vocab_size).index_put_((vocab,), qv))
+            tok = to_vocab(j)
+            drafts.append(tok)
+        k = len(drafts)
+        pos = torch.arange(n, n + k + 1)[None]  # 2. verify: layers [l, L) once on x, d_1..d_k
+        p_logits = model.logits(model.run_layers(torch.cat(hs, 1), pos, deep, cache, start=n))[0]  # (k+1, V)
+        if temperature == 0:
+            a, nxt = accept_greedy(p_logits, drafts)
+        else:
+            a, nxt = accept_sampled(probs(p_logits, temperature, top_p), torch.stack(qs) if qs else None,
+                                    drafts, generator)
+        n += a + 1  # 3. keep x and the accepted drafts; drop the rest everywhere
+        cache.crop(n)
+        if acache is not None:
+            acache.crop(n)
+        last_h = hs[-1]  # A's input at slot n - 1 when every draft was accepted
+        out.rounds.append(Round(k, a))
+        new = drafts[:a] + [nxt]
+        for t in new:
+            out.tokens.append(t)
+            if t in eos or len(out.tokens) == max_new_tokens:
+                break
+        x = out.tokens[-1]
+        if on_round is not None:
+            on_round(list(out.tokens), (cache, acache))
+    return out

@@ -1,0 +1,176 @@
+"""Training Kangaroo's adapter by self-distillation (paper Sec. 3.1; official train.py).
+
+1. The model answers prompts from AlpacaEval and GSM8K train greedily (its own distribution,
+   which is what the adapter will have to draft); the token sequences are cached as JSON.
+2. One pass of the model over each sequence caches what training needs: h_l (the input of A)
+   and h_L (the last layer's output, whose head gives the target p); not the 49k-wide p itself.
+3. A is trained with the soft cross-entropy  -sum_v p(v) log q(v),  p = softmax(H(norm(h_L))),
+   q = softmax(H(A(h_l))), over every answer position (the official loss mask); AdamW, warmup, cosine decay, gradient clipping.
+Held-out sequences measure top-1 agreement (argmax q = argmax p) on response positions.
+
+python -m skip.kangaroo_train [--l 2] [--prompts N] [--new-tokens N] [--minutes 30] [--device cpu]
+writes weights/kangaroo-l<l>/ (adapter.safetensors, adapter.json). Caches go to runs/kangaroo/.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from model import generate, load_model
+from tokenizer import load_tokenizer
+
+from .finetune import training_pairs
+from .kangaroo import Adapter, save_adapter
+from .progress import Progress
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = ROOT / "runs" / "kangaroo"
+
+
+def self_distill(model, prompts, new_tokens, batch=16, path=None):
+    """Prompt + the model's greedy answer, per prompt; cached in path (JSON) when given."""
+    if path is not None and path.exists():
+        return json.loads(path.read_text())
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths: less padding
+    seqs, bar = [None] * len(prompts), Progress(len(prompts), "self-distillation answers")
+    for s in range(0, len(order), batch):
+        idx = order[s:s + batch]
+        for i, ans in zip(idx, generate(model, [prompts[i] for i in idx], max_new_tokens=new_tokens)):
+            seqs[i] = {"prompt": len(prompts[i]), "ids": prompts[i] + ans}
+        bar.update(len(idx))
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(seqs))
+    return seqs
+
+
+@torch.inference_mode()
+def exit_states(model, seqs, l, path=None):
+    """(h_l, h_L) per sequence, each (T, d), from one pass; cached in path (safetensors)."""
+    if path is not None and path.exists():
+        t = load_file(str(path))
+        return [(t[f"{i}.l"], t[f"{i}.L"]) for i in range(len(seqs))]
+    out, bar = [], Progress(len(seqs), f"caching h_{l} and h_L")
+    for s in seqs:
+        ids = torch.tensor([s["ids"]], device=model.head.weight.device)
+        pos = torch.arange(ids.shape[1], device=ids.device)[None]
+        h_l = model.run_layers(model.embed_tokens(ids, pos), pos, range(l))
+        h_L = model.run_layers(h_l, pos, range(l, model.cfg.n_layers))
+        out.append((h_l[0].cpu(), h_L[0].cpu()))
+        bar.update()
+    if path is not None:
+        save_file({f"{i}.{k}": x.contiguous() for i, pair in enumerate(out) for k, x in zip("lL", pair)}, str(path))
+    return out
+
+
+def batch_of(states, seqs, idx, device):
+    """Right-padded (B, T, d) inputs and targets, and a (B, T) mask of the positions that
+    predict answer tokens (the loss mask: as in the official data, not the user's prompt)."""
+    T = max(len(states[i][0]) for i in idx)
+    h_l = torch.zeros(len(idx), T, states[idx[0]][0].shape[-1])
+    h_L, mask = torch.zeros_like(h_l), torch.zeros(len(idx), T, dtype=torch.bool)
+    for b, i in enumerate(idx):
+        n = len(states[i][0])
+        h_l[b, :n], h_L[b, :n], mask[b, seqs[i]["prompt"] - 1:n - 1] = states[i][0], states[i][1], True
+    return h_l.to(device), h_L.to(device), mask.to(device)
+
+
+def distill_loss(model, adapter, h_l, h_L, mask):
+    """Soft cross-entropy of q against p on the masked positions, and top-1 agreement there."""
+    pos = torch.arange(h_l.shape[1], device=h_l.device)[None]
+    with torch.no_grad():
+        p = model.logits(h_L[mask][None])[0].float().softmax(-1)  # (N, V)
+    # right padding never reaches a real position under the causal mask
+    z = adapter(h_l, model.rope(pos))[mask]  # (N, d)
+    log_q = (z @ model.head.weight.T).float().log_softmax(-1)  # (N, V)
+    loss = -(p * log_q).sum(-1).mean()
+    return loss, (log_q.argmax(-1) == p.argmax(-1)).float().mean()
+
+
+def agreement(model, adapter, states, seqs, idx, device):
+    """Top-1 agreement of the draft with M on the answer positions of sequences idx."""
+    with torch.no_grad():
+        hits = [(distill_loss(model, adapter, *batch_of(states, seqs, [i], device))[1],
+                 len(seqs[i]["ids"]) - seqs[i]["prompt"]) for i in idx]
+    return sum(float(a) * n for a, n in hits) / max(1, sum(n for _, n in hits))
+
+
+def train(model, adapter, states, seqs, idx, steps, minutes=None, lr=1e-3, batch=4, warmup=30, clip=1.0, seed=0):
+    """AdamW, linear warmup then cosine decay over steps or minutes (whichever ends first)."""
+    opt = torch.optim.AdamW(adapter.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    rng, device = random.Random(seed), model.head.weight.device
+    bar, losses, t0 = Progress(steps, "training the adapter"), [], time.perf_counter()
+    adapter.train()
+    for step in range(steps):
+        done = max(step / steps, 0.0 if minutes is None else (time.perf_counter() - t0) / (60 * minutes))
+        if done >= 1.0:
+            break
+        for g in opt.param_groups:
+            g["lr"] = lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * done))
+        loss, agree = distill_loss(model, adapter, *batch_of(states, seqs, rng.sample(idx, batch), device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(adapter.parameters(), clip)
+        opt.step()
+        losses.append(loss.item())
+        bar.update(loss=sum(losses[-20:]) / len(losses[-20:]), agree=float(agree))
+    bar.close()
+    adapter.eval()
+    return losses
+
+
+def frequent_tokens(seqs, vocab_size):
+    """Every token id, most frequent in the training answers first (ties: lower id first)."""
+    counts = torch.zeros(vocab_size, dtype=torch.long)
+    for s in seqs:
+        counts += torch.bincount(torch.tensor(s["ids"][s["prompt"]:], dtype=torch.long), minlength=vocab_size)
+    return sorted(range(vocab_size), key=lambda v: (-int(counts[v]), v))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, default=ROOT / "weights" / "smollm2-135m-instruct")
+    ap.add_argument("--l", type=int, default=2, help="exit layer: A reads the output of layers [0, l)")
+    ap.add_argument("--prompts", type=int, default=480, help="prompts answered for self-distillation")
+    ap.add_argument("--new-tokens", type=int, default=128, help="length of each greedy answer")
+    ap.add_argument("--held-out", type=int, default=24, help="sequences kept out to measure agreement")
+    ap.add_argument("--steps", type=int, default=100000)
+    ap.add_argument("--minutes", type=float, default=15.0, help="training budget, after the data is made")
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", type=Path)
+    a = ap.parse_args(argv)
+    torch.manual_seed(a.seed)
+    model = load_model(a.model).to(a.device).requires_grad_(False)
+    prompts = [p for p, _ in training_pairs(load_tokenizer(a.model), seed=a.seed)[:a.prompts]]
+    tag = f"{a.model.name}-{a.prompts}x{a.new_tokens}-seed{a.seed}"
+    seqs = self_distill(model, prompts, a.new_tokens, path=CACHE / f"answers-{tag}.json")
+    states = exit_states(model, seqs, a.l, path=CACHE / f"states-{tag}-l{a.l}.safetensors")
+    train_idx, test_idx = list(range(a.held_out, len(seqs))), list(range(a.held_out))
+
+    adapter = Adapter.from_model(model, a.l).to(a.device)
+    before = agreement(model, adapter, states, seqs, test_idx, a.device)
+    losses = train(model, adapter, states, seqs, train_idx, a.steps, a.minutes, a.lr, a.batch, seed=a.seed)
+    after = agreement(model, adapter, states, seqs, test_idx, a.device)
+    adapter.frequent = torch.tensor(frequent_tokens([seqs[i] for i in train_idx], model.cfg.vocab_size))
+    out = a.out or ROOT / "weights" / f"kangaroo-l{a.l}"
+    save_adapter(adapter.cpu(), out, base_model=a.model.name, data=["alpaca/alpaca_eval.jsonl", "gsm8k/train.jsonl"],
+                 prompts=a.prompts, new_tokens=a.new_tokens, train_sequences=len(train_idx), steps=len(losses),
+                 lr=a.lr, batch=a.batch, seed=a.seed, final_loss_avg20=sum(losses[-20:]) / len(losses[-20:]),
+                 held_out_agreement_before=before, held_out_agreement=after)
+    print(f"saved {out}: {len(losses)} steps, loss {losses[0]:.3f} -> {sum(losses[-20:]) / len(losses[-20:]):.3f}, "
+          f"held-out top-1 agreement {before:.3f} -> {after:.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,228 @@
+"""Kangaroo against its oracles: plain greedy decoding (token for token), the exact target
+distribution (chi-square), and a count of what ran."""
+import json
+import random
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from model import generate, load_model
+from skip.kangaroo import Adapter, AdapterError, accept_sampled, generate_kangaroo, load_adapter, save_adapter
+from skip.kangaroo_train import distill_loss, frequent_tokens
+
+from conftest import ROOT
+
+PROMPT = [5, 6, 7, 8, 9, 10]
+
+
+def tiny(llama_dir, deep_scale):
+    """The tiny Llama with its layers [2, L) scaled: 0 makes the deep layers the identity, so
+    drafts read off layer 2 agree with M; 1 leaves a random model whose drafts rarely agree."""
+    m = load_model(llama_dir)
+    with torch.no_grad():
+        for b in m.blocks[2:]:
+            b.attn.wo.weight.mul_(deep_scale)
+            b.mlp.down.weight.mul_(deep_scale)
+    return m
+
+
+def random_adapter(model, l, seed, lens_like):
+    torch.manual_seed(seed)
+    a = Adapter(model.cfg, l)
+    with torch.no_grad():
+        for p in a.parameters():
+            p.normal_(1.0 if p.dim() == 1 else 0.0, 0.15 if p.dim() > 1 else 0.1)
+        if lens_like:  # A = final norm: drafts as good as the logit lens
+            a.attn.wo.weight.zero_()
+            a.norm_out.load_state_dict(model.norm.state_dict())
+    a.frequent = torch.randperm(model.cfg.vocab_size)
+    return a.eval()
+
+
+@pytest.mark.parametrize("deep_scale", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("seed", range(3))
+def test_greedy_equals_plain_greedy_decoding(llama_dir, deep_scale, seed):
+    m = tiny(llama_dir, deep_scale)
+    prompt = PROMPT[:3 + seed]
+    ref = generate(m, [prompt], max_new_tokens=24, eos=[])[0]
+    accepted = 0
+    for eta in [0.0, 0.3, 0.6, 1.0]:
+        for gamma in [0, 1, 3, 6]:
+            for a in [random_adapter(m, 2, seed, lens_like=seed != 1), None]:
+                out = generate_kangaroo(m, prompt, a, l=2, max_new_tokens=24, gamma=gamma, eta=eta, eos=[])
+                assert out.tokens == ref, (eta, gamma, a is None)
+                assert len(out.tokens) == sum(r.accepted + 1 for r in out.rounds) + 1
+                assert all(r.drafted <= gamma for r in out.rounds)
+                accepted += sum(r.accepted for r in out.rounds)
+            cheap = generate_kangaroo(m, prompt, random_adapter(m, 2, seed, True), max_new_tokens=24, gamma=gamma,
+                                      eta=eta, draft_vocab=20, eos=[])
+            assert cheap.tokens == ref
+    if deep_scale == 0.0:
+        assert accepted > 0  # the accept path ran
+
+
+def test_greedy_stops_at_eos_like_plain_decoding(llama_dir):
+    m = tiny(llama_dir, 0.0)
+    ref = generate(m, [PROMPT], max_new_tokens=40, eos=[2])[0]
+    for gamma in [1, 6]:
+        assert generate_kangaroo(m, PROMPT, l=2, max_new_tokens=40, gamma=gamma, eta=0.0, eos=[2]).tokens == ref
+    stop = ref[5]  # a token that plain decoding emits mid-way: both stop right after it
+    first = generate(m, [PROMPT], max_new_tokens=40, eos=[stop])[0]
+    assert generate_kangaroo(m, PROMPT, l=2, max_new_tokens=40, gamma=6, eta=0.0, eos=[stop]).tokens == first
+
+
+@pytest.mark.parametrize("deep_scale", [0.0, 1.0])
+def test_caches_hold_the_accepted_length_and_shallow_layers_never_recompute(llama_dir, deep_scale):
+    m = tiny(llama_dir, deep_scale)
+    a = random_adapter(m, 2, 0, lens_like=True)
+    L, T = m.cfg.n_layers, len(PROMPT)
+    seen = []
+
+    def on_round(tokens, caches):
+        cache, acache = caches
+        n = T + len(tokens) - 1  # every committed token but the newest is cached
+        assert cache.lengths == [n] * L
+        seen.append((n, acache.lengths[0]))
+
+    with m.recording() as runs:
+        out = generate_kangaroo(m, PROMPT, a, max_new_tokens=30, gamma=4, eta=0.0, eos=[], on_round=on_round)
+    for (n, adapter_len), r in zip(seen, out.rounds):
+        # A lags by one slot exactly when every draft was accepted (it had not read the last
+        # one); the next round catches it up, as the official code does
+        assert adapter_len == (n - 1 if r.accepted == r.drafted else n)
+    layer0 = [r for r in runs if getattr(r, "layer", None) == 0]
+    deep = [r for r in runs if getattr(r, "layer", None) == 2]
+    assert sum(r.n for r in layer0) == T + sum(r.drafted + 1 for r in out.rounds)
+    assert [r.n for r in deep] == [T] + [r.drafted + 1 for r in out.rounds]  # one verification pass a round
+    assert all(r.n == 1 for r in layer0[1:])
+
+
+def test_sampling_rule_keeps_the_target_distribution():
+    g = torch.Generator().manual_seed(0)
+    p = torch.tensor([0.05, 0.4, 0.1, 0.25, 0.15, 0.05])
+    q = torch.tensor([0.3, 0.1, 0.3, 0.1, 0.1, 0.1])
+    N, counts, accepted = 20000, torch.zeros(6), 0
+    for _ in range(N):
+        d = int(torch.multinomial(q, 1, generator=g))
+        a, nxt = accept_sampled(torch.stack([p, p]), q[None], [d], g)
+        counts[d if a else nxt] += 1
+        accepted += a
+    assert chisquare(counts.numpy(), (p * N).numpy()).pvalue > 0.01
+    assert abs(accepted / N - torch.minimum(p, q).sum()) < 0.02  # acceptance = sum min(p, q)
+    for _ in range(200):  # q = p: every draft is accepted
+        d = int(torch.multinomial(p, 1, generator=g))
+        assert accept_sampled(torch.stack([p, p]), p[None], [d], g)[0] == 1
+
+
+def test_sampled_decoding_keeps_the_target_distribution(llama_dir):
+    """The second generated token comes out of a draft round; its marginal must equal
+    sum_x1 p(x1) p(x2 | x1) of plain sampling, computed exactly."""
+    m = tiny(llama_dir, 0.3)
+    a = random_adapter(m, 2, 0, lens_like=True)
+    t, top_p = 1.5, 0.9
+    from skip.kangaroo import probs
+    with torch.no_grad():
+        p1 = probs(m(torch.tensor([PROMPT]), last_only=True)[0, -1], t, top_p)
+        x1 = p1.nonzero()[:, 0]
+        p2 = probs(m(torch.tensor([PROMPT + [int(x)] for x in x1]), last_only=True)[:, -1], t, top_p)
+        exact = (p1[x1, None] * p2).sum(0)  # (V,)
+    g = torch.Generator().manual_seed(0)
+    N, counts = 3000, torch.zeros(m.cfg.vocab_size)
+    for _ in range(N):
+        out = generate_kangaroo(m, PROMPT, a, max_new_tokens=3, gamma=2, eta=0.0, temperature=t, top_p=top_p,
+                                generator=g, eos=[])
+        counts[out.tokens[1]] += 1
+    assert counts[exact == 0].sum() == 0
+    big = exact * N >= 5  # chi-square on bins expected >= 5, the rest pooled
+    obs = torch.cat([counts[big], counts[~big].sum()[None]])
+    exp = torch.cat([exact[big], exact[~big].sum()[None]]) * N
+    assert chisquare(obs.numpy(), exp.numpy()).pvalue > 0.01
+
+
+def test_adapter_round_trip_and_clear_errors(llama_dir, tmp_path):
+    m = load_model(llama_dir)
+    a = random_adapter(m, 2, 0, lens_like=False)
+    save_adapter(a, tmp_path / "a", steps=3)
+    b = load_adapter(tmp_path / "a", m)
+    assert b.l == 2 and torch.equal(b.frequent, a.frequent)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert json.loads((tmp_path / "a" / "adapter.json").read_text())["steps"] == 3
+    assert (generate_kangaroo(m, PROMPT, a, max_new_tokens=8, eta=0.0).rounds
+            == generate_kangaroo(m, PROMPT, b, max_new_tokens=8, eta=0.0).rounds)
+
+    with pytest.raises(AdapterError, match="adapter.safetensors is missing"):
+        (tmp_path / "missing").mkdir()
+        (tmp_path / "missing" / "adapter.json").write_text((tmp_path / "a" / "adapter.json").read_text())
+        load_adapter(tmp_path / "missing", m)
+    with pytest.raises(AdapterError, match="another model: dim 32"):
+        meta = json.loads((tmp_path / "a" / "adapter.json").read_text())
+        (tmp_path / "a" / "adapter.json").write_text(json.dumps({**meta, "dim": 32}))
+        load_adapter(tmp_path / "a", m)
+    (tmp_path / "a" / "adapter.json").write_text(json.dumps(meta))
+    data = (tmp_path / "a" / "adapter.safetensors").read_bytes()
+    (tmp_path / "a" / "adapter.safetensors").write_bytes(data[:len(data) // 2])
+    with pytest.raises(AdapterError, match="corrupted"):
+        load_adapter(tmp_path / "a", m)
+    from safetensors.torch import save_file
+    save_file({"attn.wq.weight": torch.zeros(3, 3)}, str(tmp_path / "a" / "adapter.safetensors"))
+    with pytest.raises(AdapterError, match=r"missing \['attn.wk.weight'.*mis-shaped \['attn.wq.weight \(3, 3\)"):
+        load_adapter(tmp_path / "a", m)
+
+
+def test_bad_settings_raise(llama_dir):
+    m = load_model(llama_dir)
+    with pytest.raises(ValueError, match="exit layer"):
+        generate_kangaroo(m, PROMPT, None, l=None)
+    with pytest.raises(ValueError, match="exit layer"):
+        generate_kangaroo(m, PROMPT, None, l=m.cfg.n_layers)
+    with pytest.raises(ValueError, match="draft_vocab"):
+        generate_kangaroo(m, PROMPT, None, l=2, draft_vocab=10)
+    with pytest.raises(ValueError, match="eta"):
+        generate_kangaroo(m, PROMPT, None, l=2, eta=1.5)
+    with pytest.raises(ValueError, match="token ids"):
+        generate_kangaroo(m, [m.cfg.vocab_size], None, l=2)
+    with pytest.raises(AdapterError, match="exit layer"):
+        Adapter(m.cfg, 0)
+
+
+def test_distillation_loss_is_the_soft_cross_entropy(llama_dir):
+    m = load_model(llama_dir)
+    a = random_adapter(m, 2, 0, lens_like=False)
+    torch.manual_seed(0)
+    h_l, h_L = torch.randn(2, 7, m.cfg.dim), torch.randn(2, 7, m.cfg.dim)
+    mask = torch.zeros(2, 7, dtype=torch.bool)
+    mask[0, 2:6], mask[1, 4:] = True, True
+    loss, agree = distill_loss(m, a, h_l, h_L, mask)
+    rows = []  # one sequence at a time, position by position, with F.cross_entropy's soft targets
+    for b in range(2):
+        for t in range(7):
+            if mask[b, t]:
+                z = a(h_l[b:b + 1, :t + 1], m.rope(torch.arange(t + 1)[None]))[0, -1]
+                rows.append(torch.nn.functional.cross_entropy(z @ m.head.weight.T, m.logits(h_L[b:b + 1, t:t + 1])[0, 0].softmax(-1)))
+    assert torch.allclose(loss, torch.stack(rows).mean(), atol=1e-5)
+
+
+def test_frequent_tokens_match_a_count():
+    rng = random.Random(0)
+    seqs = [{"prompt": 3, "ids": [rng.randrange(12) for _ in range(30)]} for _ in range(5)]
+    order = frequent_tokens(seqs, 12)
+    from collections import Counter
+    c = Counter(t for s in seqs for t in s["ids"][3:])
+    assert order == sorted(range(12), key=lambda v: (-c[v], v))
+
+
+SMOL_PROMPTS = ["What is the capital of France?", "Write a haiku about autumn leaves.",
+                "Explain in two sentences why the sky is blue.", "Solve: 12 * 7 + 5 = ?"]
+
+
+def test_smollm2_with_the_trained_adapter_equals_plain_greedy(smollm2_dir):
+    from tokenizer import chatml, load_tokenizer
+    path = ROOT / "weights" / "kangaroo-l2"
+    m, tok = load_model(smollm2_dir), load_tokenizer(smollm2_dir)
+    a = load_adapter(path, m)
+    for text in SMOL_PROMPTS:
+        ids = tok.encode(chatml([{"role": "user", "content": text}]))
+        ref = generate(m, [ids], max_new_tokens=40)[0]
+        assert generate_kangaroo(m, ids, a, max_new_tokens=40).tokens == ref
+        assert generate_kangaroo(m, ids, a, max_new_tokens=40, draft_vocab=4096).tokens == ref
