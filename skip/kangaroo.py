@@ -169,7 +169,7 @@ def generate_kangaroo(model, prompt, adapter=None, l=None, max_new_tokens=64, ga
     if l is None or not 0 < l < L:
         raise ValueError(f"need an exit layer 0 < l < {L} (or an adapter), got {l}")
     if gamma < 0 or not 0 <= eta <= 1 or temperature < 0 or not 0 < top_p <= 1:
-        raise ValueError(f"need gamma >= 0, 0 <= eta <= 1, temperature >= 0, 0 < top_p <= 1")
+        raise ValueError("need gamma >= 0, 0 <= eta <= 1, temperature >= 0, 0 < top_p <= 1")
     if not prompt or any(not 0 <= t < cfg.vocab_size for t in prompt):
         raise ValueError(f"prompt must be non-empty token ids in [0, {cfg.vocab_size})")
     eos = set(cfg.eos_token_id if eos is None else eos)

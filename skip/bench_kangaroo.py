@@ -1,0 +1,263 @@
+"""Kangaroo on Spec-Bench against plain decoding and two self-speculative peers, all greedy, on
+the same prompts and weights (SmolLM2-135M-Instruct), in one run.
+
+python -m skip.bench_kangaroo [--per-category 3] [--max-new-tokens 64] [--repeats 2] [--no-sweep]
+
+Rows: plain (this project's generate, the baseline); kangaroo (adapter at layer l, full head);
+kangaroo-K (draft head on the adapter's K most frequent tokens, the documented extension);
+lens (self-speculation from layer l with the model's own norm and head, no adapter); hf plain and
+hf early-exit (transformers' generate, and with assistant_early_exit=l, drafting gamma tokens
+with its confidence threshold at eta: the same budget as Kangaroo).
+Per category: speedup = (tokens/s) / (plain tokens/s) over the category's prompts (as Spec-Bench
+computes it; per prompt the median of --repeats runs), tokens per verification pass, acceptance
+by draft position (P(d_i accepted | d_i drafted)), decode FLOPs per token from the decoder's
+record (all FLOPs but the plain prefill's, so Kangaroo's adapter pass over the prompt counts),
+whether the tokens equal plain greedy decoding; and the speedup that the measured rounds and
+the measured cost of each piece predict. The sweep varies l (lens and any trained
+weights/kangaroo-l<l>), eta and gamma on one prompt per category.
+Writes runs/bench-kangaroo.json, runs/bench-kangaroo.md and runs/kangaroo.png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from model import KVCache, flops, generate, load_model
+from tokenizer import chatml, load_tokenizer
+
+from .finetune import DATA, ROOT
+from .kangaroo import generate_kangaroo, load_adapter
+from .progress import Progress
+
+CATEGORIES = ["mt_bench", "translation", "summarization", "qa", "math_reasoning", "rag"]
+
+
+def specbench_prompts(per_category):
+    """First turns, per Spec-Bench category (its first 80 rows are MT-Bench)."""
+    rows = [json.loads(line) for line in (DATA / "specbench" / "question.jsonl").open()]
+    out = {c: [] for c in CATEGORIES}
+    for i, r in enumerate(rows):
+        c = "mt_bench" if i < 80 else r["category"]
+        if len(out[c]) < per_category:
+            out[c].append(r["turns"][0])
+    return out
+
+
+def timed(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+def median_ms(fn, reps=15):
+    times = [timed(fn)[1] for _ in range(reps)]
+    return 1000 * statistics.median(times)
+
+
+@torch.inference_mode()
+def piece_costs(model, adapter, l, K, ctx, gamma):
+    """Measured ms of: a plain decode step, M^s on one token, A + head (full / top-K), the lens
+    head, and the deep layers on n = 1..gamma+1 tokens; all at context ctx."""
+    L, d = model.cfg.n_layers, model.cfg.dim
+    cache = KVCache.for_model(model.cfg, 1, ctx + gamma + 2)
+    model(torch.zeros(1, ctx, dtype=torch.long), cache=cache)
+    h = torch.randn(1, 1, d)
+    pos = torch.tensor([[ctx]])
+
+    def run(layers, x):
+        out = model.run_layers(x, torch.arange(ctx, ctx + x.shape[1])[None], layers, cache, start=ctx)
+        cache.crop(ctx)
+        return out
+
+    acache = adapter.new_cache(ctx + 2)
+    adapter(torch.randn(1, ctx, d), model.rope(torch.arange(ctx)[None]), acache)
+    W = model.head.weight[adapter.frequent[:K]].contiguous()
+
+    def draft(w):
+        z = adapter(h, model.rope(pos), acache, ctx)
+        acache.crop(ctx)
+        return z @ w.T
+
+    return {"step": median_ms(lambda: model.logits(run(range(L), model.embed_tokens(torch.zeros(1, 1, dtype=torch.long), pos)), True)),
+            "shallow": median_ms(lambda: run(range(l), model.embed_tokens(torch.zeros(1, 1, dtype=torch.long), pos))),
+            "draft_full": median_ms(lambda: draft(model.head.weight)),
+            "draft_topk": median_ms(lambda: draft(W)),
+            "lens_head": median_ms(lambda: model.logits(h)),
+            "verify": [median_ms(lambda: model.logits(run(range(l, L), torch.randn(1, n, d)))) for n in range(1, gamma + 2)]}
+
+
+def predicted_speedup(rounds, costs, draft_ms):
+    """Expected tokens per round over the cost of a round, from measured rounds and costs."""
+    tokens = sum(r.accepted + 1 for r in rounds)
+    ms = sum((r.drafted + 1) * costs["shallow"] + r.drafted * draft_ms + costs["verify"][r.drafted] for r in rounds)
+    return tokens * costs["step"] / ms if ms else None
+
+
+def summarize(runs, plain_tps, costs=None, draft_ms=None):
+    """runs: per prompt (tokens, seconds, rounds, flops, equal_to_plain)."""
+    n_tok, secs = sum(len(r[0]) for r in runs), sum(r[1] for r in runs)
+    rounds = [x for r in runs for x in (r[2] or [])]
+    out = {"tokens": n_tok, "seconds": secs, "tokens_per_s": n_tok / secs, "lossless": all(r[4] for r in runs),
+           "flops_per_token": sum(r[3] for r in runs) / n_tok if runs[0][3] is not None else None}
+    out["speedup"] = out["tokens_per_s"] / plain_tps if plain_tps else 1.0
+    if rounds:
+        out["tokens_per_pass"] = sum(r.accepted + 1 for r in rounds) / len(rounds)
+        out["drafts_per_round"] = sum(r.drafted for r in rounds) / len(rounds)
+        depth = max(r.drafted for r in rounds)
+        out["accept_by_position"] = [sum(r.accepted > i for r in rounds) / max(1, sum(r.drafted > i for r in rounds))
+                                     for i in range(depth)]
+        if costs is not None:
+            out["predicted_speedup"] = predicted_speedup(rounds, costs, draft_ms)
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, default=ROOT / "weights" / "smollm2-135m-instruct")
+    ap.add_argument("--adapter", type=Path, default=ROOT / "weights" / "kangaroo-l2")
+    ap.add_argument("--per-category", type=int, default=3)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--gamma", type=int, default=6)
+    ap.add_argument("--eta", type=float, default=0.6)
+    ap.add_argument("--top-k", type=int, default=4096, help="K of the restricted draft head")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument("--out", type=Path, default=ROOT / "runs")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    model, tok = load_model(a.model), load_tokenizer(a.model)
+    adapter = load_adapter(a.adapter, model)
+    l, N = adapter.l, a.max_new_tokens
+    from transformers import AutoModelForCausalLM
+    hf = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32).eval()
+    prompts = {c: [tok.encode(chatml([{"role": "user", "content": t}])) for t in ts]
+               for c, ts in specbench_prompts(a.per_category).items()}
+
+    def ours(**kw):
+        return lambda p: generate_kangaroo(model, p, max_new_tokens=N, gamma=a.gamma, eta=a.eta, **kw)
+
+    def hf_run(**kw):
+        def fn(p):
+            with torch.inference_mode():
+                ids = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                                  max_new_tokens=N, do_sample=False, **kw)
+            return ids[0, len(p):].tolist()
+        return fn
+
+    methods = {"plain": lambda p: generate(model, [p], max_new_tokens=N)[0],
+               "kangaroo": ours(adapter=adapter), f"kangaroo-{a.top_k}": ours(adapter=adapter, draft_vocab=a.top_k),
+               "lens": ours(l=l), "hf plain": hf_run(), "hf early-exit": hf_run(assistant_early_exit=l, num_assistant_tokens=a.gamma,
+                                             num_assistant_tokens_schedule="constant",
+                                             assistant_confidence_threshold=a.eta)}
+
+    def measure(fn, p, ref):
+        times, out = [], None
+        for _ in range(a.repeats):
+            with model.recording() as rec:
+                out, t = timed(lambda: fn(p))
+            times.append(t)
+        toks = out if isinstance(out, list) else out.tokens
+        decode_flops = flops.total(model.cfg, rec) - flops.prefill_flops(model.cfg, len(p)) if rec else None
+        return toks, statistics.median(times), getattr(out, "rounds", None), decode_flops, ref is None or toks == ref
+
+    n_prompts = sum(len(v) for v in prompts.values())
+    bar, raw = Progress(n_prompts * len(methods), "spec-bench"), {c: {m: [] for m in methods} for c in prompts}
+    for c, ps in prompts.items():
+        for p in ps:
+            ref = None
+            for m, fn in methods.items():  # interleaved, so drifts of the machine hit every method
+                raw[c][m].append(measure(fn, p, ref))
+                ref = ref or raw[c][m][-1][0]
+                bar.update()
+    ctx = int(statistics.mean(len(p) for ps in prompts.values() for p in ps)) + N // 2
+    costs = piece_costs(model, adapter, l, a.top_k, ctx, a.gamma)
+    draft_ms = {"kangaroo": costs["draft_full"], f"kangaroo-{a.top_k}": costs["draft_topk"], "lens": costs["lens_head"]}
+    result = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()},
+              "adapter": json.loads((a.adapter / "adapter.json").read_text()), "costs_ms": costs, "categories": {}}
+    for c in list(prompts) + ["overall"]:
+        runs = raw[c] if c != "overall" else {m: [r for cc in prompts for r in raw[cc][m]] for m in methods}
+        plain_tps = summarize(runs["plain"], None)["tokens_per_s"]
+        result["categories"][c] = {m: summarize(runs[m], plain_tps, costs, draft_ms.get(m)) for m in methods}
+    if not a.no_sweep:
+        result["sweep"] = sweep(model, adapter, prompts, a, methods["plain"])
+    a.out.mkdir(parents=True, exist_ok=True)
+    (a.out / "bench-kangaroo.json").write_text(json.dumps(result, indent=1))
+    md = table(result)
+    (a.out / "bench-kangaroo.md").write_text(md)
+    print(md)
+    if "sweep" in result:
+        plot(result["sweep"], a.out / "kangaroo.png")
+
+
+def sweep(model, adapter, prompts, a, plain):
+    """Speedup against l, eta and gamma on the first prompt of each category (best of --repeats;
+    plain decoding timed before and after the sweep, the mean of the two is the baseline)."""
+    ps, N = [v[0] for v in prompts.values()], a.max_new_tokens
+
+    def best(**kw):
+        fn = (lambda p: generate_kangaroo(model, p, max_new_tokens=N, **kw)) if kw else plain
+        return sum(min(timed(lambda: fn(p))[1] for _ in range(a.repeats)) for p in ps)
+
+    others = {l: load_adapter(p, model) for l, p in
+              ((int(p.name.split("-l")[1]), p) for p in (ROOT / "weights").glob("kangaroo-l*")) if p.is_dir()}
+    points = [("eta", e, dict(adapter=adapter, draft_vocab=a.top_k, eta=e, gamma=a.gamma)) for e in (0.0, 0.2, 0.4, 0.6, 0.8)]
+    points += [("gamma", g, dict(adapter=adapter, draft_vocab=a.top_k, eta=a.eta, gamma=g)) for g in (1, 2, 4, 6, 8)]
+    points += [("l (lens)", l, dict(l=l, eta=a.eta, gamma=a.gamma)) for l in (1, 2, 4, 8, 16)]
+    points += [("l (kangaroo-K)", l, dict(adapter=ad, draft_vocab=a.top_k, eta=a.eta, gamma=a.gamma))
+               for l, ad in sorted(others.items())]
+    bar, t_plain, times = Progress(len(points) + 2, "sweep"), best(), []
+    for axis, value, kw in points:
+        times.append(best(**kw))
+        bar.update()
+    t_plain = (t_plain + best()) / 2
+    bar.update(2)
+    return [{"axis": axis, "value": value, "speedup": t_plain / t} for (axis, value, _), t in zip(points, times)]
+
+
+def table(result):
+    cats = result["categories"]
+    lines = ["| category | method | speedup | predicted | tokens/pass | accept by position | decode MFLOPs/token | = plain |",
+             "|---|---|---|---|---|---|---|---|"]
+    for c, rows in cats.items():
+        for m, r in rows.items():
+            acc = " ".join(f"{x:.2f}" for x in r.get("accept_by_position", [])[:6])
+            pred = f"{r['predicted_speedup']:.2f}x" if r.get("predicted_speedup") else ""
+            fl = f"{r['flops_per_token'] / 1e6:.0f}" if r["flops_per_token"] else ""
+            tpp = f"{r['tokens_per_pass']:.2f}" if "tokens_per_pass" in r else ""
+            lines.append(f"| {c} | {m} | {r['speedup']:.2f}x | {pred} | {tpp} | {acc} | {fl} | "
+                         f"{'yes' if r['lossless'] else 'NO'} |")
+    c = result["costs_ms"]
+    lines += ["", f"Measured cost (ms): plain step {c['step']:.1f}, layers [0, l) {c['shallow']:.1f}, adapter + full head "
+              f"{c['draft_full']:.1f}, adapter + top-K head {c['draft_topk']:.1f}, lens head {c['lens_head']:.1f}, "
+              f"layers [l, L) + head on n = 1..{len(c['verify'])} tokens: " + " ".join(f"{v:.1f}" for v in c["verify"])]
+    if "sweep" in result:
+        lines += ["", "| sweep | value | speedup |", "|---|---|---|"]
+        lines += [f"| {s['axis']} | {s['value']} | {s['speedup']:.2f}x |" for s in result["sweep"]]
+    return "\n".join(lines) + "\n"
+
+
+def plot(points, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    axes = sorted({p["axis"] for p in points}, key=[p["axis"] for p in points].index)
+    fig, ax = plt.subplots(1, len(axes), figsize=(3.2 * len(axes), 3), sharey=True)
+    for i, axis in enumerate(axes):
+        ps = [p for p in points if p["axis"] == axis]
+        ax[i].plot([p["value"] for p in ps], [p["speedup"] for p in ps], "o-")
+        ax[i].axhline(1.0, color="gray", lw=0.8)
+        ax[i].set_xlabel(axis)
+    ax[0].set_ylabel("speedup over plain decoding")
+    fig.suptitle("Kangaroo on Spec-Bench (SmolLM2-135M, 2 CPU threads)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
