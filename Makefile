@@ -25,8 +25,9 @@ weights: $(STAMP)
 test: weights
 	$(PY) -m pytest -q
 
+# The three methods side by side on four built-in prompts (under 5 minutes on 2 cores).
 demo: weights
-	$(PY) -m model demo
+	$(PY) -m skip.demo
 
 bench-decoder: weights
 	$(PY) -m model.bench --model $(MODEL)

@@ -128,6 +128,7 @@ def main(argv=None):
     ap.add_argument("--top-k", type=int, default=4096, help="K of the restricted draft head")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument("--sweep-repeats", type=int, default=1)
     ap.add_argument("--out", type=Path, default=ROOT / "runs")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -196,13 +197,13 @@ def main(argv=None):
 
 
 def sweep(model, adapter, prompts, a, plain):
-    """Speedup against l, eta and gamma on the first prompt of each category (best of --repeats;
+    """Speedup against l, eta and gamma on the first prompt of each category (best of --sweep-repeats;
     plain decoding timed before and after the sweep, the mean of the two is the baseline)."""
     ps, N = [v[0] for v in prompts.values()], a.max_new_tokens
 
     def best(**kw):
         fn = (lambda p: generate_kangaroo(model, p, max_new_tokens=N, **kw)) if kw else plain
-        return sum(min(timed(lambda: fn(p))[1] for _ in range(a.repeats)) for p in ps)
+        return sum(min(timed(lambda: fn(p))[1] for _ in range(a.sweep_repeats)) for p in ps)
 
     others = {l: load_adapter(p, model) for l, p in
               ((int(p.name.split("-l")[1]), p) for p in (ROOT / "weights").glob("kangaroo-l*")) if p.is_dir()}
@@ -222,16 +223,20 @@ def sweep(model, adapter, prompts, a, plain):
 
 def table(result):
     cats = result["categories"]
-    lines = ["| category | method | speedup | predicted | tokens/pass | accept by position | decode MFLOPs/token | = plain |",
-             "|---|---|---|---|---|---|---|---|"]
-    for c, rows in cats.items():
-        for m, r in rows.items():
-            acc = " ".join(f"{x:.2f}" for x in r.get("accept_by_position", [])[:6])
-            pred = f"{r['predicted_speedup']:.2f}x" if r.get("predicted_speedup") else ""
-            fl = f"{r['flops_per_token'] / 1e6:.0f}" if r["flops_per_token"] else ""
-            tpp = f"{r['tokens_per_pass']:.2f}" if "tokens_per_pass" in r else ""
-            lines.append(f"| {c} | {m} | {r['speedup']:.2f}x | {pred} | {tpp} | {acc} | {fl} | "
-                         f"{'yes' if r['lossless'] else 'NO'} |")
+    methods = list(cats["overall"])
+    lines = ["Speedup over plain decoding (tokens/s ratio):", "",
+             "| method | " + " | ".join(cats) + " |", "|---" * (len(cats) + 1) + "|"]
+    lines += [f"| {m} | " + " | ".join(f"{cats[c][m]['speedup']:.2f}x" for c in cats) + " |" for m in methods]
+    lines += ["", "All prompts:", "",
+              "| method | speedup | predicted | tokens/pass | drafts/round | accept by position | "
+              "decode MFLOPs/token | = plain greedy |", "|---|---|---|---|---|---|---|---|"]
+    for m, r in cats["overall"].items():
+        acc = " ".join(f"{x:.2f}" for x in r.get("accept_by_position", []))
+        pred = f"{r['predicted_speedup']:.2f}x" if r.get("predicted_speedup") else ""
+        fl = f"{r['flops_per_token'] / 1e6:.0f}" if r["flops_per_token"] else ""
+        tpp, dpr = (f"{r['tokens_per_pass']:.2f}", f"{r['drafts_per_round']:.2f}") if "tokens_per_pass" in r else ("", "")
+        lines.append(f"| {m} | {r['speedup']:.2f}x | {pred} | {tpp} | {dpr} | {acc} | {fl} | "
+                     f"{'yes' if r['lossless'] else 'NO'} |")
     c = result["costs_ms"]
     lines += ["", f"Measured cost (ms): plain step {c['step']:.1f}, layers [0, l) {c['shallow']:.1f}, adapter + full head "
               f"{c['draft_full']:.1f}, adapter + top-K head {c['draft_topk']:.1f}, lens head {c['lens_head']:.1f}, "

@@ -2,14 +2,18 @@
 distribution (chi-square), and a count of what ran."""
 import json
 import random
+from collections import Counter
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from scipy.stats import chisquare
 
 from model import generate, load_model
-from skip.kangaroo import Adapter, AdapterError, accept_sampled, generate_kangaroo, load_adapter, save_adapter
+from skip.kangaroo import (Adapter, AdapterError, accept_sampled, generate_kangaroo, load_adapter, probs,
+                           save_adapter)
 from skip.kangaroo_train import distill_loss, frequent_tokens
+from tokenizer import chatml, load_tokenizer
 
 from conftest import ROOT
 
@@ -121,7 +125,6 @@ def test_sampled_decoding_keeps_the_target_distribution(llama_dir):
     m = tiny(llama_dir, 0.3)
     a = random_adapter(m, 2, 0, lens_like=True)
     t, top_p = 1.5, 0.9
-    from skip.kangaroo import probs
     with torch.no_grad():
         p1 = probs(m(torch.tensor([PROMPT]), last_only=True)[0, -1], t, top_p)
         x1 = p1.nonzero()[:, 0]
@@ -164,7 +167,6 @@ def test_adapter_round_trip_and_clear_errors(llama_dir, tmp_path):
     (tmp_path / "a" / "adapter.safetensors").write_bytes(data[:len(data) // 2])
     with pytest.raises(AdapterError, match="corrupted"):
         load_adapter(tmp_path / "a", m)
-    from safetensors.torch import save_file
     save_file({"attn.wq.weight": torch.zeros(3, 3)}, str(tmp_path / "a" / "adapter.safetensors"))
     with pytest.raises(AdapterError, match=r"missing \['attn.wk.weight'.*mis-shaped \['attn.wq.weight \(3, 3\)"):
         load_adapter(tmp_path / "a", m)
@@ -207,7 +209,6 @@ def test_frequent_tokens_match_a_count():
     rng = random.Random(0)
     seqs = [{"prompt": 3, "ids": [rng.randrange(12) for _ in range(30)]} for _ in range(5)]
     order = frequent_tokens(seqs, 12)
-    from collections import Counter
     c = Counter(t for s in seqs for t in s["ids"][3:])
     assert order == sorted(range(12), key=lambda v: (-c[v], v))
 
@@ -217,7 +218,6 @@ SMOL_PROMPTS = ["What is the capital of France?", "Write a haiku about autumn le
 
 
 def test_smollm2_with_the_trained_adapter_equals_plain_greedy(smollm2_dir):
-    from tokenizer import chatml, load_tokenizer
     path = ROOT / "weights" / "kangaroo-l2"
     m, tok = load_model(smollm2_dir), load_tokenizer(smollm2_dir)
     a = load_adapter(path, m)
