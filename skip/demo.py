@@ -5,9 +5,9 @@ python -m skip.demo [--max-new 32] [--prompts 4]
 Four built-in prompts (written for this project): a sentiment question, a multiple-choice
 question, a short chat request, a summarization request. Every method decodes greedily; per
 method and prompt: the answer (shortened), layers run per generated token after the prompt
-(verification of rejected drafts included), decode FLOPs and wall-clock against the full model
-in the same run (the prompt pass, identical for all, subtracted), and agreement with the full
-model's tokens, position by position.
+(verification of rejected drafts included), decode FLOPs and wall-clock per generated token
+against the full model in the same run (the prompt pass, identical for all, subtracted), and
+agreement with the full model's tokens, position by position.
 - AdaInfer: an SVM stop classifier (gap, top prob) fitted here, in seconds, on the model's own
   greedy answers to 4 AlpacaEval instructions ("final" labels), checks after every layer with
   the full head, skipped layers filled by state propagation (skip/adainfer_gen.py).
@@ -39,7 +39,7 @@ PROMPTS = [
     "Is the sentiment of this review positive or negative? \"The soup was cold and the waiter ignored us "
     "for an hour.\" Answer with one word.",
     "Which of these is a mammal? A) shark B) dolphin C) trout D) octopus. Answer with the letter.",
-    "Give me two tips for sleeping better.",
+    "What should I pack for a weekend trip to the beach?",
     "Summarize in one sentence: The town council voted on Tuesday to turn the old railway station into a "
     "public library. Work starts next spring and should take two years; the cost is shared by the town "
     "and a regional fund.",
@@ -66,7 +66,11 @@ def main(argv=None):
     ap.add_argument("--prompts", type=int, default=len(PROMPTS))
     ap.add_argument("--json", help="also write the table as JSON here")
     a = ap.parse_args(argv)
-    torch.set_grad_enabled(False)
+    with torch.no_grad():
+        return run(a)
+
+
+def run(a):
     model, tok = load_model(a.model), load_tokenizer(a.model)
     chat = lambda q: tok.encode(chatml([{"role": "user", "content": q}]))  # noqa: E731
     N = a.max_new
@@ -99,7 +103,8 @@ def main(argv=None):
             full = full or (tokens, fl, secs)
             results.append({"prompt": text, "method": name, "answer": tok.decode(tokens).replace("<|im_end|>", ""),
                             "layers_per_token": layer_tokens / max(1, len(tokens) - 1),
-                            "flops_ratio": fl / full[1], "wall_clock_ratio": secs / full[2],
+                            "flops_ratio": (fl / len(tokens)) / (full[1] / len(full[0])),
+                            "wall_clock_ratio": (secs / len(tokens)) / (full[2] / len(full[0])),
                             "agreement": sum(x == y for x, y in zip(tokens, full[0])) / len(full[0])})
             bar.update()
     print(table(results))
