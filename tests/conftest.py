@@ -58,6 +58,15 @@ def llama_dir(tmp_path_factory):
 
 
 ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def data_dir():
+    """The benchmark data beside the project (../shared/data); tests that read it skip without it."""
+    if not DATA.exists():
+        pytest.skip(f"benchmark data not found at {DATA}")
+    return DATA
 
 
 @pytest.fixture(scope="session")

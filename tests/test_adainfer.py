@@ -116,7 +116,7 @@ def test_bad_inputs_raise_clearly(smollm2_dir, llama_dir, tmp_path):
         SVM(("gap", "entropy"))
 
 
-def test_tasks_load_with_single_token_answers(smollm2_dir):
+def test_tasks_load_with_single_token_answers(smollm2_dir, data_dir):
     tok = load_tokenizer(smollm2_dir)
     for name in ("sst2", "csqa", "mmlu", "squad", "antonym", "next_letter", "last_initial"):
         task = load_task(name, n_train=20, n_test=20)

@@ -5,7 +5,7 @@ import math
 from skip import demo
 
 
-def test_demo_table_has_every_method_and_kangaroo_is_lossless(smollm2_dir):
+def test_demo_table_has_every_method_and_kangaroo_is_lossless(smollm2_dir, data_dir):
     rows = demo.main(["--model", str(smollm2_dir), "--prompts", "2", "--max-new", "12"])
     assert [r["method"].split()[0] for r in rows] == ["full", "AdaInfer", "Kangaroo", "Unified"] * 2
     for r in rows:

@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 
 from tokenizer import BPETokenizer, SentencePieceTokenizer, chatml, load_tokenizer
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+from conftest import DATA
+
 
 
 def benchmark_texts():
