@@ -162,7 +162,8 @@ def generate_kangaroo(model, prompt, adapter=None, l=None, max_new_tokens=64, ga
     adapter=None drafts with M's own final norm and head on h_l (self-speculation without an
     adapter, the peer baseline; then give l). draft_vocab=K restricts the draft head to the
     adapter's K most frequent tokens (the extension for models whose head dominates a draft
-    step); verification always uses the full head, so the output does not change.
+    step); verification always uses the full head, so the output does not change (eta then
+    applies to the draft's probability renormalised over those K tokens).
     on_round(tokens, caches) is called after each round's crop (for tests)."""
     cfg, L = model.cfg, model.cfg.n_layers
     l = adapter.l if adapter is not None else l

@@ -1,7 +1,6 @@
 """The from-scratch BPE against transformers' tokenizer built from the same GGUF, and against
 the `tokenizers` library reading the tokenizer.json our converter writes."""
 import json
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
