@@ -69,6 +69,15 @@ def response_loss(model, prompt, response, layer_set):
     return F.cross_entropy(logits.float(), torch.tensor(response, device=ids.device))
 
 
+def set_lr(opt, lr, step, steps, warmup, t0, minutes=None):
+    """Linear warmup, then cosine decay over the run's progress: the larger of the steps and the
+    time budget used, so the decay ends with the run whichever limit stops it. False once spent."""
+    done = max(step / steps, 0.0 if minutes is None else (time.perf_counter() - t0) / (60 * minutes))
+    for group in opt.param_groups:
+        group["lr"] = lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * done))
+    return done < 1.0
+
+
 def finetune(model, pairs, layer_set, steps, minutes=None, lr=2e-5, warmup=20, clip=1.0, desc="fine-tune"):
     """AdamW with linear warmup and cosine decay, gradient clipping; embeddings frozen.
     Stops after `steps` steps or `minutes` minutes, whichever comes first. Returns the losses."""
@@ -79,13 +88,8 @@ def finetune(model, pairs, layer_set, steps, minutes=None, lr=2e-5, warmup=20, c
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     bar, losses, t0 = Progress(steps, desc), [], time.perf_counter()
     for step in range(steps):
-        # progress: the larger of the step and the time budget used, so the cosine decay ends
-        # with the run whichever limit stops it
-        done = max(step / steps, 0.0 if minutes is None else (time.perf_counter() - t0) / (60 * minutes))
-        if done >= 1.0:
+        if not set_lr(opt, lr, step, steps, warmup, t0, minutes):
             break
-        for group in opt.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * done))
         prompt, response = pairs[step % len(pairs)]
         loss = response_loss(model, prompt, response, layer_set)
         opt.zero_grad(set_to_none=True)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from model import generate, load_model
 from tokenizer import load_tokenizer
 
-from .finetune import training_pairs
+from .finetune import set_lr, training_pairs
 from .kangaroo import Adapter, save_adapter
 from .progress import Progress
 
@@ -112,11 +111,8 @@ def train(model, adapter, states, seqs, idx, steps, minutes=None, lr=1e-3, batch
     bar, losses, t0 = Progress(steps, "training the adapter"), [], time.perf_counter()
     adapter.train()
     for step in range(steps):
-        done = max(step / steps, 0.0 if minutes is None else (time.perf_counter() - t0) / (60 * minutes))
-        if done >= 1.0:
+        if not set_lr(opt, lr, step, steps, warmup, t0, minutes):
             break
-        for g in opt.param_groups:
-            g["lr"] = lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * done))
         loss, agree = distill_loss(model, adapter, *batch_of(states, seqs, rng.sample(idx, batch), device))
         opt.zero_grad(set_to_none=True)
         loss.backward()

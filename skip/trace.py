@@ -31,6 +31,11 @@ from safetensors.torch import load_file, save_file
 
 from model import flops, generate, load_model, positions
 
+from .adainfer import Threshold
+from .adainfer_gen import generate_adainfer
+from .kangaroo import generate_kangaroo, load_adapter
+from .unified import generate_unified, kept_layers
+
 VERSION = 1
 MODEL_FIELDS = ("n_layers", "dim", "n_heads", "n_kv_heads", "vocab_size")
 
@@ -66,16 +71,12 @@ def tensors(states, lens, n_pos, k):
 
 def run_method(model, ids, method, max_new_tokens, settings):
     """Generated tokens and the per-step records of one method."""
-    from .adainfer import Threshold
-    from .adainfer_gen import generate_adainfer
-    from .kangaroo import generate_kangaroo, load_adapter
-    from .unified import kept_layers
     if method == "full":
         return generate(model, [ids], max_new_tokens=max_new_tokens)[0], []
     if method == "unified":
-        K = kept_layers(model.cfg.n_layers, settings.get("r", 2))
-        toks = generate(model, [ids], max_new_tokens=max_new_tokens, decode_layers=lambda i: K)[0]
-        return toks, [{"kept_layers": K}]
+        r = settings.get("r", 2)
+        toks = generate_unified(model, [ids], r, max_new_tokens=max_new_tokens)[0]
+        return toks, [{"kept_layers": kept_layers(model.cfg.n_layers, r)}]
     if method == "adainfer":
         out = generate_adainfer(model, ids, Threshold(settings.get("tau", 0.8)), max_new_tokens, collect=False)
         return out.tokens, [{"exit_layer": e} for e in out.exit_layers]

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from model import load_model
+from skip.finetune import DATA
 
 transformers = pytest.importorskip("transformers")
 
@@ -58,7 +59,6 @@ def llama_dir(tmp_path_factory):
 
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
 
 
 @pytest.fixture(scope="session")

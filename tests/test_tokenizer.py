@@ -11,7 +11,6 @@ from tokenizer import BPETokenizer, SentencePieceTokenizer, chatml, load_tokeniz
 from conftest import DATA
 
 
-
 def benchmark_texts():
     if not DATA.exists():
         pytest.skip(f"benchmark data not found at {DATA}")
