@@ -10,8 +10,8 @@ Held-out sequences measure top-1 agreement (argmax q = argmax p) on response pos
 
 python -m skip.kangaroo_train [--l 2] [--prompts N] [--new-tokens N] [--steps N] [--device cpu]
 writes weights/kangaroo-l<l>/ (adapter.safetensors, adapter.json). Caches go to runs/kangaroo/.
-The defaults take about 30 minutes on 2 CPU cores: 15 to answer the prompts, 2 to cache the
-states, 15 to train; they made the committed weights/kangaroo-l2 (same seed, same result).
+The defaults took 34 minutes on 2 CPU cores (16 to answer the prompts, 3 to cache the
+states, 15 to train); they made the committed weights/kangaroo-l2 (same seed, same result).
 """
 from __future__ import annotations
 
