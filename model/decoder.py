@@ -90,13 +90,18 @@ def attention_mask(mask, start, T, device="cpu"):
 
 
 def linear(x, w, b=None):
-    """x @ w.T + b. With 2 to 4 rows, MKL's sgemm runs 1.5-6x slower on this CPU than the same
-    product taken as w @ x.T (SmolLM2's head: 20 ms against 3.5 ms for 2 rows; 9.4 ms for 1),
-    and Kangaroo verifies a few positions at once, so those shapes take the transposed route."""
+    """x @ w.T + b. For 1 to 4 rows MKL is slow on this CPU: one row goes through GEMV on a
+    single core (decoding reads every weight once per token, so it is memory-bound and the
+    second core idles), and sgemm with 2-4 rows runs 1.5-6x slower than the same product
+    taken as w @ x.T (SmolLM2's head: 20 ms against 3.5 ms for 2 rows). So a single row is
+    duplicated and small products take the transposed route: plain decoding 20 -> 36 tok/s."""
     rows = x.numel() // x.shape[-1]
-    if not 2 <= rows <= 4:
+    if rows > 4:
         return F.linear(x, w, b)
-    y = (w @ x.reshape(rows, -1).T).T.contiguous().view(*x.shape[:-1], w.shape[0])
+    x2 = x.reshape(rows, -1)  # (rows, in)
+    if rows == 1:
+        x2 = torch.cat([x2, x2])  # (2, in): the duplicate only buys the multi-threaded path
+    y = (w @ x2.T)[:, :rows].T.contiguous().view(*x.shape[:-1], w.shape[0])  # (..., out)
     return y if b is None else y + b
 
 
