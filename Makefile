@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip install -q --disable-pip-version-check
 STAMP  := $(VENV)/.installed
 MODEL  := weights/smollm2-135m-instruct
 
-.PHONY: setup weights test demo bench-decoder finetune-skipping bench-skipping kangaroo bench-kangaroo clean
+.PHONY: setup weights test demo bench bench-quick bench-decoder finetune-skipping bench-skipping kangaroo bench-kangaroo clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,14 @@ test: weights
 # The three methods side by side on four built-in prompts (under 5 minutes on 2 cores).
 demo: weights
 	$(PY) -m skip.demo
+
+# Every benchmark below in one run: runs/bench.{json,md} and runs/summary.png (about an hour on
+# 2 cores); bench-quick takes small samples (about 10 minutes) and writes to runs/quick/.
+bench: weights
+	$(PY) -m skip.bench
+
+bench-quick: weights
+	$(PY) -m skip.bench --quick
 
 bench-decoder: weights
 	$(PY) -m model.bench --model $(MODEL)
