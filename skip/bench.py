@@ -18,11 +18,13 @@ from .finetune import ROOT
 
 MODEL = ROOT / "weights" / "smollm2-135m-instruct"
 
-# part: (module, output JSON, markdown, arguments of the full run, of the quick run)
+# part: (module, output JSON, markdown, arguments of the full run, added for the quick run)
 PARTS = {
-    "decoder": ("model.bench", "bench-decoder.json", None, ["--model", str(MODEL)], ["--runs", "2"]),
-    "adainfer": ("skip.eval_adainfer", "adainfer.json", "adainfer.md", [],
-                 ["--tasks", "sst2", "csqa", "antonym", "--n-train", "30", "--n-test", "30", "--time-n", "4"]),
+    "decoder": ("model.bench", "bench-decoder.json", None, ["--model", str(MODEL), "--runs", "7"], ["--runs", "2"]),
+    "adainfer": ("skip.eval_adainfer", "adainfer.json", "adainfer.md",
+                 ["--tasks", "sst2", "csqa", "mmlu", "squad", "antonym:5", "next_letter:5", "last_initial:5",
+                  "--n-train", "40", "--n-test", "40", "--time-n", "8"],
+                 ["--tasks", "sst2", "csqa", "antonym:5", "--n-train", "30", "--n-test", "30", "--time-n", "4"]),
     "adainfer-gen": ("skip.eval_adainfer_gen", "adainfer-gen.json", "adainfer-gen.md", [],
                      ["--n-train", "4", "--n-test", "6", "--max-new", "24"]),
     "skipping": ("skip.bench_skipping", "bench-skipping.json", "bench-skipping.md", [],

@@ -1,0 +1,63 @@
+"""`make bench`'s summary: every method's point is computed from its part's JSON as stated
+(checked against numbers worked out by hand), and --summary-only writes the three outputs."""
+import json
+
+import pytest
+
+from skip import bench
+
+
+def parts():
+    def rule(acc, fl, wall):
+        return {"accuracy": acc, "flops_ratio": fl, "wall_clock_ratio": wall}
+    adainfer = {"results": [
+        {"full_accuracy": 0.8, "svm": rule(0.6, 0.5, 0.5), "crf": rule(0.8, 1.0, 1.0), "threshold": rule(0.4, 0.1, 0.2)},
+        {"full_accuracy": 0.2, "svm": rule(0.2, 0.3, 0.5), "crf": rule(0.1, 1.0, 1.0), "threshold": rule(0.0, 0.1, 0.2)},
+        {"full_accuracy": 0.0, "svm": rule(0.0, 9.0, 9.0)},  # no signal to keep: left out
+    ]}
+    gen = {"results": [{"rule": "svm", "check_every": 4, "head": "full", "fill": "propagate", "token_match": 0.25,
+                        "flops_ratio": 0.5, "wall_clock_ratio": 0.8}]}
+    tp = lambda speedup, ceiling: {"1": {"speedup": speedup, "flops_ceiling": ceiling}}  # noqa: E731
+    skipping = {"rows": [{"name": "full", "r": 1, "fine_tuned": False, "agreement": 1.0, "throughput": tp(1.0, 1.0)},
+                         {"name": "unified", "r": 2, "fine_tuned": True, "agreement": 0.3, "throughput": tp(1.6, 1.25)}]}
+    kangaroo = {"categories": {"overall": {
+        "plain": {"flops_per_token": 100.0, "speedup": 1.0, "lossless": True},
+        "kangaroo": {"flops_per_token": 200.0, "speedup": 1.2, "lossless": True},
+        "kangaroo-4096": {"flops_per_token": 150.0, "speedup": 1.5, "lossless": True},
+        "lens": {"flops_per_token": 300.0, "speedup": 0.9, "lossless": False}}}}
+    return {"adainfer": adainfer, "adainfer-gen": gen, "skipping": skipping, "kangaroo": kangaroo}
+
+
+def test_summary_points_follow_their_definitions():
+    got = {(m, s): (q, f, w) for m, s, q, f, w in bench.points(parts())}
+    expect = {
+        ("AdaInfer (tasks)", "SVM"): ((0.6 + 0.2) / 1.0, (0.5 + 0.3) / 2, 2 / (0.5 + 0.5)),
+        ("AdaInfer (tasks)", "CRF"): (0.9, 1.0, 1.0),
+        ("AdaInfer (tasks)", "gap>=0.8"): (0.4, 0.1, 5.0),
+        ("AdaInfer (generation)", "svm every 4, full, propagate"): (0.25, 0.5, 1.25),
+        ("unified (fine-tuned)", "2x"): (0.3, 0.8, 1.6),
+        ("Kangaroo", "kangaroo"): (1.0, 2.0, 1.2),
+        ("Kangaroo", "kangaroo-4096"): (1.0, 1.5, 1.5),
+        ("lens draft (no adapter)", "lens"): (0.0, 3.0, 0.9),
+    }
+    assert got.keys() == expect.keys()
+    for key, values in expect.items():
+        assert got[key] == pytest.approx(values), key
+
+
+def test_summary_only_combines_existing_parts(tmp_path):
+    for name, result in parts().items():
+        module, js, md, *_ = bench.PARTS[name]
+        (tmp_path / js).write_text(json.dumps(result))
+        (tmp_path / md).write_text(f"| table of {name} |\n")
+    bench.main(["--summary-only", "--out", str(tmp_path), "--parts", "adainfer", "adainfer-gen", "skipping", "kangaroo"])
+    combined = json.loads((tmp_path / "bench.json").read_text())
+    assert len(combined["summary"]) == 8 and combined["parts"]["kangaroo"] == parts()["kangaroo"]
+    report = (tmp_path / "bench.md").read_text()
+    assert all(f"| table of {name} |" in report for name in parts())
+    assert (tmp_path / "summary.png").stat().st_size > 10_000
+
+
+def test_summary_only_without_results_says_so(tmp_path):
+    with pytest.raises(SystemExit, match="no benchmark results"):
+        bench.main(["--summary-only", "--out", str(tmp_path)])
