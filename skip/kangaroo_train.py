@@ -1,7 +1,10 @@
 """Training Kangaroo's adapter by self-distillation (paper Sec. 3.1; official train.py).
 
-1. The model answers prompts from AlpacaEval and GSM8K train greedily (its own distribution,
-   which is what the adapter will have to draft); the token sequences are cached as JSON.
+1. The model answers prompts greedily (its own distribution, which is what the adapter will
+   have to draft); the token sequences are cached as JSON. The prompts mix the kinds of request
+   a chat model meets, built from training splits only (`prompt_mix`): AlpacaEval instructions,
+   "Summarize:" over AlpacaEval reference answers, CommonsenseQA questions asked openly, and
+   GSM8K train problems.
 2. One pass of the model over each sequence caches what training needs: h_l (the input of A)
    and h_L (the last layer's output, whose head gives the target p); not the 49k-wide p itself.
 3. A is trained with the soft cross-entropy  -sum_v p(v) log q(v),  p = softmax(H(norm(h_L))),
@@ -26,14 +29,37 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from model import generate, load_model
-from tokenizer import load_tokenizer
+from tokenizer import chatml, load_tokenizer
 
-from .finetune import set_lr, training_pairs
+from .finetune import DATA, set_lr
 from .kangaroo import Adapter, save_adapter
 from .progress import Progress
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "runs" / "kangaroo"
+
+
+MIX = {"chat": 0.35, "summarize": 0.25, "qa": 0.2, "math": 0.2}  # shares of the prompts
+
+
+def prompt_mix(n, data_dir=DATA, seed=0, max_words=150):
+    """n user messages: the MIX shares of each kind, shuffled with a seed. Without the mix
+    (GSM8K holds 90% of AlpacaEval + GSM8K) the adapter learnt math answers and little else."""
+    data_dir, rng = Path(data_dir), random.Random(seed)
+    alpaca = [json.loads(line) for line in (data_dir / "alpaca" / "alpaca_eval.jsonl").open()]
+    csqa = [json.loads(line) for line in (data_dir / "csqa" / "train_rand_split.jsonl").open()]
+    gsm = [json.loads(line) for line in (data_dir / "gsm8k" / "train.jsonl").open()]
+    for rows in (alpaca, csqa, gsm):
+        rng.shuffle(rows)
+    counts = {k: round(n * share) for k, share in MIX.items()}
+    counts["chat"] += n - sum(counts.values())
+    texts = [r["instruction"] for r in alpaca[:counts["chat"]]]
+    texts += ["Summarize: " + " ".join(r["output"].split()[:max_words])  # answers to other instructions
+              for r in alpaca[counts["chat"]:counts["chat"] + counts["summarize"]]]
+    texts += [r["question"]["stem"] for r in csqa[:counts["qa"]]]
+    texts += [r["question"] for r in gsm[:counts["math"]]]
+    rng.shuffle(texts)
+    return texts
 
 
 def self_distill(model, prompts, new_tokens, batch=16, path=None):
@@ -150,8 +176,9 @@ def main(argv=None):
     a = ap.parse_args(argv)
     torch.manual_seed(a.seed)
     model = load_model(a.model).to(a.device).requires_grad_(False)
-    prompts = [p for p, _ in training_pairs(load_tokenizer(a.model), seed=a.seed)[:a.prompts]]
-    tag = f"{a.model.name}-{a.prompts}x{a.new_tokens}-seed{a.seed}"
+    tok = load_tokenizer(a.model)
+    prompts = [tok.encode(chatml([{"role": "user", "content": t}])) for t in prompt_mix(a.prompts, seed=a.seed)]
+    tag = f"{a.model.name}-mix{a.prompts}x{a.new_tokens}-seed{a.seed}"
     seqs = self_distill(model, prompts, a.new_tokens, path=CACHE / f"answers-{tag}.json")
     states = exit_states(model, seqs, a.l, path=CACHE / f"states-{tag}-l{a.l}.safetensors")
     train_idx, test_idx = list(range(a.held_out, len(seqs))), list(range(a.held_out))
@@ -162,7 +189,8 @@ def main(argv=None):
     after = agreement(model, adapter, states, seqs, test_idx, a.device)
     adapter.frequent = torch.tensor(frequent_tokens([seqs[i] for i in train_idx], model.cfg.vocab_size))
     out = a.out or ROOT / "weights" / f"kangaroo-l{a.l}"
-    save_adapter(adapter.cpu(), out, base_model=a.model.name, data=["alpaca/alpaca_eval.jsonl", "gsm8k/train.jsonl"],
+    save_adapter(adapter.cpu(), out, base_model=a.model.name, data={"alpaca/alpaca_eval.jsonl": ["chat", "summarize"], "csqa/train_rand_split.jsonl": ["qa"],
+                 "gsm8k/train.jsonl": ["math"], "mix": MIX},
                  prompts=a.prompts, new_tokens=a.new_tokens, train_sequences=len(train_idx), steps=len(losses),
                  lr=a.lr, batch=a.batch, seed=a.seed, final_loss_avg20=sum(losses[-20:]) / len(losses[-20:]),
                  held_out_agreement_before=before, held_out_agreement=after)

@@ -226,3 +226,15 @@ def test_smollm2_with_the_trained_adapter_equals_plain_greedy(smollm2_dir):
         ref = generate(m, [ids], max_new_tokens=40)[0]
         assert generate_kangaroo(m, ids, a, max_new_tokens=40).tokens == ref
         assert generate_kangaroo(m, ids, a, max_new_tokens=40, draft_vocab=4096).tokens == ref
+
+
+def test_prompt_mix_has_each_kind_in_its_share_and_is_reproducible(data_dir):
+    from skip.kangaroo_train import MIX, prompt_mix
+    texts = prompt_mix(100, data_dir, seed=3)
+    assert texts == prompt_mix(100, data_dir, seed=3) and texts != prompt_mix(100, data_dir, seed=4)
+    gsm = {json.loads(line)["question"] for line in (data_dir / "gsm8k" / "train.jsonl").open()}
+    csqa = {json.loads(line)["question"]["stem"] for line in (data_dir / "csqa" / "train_rand_split.jsonl").open()}
+    alpaca = {json.loads(line)["instruction"] for line in (data_dir / "alpaca" / "alpaca_eval.jsonl").open()}
+    kinds = {"summarize": sum(t.startswith("Summarize: ") for t in texts), "math": sum(t in gsm for t in texts),
+             "qa": sum(t in csqa for t in texts), "chat": sum(t in alpaca for t in texts)}
+    assert kinds == {k: round(100 * share) for k, share in MIX.items()} and len(set(texts)) == 100
