@@ -4,8 +4,7 @@ Kangaroo on Spec-Bench; then one combined JSON, one markdown report and one summ
 
 python -m skip.bench [--quick] [--parts decoder adainfer ...] [--summary-only]
 --quick takes small samples (about 10 minutes on 2 CPU cores) and writes to runs/quick/; the
-full run uses each benchmark's defaults, the settings behind the README's tables, and writes
-to runs/. --summary-only rebuilds bench.json, bench.md and summary.png from the parts' JSON.
+full run (about an hour) uses the settings behind the README's tables and writes to runs/. --summary-only rebuilds bench.json, bench.md and summary.png from the parts' JSON.
 """
 from __future__ import annotations
 
@@ -51,8 +50,10 @@ def run_part(name, quick, out):
 
 def points(results):
     """(method, setting, quality kept, FLOPs ratio, wall-clock speedup) from the parts' results.
-    Quality kept: task accuracy over the full model's (AdaInfer on the tasks); next-token
-    agreement with the full model (generation: skipping, AdaInfer); 1.0 per lossless output."""
+    Quality kept: task accuracy over the full model's (AdaInfer on the tasks, tasks the full
+    model never gets right left out); the share of generated tokens equal to the full model's
+    (AdaInfer in generation); next-token agreement with the full model on held-out text (layer
+    skipping); 1.0 when every output equals plain greedy decoding, else 0 (Kangaroo)."""
     out = []
     if "adainfer" in results:
         rows = [r for r in results["adainfer"]["results"] if r["full_accuracy"] > 0]
