@@ -8,8 +8,8 @@ translation prompts, greedy; next-token agreement with the full model and perple
 held-out text (MT-Bench questions with their GPT-4 reference answers, teacher-forced: the
 question through all layers, the answer through the method's layers). Throughput: decode
 tokens/s at each batch size over `--tok-new` new tokens per prompt (the prefill, identical for
-every method, is timed alone and subtracted), median of `--runs`, all methods in the same
-run; speedup against the full model, and beside it the ceiling its FLOPs allow (full decode
+every method, is timed alone and subtracted), median of `--runs`, the methods taking turns
+within each run; speedup against the full model, and beside it the ceiling its FLOPs allow (full decode
 FLOPs / method decode FLOPs, from the decoder's record of what ran).
 Fine-tuned rows appear for checkpoints weights/<method>-<r>x made by skip.finetune.
 Writes runs/bench-skipping.json, runs/bench-skipping.md and runs/skipping.png.
@@ -114,27 +114,35 @@ def quality(m, tok, summ, trans, texts, full_argmax, max_new):
     return {"rougeL": 100 * rouge, "bleu": bleu, "agreement": agree / n, "perplexity": float(torch.exp(torch.tensor(nll / n)))}
 
 
-def throughput(m, prompts, batch, n_new, runs):
-    """Decode tokens/s: (n_new - 1) fed-back tokens per prompt over the time after the prefill
-    (the prefill, the same full pass for every method, timed alone and subtracted); the
-    decode FLOPs likewise: the recorded total minus the prefill's."""
-    if not m.batchable and batch > 1:
-        return None
+def throughputs(methods, prompts, batch, n_new, runs):
+    """Decode tokens/s of every method: (n_new - 1) fed-back tokens per prompt over the time
+    after the prefill (the prefill, the same full pass for every method, timed alone and
+    subtracted); the decode FLOPs likewise: the recorded total minus the prefill's. The methods
+    take turns within every run, so drifts in the machine's speed hit all of them alike."""
     chunk = prompts[:batch]
-    with m.model.recording() as record:
-        m.decode(chunk, n_new, eos=[])
     T = max(len(p) for p in chunk)  # left-padded prompt length; the prompt pass is the same for all
-    decode_flops = flops.total(m.model.cfg, record) - batch * flops.prefill_flops(m.model.cfg, T)
-    totals, prefills = [], []
+    timed = [m for m in methods if m.batchable or batch == 1]
+    decode_flops, totals, prefills = {}, {m: [] for m in timed}, {m: [] for m in timed}
+    for m in timed:  # the recorded run also warms up
+        with m.model.recording() as record:
+            m.decode(chunk, n_new, eos=[])
+        decode_flops[m] = flops.total(m.model.cfg, record) - batch * flops.prefill_flops(m.model.cfg, T)
     for _ in range(runs):
-        t0 = time.perf_counter()
-        m.decode(chunk, 1, eos=[])  # the prefill and nothing else
-        t1 = time.perf_counter()
-        m.decode(chunk, n_new, eos=[])
-        totals.append(time.perf_counter() - t1)
-        prefills.append(t1 - t0)
-    decode_s = statistics.median(totals) - statistics.median(prefills)
-    return {"tokens_per_s": batch * (n_new - 1) / decode_s, "flops": decode_flops}
+        for m in timed:
+            t0 = time.perf_counter()
+            m.decode(chunk, 1, eos=[])  # the prefill and nothing else
+            t1 = time.perf_counter()
+            m.decode(chunk, n_new, eos=[])
+            totals[m].append(time.perf_counter() - t1)
+            prefills[m].append(t1 - t0)
+    out = []
+    for m in methods:
+        if m not in decode_flops:
+            out.append(None)
+            continue
+        decode_s = statistics.median(totals[m]) - statistics.median(prefills[m])
+        out.append({"tokens_per_s": batch * (n_new - 1) / decode_s, "flops": decode_flops[m]})
+    return out
 
 
 def main(argv=None):
@@ -170,13 +178,16 @@ def main(argv=None):
                 methods.append(Method(name, r, load_model(ck), True, L, a.max_new))
 
     full_argmax = [full.forced_logits(p, resp).argmax(-1) for p, resp in texts]
-    rows, bar = [], Progress(len(methods), "methods")
+    rows, bar = [], Progress(len(methods) + len(a.batches), "methods, then batch sizes")
     for m in methods:
-        row = {"method": m.label, "name": m.name, "r": m.r, "fine_tuned": m.tuned, "tau": m.tau}
+        row = {"method": m.label, "name": m.name, "r": m.r, "fine_tuned": m.tuned, "tau": m.tau, "throughput": {}}
         row.update(quality(m, tok, summ, trans, texts, full_argmax, a.max_new))
-        row["throughput"] = {b: throughput(m, tp_prompts, b, a.tok_new, a.runs) for b in a.batches}
         rows.append(row)
         bar.update(method=m.label)
+    for b in a.batches:
+        for row, t in zip(rows, throughputs(methods, tp_prompts, b, a.tok_new, a.runs)):
+            row["throughput"][b] = t
+        bar.update(batch=b)
     ref = rows[0]["throughput"]
     for row in rows:
         for b, t in row["throughput"].items():
