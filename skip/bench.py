@@ -130,7 +130,9 @@ def main(argv=None):
     a = ap.parse_args(argv)
     out = a.out or ROOT / "runs" / ("quick" if a.quick else "")
     out.mkdir(parents=True, exist_ok=True)
-    timing = {} if a.summary_only else {name: run_part(name, a.quick, out) for name in a.parts}
+    timing = {name: run_part(name, a.quick, out) for name in ([] if a.summary_only else a.parts)}
+    if (out / "bench.json").exists():  # keep the record of parts run before
+        timing = {**json.loads((out / "bench.json").read_text())["timing"], **timing}
     results = {n: json.loads((out / PARTS[n][1]).read_text()) for n in a.parts if (out / PARTS[n][1]).exists()}
     if not results:
         raise SystemExit(f"no benchmark results in {out}; run without --summary-only first")
