@@ -50,7 +50,7 @@ finetune-skipping: weights
 bench-skipping: weights
 	$(PY) -m skip.bench_skipping --r $(SKIP_R)
 
-# Kangaroo's adapter for SmolLM2 (committed, so tests and demo need not retrain it): 34
+# Kangaroo's adapter for SmolLM2 (committed, so tests and demo need not retrain it): 26
 # minutes on 2 CPU cores; answers and hidden states are cached in runs/kangaroo/.
 KANGAROO_L ?= 2
 kangaroo: weights

@@ -13,8 +13,8 @@ Held-out sequences measure top-1 agreement (argmax q = argmax p) on response pos
 
 python -m skip.kangaroo_train [--l 2] [--prompts N] [--new-tokens N] [--steps N] [--device cpu]
 writes weights/kangaroo-l<l>/ (adapter.safetensors, adapter.json). Caches go to runs/kangaroo/.
-The defaults took 34 minutes on 2 CPU cores (16 to answer the prompts, 3 to cache the
-states, 15 to train); they made the committed weights/kangaroo-l2 (same seed, same result).
+The defaults took 26 minutes on 2 CPU cores (11 to answer the prompts, 2 to cache the
+states, 13 to train); they made the committed weights/kangaroo-l2 (same seed, same result).
 """
 from __future__ import annotations
 
@@ -166,7 +166,7 @@ def main(argv=None):
     ap.add_argument("--prompts", type=int, default=480, help="prompts answered for self-distillation")
     ap.add_argument("--new-tokens", type=int, default=128, help="length of each greedy answer")
     ap.add_argument("--held-out", type=int, default=24, help="sequences kept out to measure agreement")
-    ap.add_argument("--steps", type=int, default=1100, help="about 15 minutes on 2 CPU cores")
+    ap.add_argument("--steps", type=int, default=1100, help="about 13 minutes on 2 CPU cores")
     ap.add_argument("--minutes", type=float, help="also stop after this many minutes (not reproducible)")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--batch", type=int, default=4)
