@@ -94,7 +94,7 @@ def linear(x, w, b=None):
     single core (decoding reads every weight once per token, so it is memory-bound and the
     second core idles), and sgemm with 2-4 rows runs 1.5-6x slower than the same product
     taken as w @ x.T (SmolLM2's head: 20 ms against 3.5 ms for 2 rows). So a single row is
-    duplicated and small products take the transposed route: plain decoding 20 -> 36 tok/s."""
+    duplicated and small products take the transposed route: plain decoding 24.5 -> 43.7 tok/s."""
     rows = x.numel() // x.shape[-1]
     if rows > 4:
         return F.linear(x, w, b)

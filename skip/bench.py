@@ -105,7 +105,8 @@ def plot(pts, path):
                     label=m, alpha=0.8)
             for i, p in enumerate(mine):
                 if m != "AdaInfer (generation)":  # six settings in one spot: the table names them
-                    ax.annotate(p[1], (p[col], p[2]), fontsize=6, xytext=(3, 2 + 7 * (i % 2)), textcoords="offset points")
+                    ax.annotate(p[1], (p[col], p[2]), fontsize=6, xytext=(3, 2 + 7 * (i % 2)),
+                                textcoords="offset points")
         ax.set_xscale("log")
         ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())

@@ -9,8 +9,8 @@ held-out text (MT-Bench questions with their GPT-4 reference answers, teacher-fo
 question through all layers, the answer through the method's layers). Throughput: decode
 tokens/s at each batch size over `--tok-new` new tokens per prompt (the prefill, identical for
 every method, is timed alone and subtracted), median of `--runs`, the methods taking turns
-within each run; speedup against the full model, and beside it the ceiling its FLOPs allow (full decode
-FLOPs / method decode FLOPs, from the decoder's record of what ran).
+within each run; speedup against the full model, and beside it the ceiling its FLOPs allow
+(full decode FLOPs / method decode FLOPs, from the decoder's record of what ran).
 Fine-tuned rows appear for checkpoints weights/<method>-<r>x made by skip.finetune.
 Writes runs/bench-skipping.json, runs/bench-skipping.md and runs/skipping.png.
 """

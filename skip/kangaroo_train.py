@@ -189,8 +189,9 @@ def main(argv=None):
     after = agreement(model, adapter, states, seqs, test_idx, a.device)
     adapter.frequent = torch.tensor(frequent_tokens([seqs[i] for i in train_idx], model.cfg.vocab_size))
     out = a.out or ROOT / "weights" / f"kangaroo-l{a.l}"
-    save_adapter(adapter.cpu(), out, base_model=a.model.name, data={"alpaca/alpaca_eval.jsonl": ["chat", "summarize"], "csqa/train_rand_split.jsonl": ["qa"],
-                 "gsm8k/train.jsonl": ["math"], "mix": MIX},
+    data = {"alpaca/alpaca_eval.jsonl": ["chat", "summarize"], "csqa/train_rand_split.jsonl": ["qa"],
+            "gsm8k/train.jsonl": ["math"], "mix": MIX}
+    save_adapter(adapter.cpu(), out, base_model=a.model.name, data=data,
                  prompts=a.prompts, new_tokens=a.new_tokens, train_sequences=len(train_idx), steps=len(losses),
                  lr=a.lr, batch=a.batch, seed=a.seed, final_loss_avg20=sum(losses[-20:]) / len(losses[-20:]),
                  held_out_agreement_before=before, held_out_agreement=after)
