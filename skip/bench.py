@@ -14,6 +14,8 @@ import json
 import time
 from pathlib import Path
 
+from model.bench import table as decoder_table
+
 from .finetune import ROOT
 
 MODEL = ROOT / "weights" / "smollm2-135m-instruct"
@@ -144,7 +146,6 @@ def main(argv=None):
     (out / "bench.json").write_text(json.dumps(combined, indent=1))
     md = [f"# Benchmarks ({'quick' if a.quick else 'full'} run)", "", "## Summary", "", summary_table(pts)]
     for name in results:
-        from model.bench import table as decoder_table
         text = decoder_table(results[name]) if name == "decoder" else (out / PARTS[name][2]).read_text()
         secs = f" ({timing[name]['seconds'] / 60:.1f} min)" if name in timing else ""
         md += ["", f"## {TITLES[name]}{secs}", "", text.strip()]

@@ -31,24 +31,23 @@ from safetensors.torch import load_file, save_file
 from model import generate, load_model
 from tokenizer import chatml, load_tokenizer
 
-from .finetune import DATA, set_lr
+from .finetune import DATA, ROOT, set_lr
 from .kangaroo import Adapter, save_adapter
 from .progress import Progress
 
-ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "runs" / "kangaroo"
 
 
 MIX = {"chat": 0.35, "summarize": 0.25, "qa": 0.2, "math": 0.2}  # shares of the prompts
+SOURCES = {"alpaca/alpaca_eval.jsonl": ["chat", "summarize"], "csqa/train_rand_split.jsonl": ["qa"],
+           "gsm8k/train.jsonl": ["math"]}  # training splits only
 
 
 def prompt_mix(n, data_dir=DATA, seed=0, max_words=150):
     """n user messages: the MIX shares of each kind, shuffled with a seed. Without the mix
     (GSM8K holds 90% of AlpacaEval + GSM8K) the adapter learnt math answers and little else."""
     data_dir, rng = Path(data_dir), random.Random(seed)
-    alpaca = [json.loads(line) for line in (data_dir / "alpaca" / "alpaca_eval.jsonl").open()]
-    csqa = [json.loads(line) for line in (data_dir / "csqa" / "train_rand_split.jsonl").open()]
-    gsm = [json.loads(line) for line in (data_dir / "gsm8k" / "train.jsonl").open()]
+    alpaca, csqa, gsm = ([json.loads(line) for line in (data_dir / f).open()] for f in SOURCES)
     for rows in (alpaca, csqa, gsm):
         rng.shuffle(rows)
     counts = {k: round(n * share) for k, share in MIX.items()}
@@ -189,9 +188,7 @@ def main(argv=None):
     after = agreement(model, adapter, states, seqs, test_idx, a.device)
     adapter.frequent = torch.tensor(frequent_tokens([seqs[i] for i in train_idx], model.cfg.vocab_size))
     out = a.out or ROOT / "weights" / f"kangaroo-l{a.l}"
-    data = {"alpaca/alpaca_eval.jsonl": ["chat", "summarize"], "csqa/train_rand_split.jsonl": ["qa"],
-            "gsm8k/train.jsonl": ["math"], "mix": MIX}
-    save_adapter(adapter.cpu(), out, base_model=a.model.name, data=data,
+    save_adapter(adapter.cpu(), out, base_model=a.model.name, data={**SOURCES, "mix": MIX},
                  prompts=a.prompts, new_tokens=a.new_tokens, train_sequences=len(train_idx), steps=len(losses),
                  lr=a.lr, batch=a.batch, seed=a.seed, final_loss_avg20=sum(losses[-20:]) / len(losses[-20:]),
                  held_out_agreement_before=before, held_out_agreement=after)

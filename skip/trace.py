@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from model import flops, generate, load_model, positions
 
 from .adainfer import Threshold
+from .finetune import ROOT
 from .adainfer_gen import generate_adainfer
 from .kangaroo import generate_kangaroo, load_adapter
 from .unified import generate_unified, kept_layers
@@ -56,8 +57,10 @@ def prompt_pass(model, ids, n_pos=4, k=5):
     states = [model.embed_tokens(x, pos)]
     model.run_layers(states[0], pos, callback=lambda i, h, a, m: states.append(h))
     states[-1] = model.final(states[-1])  # the convention: the last entry is after the final norm
-    return tensors(states, lambda h, i: model.logits(h)[0, -1] if i < len(states) - 1 else h[0, -1] @ model.head.weight.T,
-                   n_pos, k)
+
+    def lens(h, i):  # the last state is already normed: the head alone
+        return model.logits(h, last_only=True)[0, -1] if i < len(states) - 1 else h[0, -1] @ model.head.weight.T
+    return tensors(states, lens, n_pos, k)
 
 
 def tensors(states, lens, n_pos, k):
@@ -165,7 +168,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     w = sub.add_parser("write")
-    w.add_argument("--model", type=Path, default=Path(__file__).resolve().parents[1] / "weights" / "smollm2-135m-instruct")
+    w.add_argument("--model", type=Path, default=ROOT / "weights" / "smollm2-135m-instruct")
     w.add_argument("--method", default="full", choices=["full", "kangaroo", "unified", "adainfer"])
     w.add_argument("--prompt", required=True)
     w.add_argument("--max-new-tokens", type=int, default=16)
@@ -185,7 +188,7 @@ def main(argv=None):
     model = load_model(a.model)
     settings = json.loads(a.settings)
     if a.method == "kangaroo":
-        settings.setdefault("adapter", str(Path(__file__).resolve().parents[1] / "weights" / "kangaroo-l2"))
+        settings.setdefault("adapter", str(ROOT / "weights" / "kangaroo-l2"))
     ids = load_tokenizer(a.model).encode(chatml([{"role": "user", "content": a.prompt}]))
     trace(model, ids, a.out, a.method, a.max_new_tokens, settings)
     print(f"wrote {a.out}")
