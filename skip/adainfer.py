@@ -11,7 +11,9 @@ answer is its next token:
     classifier SVM or CRF on the chosen features, or "gap >= tau" (tau = 0.8 in the paper);
                inference stops at the first layer marked "stop"; no stop: all layers.
 Labels (one row per instance and layer): "gold" = layer l's top-1 is the answer token;
-"final" = layer l's top-1 equals the full model's top-1.
+"final" = layer l's top-1 equals the full model's top-1; "settled" (ours) = it does, and so
+does every layer after l: the oracle's stop layer and all later ones (early layers that agree
+by chance, as with 2 choices, are not taught as stops).
 Every feature costs one LM-head call at one position per layer; flops.total counts them.
 """
 from __future__ import annotations
@@ -92,9 +94,22 @@ def trace(model, ids, answer, vocab=None) -> Trace:
     return Trace(torch.tensor(rows), top1, answer)
 
 
+def oracle_layer(tr: Trace):
+    """The earliest layer from which the prediction stays the final one (a perfect classifier)."""
+    l = len(tr.top1) - 1
+    while l > 0 and tr.top1[l - 1] == tr.top1[-1]:
+        l -= 1
+    return l
+
+
+LABEL_RULES = ("gold", "final", "settled")
+
+
 def labels(tr: Trace, rule="gold"):
-    if rule not in ("gold", "final"):
-        raise ValueError(f"label rule {rule!r} (gold, final)")
+    if rule not in LABEL_RULES:
+        raise ValueError(f"label rule {rule!r} ({', '.join(LABEL_RULES)})")
+    if rule == "settled":
+        return [int(l >= oracle_layer(tr)) for l in range(len(tr.top1))]
     target = tr.answer if rule == "gold" else tr.top1[-1]
     return [int(t == target) for t in tr.top1]
 
@@ -196,14 +211,6 @@ def load_classifier(path, model_cfg):
     else:
         clf.crf = CRF.from_json(p)
     return clf
-
-
-def oracle_layer(tr: Trace):
-    """The earliest layer from which the prediction stays the final one (a perfect classifier)."""
-    l = len(tr.top1) - 1
-    while l > 0 and tr.top1[l - 1] == tr.top1[-1]:
-        l -= 1
-    return l
 
 
 # ---------------------------------------------------------------- inference

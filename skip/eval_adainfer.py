@@ -26,7 +26,7 @@ import torch
 from model import flops, load_model
 from tokenizer import load_tokenizer
 
-from .adainfer import SVM, CRFClassifier, Threshold, encode, oracle_layer, predict, trace
+from .adainfer import LABEL_RULES, SVM, CRFClassifier, Threshold, encode, oracle_layer, predict, trace
 from .finetune import ROOT
 from .progress import Progress
 from .tasks import load_task
@@ -75,7 +75,7 @@ def main(argv=None):
     ap.add_argument("--n-train", type=int, default=60)
     ap.add_argument("--n-test", type=int, default=60)
     ap.add_argument("--time-n", type=int, default=10, help="test prompts timed live")
-    ap.add_argument("--rule", default="gold", choices=["gold", "final"])
+    ap.add_argument("--rule", default="gold", choices=LABEL_RULES)
     ap.add_argument("--features", nargs="+", default=["gap", "top_prob"])
     ap.add_argument("--tau", type=float, default=0.8, help="the gap threshold baseline (paper: 0.8)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())

@@ -92,6 +92,7 @@ def test_labels_and_oracle():
     from skip.adainfer import Trace
     tr = Trace(torch.zeros(5, 5), [7, 3, 3, 9, 3], answer=9)
     assert labels(tr, "gold") == [0, 0, 0, 1, 0] and labels(tr, "final") == [0, 1, 1, 0, 1]
+    assert labels(tr, "settled") == [0, 0, 0, 0, 1]
     assert oracle_layer(tr) == 4
     assert oracle_layer(Trace(torch.zeros(3, 5), [1, 3, 3], 3)) == 1
     with pytest.raises(ValueError, match="label rule 'best'"):
