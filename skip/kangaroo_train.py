@@ -57,6 +57,8 @@ def prompt_mix(n, data_dir=DATA, seed=0, max_words=150):
               for r in alpaca[counts["chat"]:counts["chat"] + counts["summarize"]]]
     texts += [r["question"]["stem"] for r in csqa[:counts["qa"]]]
     texts += [r["question"] for r in gsm[:counts["math"]]]
+    if len(texts) < n:  # AlpacaEval's 805 rows feed 60% of the mix
+        raise ValueError(f"{n} prompts need {counts['chat'] + counts['summarize']} AlpacaEval rows; it has {len(alpaca)}")
     rng.shuffle(texts)
     return texts
 

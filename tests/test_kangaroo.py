@@ -238,3 +238,5 @@ def test_prompt_mix_has_each_kind_in_its_share_and_is_reproducible(data_dir):
     kinds = {"summarize": sum(t.startswith("Summarize: ") for t in texts), "math": sum(t in gsm for t in texts),
              "qa": sum(t in csqa for t in texts), "chat": sum(t in alpaca for t in texts)}
     assert kinds == {k: round(100 * share) for k, share in MIX.items()} and len(set(texts)) == 100
+    with pytest.raises(ValueError, match="805"):  # more prompts than AlpacaEval can feed
+        prompt_mix(1400, data_dir)
