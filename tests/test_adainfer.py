@@ -95,6 +95,7 @@ def test_labels_and_oracle():
     assert labels(tr, "settled") == [0, 0, 0, 0, 1]
     assert oracle_layer(tr) == 4
     assert oracle_layer(Trace(torch.zeros(3, 5), [1, 3, 3], 3)) == 1
+    assert labels(Trace(torch.zeros(3, 5), [1, 3, 3], 3), "settled") == [0, 1, 1]
     with pytest.raises(ValueError, match="label rule 'best'"):
         labels(tr, "best")
 
