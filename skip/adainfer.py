@@ -109,7 +109,8 @@ def labels(tr: Trace, rule="gold"):
     if rule not in LABEL_RULES:
         raise ValueError(f"label rule {rule!r} ({', '.join(LABEL_RULES)})")
     if rule == "settled":
-        return [int(l >= oracle_layer(tr)) for l in range(len(tr.top1))]
+        stop = oracle_layer(tr)
+        return [int(l >= stop) for l in range(len(tr.top1))]
     target = tr.answer if rule == "gold" else tr.top1[-1]
     return [int(t == target) for t in tr.top1]
 

@@ -52,13 +52,13 @@ def prompt_mix(n, data_dir=DATA, seed=0, max_words=150):
         rng.shuffle(rows)
     counts = {k: round(n * share) for k, share in MIX.items()}
     counts["chat"] += n - sum(counts.values())
+    if counts["chat"] + counts["summarize"] > len(alpaca):  # AlpacaEval feeds 60% of the mix
+        raise ValueError(f"{n} prompts need {counts['chat'] + counts['summarize']} AlpacaEval rows; it has {len(alpaca)}")
     texts = [r["instruction"] for r in alpaca[:counts["chat"]]]
     texts += ["Summarize: " + " ".join(r["output"].split()[:max_words])  # answers to other instructions
               for r in alpaca[counts["chat"]:counts["chat"] + counts["summarize"]]]
     texts += [r["question"]["stem"] for r in csqa[:counts["qa"]]]
     texts += [r["question"] for r in gsm[:counts["math"]]]
-    if len(texts) < n:  # AlpacaEval's 805 rows feed 60% of the mix
-        raise ValueError(f"{n} prompts need {counts['chat'] + counts['summarize']} AlpacaEval rows; it has {len(alpaca)}")
     rng.shuffle(texts)
     return texts
 

@@ -32,8 +32,8 @@ from safetensors.torch import load_file, save_file
 from model import flops, generate, load_model, positions
 
 from .adainfer import Threshold
-from .finetune import ROOT
 from .adainfer_gen import generate_adainfer
+from .finetune import ROOT
 from .kangaroo import generate_kangaroo, load_adapter
 from .unified import generate_unified, kept_layers
 
