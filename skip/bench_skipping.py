@@ -1,10 +1,12 @@
 """Unified Layer Skipping against early exit and SkipDecode at the same target speedup: the
 paper's comparison (its translation and summarization tables) on SmolLM2-135M-Instruct and Spec-Bench.
 
-python -m skip.bench_skipping [--r 2 3 5] [--n-quality 8] [--max-new 48] [--batches 1 2 8]
+python -m skip.bench_skipping [--r 2 3 5] [--n-quality 30] [--max-new 40] [--batches 1 2 8]
 
 Quality: ROUGE-L (rouge-score) on Spec-Bench summarization and BLEU (sacrebleu) on its
-translation prompts, greedy; next-token agreement with the full model and perplexity on
+translation prompts, greedy, and for each target r the paired bootstrap of Unified's
+per-summary ROUGE-L against every other method at that r (are 30 short summaries enough to
+rank them?); next-token agreement with the full model and perplexity on
 held-out text (MT-Bench questions with their GPT-4 reference answers, teacher-forced: the
 question through all layers, the answer through the method's layers). Throughput: decode
 tokens/s at each batch size over `--tok-new` new tokens per prompt (the prefill, identical for
@@ -23,6 +25,7 @@ import statistics
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from model import flops, generate, load_model
@@ -103,7 +106,7 @@ def quality(m, tok, summ, trans, texts, full_argmax, max_new):
         return [tok.decode([t for t in o if t not in m.model.cfg.eos_token_id]).strip() for o in outs]
 
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    rouge = statistics.mean(scorer.score(ref, out)["rougeL"].fmeasure for (_, ref), out in zip(summ, answers(summ)))
+    rouges = [100 * scorer.score(ref, out)["rougeL"].fmeasure for (_, ref), out in zip(summ, answers(summ))]
     bleu = sacrebleu.corpus_bleu(answers(trans), [[ref for _, ref in trans]]).score
     agree, nll, n = 0, 0.0, 0
     for i, (prompt, response) in enumerate(texts):
@@ -111,7 +114,34 @@ def quality(m, tok, summ, trans, texts, full_argmax, max_new):
         agree += int((logits.argmax(-1) == full_argmax[i]).sum())
         nll += float(torch.nn.functional.cross_entropy(logits, torch.tensor(response), reduction="sum"))
         n += len(response)
-    return {"rougeL": 100 * rouge, "bleu": bleu, "agreement": agree / n, "perplexity": float(torch.exp(torch.tensor(nll / n)))}
+    return {"rougeL": statistics.mean(rouges), "rougeL_per_prompt": rouges, "bleu": bleu, "agreement": agree / n,
+            "perplexity": float(torch.exp(torch.tensor(nll / n)))}
+
+
+def paired_bootstrap(a, b, resamples=2000, seed=0):
+    """Mean of a - b over paired prompts, its 95% percentile-bootstrap interval (scipy), and how
+    many prompts a scores higher on."""
+    from scipy.stats import bootstrap
+
+    d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    ci = bootstrap((d,), np.mean, n_resamples=resamples, confidence_level=0.95, method="percentile",
+                   random_state=np.random.default_rng(seed)).confidence_interval
+    return {"mean": float(d.mean()), "low": float(ci.low), "high": float(ci.high), "higher": int((d > 0).sum()),
+            "n": len(d)}
+
+
+def unified_leads(rows):
+    """Per target r: Unified (its fine-tuned row when there is one) against every other row at
+    that r and the full model, paired over the same summaries."""
+    out = []
+    for r in sorted({row["r"] for row in rows if row["name"] == "unified"}):
+        at_r = [row for row in rows if row["name"] == "unified" and row["r"] == r]
+        u = max(at_r, key=lambda row: row["fine_tuned"])
+        for other in rows:
+            if other is not u and (other["r"] == r or other["name"] == "full"):
+                out.append({"r": r, "unified": u["method"], "against": other["method"],
+                            **paired_bootstrap(u["rougeL_per_prompt"], other["rougeL_per_prompt"])})
+    return out
 
 
 def throughputs(methods, prompts, batch, n_new, runs):
@@ -149,7 +179,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=ROOT / "weights" / "smollm2-135m-instruct")
     ap.add_argument("--r", type=int, nargs="+", default=[2, 3, 5])
-    ap.add_argument("--n-quality", type=int, default=6, help="Spec-Bench prompts per category")
+    ap.add_argument("--n-quality", type=int, default=30, help="Spec-Bench prompts per category")
     ap.add_argument("--n-heldout", type=int, default=10, help="MT-Bench reference answers")
     ap.add_argument("--heldout-tokens", type=int, default=64, help="reference-answer tokens scored per text")
     ap.add_argument("--max-new", type=int, default=40)
@@ -158,6 +188,8 @@ def main(argv=None):
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--out", type=Path, default=ROOT / "runs")
     a = ap.parse_args(argv)
+    if a.n_quality < 2:
+        ap.error("--n-quality must be at least 2: the paired bootstrap resamples the summaries")
     torch.set_grad_enabled(False)
     base, tok = load_model(a.model), load_tokenizer(a.model)
     L = base.cfg.n_layers
@@ -195,9 +227,10 @@ def main(argv=None):
                 t["speedup"] = t["tokens_per_s"] / ref[b]["tokens_per_s"]
                 t["flops_ceiling"] = ref[b]["flops"] / t["flops"]
     a.out.mkdir(parents=True, exist_ok=True)
-    res = {"model": str(a.model), "args": {k: str(v) for k, v in vars(a).items()}, "rows": rows}
+    res = {"model": str(a.model), "args": {k: str(v) for k, v in vars(a).items()}, "rows": rows,
+           "rougeL_paired": unified_leads(rows)}
     (a.out / "bench-skipping.json").write_text(json.dumps(res, indent=2))
-    md = table(rows, a.batches)
+    md = table(rows, a.batches) + "\n\n" + paired_table(res["rougeL_paired"])
     (a.out / "bench-skipping.md").write_text(md + "\n")
     print(json.dumps(res, indent=2))
     print(md)
@@ -215,6 +248,15 @@ def table(rows, batches):
             cells.append("N/A" if t is None else f"{t['tokens_per_s']:.1f} ({t['speedup']:.2f}x / {t['flops_ceiling']:.2f}x)")
         lines.append(f"| {r['method']} | {r['rougeL']:.1f} | {r['bleu']:.1f} | {r['agreement']:.3f} | "
                      f"{r['perplexity']:.1f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def paired_table(pairs):
+    lines = ["| r | Unified | against | ROUGE-L difference (95% bootstrap) | summaries where Unified is higher |",
+             "|---|---|---|---|---|"]
+    for p in pairs:
+        lines.append(f"| {p['r']}x | {p['unified']} | {p['against']} | {p['mean']:+.1f} ({p['low']:+.1f} to "
+                     f"{p['high']:+.1f}) | {p['higher']} / {p['n']} |")
     return "\n".join(lines)
 
 

@@ -112,7 +112,7 @@ def main(argv=None):
     ap.add_argument("--r", type=int, default=2, help="target speedup")
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--minutes", type=float, default=30.0, help="wall-clock budget (default about 30 minutes)")
-    ap.add_argument("--lr", type=float, default=2e-5)
+    ap.add_argument("--lr", type=float, default=3e-5)
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")
