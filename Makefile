@@ -29,7 +29,7 @@ test: weights
 demo: weights
 	$(PY) -m skip.demo
 
-# Every benchmark below in one run: runs/bench.{json,md} and runs/summary.png (about 40 minutes on
+# Every benchmark below in one run: runs/bench.{json,md} and runs/summary.png (about an hour on
 # 2 cores); bench-quick takes small samples (about 10 minutes) and writes to runs/quick/.
 bench: weights
 	$(PY) -m skip.bench

@@ -4,7 +4,7 @@ Kangaroo on Spec-Bench; then one combined JSON, one markdown report and one summ
 
 python -m skip.bench [--quick] [--parts decoder adainfer ...] [--summary-only]
 --quick takes small samples (about 10 minutes on 2 CPU cores) and writes to runs/quick/; the
-full run (about 40 minutes) uses the settings behind the README's tables and writes to
+full run (about an hour) uses the settings behind the README's tables and writes to
 runs/. --summary-only rebuilds bench.json, bench.md and summary.png from the parts' JSON.
 """
 from __future__ import annotations
