@@ -3,7 +3,7 @@ the `tokenizers` library reading the tokenizer.json our converter writes."""
 import json
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from tokenizer import BPETokenizer, SentencePieceTokenizer, chatml, load_tokenizer
@@ -60,8 +60,9 @@ text_strategy = st.text(st.characters(exclude_categories=("Cs", "Cn", "Co")), ma
              max_size=20).map("".join)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300, deadline=None, derandomize=True)  # the same 300 texts in every run
 @given(text_strategy)
+@example('"\x16:')  # found by a random run: 0x16 has no token, and '"' ':' then merge
 def test_random_unicode_matches_and_round_trips(ours, hf_tok, from_json, text):
     ids = ours.encode(text)
     assert ids == hf_tok.encode(text, add_special_tokens=False)

@@ -116,7 +116,9 @@ class BPETokenizer:
     def _bpe(self, chunk: str) -> list[int]:
         if chunk in self._cache:
             return self._cache[chunk]
-        word = [self.byte_char[b] for b in chunk.encode("utf-8")]
+        # A byte with no token (SmolLM2 lacks e.g. 0x16) is dropped before merging, as the
+        # tokenizers library does: its neighbours may then merge ('"', 0x16, ':' -> '":').
+        word = [c for c in (self.byte_char[b] for b in chunk.encode("utf-8")) if c in self.vocab]
         while len(word) > 1:
             pairs = [(self.ranks.get(p, float("inf")), p) for p in zip(word, word[1:])]
             rank, best = min(pairs, key=lambda rp: rp[0])
@@ -131,8 +133,7 @@ class BPETokenizer:
                     merged.append(word[i])
                     i += 1
             word = merged
-        # A byte with no token (SmolLM2 lacks e.g. 0x16) is dropped, as the tokenizers library does.
-        ids = [self.vocab[s] for s in word if s in self.vocab]
+        ids = [self.vocab[s] for s in word]
         self._cache[chunk] = ids
         return ids
 
