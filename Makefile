@@ -27,18 +27,18 @@ test: weights
 
 # The three methods side by side on four built-in prompts (under 5 minutes on 2 cores).
 demo: weights
-	$(PY) -m skip.demo
+	$(PY) -m skip.harness.demo
 
 # Every benchmark below in one run: runs/bench.{json,md} and runs/summary.png (about an hour on
 # 2 cores); bench-quick takes small samples (about 10 minutes) and writes to runs/quick/.
 bench: weights
-	$(PY) -m skip.bench
+	$(PY) -m skip.harness.bench
 
 bench-quick: weights
-	$(PY) -m skip.bench --quick
+	$(PY) -m skip.harness.bench --quick
 
 bench-decoder: weights
-	$(PY) -m model.bench --model $(MODEL)
+	$(PY) -m skip.harness.bench_decoder
 
 # One checkpoint per method and target speedup in weights/<method>-<r>x (about FT_MINUTES each).
 SKIP_R     ?= 2 3 5
@@ -48,7 +48,7 @@ finetune-skipping: weights
 		$(PY) -m skip.finetune --method $$m --r $$r --minutes $(FT_MINUTES) || exit 1; done; done
 
 bench-skipping: weights
-	$(PY) -m skip.bench_skipping --r $(SKIP_R)
+	$(PY) -m skip.harness.bench_skipping --r $(SKIP_R)
 
 # Kangaroo's adapter for SmolLM2 (committed, so tests and demo need not retrain it): 26
 # minutes on 2 CPU cores; answers and hidden states are cached in runs/kangaroo/.
@@ -57,7 +57,7 @@ kangaroo: weights
 	$(PY) -m skip.kangaroo_train --l $(KANGAROO_L)
 
 bench-kangaroo: weights
-	$(PY) -m skip.bench_kangaroo
+	$(PY) -m skip.harness.bench_kangaroo
 
 clean:
 	rm -rf $(VENV) .pytest_cache

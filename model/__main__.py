@@ -11,15 +11,13 @@ from pathlib import Path
 
 import torch
 
-from tokenizer import chatml, load_tokenizer
+from tokenizer import encode_chat, load_tokenizer
+from weights import DEFAULT_MODEL
 
 from . import flops
 from .decoder import positions
 from .generate import generate
 from .loader import load_model
-
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "weights" / "smollm2-135m-instruct"
-
 
 def open_model(path, dtype="float32"):
     path = Path(path)
@@ -55,8 +53,7 @@ def stream(model, tok, ids, out=sys.stdout, **kw):
 
 def cmd_generate(a):
     model, tok, chat = open_model(a.model, a.dtype)
-    text = chatml([{"role": "user", "content": a.prompt}]) if chat and not a.no_chat else a.prompt
-    ids = tok.encode(text)
+    ids = encode_chat(tok, a.prompt) if chat and not a.no_chat else tok.encode(a.prompt)
     gen = torch.Generator().manual_seed(a.seed)
     _, s = stream(model, tok, ids, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
                   top_k=a.top_k, top_p=a.top_p, generator=gen)
@@ -71,7 +68,7 @@ def cmd_demo(a):
     question = "What is the capital of France? Answer in one sentence."
     print(f"model: {a.model}\n  {cfg.n_layers} layers, d={cfg.dim}, {cfg.n_heads} heads / {cfg.n_kv_heads} KV heads, "
           f"vocab {cfg.vocab_size}\n\nuser: {question}\nassistant: ", end="")
-    ids = tok.encode(chatml([{"role": "user", "content": question}]) if chat else question)
+    ids = encode_chat(tok, question) if chat else tok.encode(question)
     with model.recording() as runs:
         new, s = stream(model, tok, ids, max_new_tokens=48)
     print(f"\n{len(new)} tokens, prefill {s['prefill_s'] * 1000:.0f} ms, {s['decode_tokens_per_s']:.1f} tokens/s; "

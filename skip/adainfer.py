@@ -55,25 +55,18 @@ class Trace:
     answer: int
 
 
-def _layer_stream(model, ids, vocab, out):
-    """Run the layers one by one on the prompt; after each, yield its feature row and leave its
-    prediction in out["pred"], its index in out["layer"]. Stops running when not iterated."""
-    x = torch.tensor([ids])
-    pos = positions(None, 0, x.shape[1])
-    h = model.embed_tokens(x, pos)
-    prev = {"h": h[0, -1], "a": None, "m": None}
-    captured = {}
+class LayerStream:
+    """One position's (h, attn, mlp) outputs layer after layer, for the cosine features: step()
+    after each layer with run_layers' callback arguments, then row(logits) for its FEATURES."""
 
-    def grab(i, h_, a, m):
-        captured.update(a=a[0, -1], m=m[0, -1])
+    def __init__(self, h0):  # (B, T, d): the embeddings, the "previous layer" of layer 0
+        self.cur = {"h": h0[0, -1], "a": None, "m": None}
 
-    for layer in range(model.cfg.n_layers):
-        h = model.run_layers(h, pos, layers=[layer], callback=grab)
-        cur = {"h": h[0, -1], "a": captured["a"], "m": captured["m"]}
-        row, idx = feature_row(model.logits(h, last_only=True, vocab=vocab)[0, -1], cur, prev)
-        prev = cur
-        out["pred"], out["layer"] = (idx if vocab is None else int(vocab[idx])), layer
-        yield row
+    def step(self, h, attn_out, mlp_out):
+        self.prev, self.cur = self.cur, {"h": h[0, -1], "a": attn_out[0, -1], "m": mlp_out[0, -1]}
+
+    def row(self, logits):
+        return feature_row(logits, self.cur, self.prev)
 
 
 def feature_row(logits, cur, prev):
@@ -84,13 +77,26 @@ def feature_row(logits, cur, prev):
     return [float(top2.values[0] - top2.values[1]), float(top2.values[0])] + cos, int(top2.indices[0])
 
 
+def prompt_pass(model, ids, vocab, on_layer):
+    """The prompt through the layers; after each, on_layer(layer, feature row, predicted id) ->
+    True stops the pass there (run_layers' callback)."""
+    x = torch.tensor([ids])
+    pos = positions(None, 0, x.shape[1])
+    h = model.embed_tokens(x, pos)  # (1, T, d)
+    stream = LayerStream(h)
+
+    def callback(layer, h, attn_out, mlp_out):
+        stream.step(h, attn_out, mlp_out)
+        row, idx = stream.row(model.logits(h, last_only=True, vocab=vocab)[0, -1])
+        return on_layer(layer, row, idx if vocab is None else int(vocab[idx]))
+    model.run_layers(h, pos, callback=callback)
+
+
 @torch.inference_mode()
 def trace(model, ids, answer, vocab=None) -> Trace:
     """Features and predictions of every layer (one full pass), for training and analysis."""
-    out, rows, top1 = {}, [], []
-    for row in _layer_stream(model, ids, vocab, out):
-        rows.append(row)
-        top1.append(out["pred"])
+    rows, top1 = [], []
+    prompt_pass(model, ids, vocab, lambda layer, row, pred: rows.append(row) or top1.append(pred))
     return Trace(torch.tensor(rows), top1, answer)
 
 
@@ -218,6 +224,11 @@ def load_classifier(path, model_cfg):
 @torch.inference_mode()
 def predict(model, ids, clf, vocab=None):
     """AdaInfer on one prompt: layers run until clf says stop. Returns (token id, exit layer)."""
-    out = {}
-    clf.stop_at(_layer_stream(model, ids, vocab, out))
+    out = {"state": None}
+
+    def decide(layer, row, pred):
+        out["state"], stop = clf.step(out["state"], clf.pick(row))
+        out.update(pred=pred, layer=layer)
+        return stop
+    prompt_pass(model, ids, vocab, decide)
     return out["pred"], out["layer"]

@@ -16,11 +16,9 @@ token skips is skipped by every later token too, so no key/value is ever missing
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from model import generate
 
-import torch
-
-from model import KVCache, generate, next_token, positions
+from .exit_decode import decode_with_exit
 
 
 # ---------------------------------------------------------------- SkipDecode
@@ -49,41 +47,23 @@ def generate_skipdecode(model, prompts, r, max_new_tokens=32, **kw):
 
 
 # ---------------------------------------------------------------- early exit
-@dataclass
-class EarlyExit:
-    tokens: list[int]
-    exit_layers: list[int]  # per generated token fed back: the last layer it ran (L - 1 = none)
-    logits: list[torch.Tensor]  # (V,) the logits each token was chosen from
+class ConfidenceCheck:
+    """Stop after the first layer whose logit lens gives its top token probability >= tau; at
+    the last layer the lens is the model's own output, so every layer costs one head call."""
+
+    def __init__(self, model, tau):
+        self.model, self.tau = model, tau
+
+    def __call__(self, layer, h, attn_out, mlp_out):
+        self.layer, self.logits = layer, self.model.logits(h, last_only=True)[0, -1]  # (V,)
+        return bool(self.logits.float().softmax(-1).max() >= self.tau)
 
 
-@torch.inference_mode()
 def generate_early_exit(model, prompt, tau, max_new_tokens=32, eos=None, forced=None, **sampling):
-    """Batch size 1 (a per-token exit cannot keep a batch in step). prompt: list of ids.
+    """Batch size 1; prompt: list of ids. Returns an ExitDecode (tokens, exit_layers, logits).
     forced: feed these tokens instead of the model's own (teacher forcing, for perplexity)."""
-    cfg = model.cfg
-    L, eos = cfg.n_layers, set(cfg.eos_token_id if eos is None else eos)
-    n = max_new_tokens if forced is None else len(forced)
-    cache = KVCache.for_model(cfg, 1, len(prompt) + n, dtype=model.head.weight.dtype)
-    logits = model(torch.tensor([prompt]), cache=cache, last_only=True)  # the prompt: all layers
-    res = EarlyExit([], [], [])
-    for step in range(n):
-        res.logits.append(logits[0, -1].float())
-        tok = next_token(logits[:, -1].float(), **sampling) if forced is None else torch.tensor([forced[step]])
-        res.tokens.append(int(tok))
-        if (forced is None and int(tok) in eos) or step == n - 1:
-            break
-        start = len(prompt) + step
-        pos = positions(None, start, 1)
-        h = model.embed_tokens(tok[:, None], pos)
-        for layer in range(L):
-            h = model.run_layers(h, pos, layers=[layer], cache=cache, start=start)
-            logits = model.logits(h, last_only=True)  # the confidence check (and the final logits)
-            if logits.float().softmax(-1).max() >= tau:
-                break
-        for above in range(layer + 1, L):  # state propagation into the skipped layers
-            model.fill_kv(above, h, pos, cache, start)
-        res.exit_layers.append(layer)
-    return res
+    return decode_with_exit(model, prompt, lambda h: ConfidenceCheck(model, tau), max_new_tokens, eos, forced,
+                            **sampling)
 
 
 def calibrate_threshold(model, prompts, r, max_new_tokens=32, iters=8):

@@ -21,18 +21,15 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from model import load_model, save_model
-from tokenizer import chatml, load_tokenizer
+from tokenizer import encode_chat, load_tokenizer
 
+from . import DATA, DEFAULT_MODEL, WEIGHTS
 from .baselines import skipdecode_layers, skipdecode_schedule
 from .layerwise import layerwise_forward, prompt_then
-from .progress import Progress
 from .unified import kept_layers
-
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
-
 
 def training_pairs(tok, data_dir=DATA, max_tokens=256, seed=0):
     """(prompt ids, response ids) from AlpacaEval and GSM8K train, shuffled with a seed."""
@@ -43,7 +40,7 @@ def training_pairs(tok, data_dir=DATA, max_tokens=256, seed=0):
     random.Random(seed).shuffle(texts)
     pairs = []
     for instruction, response in texts:
-        p = tok.encode(chatml([{"role": "user", "content": instruction}]))
+        p = encode_chat(tok, instruction)
         r = tok.encode(response + "<|im_end|>")
         if len(p) + 8 <= max_tokens:
             pairs.append((p, r[:max_tokens - len(p)]))
@@ -86,7 +83,7 @@ def finetune(model, pairs, layer_set, steps, minutes=None, lr=2e-5, warmup=20, c
         p.requires_grad_(not name.startswith(("embed.", "pos_embed.", "head.")))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    bar, losses, t0 = Progress(steps, desc), [], time.perf_counter()
+    bar, losses, t0 = tqdm(total=steps, desc=desc), [], time.perf_counter()
     for step in range(steps):
         if not set_lr(opt, lr, step, steps, warmup, t0, minutes):
             break
@@ -97,7 +94,8 @@ def finetune(model, pairs, layer_set, steps, minutes=None, lr=2e-5, warmup=20, c
         torch.nn.utils.clip_grad_norm_(params, clip)
         opt.step()
         losses.append(loss.item())
-        bar.update(loss=sum(losses[-20:]) / len(losses[-20:]))
+        bar.set_postfix(loss=sum(losses[-20:]) / len(losses[-20:]), refresh=False)
+        bar.update()
     bar.close()
     model.eval()
     for p in model.parameters():
@@ -107,7 +105,7 @@ def finetune(model, pairs, layer_set, steps, minutes=None, lr=2e-5, warmup=20, c
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", type=Path, default=ROOT / "weights" / "smollm2-135m-instruct")
+    ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     ap.add_argument("--method", choices=["unified", "skipdecode"], default="unified")
     ap.add_argument("--r", type=int, default=2, help="target speedup")
     ap.add_argument("--steps", type=int, default=2000)
@@ -119,7 +117,7 @@ def main(argv=None):
     ap.add_argument("--out", type=Path)
     a = ap.parse_args(argv)
     torch.manual_seed(a.seed)
-    out = a.out or ROOT / "weights" / f"{a.method}-{a.r}x"
+    out = a.out or WEIGHTS / f"{a.method}-{a.r}x"
     model = load_model(a.model).to(a.device)
     pairs = training_pairs(load_tokenizer(a.model), max_tokens=a.max_tokens, seed=a.seed)
     layer_set = response_layer_sets(a.method, model.cfg.n_layers, a.r)

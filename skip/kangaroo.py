@@ -66,8 +66,8 @@ class Adapter(nn.Module):
     def new_cache(self, max_len, dtype=torch.float32):
         return KVCache(1, 1, max_len, self.cfg.n_kv_heads, self.cfg.head_dim, dtype)
 
-    def forward(self, h, rope, cache=None, start=0, mask=None):  # (B, T, d) -> (B, T, d)
-        a = self.attn(self.norm_in(h), rope, mask, cache, 0, start, "sdpa")
+    def forward(self, h, rope, cache=None, start=0, mask=None, impl="sdpa"):  # (B, T, d) -> (B, T, d)
+        a = self.attn(self.norm_in(h), rope, mask, cache, 0, start, impl)
         return self.norm_out(h + a)  # already normalised: the head reads it directly
 
 
@@ -154,6 +154,97 @@ class KangarooOutput:
     rounds: list = field(default_factory=list)
 
 
+@dataclass
+class Drafter:
+    """The draft model M^d = H . A . M^s of one decoding, with its sampling settings."""
+    model: nn.Module
+    adapter: Adapter | None  # None: M's own final norm and head read h_l (the adapter-free peer)
+    l: int
+    W: torch.Tensor  # (V', d) the draft head's rows: H, or its top-K rows (extension)
+    vocab: torch.Tensor | None  # (V',) token id of each row of W when it is a top-K head
+    temperature: float
+    top_p: float
+    generator: torch.Generator | None
+
+
+@dataclass
+class State:
+    """What a round hands the next: slots [0, n) are cached in every layer of M."""
+    cache: KVCache  # M's keys/values
+    acache: KVCache | None  # A's: slots [0, n), or [0, n - 1) after a fully accepted round
+    n: int  # the slot of x
+    x: int  # the last committed token (its slot is not cached yet)
+    last_h: torch.Tensor | None = None  # h_l at slot n - 1, which A has not read after a fully accepted round
+
+
+def draft_logits(d: Drafter, st: State, h_l, slot):
+    """M^d on M^s's output h_l (1, 1, d) at slot: logits (V',) of the token after it."""
+    model = d.model
+    if d.adapter is None:
+        return model.logits(h_l)[0, -1]
+    if st.acache.lengths[0] < slot:  # every draft was accepted: A reads the last one now, with this one
+        h_l, slot = torch.cat([st.last_h, h_l], 1), slot - 1  # (1, 2, d)
+    t = h_l.shape[1]
+    z = d.adapter(h_l, model.rope(torch.arange(slot, slot + t)[None]), st.acache, slot,
+                  attention_mask(None, slot, t), model.attn_impl)[:, -1]  # (1, d)
+    if model.runs is not None:
+        model.runs += [AttnRun(1, t, slot), HeadRun(1, 1, d.W.shape[0])]
+    return (z @ d.W.T)[0]
+
+
+def draft(d: Drafter, st: State, budget, eta):
+    """Sec. 3.2: from x, M^s (first early exit, at layer l; its keys/values stay cached) and M^d
+    propose at most `budget` tokens; drafting stops after a draft whose top probability is below
+    eta (second early exit). Returns the drafts d_1..d_k, their draft distributions q (sampling
+    only) and the k + 1 exited states h_l of x, d_1, ..., d_k: the last draft is verified too,
+    since its h_l is computed anyway (as in the official code)."""
+    model, drafts, qs, hs, tok, conf = d.model, [], [], [], st.x, 1.0
+    for step in range(budget + 1):
+        slot = st.n + step
+        pos = torch.tensor([[slot]])
+        h_l = model.run_layers(model.embed_tokens(torch.tensor([[tok]]), pos), pos, range(d.l), st.cache, start=slot)
+        hs.append(h_l)
+        if step == budget or conf < eta:
+            break
+        z = draft_logits(d, st, h_l, slot)  # (V')
+        if d.temperature == 0:
+            j = int(z.argmax())
+            conf = float(z.float().softmax(-1)[j])
+        else:
+            qv = probs(z, d.temperature, d.top_p)  # (V')
+            j = int(torch.multinomial(qv, 1, generator=d.generator))
+            conf = float(qv.max())
+            qs.append(qv if d.vocab is None else torch.zeros(model.cfg.vocab_size).index_put_((d.vocab,), qv))
+        tok = j if d.vocab is None else int(d.vocab[j])
+        drafts.append(tok)
+    return drafts, qs, hs
+
+
+def verify(d: Drafter, st: State, hs):
+    """Layers [l, L) once on the k + 1 exited states (M^s never runs twice on a slot): M's logits (k + 1, V)."""
+    model = d.model
+    pos = torch.arange(st.n, st.n + len(hs))[None]  # (1, k + 1)
+    h = model.run_layers(torch.cat(hs, 1), pos, range(d.l, model.cfg.n_layers), st.cache, start=st.n)
+    return model.logits(h)[0]
+
+
+def kangaroo_round(d: Drafter, st: State, budget, eta):
+    """One round: draft, verify, accept, crop. Returns the Round and the a + 1 tokens it commits."""
+    drafts, qs, hs = draft(d, st, budget, eta)  # 1. draft
+    p_logits = verify(d, st, hs)  # 2. verify
+    if d.temperature == 0:  # the longest prefix that M's greedy choice agrees with, plus M's token
+        a, nxt = accept_greedy(p_logits, drafts)
+    else:
+        a, nxt = accept_sampled(probs(p_logits, d.temperature, d.top_p), torch.stack(qs) if qs else None,
+                                drafts, d.generator)
+    st.n += a + 1  # 3. keep x and the accepted drafts; drop the rest from every cache
+    st.cache.crop(st.n)
+    if st.acache is not None:
+        st.acache.crop(st.n)
+    st.last_h = hs[-1]
+    return Round(len(drafts), a), drafts[:a] + [nxt]
+
+
 @torch.inference_mode()
 def generate_kangaroo(model, prompt, adapter=None, l=None, max_new_tokens=64, gamma=6, eta=0.6,
                       draft_vocab=None, temperature=0.0, top_p=1.0, generator=None, eos=None, on_round=None):
@@ -173,90 +264,39 @@ def generate_kangaroo(model, prompt, adapter=None, l=None, max_new_tokens=64, ga
         raise ValueError("need gamma >= 0, 0 <= eta <= 1, temperature >= 0, 0 < top_p <= 1")
     if not prompt or any(not 0 <= t < cfg.vocab_size for t in prompt):
         raise ValueError(f"prompt must be non-empty token ids in [0, {cfg.vocab_size})")
-    eos = set(cfg.eos_token_id if eos is None else eos)
-    shallow, deep = range(l), range(l, L)
-    T = len(prompt)
-    max_len = T + max_new_tokens + gamma + 1
-    dtype = model.head.weight.dtype
-    cache = KVCache.for_model(cfg, 1, max_len, dtype=dtype)
-    acache = adapter.new_cache(max_len, dtype) if adapter is not None else None
     vocab, W = None, model.head.weight  # (V, d)
     if draft_vocab:
         if adapter is None or len(adapter.frequent) < draft_vocab:
             raise ValueError(f"draft_vocab={draft_vocab} needs an adapter with that many frequent tokens")
         vocab = adapter.frequent[:draft_vocab]
         W = W[vocab].contiguous()  # (K, d), gathered once, not per step
-
-    def draft_logits(h_l, start):  # M^d on the exited hidden state (1, 1, d) at slot start -> (V',)
-        if adapter is None:
-            return model.logits(h_l)[0, -1]
-        if acache.lengths[0] < start:  # all drafts were accepted: A has not seen the last one yet
-            h_l, start = torch.cat([last_h, h_l], 1), start - 1  # (1, 2, d)
-        t = h_l.shape[1]
-        z = adapter(h_l, model.rope(torch.arange(start, start + t)[None]), acache, start,
-                    attention_mask(None, start, t))[:, -1]  # (1, d)
-        if model.runs is not None:
-            model.runs += [AttnRun(1, t, start), HeadRun(1, 1, W.shape[0])]
-        return (z @ W.T)[0]
-
-    def to_vocab(x):  # index into W's rows -> token id
-        return int(x) if vocab is None else int(vocab[x])
-
-    def pick(logits):  # M's choice from full-vocabulary logits (V,)
-        if temperature == 0:
-            return int(logits.argmax())
-        return int(torch.multinomial(probs(logits, temperature, top_p), 1, generator=generator))
+    d = Drafter(model, adapter, l, W, vocab, temperature, top_p, generator)
+    eos = set(cfg.eos_token_id if eos is None else eos)
+    T, dtype = len(prompt), model.head.weight.dtype
+    max_len = T + max_new_tokens + gamma + 1
+    cache = KVCache.for_model(cfg, 1, max_len, dtype=dtype)
+    acache = adapter.new_cache(max_len, dtype) if adapter is not None else None
 
     # prefill: M on the prompt; A on the prompt's h_l fills the adapter cache
     pos = torch.arange(T)[None]
-    h = model.run_layers(model.embed_tokens(torch.tensor([prompt]), pos), pos, shallow, cache)
+    h = model.run_layers(model.embed_tokens(torch.tensor([prompt]), pos), pos, range(l), cache)
     if adapter is not None:
-        adapter(h, model.rope(pos), acache, 0, None)
+        adapter(h, model.rope(pos), acache, 0, None, model.attn_impl)
         if model.runs is not None:
             model.runs.append(AttnRun(1, T, 0))
-    x = pick(model.logits(model.run_layers(h, pos, deep, cache), last_only=True)[0, -1])
-    out = KangarooOutput([x])
-    n = T  # slot of x, the last committed token; slots [0, n) are cached in every layer
-    while len(out.tokens) < max_new_tokens and x not in eos:
+    logits = model.logits(model.run_layers(h, pos, range(l, L), cache), last_only=True)[0, -1]
+    x = int(logits.argmax()) if temperature == 0 else \
+        int(torch.multinomial(probs(logits, temperature, top_p), 1, generator=generator))
+    st, out = State(cache, acache, T, x), KangarooOutput([x])
+    while len(out.tokens) < max_new_tokens and st.x not in eos:
         budget = min(gamma, max_new_tokens - len(out.tokens) - 1)  # never draft past the end
-        drafts, qs, hs, tok = [], [], [], x  # x's slot n is not cached yet
-        for step in range(budget + 1):  # 1. draft (first early exit at layer l)
-            pos = torch.tensor([[n + step]])
-            h_l = model.run_layers(model.embed_tokens(torch.tensor([[tok]]), pos), pos, shallow, cache, start=n + step)
-            hs.append(h_l)
-            if step == budget or (step > 0 and conf < eta):  # second early exit (Sec. 3.2)
-                break  # the last draft is still verified: its h_l is already computed
-            z = draft_logits(h_l, n + step)  # (V')
-            if temperature == 0:
-                j = int(z.argmax())
-                conf = float(z.float().softmax(-1)[j])
-            else:
-                qv = probs(z, temperature, top_p)  # (V')
-                j = int(torch.multinomial(qv, 1, generator=generator))
-                conf = float(qv.max())
-                qs.append(qv if vocab is None else torch.zeros(cfg.vocab_size).index_put_((vocab,), qv))
-            tok = to_vocab(j)
-            drafts.append(tok)
-        k = len(drafts)
-        pos = torch.arange(n, n + k + 1)[None]  # 2. verify: layers [l, L) once on x, d_1..d_k
-        p_logits = model.logits(model.run_layers(torch.cat(hs, 1), pos, deep, cache, start=n))[0]  # (k+1, V)
-        if temperature == 0:
-            a, nxt = accept_greedy(p_logits, drafts)
-        else:
-            a, nxt = accept_sampled(probs(p_logits, temperature, top_p), torch.stack(qs) if qs else None,
-                                    drafts, generator)
-        n += a + 1  # 3. keep x and the accepted drafts; drop the rest everywhere
-        cache.crop(n)
-        if acache is not None:
-            acache.crop(n)
-        last_h = hs[-1]  # A's input at slot n - 1 when every draft was accepted
-        out.rounds.append(Round(k, a))
-        new = drafts[:a] + [nxt]
+        rnd, new = kangaroo_round(d, st, budget, eta)
+        out.rounds.append(rnd)
         for t in new:
             out.tokens.append(t)
             if t in eos or len(out.tokens) == max_new_tokens:
                 break
-        x = out.tokens[-1]
+        st.x = out.tokens[-1]
         if on_round is not None:
-            on_round(list(out.tokens), (cache, acache))
+            on_round(list(out.tokens), (st.cache, st.acache))
     return out

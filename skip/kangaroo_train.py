@@ -25,17 +25,17 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from tqdm import tqdm
 
 from model import generate, load_model
-from tokenizer import chatml, load_tokenizer
+from tokenizer import encode_chat, load_tokenizer
 
-from .finetune import DATA, ROOT, set_lr
+from . import DATA, DEFAULT_MODEL, RUNS, WEIGHTS
+from .finetune import set_lr
 from .kangaroo import Adapter, save_adapter
-from .progress import Progress
 
-CACHE = ROOT / "runs" / "kangaroo"
+CACHE = RUNS / "kangaroo"
 
 
 MIX = {"chat": 0.35, "summarize": 0.25, "qa": 0.2, "math": 0.2}  # shares of the prompts
@@ -68,12 +68,13 @@ def self_distill(model, prompts, new_tokens, batch=16, path=None):
     if path is not None and path.exists():
         return json.loads(path.read_text())
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths: less padding
-    seqs, bar = [None] * len(prompts), Progress(len(prompts), "self-distillation answers")
+    seqs, bar = [None] * len(prompts), tqdm(total=len(prompts), desc="self-distillation answers")
     for s in range(0, len(order), batch):
         idx = order[s:s + batch]
         for i, ans in zip(idx, generate(model, [prompts[i] for i in idx], max_new_tokens=new_tokens)):
             seqs[i] = {"prompt": len(prompts[i]), "ids": prompts[i] + ans}
         bar.update(len(idx))
+    bar.close()
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(seqs))
@@ -86,7 +87,7 @@ def exit_states(model, seqs, l, path=None):
     if path is not None and path.exists():
         t = load_file(str(path))
         return [(t[f"{i}.l"], t[f"{i}.L"]) for i in range(len(seqs))]
-    out, bar = [], Progress(len(seqs), f"caching h_{l} and h_L")
+    out, bar = [], tqdm(total=len(seqs), desc=f"caching h_{l} and h_L")
     for s in seqs:
         ids = torch.tensor([s["ids"]], device=model.head.weight.device)
         pos = torch.arange(ids.shape[1], device=ids.device)[None]
@@ -94,6 +95,7 @@ def exit_states(model, seqs, l, path=None):
         h_L = model.run_layers(h_l, pos, range(l, model.cfg.n_layers))
         out.append((h_l[0].cpu(), h_L[0].cpu()))
         bar.update()
+    bar.close()
     if path is not None:
         save_file({f"{i}.{k}": x.contiguous() for i, pair in enumerate(out) for k, x in zip("lL", pair)}, str(path))
     return out
@@ -135,7 +137,7 @@ def train(model, adapter, states, seqs, idx, steps, minutes=None, lr=1e-3, batch
     """AdamW, linear warmup then cosine decay over steps or minutes (whichever ends first)."""
     opt = torch.optim.AdamW(adapter.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     rng, device = random.Random(seed), model.head.weight.device
-    bar, losses, t0 = Progress(steps, "training the adapter"), [], time.perf_counter()
+    bar, losses, t0 = tqdm(total=steps, desc="training the adapter"), [], time.perf_counter()
     adapter.train()
     for step in range(steps):
         if not set_lr(opt, lr, step, steps, warmup, t0, minutes):
@@ -146,13 +148,14 @@ def train(model, adapter, states, seqs, idx, steps, minutes=None, lr=1e-3, batch
         torch.nn.utils.clip_grad_norm_(adapter.parameters(), clip)
         opt.step()
         losses.append(loss.item())
-        bar.update(loss=sum(losses[-20:]) / len(losses[-20:]), agree=float(agree))
+        bar.set_postfix(loss=sum(losses[-20:]) / len(losses[-20:]), agree=float(agree), refresh=False)
+        bar.update()
     bar.close()
     adapter.eval()
     return losses
 
 
-def frequent_tokens(seqs, vocab_size):
+def tokens_by_frequency(seqs, vocab_size):
     """Every token id, most frequent in the training answers first (ties: lower id first)."""
     counts = torch.zeros(vocab_size, dtype=torch.long)
     for s in seqs:
@@ -162,7 +165,7 @@ def frequent_tokens(seqs, vocab_size):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", type=Path, default=ROOT / "weights" / "smollm2-135m-instruct")
+    ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     ap.add_argument("--l", type=int, default=2, help="exit layer: A reads the output of layers [0, l)")
     ap.add_argument("--prompts", type=int, default=480, help="prompts answered for self-distillation")
     ap.add_argument("--new-tokens", type=int, default=128, help="length of each greedy answer")
@@ -178,7 +181,7 @@ def main(argv=None):
     torch.manual_seed(a.seed)
     model = load_model(a.model).to(a.device).requires_grad_(False)
     tok = load_tokenizer(a.model)
-    prompts = [tok.encode(chatml([{"role": "user", "content": t}])) for t in prompt_mix(a.prompts, seed=a.seed)]
+    prompts = [encode_chat(tok, t) for t in prompt_mix(a.prompts, seed=a.seed)]
     tag = f"{a.model.name}-mix{a.prompts}x{a.new_tokens}-seed{a.seed}"
     seqs = self_distill(model, prompts, a.new_tokens, path=CACHE / f"answers-{tag}.json")
     states = exit_states(model, seqs, a.l, path=CACHE / f"states-{tag}-l{a.l}.safetensors")
@@ -188,8 +191,8 @@ def main(argv=None):
     before = agreement(model, adapter, states, seqs, test_idx, a.device)
     losses = train(model, adapter, states, seqs, train_idx, a.steps, a.minutes, a.lr, a.batch, seed=a.seed)
     after = agreement(model, adapter, states, seqs, test_idx, a.device)
-    adapter.frequent = torch.tensor(frequent_tokens([seqs[i] for i in train_idx], model.cfg.vocab_size))
-    out = a.out or ROOT / "weights" / f"kangaroo-l{a.l}"
+    adapter.frequent = torch.tensor(tokens_by_frequency([seqs[i] for i in train_idx], model.cfg.vocab_size))
+    out = a.out or WEIGHTS / f"kangaroo-l{a.l}"
     save_adapter(adapter.cpu(), out, base_model=a.model.name, data={**SOURCES, "mix": MIX},
                  prompts=a.prompts, new_tokens=a.new_tokens, train_sequences=len(train_idx), steps=len(losses),
                  lr=a.lr, batch=a.batch, seed=a.seed, final_loss_avg20=sum(losses[-20:]) / len(losses[-20:]),

@@ -31,9 +31,9 @@ from safetensors.torch import load_file, save_file
 
 from model import flops, generate, load_model, positions
 
+from . import DEFAULT_MODEL, WEIGHTS
 from .adainfer import Threshold
 from .adainfer_gen import generate_adainfer
-from .finetune import ROOT
 from .kangaroo import generate_kangaroo, load_adapter
 from .unified import generate_unified, kept_layers
 
@@ -168,7 +168,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     w = sub.add_parser("write")
-    w.add_argument("--model", type=Path, default=ROOT / "weights" / "smollm2-135m-instruct")
+    w.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     w.add_argument("--method", default="full", choices=["full", "kangaroo", "unified", "adainfer"])
     w.add_argument("--prompt", required=True)
     w.add_argument("--max-new-tokens", type=int, default=16)
@@ -184,12 +184,12 @@ def main(argv=None):
         found = compare(a.reference, a.other, a.atol, a.rtol)
         print("\n".join(found) if found else "the traces agree within the tolerances")
         sys.exit(1 if found else 0)
-    from tokenizer import chatml, load_tokenizer
+    from tokenizer import encode_chat, load_tokenizer
     model = load_model(a.model)
     settings = json.loads(a.settings)
     if a.method == "kangaroo":
-        settings.setdefault("adapter", str(ROOT / "weights" / "kangaroo-l2"))
-    ids = load_tokenizer(a.model).encode(chatml([{"role": "user", "content": a.prompt}]))
+        settings.setdefault("adapter", str(WEIGHTS / "kangaroo-l2"))
+    ids = encode_chat(load_tokenizer(a.model), a.prompt)
     trace(model, ids, a.out, a.method, a.max_new_tokens, settings)
     print(f"wrote {a.out}")
 

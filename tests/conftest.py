@@ -1,12 +1,11 @@
 """Oracles of the golden tests: tiny random transformers models saved as safetensors, and the
 real SmolLM2-135M-Instruct GGUF (fetched and converted by `make weights`)."""
-from pathlib import Path
 
 import pytest
 import torch
 
 from model import load_model
-from skip.finetune import DATA
+from skip import DATA
 
 transformers = pytest.importorskip("transformers")
 
@@ -58,9 +57,6 @@ def llama_dir(tmp_path_factory):
     return path
 
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
 @pytest.fixture(scope="session")
 def data_dir():
     """The benchmark data beside the project (../shared/data); tests that read it skip without it."""
@@ -81,7 +77,7 @@ def smollm2_gguf():
 
 @pytest.fixture(scope="session")
 def smollm2_dir(smollm2_gguf):
-    from weights.__main__ import SMOLLM2
+    from weights import DEFAULT_MODEL
     from weights.convert import convert
-    convert(smollm2_gguf, SMOLLM2, log=lambda *a: None)  # a no-op when `make weights` already ran
-    return SMOLLM2
+    convert(smollm2_gguf, DEFAULT_MODEL, log=lambda *a: None)  # a no-op when `make weights` already ran
+    return DEFAULT_MODEL

@@ -6,7 +6,7 @@ import torch
 from model import flops
 from skip.adainfer import (SVM, CRFClassifier, Threshold, encode, labels, load_classifier, oracle_layer, predict,
                            trace)
-from skip.tasks import Instance, from_jsonl, load_task
+from skip.harness.tasks import Instance, from_jsonl, load_task
 from tokenizer import load_tokenizer
 
 

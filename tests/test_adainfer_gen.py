@@ -4,7 +4,7 @@ import torch
 
 from model import flops, generate
 from skip.adainfer import CRFClassifier, SVM, Threshold, labels
-from skip.adainfer_gen import frequent_tokens, generate_adainfer
+from skip.adainfer_gen import frequent_vocab, generate_adainfer
 from skip.layerwise import layerwise_forward, prompt_then
 
 PROMPT = [5, 6, 7, 8, 9]
@@ -84,4 +84,4 @@ def test_classifiers_train_on_generation_traces(llama_dir):
     svm = SVM().fit(traces, "final")
     res = generate_adainfer(model, [5, 6, 7], svm, 8, eos=[])
     assert len(res.tokens) == 8
-    assert frequent_tokens([[1, 1, 2], [2, 2, 3]], n=2).tolist() == [1, 2]
+    assert frequent_vocab([[1, 1, 2], [2, 2, 3]], n=2).tolist() == [1, 2]

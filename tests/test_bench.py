@@ -4,13 +4,13 @@ import json
 
 import pytest
 
-from skip import bench
+from skip.harness import bench
 
 
 def parts():
     def rule(acc, fl, wall):
         return {"accuracy": acc, "flops_ratio": fl, "wall_clock_ratio": wall}
-    adainfer = {"results": [
+    adainfer = {"args": {"tau": "0.8"}, "results": [
         {"full_accuracy": 0.8, "svm": rule(0.6, 0.5, 0.5), "crf": rule(0.8, 1.0, 1.0), "threshold": rule(0.4, 0.1, 0.2)},
         {"full_accuracy": 0.2, "svm": rule(0.2, 0.3, 0.5), "crf": rule(0.1, 1.0, 1.0), "threshold": rule(0.0, 0.1, 0.2)},
         {"full_accuracy": 0.0, "svm": rule(0.0, 9.0, 9.0)},  # no signal to keep: left out

@@ -5,7 +5,7 @@ import itertools
 import numpy as np
 import pytest
 
-from skip.bench_skipping import main, paired_bootstrap, paired_table, unified_leads
+from skip.harness.bench_skipping import main, paired_bootstrap, paired_table, unified_leads
 
 
 def test_bootstrap_interval_matches_exact_enumeration():

@@ -2,7 +2,7 @@
 (lossless) agreeing with the full model everywhere."""
 import math
 
-from skip import demo
+from skip.harness import demo
 
 
 def test_demo_table_has_every_method_and_kangaroo_is_lossless(smollm2_dir, data_dir):

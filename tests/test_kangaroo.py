@@ -12,10 +12,10 @@ from scipy.stats import chisquare
 from model import generate, load_model
 from skip.kangaroo import (Adapter, AdapterError, accept_sampled, generate_kangaroo, load_adapter, probs,
                            save_adapter)
-from skip.kangaroo_train import distill_loss, frequent_tokens
-from tokenizer import chatml, load_tokenizer
+from skip.kangaroo_train import distill_loss, tokens_by_frequency
+from tokenizer import encode_chat, load_tokenizer
 
-from conftest import ROOT
+from skip import WEIGHTS
 
 PROMPT = [5, 6, 7, 8, 9, 10]
 
@@ -205,10 +205,10 @@ def test_distillation_loss_is_the_soft_cross_entropy(llama_dir):
     assert torch.allclose(loss, torch.stack(rows).mean(), atol=1e-5)
 
 
-def test_frequent_tokens_match_a_count():
+def test_tokens_by_frequency_match_a_count():
     rng = random.Random(0)
     seqs = [{"prompt": 3, "ids": [rng.randrange(12) for _ in range(30)]} for _ in range(5)]
-    order = frequent_tokens(seqs, 12)
+    order = tokens_by_frequency(seqs, 12)
     c = Counter(t for s in seqs for t in s["ids"][3:])
     assert order == sorted(range(12), key=lambda v: (-c[v], v))
 
@@ -218,11 +218,11 @@ SMOL_PROMPTS = ["What is the capital of France?", "Write a haiku about autumn le
 
 
 def test_smollm2_with_the_trained_adapter_equals_plain_greedy(smollm2_dir):
-    path = ROOT / "weights" / "kangaroo-l2"
+    path = WEIGHTS / "kangaroo-l2"
     m, tok = load_model(smollm2_dir), load_tokenizer(smollm2_dir)
     a = load_adapter(path, m)
     for text in SMOL_PROMPTS:
-        ids = tok.encode(chatml([{"role": "user", "content": text}]))
+        ids = encode_chat(tok, text)
         ref = generate(m, [ids], max_new_tokens=40)[0]
         assert generate_kangaroo(m, ids, a, max_new_tokens=40).tokens == ref
         assert generate_kangaroo(m, ids, a, max_new_tokens=40, draft_vocab=4096).tokens == ref

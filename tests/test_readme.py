@@ -1,7 +1,7 @@
 """The README's decoder example runs as printed."""
 import re
 
-from conftest import ROOT
+from skip import ROOT
 
 
 def test_readme_decoder_example_runs(smollm2_dir, capsys):

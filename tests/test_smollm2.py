@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from model import generate, load_model, positions
-from tokenizer import chatml, load_tokenizer
+from tokenizer import encode_chat, load_tokenizer
 from weights.convert import DONE, ConvertError, convert
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about autumn leaves.",
@@ -42,7 +42,7 @@ def test_converted_tensors_equal_transformers_dequantized_tensors(hf, smollm2_di
 def test_logits_and_hidden_states_match_transformers(hf, ours):
     model, tok = ours
     for prompt in PROMPTS:
-        ids = torch.tensor([tok.encode(chatml([{"role": "user", "content": prompt}]))])
+        ids = torch.tensor([encode_chat(tok, prompt)])
         ref = hf(ids, output_hidden_states=True)
         pos = positions(None, 0, ids.shape[1])
         outs = [model.embed_tokens(ids, pos)]
@@ -56,7 +56,7 @@ def test_logits_and_hidden_states_match_transformers(hf, ours):
 @torch.no_grad()
 def test_greedy_chat_answer_identical_to_transformers(hf, ours):
     model, tok = ours
-    ids = tok.encode(chatml([{"role": "user", "content": "Write a short story about a robot who learns to paint."}]))
+    ids = encode_chat(tok, "Write a short story about a robot who learns to paint.")
     ref = hf.generate(torch.tensor([ids]), max_new_tokens=64, do_sample=False, pad_token_id=2)[0, len(ids):].tolist()
     mine = generate(model, [ids], max_new_tokens=64)[0]
     assert len(ref) == 64 and mine == ref  # 64 tokens, no EOS on the way

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from tokenizer import BPETokenizer, SentencePieceTokenizer, chatml, load_tokenizer
 
-from conftest import DATA
+from skip import DATA
 
 
 def benchmark_texts():

@@ -1,7 +1,7 @@
 from pathlib import Path
 
 from .bpe import BPETokenizer
-from .chat import DEFAULT_SYSTEM, chatml
+from .chat import DEFAULT_SYSTEM, chatml, encode_chat
 from .sp import SentencePieceTokenizer
 
 
@@ -15,4 +15,4 @@ def load_tokenizer(model_dir):
     raise FileNotFoundError(f"{d} has neither tokenizer.json nor tokenizer.model")
 
 
-__all__ = ["BPETokenizer", "DEFAULT_SYSTEM", "SentencePieceTokenizer", "chatml", "load_tokenizer"]
+__all__ = ["BPETokenizer", "DEFAULT_SYSTEM", "SentencePieceTokenizer", "chatml", "encode_chat", "load_tokenizer"]

@@ -17,3 +17,8 @@ def chatml(messages, add_generation_prompt=True, default_system=DEFAULT_SYSTEM) 
     if add_generation_prompt:
         out.append("<|im_start|>assistant\n")
     return "".join(out)
+
+
+def encode_chat(tok, user_message) -> list[int]:
+    """Token ids of a one-turn chat prompt: the user's message, then the assistant's turn opens."""
+    return tok.encode(chatml([{"role": "user", "content": user_message}]))

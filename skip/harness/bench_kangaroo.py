@@ -1,7 +1,7 @@
 """Kangaroo on Spec-Bench against plain decoding and two self-speculative peers, all greedy, on
 the same prompts and weights (SmolLM2-135M-Instruct), in one run.
 
-python -m skip.bench_kangaroo [--per-category 3] [--max-new-tokens 64] [--repeats 2] [--no-sweep]
+python -m skip.harness.bench_kangaroo [--per-category 3] [--max-new-tokens 64] [--repeats 2] [--no-sweep]
 
 Rows: plain (this project's generate, the baseline); kangaroo (adapter at layer l, full head);
 kangaroo-K (draft head on the adapter's K most frequent tokens, the documented extension);
@@ -26,27 +26,14 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from model import KVCache, flops, generate, load_model
-from tokenizer import chatml, load_tokenizer
+from tokenizer import encode_chat, load_tokenizer
 
-from .finetune import DATA, ROOT
-from .kangaroo import generate_kangaroo, load_adapter
-from .progress import Progress
-
-CATEGORIES = ["mt_bench", "translation", "summarization", "qa", "math_reasoning", "rag"]
-
-
-def specbench_prompts(per_category):
-    """First turns, per Spec-Bench category (its first 80 rows are MT-Bench)."""
-    rows = [json.loads(line) for line in (DATA / "specbench" / "question.jsonl").open()]
-    out = {c: [] for c in CATEGORIES}
-    for i, r in enumerate(rows):
-        c = "mt_bench" if i < 80 else r["category"]
-        if len(out[c]) < per_category:
-            out[c].append(r["turns"][0])
-    return out
-
+from .. import DEFAULT_MODEL, RUNS, WEIGHTS
+from ..kangaroo import generate_kangaroo, load_adapter
+from .data import SPECBENCH, specbench
 
 def timed(fn):
     t0 = time.perf_counter()
@@ -118,8 +105,8 @@ def summarize(runs, plain_tps, costs=None, draft_ms=None):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", type=Path, default=ROOT / "weights" / "smollm2-135m-instruct")
-    ap.add_argument("--adapter", type=Path, default=ROOT / "weights" / "kangaroo-l2")
+    ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    ap.add_argument("--adapter", type=Path, default=WEIGHTS / "kangaroo-l2")
     ap.add_argument("--per-category", type=int, default=3)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=2)
@@ -129,7 +116,7 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--sweep-repeats", type=int, default=1)
-    ap.add_argument("--out", type=Path, default=ROOT / "runs")
+    ap.add_argument("--out", type=Path, default=RUNS)
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     model, tok = load_model(a.model), load_tokenizer(a.model)
@@ -137,8 +124,8 @@ def main(argv=None):
     l, N = adapter.l, a.max_new_tokens
     from transformers import AutoModelForCausalLM
     hf = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32).eval()
-    prompts = {c: [tok.encode(chatml([{"role": "user", "content": t}])) for t in ts]
-               for c, ts in specbench_prompts(a.per_category).items()}
+    prompts = {c: [encode_chat(tok, t) for t in ts]
+               for c, ts in ((c, [q for q, _ in specbench(c, a.per_category)]) for c in SPECBENCH)}
 
     def ours(**kw):
         return lambda p: generate_kangaroo(model, p, max_new_tokens=N, gamma=a.gamma, eta=a.eta, **kw)
@@ -168,7 +155,7 @@ def main(argv=None):
         return toks, statistics.median(times), getattr(out, "rounds", None), decode_flops, ref is None or toks == ref
 
     n_prompts = sum(len(v) for v in prompts.values())
-    bar, raw = Progress(n_prompts * len(methods), "spec-bench"), {c: {m: [] for m in methods} for c in prompts}
+    bar, raw = tqdm(total=n_prompts * len(methods), desc="spec-bench"), {c: {m: [] for m in methods} for c in prompts}
     for c, ps in prompts.items():
         for p in ps:
             ref = None
@@ -176,6 +163,7 @@ def main(argv=None):
                 raw[c][m].append(measure(fn, p, ref))
                 ref = ref or raw[c][m][-1][0]
                 bar.update()
+    bar.close()
     ctx = int(statistics.mean(len(p) for ps in prompts.values() for p in ps)) + N // 2
     costs = piece_costs(model, adapter, l, a.top_k, ctx, a.gamma)
     draft_ms = {"kangaroo": costs["draft_full"], f"kangaroo-{a.top_k}": costs["draft_topk"], "lens": costs["lens_head"]}
@@ -206,18 +194,19 @@ def sweep(model, adapter, prompts, a, plain):
         return sum(min(timed(lambda: fn(p))[1] for _ in range(a.sweep_repeats)) for p in ps)
 
     others = {l: load_adapter(p, model) for l, p in
-              ((int(p.name.split("-l")[1]), p) for p in (ROOT / "weights").glob("kangaroo-l*")) if p.is_dir()}
+              ((int(p.name.split("-l")[1]), p) for p in WEIGHTS.glob("kangaroo-l*")) if p.is_dir()}
     points = [("eta", e, dict(adapter=adapter, draft_vocab=a.top_k, eta=e, gamma=a.gamma)) for e in (0.0, 0.2, 0.4, 0.6, 0.8)]
     points += [("gamma", g, dict(adapter=adapter, draft_vocab=a.top_k, eta=a.eta, gamma=g)) for g in (1, 2, 4, 6, 8)]
     points += [("l (lens)", l, dict(l=l, eta=a.eta, gamma=a.gamma)) for l in (1, 2, 4, 8, 16)]
     points += [("l (kangaroo-K)", l, dict(adapter=ad, draft_vocab=a.top_k, eta=a.eta, gamma=a.gamma))
                for l, ad in sorted(others.items())]
-    bar, t_plain, times = Progress(len(points) + 2, "sweep"), best(), []
+    bar, t_plain, times = tqdm(total=len(points) + 2, desc="sweep"), best(), []
     for axis, value, kw in points:
         times.append(best(**kw))
         bar.update()
     t_plain = (t_plain + best()) / 2
     bar.update(2)
+    bar.close()
     return [{"axis": axis, "value": value, "speedup": t_plain / t} for (axis, value, _), t in zip(points, times)]
 
 

@@ -1,6 +1,6 @@
 """Decoder speed: this decoder against transformers on the same weights, in the same run.
 
-python -m model.bench --model weights/smollm2-135m-instruct [--runs 5] [--threads N]
+python -m skip.harness.bench_decoder [--runs 5] [--threads N]
 Prefill (ms) at prompt lengths 128 and 512; decode (ms/token) at contexts 128 and 1024; the
 median of --runs runs each; ratio = ours / transformers. The "matmul floor" is the time of
 only the matrix products of one decode step (every projection of every layer and the LM head,
@@ -19,9 +19,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .cache import KVCache
-from .decoder import linear
-from .loader import load_model
+from model import KVCache, load_model
+from model.decoder import linear
+
+from .. import DEFAULT_MODEL, RUNS
 
 DECODE_STEPS = 16
 
@@ -134,10 +135,10 @@ def table(res) -> str:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", type=Path, required=True)
+    ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
-    ap.add_argument("--out", type=Path, default=Path("runs/bench-decoder.json"))
+    ap.add_argument("--out", type=Path, default=RUNS / "bench-decoder.json")
     a = ap.parse_args(argv)
     res = bench(a.model, a.runs, a.threads)
     a.out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,7 @@
 """AdaInfer evaluation: accuracy, exit layers, FLOPs and wall-clock per task, shot count and
 scoring mode (full vocabulary, or restricted to the choice tokens).
 
-python -m skip.eval_adainfer [--tasks sst2 csqa antonym:5 ...] [--shots 0 5] [--n-train 60] [--n-test 60]
+python -m skip.harness.eval_adainfer [--tasks sst2 csqa antonym:5 ...] [--shots 0 5] [--n-train 60] [--n-test 60]
 
 Per (task, shots, mode): one traced pass per instance gives every layer's features and
 prediction; SVM and CRF are fitted on the train split, then every stop rule is applied to
@@ -22,13 +22,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from model import flops, load_model
 from tokenizer import load_tokenizer
 
-from .adainfer import LABEL_RULES, SVM, CRFClassifier, Threshold, encode, oracle_layer, predict, trace
-from .finetune import ROOT
-from .progress import Progress
+from .. import DEFAULT_MODEL, RUNS
+from ..adainfer import LABEL_RULES, SVM, CRFClassifier, Threshold, encode, oracle_layer, predict, trace
 from .tasks import load_task
 
 
@@ -67,7 +67,7 @@ def wall_clock(model, encoded, clf, vocab_of):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", type=Path, default=ROOT / "weights" / "smollm2-135m-instruct")
+    ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     ap.add_argument("--tasks", nargs="+", default=["sst2", "csqa", "mmlu", "squad", "antonym", "next_letter",
                                                     "last_initial"])
     ap.add_argument("--shots", type=int, nargs="+", default=[0], help="for every task without its own ':k'")
@@ -79,7 +79,7 @@ def main(argv=None):
     ap.add_argument("--features", nargs="+", default=["gap", "top_prob"])
     ap.add_argument("--tau", type=float, default=0.8, help="the gap threshold baseline (paper: 0.8)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
-    ap.add_argument("--out", type=Path, default=ROOT / "runs")
+    ap.add_argument("--out", type=Path, default=RUNS)
     a = ap.parse_args(argv)
     torch.set_grad_enabled(False)
     torch.set_num_threads(a.threads)
@@ -88,7 +88,7 @@ def main(argv=None):
     # "antonym:5" runs that task with 5 shots only
     configs = [(t.split(":")[0], k, m) for t in a.tasks
                for k in ([int(t.split(":")[1])] if ":" in t else a.shots) for m in a.modes]
-    results, store, bar = [], {}, Progress(len(configs), "adainfer")
+    results, store, bar = [], {}, tqdm(total=len(configs), desc="adainfer")
     for name, k, mode in configs:
         task = load_task(name, a.n_train, a.n_test)
         if mode == "choices" and task.test[0].choices is None:
@@ -115,15 +115,17 @@ def main(argv=None):
         row["sweep"] = [(tau, simulate(Threshold(tau), traces["test"], lengths, cfg, V)) for tau in np.linspace(0, 1, 11)]
         results.append(row)
         store[(name, k, mode)] = (traces, lengths, V, rules)
-        bar.update(task=name, k=k, mode=mode)
+        bar.set_postfix(task=name, k=k, mode=mode, refresh=False)
+        bar.update()
+    bar.close()
     cross = cross_task(store, cfg, a.shots[0])
     a.out.mkdir(parents=True, exist_ok=True)
     res = {"model": str(a.model), "args": {k: str(v) for k, v in vars(a).items()}, "results": results, "cross_task": cross}
     (a.out / "adainfer.json").write_text(json.dumps(res, indent=1))
-    md = table(results) + "\n\n" + cross_table(cross)
+    md = table(results, a.tau) + "\n\n" + cross_table(cross)
     (a.out / "adainfer.md").write_text(md + "\n")
     print(md)
-    plots(results, a.out)
+    plots(results, a.out, cfg.n_layers)
 
 
 def cross_task(store, cfg, k):
@@ -138,9 +140,9 @@ def cross_task(store, cfg, k):
     return out
 
 
-def table(results):
+def table(results, tau):
     lines = ["| task | shots | scoring | full acc | SVM acc / FLOPs / layers / wall | CRF acc / FLOPs / layers / wall | "
-             "gap>=0.8 acc / FLOPs / layers / wall | oracle acc / FLOPs |", "|---|---|---|---|---|---|---|---|"]
+             f"gap>={tau} acc / FLOPs / layers / wall | oracle acc / FLOPs |", "|---|---|---|---|---|---|---|---|"]
     for r in results:
         cells = []
         for rule in ("svm", "crf", "threshold"):
@@ -163,7 +165,7 @@ def cross_table(cross):
     return "\n".join(lines)
 
 
-def plots(results, out):
+def plots(results, out, n_layers):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -186,7 +188,7 @@ def plots(results, out):
         ax.axis("off")
     for ax, r in zip(axes.flat, results):
         rule = "svm" if "svm" in r else "threshold"
-        ax.hist(r[rule]["exits"], bins=range(0, 31), color="tab:blue")
+        ax.hist(r[rule]["exits"], bins=range(0, n_layers + 1), color="tab:blue")
         ax.set_title(f"{r['task']} k={r['shots']}\n{r['mode']} ({rule})", fontsize=7)
         ax.set_xlabel("exit layer", fontsize=7)
     fig.tight_layout()

@@ -1,6 +1,6 @@
 """The three methods side by side on SmolLM2-135M-Instruct (`make demo`).
 
-python -m skip.demo [--max-new 32] [--prompts 4]
+python -m skip.harness.demo [--max-new 32] [--prompts 4]
 
 Four built-in prompts (written for this project): a sentiment question, a multiple-choice
 question, a short chat request, a summarization request. Every method decodes greedily; per
@@ -15,6 +15,7 @@ agreement with the full model's tokens, position by position.
   tokens, gamma 6, eta 0.6 (skip/kangaroo.py).
 - Unified Layer Skipping at 2x: weights/unified-2x when `make finetune-skipping` made it,
   otherwise the base model without fine-tuning (the table says which).
+Below the table, one line per method says what to notice in its rows, and why.
 """
 from __future__ import annotations
 
@@ -24,17 +25,20 @@ import sys
 import time
 
 import torch
+from tqdm import tqdm
 
 from model import flops, generate, load_model
-from tokenizer import chatml, load_tokenizer
+from tokenizer import encode_chat, load_tokenizer
 
-from .adainfer import SVM
-from .adainfer_gen import generate_adainfer
-from .finetune import DATA, ROOT
-from .kangaroo import generate_kangaroo, load_adapter
-from .progress import Progress
-from .unified import generate_unified
+from .. import DEFAULT_MODEL, WEIGHTS
+from ..adainfer import SVM
+from ..adainfer_gen import generate_adainfer
+from ..kangaroo import generate_kangaroo, load_adapter
+from ..unified import generate_unified
+from .data import alpaca_instructions
 
+DRAFT_VOCAB = 4096  # Kangaroo's draft head: the adapter's K most frequent tokens
+N_FIT = 4  # AlpacaEval instructions whose answers fit the demo's AdaInfer classifier
 PROMPTS = [
     "Is the sentiment of this review positive or negative? \"The soup was cold and the waiter ignored us "
     "for an hour.\" Answer with one word.",
@@ -61,7 +65,7 @@ def measure(model, ids, fn):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=ROOT / "weights" / "smollm2-135m-instruct")
+    ap.add_argument("--model", default=DEFAULT_MODEL)
     ap.add_argument("--max-new", type=int, default=32)
     ap.add_argument("--prompts", type=int, default=len(PROMPTS))
     ap.add_argument("--json", help="also write the table as JSON here")
@@ -72,29 +76,29 @@ def main(argv=None):
 
 def run(a):
     model, tok = load_model(a.model), load_tokenizer(a.model)
-    chat = lambda q: tok.encode(chatml([{"role": "user", "content": q}]))  # noqa: E731
+    chat = lambda q: encode_chat(tok, q)  # noqa: E731
     N = a.max_new
 
     t0 = time.perf_counter()
-    rows = [json.loads(line) for line in (DATA / "alpaca" / "alpaca_eval.jsonl").open()][:4]
-    traces = [t for r in rows for t in generate_adainfer(model, chat(r["instruction"]), None, N, collect=True).traces]
+    traces = [t for q in alpaca_instructions(N_FIT)
+              for t in generate_adainfer(model, chat(q), None, N, collect=True).traces]
     svm = SVM().fit(traces, "final")
     print(f"AdaInfer: SVM fitted on {len(traces)} token traces of 4 AlpacaEval answers "
           f"in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-    adapter = load_adapter(ROOT / "weights" / "kangaroo-l2", model)
-    tuned = (ROOT / "weights" / "unified-2x" / "config.json").exists()
-    unified_model = load_model(ROOT / "weights" / "unified-2x") if tuned else model
+    adapter = load_adapter(WEIGHTS / "kangaroo-l2", model)
+    tuned = (WEIGHTS / "unified-2x" / "finetune.json").exists()  # written last: the fine-tune completed
+    unified_model = load_model(WEIGHTS / "unified-2x") if tuned else model
 
     methods = {
         "full": lambda ids: generate(model, [ids], max_new_tokens=N)[0],
         "AdaInfer (SVM)": lambda ids: generate_adainfer(model, ids, svm, N).tokens,
-        "Kangaroo (l=2, top-4096 draft head)": lambda ids: generate_kangaroo(model, ids, adapter, max_new_tokens=N,
-                                                                           draft_vocab=4096).tokens,
+        f"Kangaroo (l={adapter.l}, top-{DRAFT_VOCAB} draft head)":
+            lambda ids: generate_kangaroo(model, ids, adapter, max_new_tokens=N, draft_vocab=DRAFT_VOCAB).tokens,
         f"Unified 2x ({'fine-tuned' if tuned else 'not fine-tuned'})":
             lambda ids: generate_unified(unified_model, [ids], 2, max_new_tokens=N)[0],
     }
     prompts = PROMPTS[:a.prompts]
-    results, bar = [], Progress(len(prompts) * len(methods), "demo")
+    results, bar = [], tqdm(total=len(prompts) * len(methods), desc="demo")
     for text in prompts:
         ids = chat(text)
         full = None
@@ -107,11 +111,35 @@ def run(a):
                             "wall_clock_ratio": (secs / len(tokens)) / (full[2] / len(full[0])),
                             "agreement": sum(x == y for x, y in zip(tokens, full[0])) / len(full[0])})
             bar.update()
+    bar.close()
     print(table(results))
+    print("\nWhat to see:")
+    for name in methods:
+        print(f"- {name}: {what_to_see(name, model.cfg.n_layers, tuned)}")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(results, f, indent=1)
     return results
+
+
+def what_to_see(method, L, tuned):
+    """One line per method: what a learner should notice in its rows, and why."""
+    if method == "full":
+        return f"the reference: all {L} layers for every token; every ratio and agreement is against it."
+    if method.startswith("AdaInfer"):
+        return ("stops after a layer or two and the answer falls apart: on a model this small the early layers' "
+                "logit lens is confident (about an echo of the input) but rarely names the final token, so the "
+                "stop classifier learns to stop early; the paper's 7B-70B models have depth to spare.")
+    if method.startswith("Kangaroo"):
+        return ("agreement is 1.00 by construction (every draft is verified by the full model); it runs more "
+                "layer-positions and FLOPs than the full model, since rejected drafts are verified too, and saves "
+                "time only as far as its drafts are accepted.")
+    if tuned:
+        return ("the kept half of the layers for every token, fine-tuned with that pattern (the FLOPs ratio stays "
+                "above 0.5: the head and embeddings do not shrink); the text drifts from the full model's, since a "
+                "model this small has little redundant depth.")
+    return ("not fine-tuned, so skipping half the layers gives garbage: the paper fine-tunes with the skip pattern. "
+            "`make finetune-skipping SKIP_R=2` makes that checkpoint (weights/unified-2x), used here when present.")
 
 
 def short(text, n=60):

@@ -1,7 +1,7 @@
 """Unified Layer Skipping against early exit and SkipDecode at the same target speedup: the
 paper's comparison (its translation and summarization tables) on SmolLM2-135M-Instruct and Spec-Bench.
 
-python -m skip.bench_skipping [--r 2 3 5] [--n-quality 30] [--max-new 40] [--batches 1 2 8]
+python -m skip.harness.bench_skipping [--r 2 3 5] [--n-quality 30] [--max-new 40] [--batches 1 2 8]
 
 Quality: ROUGE-L (rouge-score) on Spec-Bench summarization and BLEU (sacrebleu) on its
 translation prompts, greedy, and for each target r the paired bootstrap of Unified's
@@ -19,7 +19,6 @@ Writes runs/bench-skipping.json, runs/bench-skipping.md and runs/skipping.png.
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import statistics
 import time
@@ -27,38 +26,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from model import flops, generate, load_model
-from tokenizer import chatml, load_tokenizer
+from tokenizer import encode_chat, load_tokenizer
 
-from .baselines import calibrate_threshold, generate_early_exit, generate_skipdecode, skipdecode_layers, \
+from .. import DEFAULT_MODEL, RUNS, WEIGHTS
+from ..baselines import calibrate_threshold, generate_early_exit, generate_skipdecode, skipdecode_layers, \
     skipdecode_schedule
-from .finetune import DATA, ROOT
-from .layerwise import layerwise_forward, prompt_then
-from .progress import Progress
-from .unified import generate_unified, kept_layers
-
-
-def as_list(field):
-    """Spec-Bench stores some lists as their JSON text and others as their Python repr."""
-    if not isinstance(field, str):
-        return field
-    try:
-        return json.loads(field)
-    except json.JSONDecodeError:
-        return ast.literal_eval(field)
-
-
-def specbench(category, n):
-    rows = [json.loads(line) for line in (DATA / "specbench" / "question.jsonl").open()]
-    rows = [r for r in rows if r["category"] == category][:n]
-    return [(as_list(r["turns"])[0], as_list(r.get("reference", "[null]"))[0]) for r in rows]
-
-
-def heldout(n):
-    qs = {json.loads(line)["question_id"]: json.loads(line) for line in (DATA / "mtbench" / "question.jsonl").open()}
-    refs = [json.loads(line) for line in (DATA / "mtbench" / "reference_answer_gpt-4.jsonl").open()]
-    return [(qs[r["question_id"]]["turns"][0], r["choices"][0]["turns"][0]) for r in refs][:n]
+from ..layerwise import layerwise_forward, prompt_then
+from ..unified import generate_unified, kept_layers
+from .data import mtbench_references, specbench
 
 
 class Method:
@@ -99,7 +77,7 @@ def quality(m, tok, summ, trans, texts, full_argmax, max_new):
     import sacrebleu
 
     def answers(pairs):
-        prompts = [tok.encode(chatml([{"role": "user", "content": q}])) for q, _ in pairs]
+        prompts = [encode_chat(tok, q) for q, _ in pairs]
         outs = []
         for i in range(0, len(prompts), 8):
             outs += m.decode(prompts[i:i + 8], max_new)
@@ -177,7 +155,7 @@ def throughputs(methods, prompts, batch, n_new, runs):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", type=Path, default=ROOT / "weights" / "smollm2-135m-instruct")
+    ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     ap.add_argument("--r", type=int, nargs="+", default=[2, 3, 5])
     ap.add_argument("--n-quality", type=int, default=30, help="Spec-Bench prompts per category")
     ap.add_argument("--n-heldout", type=int, default=10, help="MT-Bench reference answers")
@@ -186,7 +164,7 @@ def main(argv=None):
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 2, 8])
     ap.add_argument("--tok-new", type=int, default=24, help="new tokens per prompt in the throughput runs")
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--out", type=Path, default=ROOT / "runs")
+    ap.add_argument("--out", type=Path, default=RUNS)
     a = ap.parse_args(argv)
     if a.n_quality < 2:
         ap.error("--n-quality must be at least 2: the paired bootstrap resamples the summaries")
@@ -194,10 +172,10 @@ def main(argv=None):
     base, tok = load_model(a.model), load_tokenizer(a.model)
     L = base.cfg.n_layers
     summ, trans = specbench("summarization", a.n_quality), specbench("translation", a.n_quality)
-    texts = [(tok.encode(chatml([{"role": "user", "content": q}])), tok.encode(ans)[:a.heldout_tokens])
-             for q, ans in heldout(a.n_heldout)]
-    tp_prompts = [tok.encode(chatml([{"role": "user", "content": q}])) for q, _ in specbench("qa", max(a.batches))]
-    calib = [tok.encode(chatml([{"role": "user", "content": q}])) for q, _ in specbench("math_reasoning", 2)]
+    texts = [(encode_chat(tok, q), tok.encode(ans)[:a.heldout_tokens])
+             for q, ans in mtbench_references(a.n_heldout)]
+    tp_prompts = [encode_chat(tok, q) for q, _ in specbench("qa", max(a.batches))]
+    calib = [encode_chat(tok, q) for q, _ in specbench("math_reasoning", 2)]
 
     full = Method("full", 1, base, False, L, a.max_new)
     methods = [full]
@@ -205,21 +183,24 @@ def main(argv=None):
         methods.append(Method("early exit", r, base, False, L, a.max_new, tau=calibrate_threshold(base, calib, r, 24, 7)))
         for name in ("skipdecode", "unified"):
             methods.append(Method(name, r, base, False, L, a.max_new))
-            ck = ROOT / "weights" / f"{name}-{r}x"
+            ck = WEIGHTS / f"{name}-{r}x"
             if (ck / "finetune.json").exists():
                 methods.append(Method(name, r, load_model(ck), True, L, a.max_new))
 
     full_argmax = [full.forced_logits(p, resp).argmax(-1) for p, resp in texts]
-    rows, bar = [], Progress(len(methods) + len(a.batches), "methods, then batch sizes")
+    rows, bar = [], tqdm(total=len(methods) + len(a.batches), desc="methods, then batch sizes")
     for m in methods:
         row = {"method": m.label, "name": m.name, "r": m.r, "fine_tuned": m.tuned, "tau": m.tau, "throughput": {}}
         row.update(quality(m, tok, summ, trans, texts, full_argmax, a.max_new))
         rows.append(row)
-        bar.update(method=m.label)
+        bar.set_postfix(method=m.label, refresh=False)
+        bar.update()
     for b in a.batches:
         for row, t in zip(rows, throughputs(methods, tp_prompts, b, a.tok_new, a.runs)):
             row["throughput"][b] = t
-        bar.update(batch=b)
+        bar.set_postfix(batch=b, refresh=False)
+        bar.update()
+    bar.close()
     ref = rows[0]["throughput"]
     for row in rows:
         for b, t in row["throughput"].items():

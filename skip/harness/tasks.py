@@ -14,8 +14,7 @@ import string
 from dataclasses import dataclass
 from pathlib import Path
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-
+from .. import DATA
 
 @dataclass
 class Instance:

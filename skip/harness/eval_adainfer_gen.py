@@ -1,7 +1,7 @@
 """AdaInfer for generation on Spec-Bench prompts: FLOPs and wall-clock against agreement with
 the full model's greedy output.
 
-python -m skip.eval_adainfer_gen [--n-train 12] [--n-test 12] [--max-new 32]
+python -m skip.harness.eval_adainfer_gen [--n-train 12] [--n-test 12] [--max-new 32]
 
 Training (AlpacaEval instructions, never Spec-Bench): the full model's greedy answers are
 traced token by token (every layer's features, full head); an SVM is fitted with the "final"
@@ -21,15 +21,15 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from model import flops, load_model
-from tokenizer import chatml, load_tokenizer
+from tokenizer import encode_chat, load_tokenizer
 
-from .adainfer import SVM, Threshold
-from .adainfer_gen import frequent_tokens, generate_adainfer
-from .bench_skipping import specbench
-from .finetune import DATA, ROOT
-from .progress import Progress
+from .. import DEFAULT_MODEL, RUNS
+from ..adainfer import SVM, Threshold
+from ..adainfer_gen import frequent_vocab, generate_adainfer
+from .data import alpaca_instructions, specbench
 
 CATEGORIES = ("translation", "summarization", "qa", "math_reasoning", "rag")
 
@@ -53,27 +53,27 @@ def main(argv=None):
     from rouge_score import rouge_scorer
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", type=Path, default=ROOT / "weights" / "smollm2-135m-instruct")
+    ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     ap.add_argument("--n-train", type=int, default=12)
     ap.add_argument("--n-test", type=int, default=12)
     ap.add_argument("--max-new", type=int, default=32)
-    ap.add_argument("--out", type=Path, default=ROOT / "runs")
+    ap.add_argument("--tau", type=float, default=0.8, help="the gap threshold rule (paper: 0.8)")
+    ap.add_argument("--out", type=Path, default=RUNS)
     a = ap.parse_args(argv)
     torch.set_grad_enabled(False)
     model, tok = load_model(a.model), load_tokenizer(a.model)
-    chat = lambda q: tok.encode(chatml([{"role": "user", "content": q}]))  # noqa: E731
-    rows = [json.loads(line) for line in (DATA / "alpaca" / "alpaca_eval.jsonl").open()][:a.n_train]
-    train, _, _ = run(model, [chat(r["instruction"]) for r in rows], a.max_new, collect=True)
+    chat = lambda q: encode_chat(tok, q)  # noqa: E731
+    train, _, _ = run(model, [chat(q) for q in alpaca_instructions(a.n_train)], a.max_new, collect=True)
     svm = SVM().fit([t for g in train for t in g.traces], "final")
-    cheap = frequent_tokens([g.tokens for g in train])
+    cheap = frequent_vocab([g.tokens for g in train])
     per_cat = -(-a.n_test // len(CATEGORIES))
     test = [chat(q) for c in CATEGORIES for q, _ in specbench(c, per_cat)][:a.n_test]
     full, full_flops, full_s = run(model, test, a.max_new)
-    settings = [("gap>=0.8", Threshold(0.8), 1, None, "propagate"), ("svm", svm, 1, None, "propagate"),
+    settings = [(f"gap>={a.tau}", Threshold(a.tau), 1, None, "propagate"), ("svm", svm, 1, None, "propagate"),
                 ("svm", svm, 4, None, "propagate"), ("svm", svm, 1, cheap, "propagate"),
                 ("svm", svm, 4, cheap, "propagate"), ("svm", svm, 4, cheap, "recompute")]
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    results, bar = [], Progress(len(settings), "settings")
+    results, bar = [], tqdm(total=len(settings), desc="settings")
     for name, clf, every, vocab, fill in settings:
         outs, fl, secs = run(model, test, a.max_new, clf=clf, check_every=every, vocab=vocab, fill=fill)
         match = statistics.mean(sum(x == y for x, y in zip(o.tokens, f.tokens)) / len(f.tokens) for o, f in zip(outs, full))
@@ -84,7 +84,9 @@ def main(argv=None):
                         "fill": fill, "token_match": match, "rougeL": 100 * rouge,
                         "avg_layers": statistics.mean(layers), "flops_ratio": fl / full_flops,
                         "wall_clock_ratio": secs / full_s})
-        bar.update(rule=name, every=every)
+        bar.set_postfix(rule=name, every=every, refresh=False)
+        bar.update()
+    bar.close()
     lines = ["| stop rule | checks every | head for checks | fill | token match | ROUGE-L | avg layers | FLOPs ratio | "
              "wall-clock ratio |", "|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['rule']} | {r['check_every']} | {r['head']} | {r['fill']} | {r['token_match']:.3f} | "

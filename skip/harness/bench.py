@@ -2,7 +2,7 @@
 the classification tasks and in generation, Unified Layer Skipping with its baselines, and
 Kangaroo on Spec-Bench; then one combined JSON, one markdown report and one summary figure.
 
-python -m skip.bench [--quick] [--parts decoder adainfer ...] [--summary-only]
+python -m skip.harness.bench [--quick] [--parts decoder adainfer ...] [--summary-only]
 --quick takes small samples (about 10 minutes on 2 CPU cores) and writes to runs/quick/; the
 full run (about an hour) uses the settings behind the README's tables and writes to
 runs/. --summary-only rebuilds bench.json, bench.md and summary.png from the parts' JSON.
@@ -14,25 +14,22 @@ import json
 import time
 from pathlib import Path
 
-from model.bench import table as decoder_table
-
-from .finetune import ROOT
-
-MODEL = ROOT / "weights" / "smollm2-135m-instruct"
+from .. import DEFAULT_MODEL, RUNS
+from .bench_decoder import table as decoder_table
 
 # part: (module, output JSON, markdown, arguments of the full run, added for the quick run)
 PARTS = {
-    "decoder": ("model.bench", "bench-decoder.json", None, ["--model", str(MODEL), "--runs", "7"], ["--runs", "2"]),
-    "adainfer": ("skip.eval_adainfer", "adainfer.json", "adainfer.md",
+    "decoder": ("skip.harness.bench_decoder", "bench-decoder.json", None, ["--model", str(DEFAULT_MODEL), "--runs", "7"], ["--runs", "2"]),
+    "adainfer": ("skip.harness.eval_adainfer", "adainfer.json", "adainfer.md",
                  ["--tasks", "sst2", "csqa", "mmlu", "squad", "antonym:5", "next_letter:5", "last_initial:5",
                   "--n-train", "40", "--n-test", "40", "--time-n", "8"],
                  ["--tasks", "sst2", "csqa", "antonym:5", "--n-train", "30", "--n-test", "30", "--time-n", "4"]),
-    "adainfer-gen": ("skip.eval_adainfer_gen", "adainfer-gen.json", "adainfer-gen.md", [],
+    "adainfer-gen": ("skip.harness.eval_adainfer_gen", "adainfer-gen.json", "adainfer-gen.md", [],
                      ["--n-train", "4", "--n-test", "6", "--max-new", "24"]),
-    "skipping": ("skip.bench_skipping", "bench-skipping.json", "bench-skipping.md", [],
+    "skipping": ("skip.harness.bench_skipping", "bench-skipping.json", "bench-skipping.md", [],
                  ["--r", "2", "3", "--n-quality", "2", "--n-heldout", "4", "--max-new", "24", "--batches", "1", "8",
                   "--runs", "1"]),
-    "kangaroo": ("skip.bench_kangaroo", "bench-kangaroo.json", "bench-kangaroo.md", [],
+    "kangaroo": ("skip.harness.bench_kangaroo", "bench-kangaroo.json", "bench-kangaroo.md", [],
                  ["--per-category", "1", "--max-new-tokens", "48", "--repeats", "1", "--no-sweep"]),
 }
 TITLES = {"decoder": "Decoder against transformers", "adainfer": "AdaInfer, next-token tasks",
@@ -61,7 +58,8 @@ def points(results):
     if "adainfer" in results:
         rows = [r for r in results["adainfer"]["results"] if r["full_accuracy"] > 0]
         full = sum(r["full_accuracy"] for r in rows)
-        for rule, label in (("svm", "SVM"), ("crf", "CRF"), ("threshold", "gap>=0.8")):
+        tau = results["adainfer"]["args"]["tau"]
+        for rule, label in (("svm", "SVM"), ("crf", "CRF"), ("threshold", f"gap>={tau}")):
             have = [r for r in rows if rule in r]
             if have:
                 out.append(("AdaInfer (tasks)", label, sum(r[rule]["accuracy"] for r in have) / full,
@@ -132,7 +130,7 @@ def main(argv=None):
     ap.add_argument("--summary-only", action="store_true", help="only combine the parts' existing JSON")
     ap.add_argument("--out", type=Path, help="default: runs/quick with --quick, else runs")
     a = ap.parse_args(argv)
-    out = a.out or ROOT / "runs" / ("quick" if a.quick else "")
+    out = a.out or RUNS / ("quick" if a.quick else "")
     out.mkdir(parents=True, exist_ok=True)
     timing = {name: run_part(name, a.quick, out) for name in ([] if a.summary_only else a.parts)}
     if (out / "bench.json").exists():  # keep the record of parts run before
