@@ -111,7 +111,11 @@ def main(argv=None):
     d.add_argument("--model", default=DEFAULT_MODEL, type=Path)
     a = ap.parse_args(argv)
     torch.set_grad_enabled(False)
-    {"generate": cmd_generate, "demo": cmd_demo}[a.cmd](a)
+    try:
+        {"generate": cmd_generate, "demo": cmd_demo}[a.cmd](a)
+    except ValueError as e:  # bad input (config, weights, prompt, numbers): one line, status 2
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

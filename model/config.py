@@ -7,6 +7,7 @@ computation in a way this decoder does not implement raises UnsupportedConfig.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -146,15 +147,70 @@ def _opt(c: dict) -> Config:
     )
 
 
+class ConfigError(UnsupportedConfig):
+    pass
+
+
+POSITIVE = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "max_seq_len",
+            "rope_original_max_len")
+FLAGS = ("norm_affine", "pre_norm", "final_norm", "attn_bias", "out_bias", "mlp_bias", "tie_embeddings")
+
+
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_real(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def check(cfg: Config) -> Config:
+    """Types and ranges of every value, so that a bad config.json fails here, naming the field,
+    rather than as a TypeError deep in the model or a model that runs wrongly."""
+    def bad(name, why):
+        raise ConfigError(f"config value {name}={getattr(cfg, name)!r} {why}")
+    for name in POSITIVE:
+        if not _is_int(getattr(cfg, name)) or getattr(cfg, name) <= 0:
+            bad(name, "must be a positive integer")
+    for name in FLAGS:
+        if not isinstance(getattr(cfg, name), bool):
+            bad(name, "must be true or false")
+    if not _is_real(cfg.norm_eps) or not 0 < cfg.norm_eps < 1:
+        bad("norm_eps", "must be a number in (0, 1)")
+    for name in ("rope_theta", "rope_factor", "rope_low_freq_factor", "rope_high_freq_factor"):
+        if not _is_real(getattr(cfg, name)) or getattr(cfg, name) <= 0:
+            bad(name, "must be a positive number")
+    if not _is_int(cfg.embed_dim) or cfg.embed_dim <= 0:
+        bad("embed_dim", "must be a positive integer")
+    for name in ("bos_token_id", "pad_token_id"):
+        v = getattr(cfg, name)
+        if v is not None and (not _is_int(v) or not 0 <= v < cfg.vocab_size):
+            bad(name, f"must be null or a token id in [0, {cfg.vocab_size})")
+    if not all(_is_int(t) and 0 <= t < cfg.vocab_size for t in cfg.eos_token_id):
+        bad("eos_token_id", f"must be token ids in [0, {cfg.vocab_size})")
+    return cfg
+
+
 def from_hf(c: dict) -> Config:
+    if not isinstance(c, dict):
+        raise ConfigError(f"a config must be a JSON object, got {type(c).__name__}")
     kind = c.get("model_type")
-    if kind == "llama":
-        return _llama(c)
-    if kind == "opt":
-        return _opt(c)
-    _unsupported("model_type", kind, "'llama', 'opt'")
+    if kind not in ("llama", "opt"):
+        _unsupported("model_type", kind, "'llama', 'opt'")
+    try:
+        return check(_llama(c) if kind == "llama" else _opt(c))
+    except KeyError as e:
+        raise ConfigError(f"config has no {e.args[0]!r}, which a {kind} model needs") from None
+    except TypeError as e:  # a value of the wrong type inside the mapping, e.g. a string where a number goes
+        raise ConfigError(f"config has a value of the wrong type: {e}") from None
 
 
 def load_config(path: str | Path) -> Config:
     path = Path(path)
-    return from_hf(json.loads((path / "config.json" if path.is_dir() else path).read_text()))
+    file = path / "config.json" if path.is_dir() else path
+    try:
+        return from_hf(json.loads(file.read_text()))
+    except FileNotFoundError:
+        raise ConfigError(f"no config at {file}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{file} is not valid JSON: {e}") from None

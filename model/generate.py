@@ -2,6 +2,8 @@
 with left padding, stopping per row at EOS or after max_new_tokens."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .cache import KVCache
@@ -39,6 +41,15 @@ def left_pad(prompts, pad_id):
     return ids, mask
 
 
+def check_length(cfg, prompt_len, max_new_tokens):
+    """Before anything is allocated: the prompt and the new tokens must fit the model's context."""
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    if prompt_len + max_new_tokens > cfg.max_seq_len:
+        raise ValueError(f"{prompt_len} prompt tokens + {max_new_tokens} new tokens exceed the model's context "
+                         f"of {cfg.max_seq_len} positions")
+
+
 @torch.inference_mode()
 def generate(model, prompts, max_new_tokens=32, temperature=0.0, top_k=0, top_p=1.0,
              generator=None, eos=None, on_token=None, decode_layers=None):
@@ -51,12 +62,11 @@ def generate(model, prompts, max_new_tokens=32, temperature=0.0, top_k=0, top_p=
     bad = [t for p in prompts for t in p if not 0 <= t < cfg.vocab_size]
     if bad:
         raise ValueError(f"token ids outside the vocabulary [0, {cfg.vocab_size}): {bad[:5]}")
-    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
-        raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0 (got {temperature}, {top_p}, {top_k})")
+    if not (temperature >= 0 and 0 < top_p <= 1 and top_k >= 0) or math.isinf(temperature):
+        raise ValueError(f"need finite temperature >= 0, 0 < top_p <= 1, top_k >= 0 (got {temperature}, {top_p}, {top_k})")
     ids, mask = left_pad(prompts, cfg.pad_token_id or 0)
     B, T = ids.shape
-    if cfg.pos == "learned" and T + max_new_tokens > cfg.max_seq_len:
-        raise ValueError(f"{T} + {max_new_tokens} tokens exceed the model's {cfg.max_seq_len} learned positions")
+    check_length(cfg, T, max_new_tokens)
     dtype = next(model.parameters()).dtype
     cache = KVCache.for_model(cfg, B, T + max_new_tokens, dtype=dtype)
     full_mask = torch.cat([mask, torch.ones(B, max_new_tokens, dtype=torch.bool)], dim=1)  # (B, T + n)

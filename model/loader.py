@@ -7,6 +7,7 @@ Pickle checkpoints (.bin, .pt) are refused: loading them can run arbitrary code.
 from __future__ import annotations
 
 import json
+import sys
 import shutil
 from pathlib import Path
 
@@ -44,11 +45,29 @@ def hf_name(arch, name):
     return ".".join(p for p in parts if p)
 
 
+FLOATING = {"F64", "F32", "F16", "BF16"}  # safetensors dtype names that may be cast to the model's
+
+
+def summary(items, n=5):
+    """The first n items, then how many more: an error stays readable for a 7B checkpoint."""
+    return ", ".join(items[:n]) + (f", ... and {len(items) - n} more" if len(items) > n else "")
+
+
 def _shards(path: Path) -> dict[str, Path]:
-    """HF tensor name -> file holding it."""
+    """HF tensor name -> file holding it (inside path: an index may not point elsewhere)."""
     index = path / "model.safetensors.index.json"
     if index.exists():
-        return {k: path / f for k, f in json.loads(index.read_text())["weight_map"].items()}
+        try:
+            files = {k: path / f for k, f in json.loads(index.read_text())["weight_map"].items()}
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise LoadError(f"{index} is not a safetensors index ({e!r})") from None
+        outside = sorted({str(f) for f in files.values() if not f.resolve().is_relative_to(path.resolve())})
+        if outside:
+            raise LoadError(f"{index} points outside {path}: {summary(outside)}")
+        absent = sorted({f.name for f in files.values() if not f.is_file()})
+        if absent:
+            raise LoadError(f"{index} names shard files that do not exist: {summary(absent)}")
+        return files
     single = path / "model.safetensors"
     if single.exists():
         with safe_open(single, "pt") as f:
@@ -62,7 +81,9 @@ def _shards(path: Path) -> dict[str, Path]:
     raise LoadError(f"{path} has no model.safetensors or model.safetensors.index.json")
 
 
-def load_model(path, dtype="float32") -> Decoder:
+def load_model(path, dtype="float32", allow_nonfinite=False) -> Decoder:
+    """Strict: every tensor present, expected, of its shape, floating and finite (allow_nonfinite
+    for debugging a broken checkpoint); a precision other than fp32 is cast, and said once."""
     path = Path(path)
     if dtype not in DTYPES:
         raise LoadError(f"dtype {dtype!r} not supported; use one of {', '.join(DTYPES)}")
@@ -75,11 +96,12 @@ def load_model(path, dtype="float32") -> Decoder:
     ours = {hf_name(cfg.arch, k): t for k, t in model.state_dict().items()}
     if cfg.tie_embeddings:
         ours.pop("lm_head.weight")  # shared with the embedding
-    shapes, handles = {}, {}
+    shapes, dtypes, handles = {}, {}, {}
     for name, file in where.items():
         if file not in handles:
             handles[file] = safe_open(file, "pt")
-        shapes[name] = tuple(handles[file].get_slice(name).get_shape())
+        sl = handles[file].get_slice(name)
+        shapes[name], dtypes[name] = tuple(sl.get_shape()), sl.get_dtype()
 
     missing = sorted(set(ours) - set(where))
     unexpected = sorted(k for k in set(where) - set(ours) if not k.endswith(IGNORED_SUFFIXES))
@@ -90,16 +112,27 @@ def load_model(path, dtype="float32") -> Decoder:
             unexpected.remove("lm_head.weight")  # a tied head saved twice, harmless
     misshaped = sorted(f"{k}: checkpoint {shapes[k]}, model {tuple(ours[k].shape)}"
                        for k in set(ours) & set(where) if shapes[k] != tuple(ours[k].shape))
-    if missing or unexpected or misshaped:
+    not_float = sorted(f"{k} ({dtypes[k]})" for k in set(ours) & set(where) if dtypes[k] not in FLOATING)
+    if missing or unexpected or misshaped or not_float:
         lines = [f"cannot load {path}:"]
-        for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped)):
+        for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped),
+                             ("not floating point", not_float)):
             if items:
-                lines.append(f"  {title} ({len(items)}): " + ", ".join(items))
+                lines.append(f"  {title} ({len(items)}): " + summary(items))
         raise LoadError("\n".join(lines))
+    cast = sorted({dtypes[k] for k in ours} - {"F32"})
+    if cast:
+        print(f"note: {path} stores {', '.join(cast)} tensors; loading them as float32", file=sys.stderr)
 
+    nonfinite = []
     with torch.no_grad():
         for name, t in ours.items():
             t.copy_(handles[where[name]].get_tensor(name))
+            if not bool(torch.isfinite(t).all()):
+                nonfinite.append(name)
+    if nonfinite and not allow_nonfinite:
+        raise LoadError(f"cannot load {path}: non-finite values (NaN or inf) in {len(nonfinite)} tensor(s): "
+                        f"{summary(nonfinite)} (allow_nonfinite=True loads them anyway, for debugging)")
     return model.to(DTYPES[dtype]).eval()
 
 

