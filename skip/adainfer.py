@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from model import positions
+from model.files import write_text_atomic
 
 from .crf import CRF
 
@@ -148,7 +149,7 @@ class Classifier:
     def save(self, path, model_cfg):
         d = {"kind": self.kind, "features": self.features, "params": self.params(),
              "model": {"n_layers": model_cfg.n_layers, "dim": model_cfg.dim, "vocab_size": model_cfg.vocab_size}}
-        Path(path).write_text(json.dumps(d))
+        write_text_atomic(path, json.dumps(d))
 
 
 class Threshold(Classifier):

@@ -216,3 +216,30 @@ def test_the_trace_cli_ends_bad_settings_in_one_line_with_status_2(ours):
     p = subprocess.run([sys.executable, "-m", "skip.trace", "write", "--method", "unified", "--settings", "[1]",
                         "--prompt", "x", "--out", str(tmp / "w")], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and "must be a JSON object" in p.stderr and "Traceback" not in p.stderr
+
+
+# ---------------------------------------------------------------- task files
+@pytest.mark.parametrize("line, match", [
+    ('{"prompt": "Q:", "answer": " C", "choices": [" A", " B"]}', "line 2: the answer ' C' is not among the choices"),
+    ('{"prompt": "Q:", "answer": " A", "choices": " AB"}', "line 2: 'choices' must be a list"),
+    ('{"prompt": "Q:", "answer": 3}', "line 2: 'prompt' and 'answer' must be strings"),
+    ('{"prompt": "Q:", "answer": " A"', "line 2: not JSON")])
+def test_a_bad_task_line_is_named_with_its_file_and_line(tmp_path, line, match):
+    from skip.harness.tasks import from_jsonl
+    f = tmp_path / "t.jsonl"
+    f.write_text('{"prompt": "Q:", "answer": " A", "choices": [" A", " B"]}\n' + line + "\n")
+    with pytest.raises(ValueError, match=f"t.jsonl, {match}"):
+        from_jsonl(f)
+
+
+def test_task_file_split_sizes_are_honoured_or_refused(tmp_path):
+    from skip.harness.tasks import from_jsonl
+    f = tmp_path / "t.jsonl"
+    f.write_text("".join(f'{{"prompt": "Q{i}:", "answer": " A"}}\n' for i in range(10)))
+    task = from_jsonl(f, n_train=3, n_test=4)
+    assert (len(task.train), len(task.test)) == (3, 4) and not {i.prompt for i in task.train} & {i.prompt for i in task.test}
+    with pytest.raises(ValueError, match="10 instances cannot give 8 to train and 4 to test"):
+        from_jsonl(f, n_train=8, n_test=4)
+    f.write_text('{"prompt": "Q:", "answer": " A"}\n')
+    with pytest.raises(ValueError, match="1 instances cannot give 0 to train"):
+        from_jsonl(f)

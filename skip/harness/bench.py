@@ -14,6 +14,8 @@ import json
 import time
 from pathlib import Path
 
+from model.files import write_text_atomic
+
 from .. import DEFAULT_MODEL, RUNS
 from .bench_decoder import table as decoder_table
 
@@ -141,13 +143,13 @@ def main(argv=None):
     pts = points(results)
     combined = {"quick": a.quick, "timing": timing, "summary": [dict(zip(("method", "setting", "quality_kept",
                 "flops_ratio", "speedup"), p)) for p in pts], "parts": results}
-    (out / "bench.json").write_text(json.dumps(combined, indent=1))
+    write_text_atomic(out / "bench.json", json.dumps(combined, indent=1))
     md = [f"# Benchmarks ({'quick' if a.quick else 'full'} run)", "", "## Summary", "", summary_table(pts)]
     for name in results:
         text = decoder_table(results[name]) if name == "decoder" else (out / PARTS[name][2]).read_text()
         secs = f" ({timing[name]['seconds'] / 60:.1f} min)" if name in timing else ""
         md += ["", f"## {TITLES[name]}{secs}", "", text.strip()]
-    (out / "bench.md").write_text("\n".join(md) + "\n")
+    write_text_atomic(out / "bench.md", "\n".join(md) + "\n")
     plot(pts, out / "summary.png")
     print("\n".join(md))
     print(f"\nwrote {out / 'bench.json'}, {out / 'bench.md'}, {out / 'summary.png'}")

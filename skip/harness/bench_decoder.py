@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from model import KVCache, load_model
 from model.decoder import linear
+from model.files import write_text_atomic
 
 from .. import DEFAULT_MODEL, RUNS
 
@@ -142,7 +143,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     res = bench(a.model, a.runs, a.threads)
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(res, indent=2))
+    write_text_atomic(a.out, json.dumps(res, indent=2))
     print(json.dumps(res, indent=2))
     print(table(res))
 

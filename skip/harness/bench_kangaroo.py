@@ -29,6 +29,7 @@ import torch
 from tqdm import tqdm
 
 from model import KVCache, flops, generate, load_model
+from model.files import write_text_atomic
 from tokenizer import encode_chat, load_tokenizer
 
 from .. import DEFAULT_MODEL, RUNS, WEIGHTS
@@ -176,9 +177,9 @@ def main(argv=None):
     if not a.no_sweep:
         result["sweep"] = sweep(model, adapter, prompts, a, methods["plain"])
     a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "bench-kangaroo.json").write_text(json.dumps(result, indent=1))
+    write_text_atomic(a.out / "bench-kangaroo.json", json.dumps(result, indent=1))
     md = table(result)
-    (a.out / "bench-kangaroo.md").write_text(md)
+    write_text_atomic(a.out / "bench-kangaroo.md", md)
     print(md)
     if "sweep" in result:
         plot(result["sweep"], a.out / "kangaroo.png")

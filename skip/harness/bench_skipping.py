@@ -29,6 +29,7 @@ import torch
 from tqdm import tqdm
 
 from model import flops, generate, load_model
+from model.files import write_text_atomic
 from tokenizer import encode_chat, load_tokenizer
 
 from .. import DEFAULT_MODEL, RUNS, WEIGHTS
@@ -210,9 +211,9 @@ def main(argv=None):
     a.out.mkdir(parents=True, exist_ok=True)
     res = {"model": str(a.model), "args": {k: str(v) for k, v in vars(a).items()}, "rows": rows,
            "rougeL_paired": unified_leads(rows)}
-    (a.out / "bench-skipping.json").write_text(json.dumps(res, indent=2))
+    write_text_atomic(a.out / "bench-skipping.json", json.dumps(res, indent=2))
     md = table(rows, a.batches) + "\n\n" + paired_table(res["rougeL_paired"])
-    (a.out / "bench-skipping.md").write_text(md + "\n")
+    write_text_atomic(a.out / "bench-skipping.md", md + "\n")
     print(json.dumps(res, indent=2))
     print(md)
     plot(rows, a.batches[0], a.out / "skipping.png")

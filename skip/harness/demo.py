@@ -28,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 from model import flops, generate, load_model
+from model.files import write_text_atomic
 from tokenizer import encode_chat, load_tokenizer
 
 from .. import DEFAULT_MODEL, WEIGHTS
@@ -117,8 +118,7 @@ def run(a):
     for name in methods:
         print(f"- {name}: {what_to_see(name, model.cfg.n_layers, tuned)}")
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump(results, f, indent=1)
+        write_text_atomic(a.json, json.dumps(results, indent=1))
     return results
 
 

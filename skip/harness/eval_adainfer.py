@@ -25,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 from model import flops, load_model
+from model.files import write_text_atomic
 from tokenizer import load_tokenizer
 
 from .. import DEFAULT_MODEL, RUNS
@@ -121,9 +122,9 @@ def main(argv=None):
     cross = cross_task(store, cfg, a.shots[0])
     a.out.mkdir(parents=True, exist_ok=True)
     res = {"model": str(a.model), "args": {k: str(v) for k, v in vars(a).items()}, "results": results, "cross_task": cross}
-    (a.out / "adainfer.json").write_text(json.dumps(res, indent=1))
+    write_text_atomic(a.out / "adainfer.json", json.dumps(res, indent=1))
     md = table(results, a.tau) + "\n\n" + cross_table(cross)
-    (a.out / "adainfer.md").write_text(md + "\n")
+    write_text_atomic(a.out / "adainfer.md", md + "\n")
     print(md)
     plots(results, a.out, cfg.n_layers)
 

@@ -24,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 from model import flops, load_model
+from model.files import write_text_atomic
 from tokenizer import encode_chat, load_tokenizer
 
 from .. import DEFAULT_MODEL, RUNS
@@ -93,9 +94,9 @@ def main(argv=None):
               f"{r['rougeL']:.1f} | {r['avg_layers']:.1f} | {r['flops_ratio']:.2f} | {r['wall_clock_ratio']:.2f} |"
               for r in results]
     a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "adainfer-gen.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(a).items()},
-                                                         "results": results}, indent=1))
-    (a.out / "adainfer-gen.md").write_text("\n".join(lines) + "\n")
+    write_text_atomic(a.out / "adainfer-gen.json",
+                      json.dumps({"args": {k: str(v) for k, v in vars(a).items()}, "results": results}, indent=1))
+    write_text_atomic(a.out / "adainfer-gen.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

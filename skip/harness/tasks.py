@@ -110,17 +110,41 @@ def synthetic(kind, n_train=200, n_test=200, seed=0):
     return Task(kind, pool[:half][:n_train], pool[half:][:n_test])
 
 
-def from_jsonl(path, test_fraction=0.5, seed=0):
-    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+def _instance(path, n, line):
+    """One JSONL row, checked: an error names the file and the line."""
+    where = f"{path}, line {n}"
+    try:
+        r = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: not JSON ({e.msg})") from None
+    if not isinstance(r, dict) or not {"prompt", "answer"} <= set(r):
+        raise ValueError(f"{where}: lacks 'prompt' or 'answer'")
+    if not isinstance(r["prompt"], str) or not isinstance(r["answer"], str):
+        raise ValueError(f"{where}: 'prompt' and 'answer' must be strings")
+    choices = r.get("choices")
+    if choices is not None:
+        if not isinstance(choices, list) or not all(isinstance(c, str) for c in choices) or len(choices) < 2:
+            raise ValueError(f"{where}: 'choices' must be a list of at least two strings")
+        if r["answer"] not in choices:
+            raise ValueError(f"{where}: the answer {r['answer']!r} is not among the choices {choices}")
+    if not isinstance(r.get("first_token", False), bool):
+        raise ValueError(f"{where}: 'first_token' must be true or false")
+    return Instance(r["prompt"], r["answer"], choices, r.get("first_token", False))
+
+
+def from_jsonl(path, n_train=None, n_test=None, seed=0):
+    """A task file, one {"prompt", "answer", "choices"?, "first_token"?} per line, shuffled with
+    a seed; n_train / n_test instances (default: half each), refused if the file has too few."""
+    rows = [(n, line) for n, line in enumerate(Path(path).read_text().splitlines(), 1) if line.strip()]
     if not rows:
         raise ValueError(f"{path}: no instances (expected one JSON object per line)")
-    bad = [i for i, r in enumerate(rows) if not {"prompt", "answer"} <= set(r)]
-    if bad:
-        raise ValueError(f"{path}: line {bad[0] + 1} lacks 'prompt' or 'answer'")
-    insts = [Instance(r["prompt"], r["answer"], r.get("choices"), r.get("first_token", False)) for r in rows]
+    insts = [_instance(path, n, line) for n, line in rows]
     random.Random(seed).shuffle(insts)
-    cut = int(len(insts) * (1 - test_fraction))
-    return Task(Path(path).stem, insts[:cut], insts[cut:])
+    n_train = len(insts) // 2 if n_train is None else n_train
+    n_test = len(insts) - n_train if n_test is None else n_test
+    if n_train < 1 or n_test < 1 or n_train + n_test > len(insts):
+        raise ValueError(f"{path}: {len(insts)} instances cannot give {n_train} to train and {n_test} to test")
+    return Task(Path(path).stem, insts[:n_train], insts[n_train:n_train + n_test])
 
 
 def load_task(name, n_train=None, n_test=None):
@@ -130,5 +154,5 @@ def load_task(name, n_train=None, n_test=None):
     if name in ("antonym", "next_letter", "last_initial"):
         return synthetic(name, n_train or 200, n_test or 200)
     if name.endswith(".jsonl"):
-        return from_jsonl(name)
+        return from_jsonl(name, n_train, n_test)
     raise ValueError(f"unknown task {name!r}")
