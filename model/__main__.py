@@ -19,6 +19,7 @@ from .decoder import positions
 from .generate import generate
 from .loader import load_model
 
+
 def open_model(path, dtype="float32"):
     path = Path(path)
     if not (path / "config.json").exists():

@@ -152,7 +152,7 @@ class ConfigError(UnsupportedConfig):
 
 
 POSITIVE = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "max_seq_len",
-            "rope_original_max_len")
+            "rope_original_max_len", "embed_dim")
 FLAGS = ("norm_affine", "pre_norm", "final_norm", "attn_bias", "out_bias", "mlp_bias", "tie_embeddings")
 
 
@@ -180,8 +180,6 @@ def check(cfg: Config) -> Config:
     for name in ("rope_theta", "rope_factor", "rope_low_freq_factor", "rope_high_freq_factor"):
         if not _is_real(getattr(cfg, name)) or getattr(cfg, name) <= 0:
             bad(name, "must be a positive number")
-    if not _is_int(cfg.embed_dim) or cfg.embed_dim <= 0:
-        bad("embed_dim", "must be a positive integer")
     for name in ("bos_token_id", "pad_token_id"):
         v = getattr(cfg, name)
         if v is not None and (not _is_int(v) or not 0 <= v < cfg.vocab_size):

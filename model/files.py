@@ -28,8 +28,8 @@ def _alive(pid):
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
+    except PermissionError:  # it exists, owned by someone else
+        pass
     return True
 
 
@@ -37,8 +37,12 @@ def sweep(out: Path):
     """Remove the temporaries of `out` whose writing process no longer exists."""
     for tmp in out.parent.glob(f".{out.name}.partial-*"):
         pid = tmp.name[len(f".{out.name}.partial-"):].split("-")[0]
-        if not pid.isdigit() or not _alive(int(pid)):
-            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        if pid.isdigit() and _alive(int(pid)):
+            continue
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
 
 
 def check_target(out: Path, marker: str, force: bool):
@@ -88,16 +92,23 @@ def atomic_dir(out, marker, force=False):
             raise
 
 
-def write_text_atomic(path, text):
-    """Write a text file through a sibling and a rename: a reader sees the old file or the new one."""
+@contextlib.contextmanager
+def atomic_file(path):
+    """with atomic_file(path) as tmp: write tmp; it then replaces path, so a reader sees the old
+    file or the new one, never a part."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     sweep(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.partial-{os.getpid()}-", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        yield Path(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_text_atomic(path, text):
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)

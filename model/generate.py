@@ -41,6 +41,13 @@ def left_pad(prompts, pad_id):
     return ids, mask
 
 
+def check_sampling(temperature, top_p, top_k=0):
+    """NaN fails every comparison, so the test is written as 'not (all good)'."""
+    if not (0 <= temperature < math.inf and 0 < top_p <= 1 and top_k >= 0):
+        raise ValueError(f"need finite temperature >= 0, 0 < top_p <= 1, top_k >= 0 "
+                         f"(got {temperature}, {top_p}, {top_k})")
+
+
 def check_length(cfg, prompt_len, max_new_tokens):
     """Before anything is allocated: the prompt and the new tokens must fit the model's context."""
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -62,8 +69,7 @@ def generate(model, prompts, max_new_tokens=32, temperature=0.0, top_k=0, top_p=
     bad = [t for p in prompts for t in p if not 0 <= t < cfg.vocab_size]
     if bad:
         raise ValueError(f"token ids outside the vocabulary [0, {cfg.vocab_size}): {bad[:5]}")
-    if not (temperature >= 0 and 0 < top_p <= 1 and top_k >= 0) or math.isinf(temperature):
-        raise ValueError(f"need finite temperature >= 0, 0 < top_p <= 1, top_k >= 0 (got {temperature}, {top_p}, {top_k})")
+    check_sampling(temperature, top_p, top_k)
     ids, mask = left_pad(prompts, cfg.pad_token_id or 0)
     B, T = ids.shape
     check_length(cfg, T, max_new_tokens)

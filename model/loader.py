@@ -7,8 +7,8 @@ Pickle checkpoints (.bin, .pt) are refused: loading them can run arbitrary code.
 from __future__ import annotations
 
 import json
-import sys
 import shutil
+import sys
 from pathlib import Path
 
 import torch

@@ -69,9 +69,13 @@ def generate_adainfer(model, prompt, clf=None, max_new_tokens=32, check_every=1,
     checks = set(range(check_every - 1, L - 1, check_every))
     if isinstance(clf, CRFClassifier) and check_every != 1:
         raise ValueError("the CRF is a chain over consecutive layers; use check_every=1 with it")
-    res = decode_with_exit(model, prompt, lambda h: StopCheck(model, h, clf, checks, vocab, collect),
-                           max_new_tokens, eos, fill=fill)
-    return GenResult(**vars(res), traces=[c.trace for c in res.checks if c.trace is not None])
+    passes = []  # one StopCheck per fed-back token: it keeps the token's features
+
+    def new_check(h):
+        passes.append(StopCheck(model, h, clf, checks, vocab, collect))
+        return passes[-1]
+    res = decode_with_exit(model, prompt, new_check, max_new_tokens, eos, fill=fill)
+    return GenResult(**vars(res), traces=[c.trace for c in passes if c.trace is not None])
 
 
 def frequent_vocab(token_lists, n=2048):

@@ -22,7 +22,6 @@ class ExitDecode:
     tokens: list[int]
     exit_layers: list[int]  # per generated token fed back: the last layer it ran (L - 1 = no exit)
     logits: list[torch.Tensor]  # (V,) float32, the logits each token was chosen from
-    checks: list  # the per-token checks, in order (they may keep what they saw)
 
 
 def propagate(model, h, pos, cache, start, layers):
@@ -45,7 +44,7 @@ def decode_with_exit(model, prompt, new_check, max_new_tokens=32, eos=None, forc
     check_length(model.cfg, len(prompt), n)
     cache = KVCache.for_model(model.cfg, 1, len(prompt) + n, dtype=model.head.weight.dtype)
     logits = model(torch.tensor([prompt]), cache=cache, last_only=True)[0, -1]  # the prompt: all layers
-    res = ExitDecode([], [], [], [])
+    res = ExitDecode([], [], [])
     for step in range(n):
         res.logits.append(logits.float())
         tok = int(next_token(logits[None].float(), **sampling)[0]) if forced is None else forced[step]
@@ -64,5 +63,4 @@ def decode_with_exit(model, prompt, new_check, max_new_tokens=32, eos=None, forc
             model.run_layers(h, pos, layers=skipped, cache=cache, start=start)
         logits = check.logits
         res.exit_layers.append(check.layer)
-        res.checks.append(check)
     return res

@@ -32,6 +32,7 @@ from .baselines import skipdecode_layers, skipdecode_schedule
 from .layerwise import layerwise_forward, prompt_then
 from .unified import kept_layers
 
+
 def training_pairs(tok, data_dir=DATA, max_tokens=256, seed=0):
     """(prompt ids, response ids) from AlpacaEval and GSM8K train, shuffled with a seed."""
     rows = [json.loads(line) for line in (Path(data_dir) / "alpaca" / "alpaca_eval.jsonl").open()]

@@ -31,7 +31,7 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from model import KVCache, attention_mask, check_length, filter_logits
+from model import KVCache, attention_mask, check_length, check_sampling, filter_logits
 from model.decoder import Attention, Norm
 from model.files import atomic_dir
 from model.flops import AttnRun, HeadRun
@@ -261,10 +261,12 @@ def generate_kangaroo(model, prompt, adapter=None, l=None, max_new_tokens=64, ga
     l = adapter.l if adapter is not None else l
     if l is None or not 0 < l < L:
         raise ValueError(f"need an exit layer 0 < l < {L} (or an adapter), got {l}")
-    if gamma < 0 or not 0 <= eta <= 1 or temperature < 0 or not 0 < top_p <= 1:
-        raise ValueError("need gamma >= 0, 0 <= eta <= 1, temperature >= 0, 0 < top_p <= 1")
+    if not (gamma >= 0 and 0 <= eta <= 1):
+        raise ValueError(f"need gamma >= 0 and 0 <= eta <= 1 (got {gamma}, {eta})")
+    check_sampling(temperature, top_p)
     if not prompt or any(not 0 <= t < cfg.vocab_size for t in prompt):
         raise ValueError(f"prompt must be non-empty token ids in [0, {cfg.vocab_size})")
+    check_length(cfg, len(prompt), max_new_tokens)
     vocab, W = None, model.head.weight  # (V, d)
     if draft_vocab:
         if adapter is None or len(adapter.frequent) < draft_vocab:
@@ -274,7 +276,6 @@ def generate_kangaroo(model, prompt, adapter=None, l=None, max_new_tokens=64, ga
     d = Drafter(model, adapter, l, W, vocab, temperature, top_p, generator)
     eos = set(cfg.eos_token_id if eos is None else eos)
     T, dtype = len(prompt), model.head.weight.dtype
-    check_length(cfg, T, max_new_tokens)
     max_len = T + max_new_tokens + min(gamma, max_new_tokens) + 1  # a round never drafts past the end
     cache = KVCache.for_model(cfg, 1, max_len, dtype=dtype)
     acache = adapter.new_cache(max_len, dtype) if adapter is not None else None

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import random
 import time
 from pathlib import Path
@@ -31,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from model import generate, load_model
-from model.files import OutputExists, check_target, write_text_atomic
+from model.files import OutputExists, atomic_file, check_target, write_text_atomic
 from tokenizer import encode_chat, load_tokenizer
 
 from . import DATA, DEFAULT_MODEL, RUNS, WEIGHTS
@@ -90,7 +89,6 @@ def self_distill(model, prompts, new_tokens, batch=16, path=None):
         bar.update(len(idx))
     bar.close()
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(path, json.dumps(seqs))
     return seqs
 
@@ -111,9 +109,8 @@ def exit_states(model, seqs, l, path=None):
         bar.update()
     bar.close()
     if path is not None:
-        tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-        save_file({f"{i}.{k}": x.contiguous() for i, pair in enumerate(out) for k, x in zip("lL", pair)}, str(tmp))
-        os.replace(tmp, path)
+        with atomic_file(path) as tmp:
+            save_file({f"{i}.{k}": x.contiguous() for i, pair in enumerate(out) for k, x in zip("lL", pair)}, str(tmp))
     return out
 
 

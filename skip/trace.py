@@ -118,10 +118,9 @@ def write(path, model_cfg, prompt, tokens, tensor_dict, method="full", settings=
     unless force."""
     with atomic_dir(path, "trace.json", force) as tmp:
         save_file({k: v.contiguous() for k, v in tensor_dict.items()}, str(tmp / "trace.safetensors"))
-        (tmp / "trace.json").write_text(json.dumps({
-        "version": VERSION, "model": model_info(model_cfg), "method": method, "settings": settings or {},
-            "prompt": list(prompt), "tokens": list(tokens), "steps": list(steps), "flops": flops_total}, indent=1)
-            + "\n")
+        meta = {"version": VERSION, "model": model_info(model_cfg), "method": method, "settings": settings or {},
+                "prompt": list(prompt), "tokens": list(tokens), "steps": list(steps), "flops": flops_total}
+        (tmp / "trace.json").write_text(json.dumps(meta, indent=1) + "\n")
 
 
 def trace(model, ids, path, method="full", max_new_tokens=16, settings=None, force=False):
@@ -175,8 +174,8 @@ def compare_tensor(name, ref, other, atol, rtol):
     i = tuple(int(x) for x in bad.nonzero()[0])
     if not bool(torch.isfinite(other[i])):
         return f"{TENSORS[name]} is {float(other[i])} first at {where(name, i, ref.shape[0])}"
-    return (f"{TENSORS[name]} diverges first at {where(name, i, ref.shape[0])}: max |diff| {float(diff[i[0]].max()):.3g} "
-            f"> atol {atol} + rtol {rtol} * |ref|")
+    return (f"{TENSORS[name]} diverges first at {where(name, i, ref.shape[0])}: "
+            f"max |diff| {float(diff[i[0]].max()):.3g} > atol {atol} + rtol {rtol} * |ref|")
 
 
 def compare(ref_path, other_path, atol=1e-4, rtol=1e-4):
@@ -188,7 +187,8 @@ def compare(ref_path, other_path, atol=1e-4, rtol=1e-4):
         return ["the prompts differ: nothing else is comparable"]
     out = []
     if (ref["method"], ref["settings"]) != (oth["method"], oth["settings"]):
-        out.append(f"the runs differ: reference {ref['method']} {ref['settings']}, other {oth['method']} {oth['settings']}")
+        out.append(f"the runs differ: reference {ref['method']} {ref['settings']}, "
+                   f"other {oth['method']} {oth['settings']}")
     for name in sorted(set(rt) ^ set(ot)):
         out.append(f"tensor {name} is only in the {'reference' if name in rt else 'other'} trace")
     for name in TENSORS:
@@ -241,7 +241,6 @@ def main(argv=None):
             raise TraceError(f"--settings is not JSON: {e}") from e
         if not isinstance(settings, dict):
             raise TraceError(f"--settings must be a JSON object, got {a.settings!r}")
-        settings = settings_used(a.method, settings)
         model = load_model(a.model)
         ids = encode_chat(load_tokenizer(a.model), a.prompt)
         trace(model, ids, a.out, a.method, a.max_new_tokens, settings, a.force)

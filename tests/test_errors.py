@@ -117,7 +117,8 @@ def test_non_floating_and_non_finite_weights_are_refused(model_dir):
 
 
 def test_a_shard_index_must_stay_inside_the_model_folder(model_dir):
-    index = {"weight_map": {k: "../elsewhere/model.safetensors" for k in load_file(str(model_dir / "model.safetensors"))}}
+    names = load_file(str(model_dir / "model.safetensors"))
+    index = {"weight_map": {k: "../elsewhere/model.safetensors" for k in names}}
     (model_dir / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(LoadError, match="points outside"):
         load_model(model_dir)
@@ -145,8 +146,8 @@ def test_lengths_and_numbers_are_checked_before_anything_is_allocated(llama_dir)
             generate(m, [PROMPT], **kw)
 
 
-@pytest.mark.parametrize("args", [["--prompt", "hi", "--max-new-tokens", "0"], ["--prompt", "hi", "--temperature", "nan"],
-                                  ["--prompt", ""]])
+@pytest.mark.parametrize("args", [["--prompt", "hi", "--max-new-tokens", "0"],
+                                  ["--prompt", "hi", "--temperature", "nan"], ["--prompt", ""]])
 def test_the_generate_cli_ends_bad_input_in_one_line_with_status_2(smollm2_dir, args):
     p = subprocess.run([sys.executable, "-m", "model", "generate", "--model", str(smollm2_dir), "--no-chat", *args],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -237,7 +238,8 @@ def test_task_file_split_sizes_are_honoured_or_refused(tmp_path):
     f = tmp_path / "t.jsonl"
     f.write_text("".join(f'{{"prompt": "Q{i}:", "answer": " A"}}\n' for i in range(10)))
     task = from_jsonl(f, n_train=3, n_test=4)
-    assert (len(task.train), len(task.test)) == (3, 4) and not {i.prompt for i in task.train} & {i.prompt for i in task.test}
+    assert (len(task.train), len(task.test)) == (3, 4)
+    assert not {i.prompt for i in task.train} & {i.prompt for i in task.test}
     with pytest.raises(ValueError, match="10 instances cannot give 8 to train and 4 to test"):
         from_jsonl(f, n_train=8, n_test=4)
     f.write_text('{"prompt": "Q:", "answer": " A"}\n')

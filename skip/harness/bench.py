@@ -16,12 +16,12 @@ from pathlib import Path
 
 from model.files import write_text_atomic
 
-from .. import DEFAULT_MODEL, RUNS
+from .. import RUNS
 from .bench_decoder import table as decoder_table
 
 # part: (module, output JSON, markdown, arguments of the full run, added for the quick run)
 PARTS = {
-    "decoder": ("skip.harness.bench_decoder", "bench-decoder.json", None, ["--model", str(DEFAULT_MODEL), "--runs", "7"], ["--runs", "2"]),
+    "decoder": ("skip.harness.bench_decoder", "bench-decoder.json", None, ["--runs", "7"], ["--runs", "2"]),
     "adainfer": ("skip.harness.eval_adainfer", "adainfer.json", "adainfer.md",
                  ["--tasks", "sst2", "csqa", "mmlu", "squad", "antonym:5", "next_letter:5", "last_initial:5",
                   "--n-train", "40", "--n-test", "40", "--time-n", "8"],

@@ -142,7 +142,6 @@ def main(argv=None):
     ap.add_argument("--out", type=Path, default=RUNS / "bench-decoder.json")
     a = ap.parse_args(argv)
     res = bench(a.model, a.runs, a.threads)
-    a.out.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(a.out, json.dumps(res, indent=2))
     print(json.dumps(res, indent=2))
     print(table(res))

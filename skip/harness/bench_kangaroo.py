@@ -36,6 +36,7 @@ from .. import DEFAULT_MODEL, RUNS, WEIGHTS
 from ..kangaroo import generate_kangaroo, load_adapter
 from .data import SPECBENCH, specbench
 
+
 def timed(fn):
     t0 = time.perf_counter()
     out = fn()
@@ -125,8 +126,7 @@ def main(argv=None):
     l, N = adapter.l, a.max_new_tokens
     from transformers import AutoModelForCausalLM
     hf = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32).eval()
-    prompts = {c: [encode_chat(tok, t) for t in ts]
-               for c, ts in ((c, [q for q, _ in specbench(c, a.per_category)]) for c in SPECBENCH)}
+    prompts = {c: [encode_chat(tok, q) for q, _ in specbench(c, a.per_category)] for c in SPECBENCH}
 
     def ours(**kw):
         return lambda p: generate_kangaroo(model, p, max_new_tokens=N, gamma=a.gamma, eta=a.eta, **kw)

@@ -77,12 +77,11 @@ def main(argv=None):
 
 def run(a):
     model, tok = load_model(a.model), load_tokenizer(a.model)
-    chat = lambda q: encode_chat(tok, q)  # noqa: E731
     N = a.max_new
 
     t0 = time.perf_counter()
     traces = [t for q in alpaca_instructions(N_FIT)
-              for t in generate_adainfer(model, chat(q), None, N, collect=True).traces]
+              for t in generate_adainfer(model, encode_chat(tok, q), None, N, collect=True).traces]
     svm = SVM().fit(traces, "final")
     print(f"AdaInfer: SVM fitted on {len(traces)} token traces of 4 AlpacaEval answers "
           f"in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
@@ -101,7 +100,7 @@ def run(a):
     prompts = PROMPTS[:a.prompts]
     results, bar = [], tqdm(total=len(prompts) * len(methods), desc="demo")
     for text in prompts:
-        ids = chat(text)
+        ids = encode_chat(tok, text)
         full = None
         for name, fn in methods.items():
             tokens, layer_tokens, fl, secs = measure(unified_model if name.startswith("Unified") else model, ids, fn)

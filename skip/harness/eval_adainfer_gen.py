@@ -63,12 +63,11 @@ def main(argv=None):
     a = ap.parse_args(argv)
     torch.set_grad_enabled(False)
     model, tok = load_model(a.model), load_tokenizer(a.model)
-    chat = lambda q: encode_chat(tok, q)  # noqa: E731
-    train, _, _ = run(model, [chat(q) for q in alpaca_instructions(a.n_train)], a.max_new, collect=True)
+    train, _, _ = run(model, [encode_chat(tok, q) for q in alpaca_instructions(a.n_train)], a.max_new, collect=True)
     svm = SVM().fit([t for g in train for t in g.traces], "final")
     cheap = frequent_vocab([g.tokens for g in train])
     per_cat = -(-a.n_test // len(CATEGORIES))
-    test = [chat(q) for c in CATEGORIES for q, _ in specbench(c, per_cat)][:a.n_test]
+    test = [encode_chat(tok, q) for c in CATEGORIES for q, _ in specbench(c, per_cat)][:a.n_test]
     full, full_flops, full_s = run(model, test, a.max_new)
     settings = [(f"gap>={a.tau}", Threshold(a.tau), 1, None, "propagate"), ("svm", svm, 1, None, "propagate"),
                 ("svm", svm, 4, None, "propagate"), ("svm", svm, 1, cheap, "propagate"),
