@@ -10,6 +10,8 @@ token of every row (a pad or a real token). Each layer l holds keys/values for s
 Writes must start exactly at a layer's length, so a layer can never attend to a slot
 it did not fill: the gap raises instead of reading stale memory.
 Rolling back rejected drafts is crop().
+Memory grows with use, in chunks of CHUNK slots, up to max_len: a generous max_new_tokens
+or gamma bounds the cache but does not allocate it.
 """
 from __future__ import annotations
 
@@ -20,13 +22,25 @@ class CacheError(RuntimeError):
     pass
 
 
+CHUNK = 256
+
+
 class KVCache:
     def __init__(self, n_layers, batch, max_len, n_kv_heads, head_dim, dtype=torch.float32, device="cpu"):
-        shape = (n_layers, batch, n_kv_heads, max_len, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)  # (L, B, n_kv, max_len, hd)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)  # (L, B, n_kv, max_len, hd)
+        empty = (n_layers, batch, n_kv_heads, 0, head_dim)
+        self.k = torch.zeros(empty, dtype=dtype, device=device)  # (L, B, n_kv, capacity, hd)
+        self.v = torch.zeros(empty, dtype=dtype, device=device)  # (L, B, n_kv, capacity, hd)
         self.lengths = [0] * n_layers
         self.max_len = max_len
+
+    def _grow(self, end):
+        capacity = min(self.max_len, -(-end // CHUNK) * CHUNK)  # next multiple of CHUNK, at most max_len
+        old = self.k.shape[3]
+        for name in ("k", "v"):
+            t = getattr(self, name)
+            grown = t.new_zeros(t.shape[:3] + (capacity, t.shape[4]))  # (L, B, n_kv, capacity, hd)
+            grown[:, :, :, :old] = t
+            setattr(self, name, grown)
 
     @classmethod
     def for_model(cls, cfg, batch, max_len, dtype=torch.float32, device="cpu"):
@@ -41,6 +55,8 @@ class KVCache:
         if start != self.lengths[layer]:
             raise CacheError(f"layer {layer} holds {self.lengths[layer]} valid positions; cannot write "
                              f"at slot {start} (crop it, or fill slots {self.lengths[layer]}..{start - 1} first)")
+        if end > self.k.shape[3]:
+            self._grow(end)
         self.k[layer, :, :, start:end] = k
         self.v[layer, :, :, start:end] = v
         self.lengths[layer] = end

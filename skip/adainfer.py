@@ -204,20 +204,49 @@ class CRFClassifier(Classifier):
         return self.crf.to_json()
 
 
+class ClassifierError(ValueError):
+    pass
+
+
+def _numbers(path, p, key, shape):
+    """p[key] as a float64 array of the given shape, every entry a finite JSON number."""
+    a = np.asarray(p.get(key), dtype=object)
+    if a.shape != shape or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in a.flat):
+        raise ClassifierError(f"{path}: params.{key} must be numbers of shape {shape}, got {p.get(key)!r:.80}")
+    a = a.astype(np.float64)
+    if not np.isfinite(a).all():
+        raise ClassifierError(f"{path}: params.{key} holds a non-finite value")
+    return a
+
+
 def load_classifier(path, model_cfg):
-    d = json.loads(Path(path).read_text())
+    """Read a classifier written by Classifier.save, checking every field before it is used."""
+    try:
+        d = json.loads(Path(path).read_text())
+        kind, features, p = d["kind"], d["features"], d["params"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ClassifierError(f"{path}: not a classifier file ({type(e).__name__}: {e})") from e
     want = {"n_layers": model_cfg.n_layers, "dim": model_cfg.dim, "vocab_size": model_cfg.vocab_size}
     if d.get("model") != want:
-        raise ValueError(f"{path} was fitted for a model with {d.get('model')}, not {want}")
-    p = d["params"]
-    if d["kind"] == "threshold":
-        return Threshold(p["tau"], d["features"][0])
-    clf = {"svm": SVM, "crf": CRFClassifier}[d["kind"]](d["features"])
-    if d["kind"] == "svm":
-        clf.mean, clf.std, clf.w = (np.array(p[k]) for k in ("mean", "std", "w"))
-        clf.b = p["b"]
+        raise ClassifierError(f"{path} was fitted for a model with {d.get('model')}, not {want}")
+    if kind not in ("threshold", "svm", "crf") or not isinstance(p, dict):
+        raise ClassifierError(f"{path}: unknown kind {kind!r} (threshold, svm, crf)")
+    if not (isinstance(features, list) and features and set(features) <= set(FEATURES)
+            and (kind != "threshold" or len(features) == 1)):
+        raise ClassifierError(f"{path}: features {features!r} are not a list of {FEATURES}"
+                              + (" with one entry" if kind == "threshold" else ""))
+    n_feat = len(features)
+    if kind == "threshold":
+        return Threshold(float(_numbers(path, p, "tau", ())), features[0])
+    clf = {"svm": SVM, "crf": CRFClassifier}[kind](features)
+    if kind == "svm":
+        clf.mean, clf.std, clf.w = (_numbers(path, p, k, (n_feat,)) for k in ("mean", "std", "w"))
+        clf.b = float(_numbers(path, p, "b", ()))
+        if (clf.std <= 0).any():
+            raise ClassifierError(f"{path}: params.std must be positive, got {clf.std.tolist()}")
     else:
-        clf.crf = CRF.from_json(p)
+        clf.crf = CRF.from_json({"W": _numbers(path, p, "W", (2, n_feat)), "b": _numbers(path, p, "b", (2,)),
+                                 "T": _numbers(path, p, "T", (2, 2))})
     return clf
 
 

@@ -119,6 +119,8 @@ def main(argv=None):
     ap.add_argument("--out", type=Path)
     ap.add_argument("--force", action="store_true", help="replace an output folder this command did not write")
     a = ap.parse_args(argv)
+    if not (a.steps >= 1 and a.minutes > 0 and a.lr > 0 and a.r >= 1):
+        ap.error(f"need --steps >= 1, --minutes > 0, --lr > 0, --r >= 1 (got {a.steps}, {a.minutes}, {a.lr}, {a.r})")
     torch.manual_seed(a.seed)
     out = a.out or WEIGHTS / f"{a.method}-{a.r}x"
     try:  # before the training, not after it
@@ -127,6 +129,8 @@ def main(argv=None):
         ap.error(str(e))
     model = load_model(a.model).to(a.device)
     pairs = training_pairs(load_tokenizer(a.model), max_tokens=a.max_tokens, seed=a.seed)
+    if not pairs:
+        ap.error(f"no training prompt fits --max-tokens {a.max_tokens} with room for a response")
     layer_set = response_layer_sets(a.method, model.cfg.n_layers, a.r)
     losses = finetune(model, pairs, layer_set, a.steps, a.minutes, a.lr, desc=f"{a.method} {a.r}x")
     with atomic_dir(out, "finetune.json", a.force) as tmp:  # finetune.json last: the marker of a complete run

@@ -261,8 +261,8 @@ def generate_kangaroo(model, prompt, adapter=None, l=None, max_new_tokens=64, ga
     l = adapter.l if adapter is not None else l
     if l is None or not 0 < l < L:
         raise ValueError(f"need an exit layer 0 < l < {L} (or an adapter), got {l}")
-    if not (gamma >= 0 and 0 <= eta <= 1):
-        raise ValueError(f"need gamma >= 0 and 0 <= eta <= 1 (got {gamma}, {eta})")
+    if not (isinstance(gamma, int) and gamma >= 0 and isinstance(eta, (int, float)) and 0 <= eta <= 1):
+        raise ValueError(f"need an integer gamma >= 0 and 0 <= eta <= 1 (got {gamma!r}, {eta!r})")
     check_sampling(temperature, top_p)
     if not prompt or any(not 0 <= t < cfg.vocab_size for t in prompt):
         raise ValueError(f"prompt must be non-empty token ids in [0, {cfg.vocab_size})")

@@ -14,6 +14,9 @@ pattern, as the paper does, is in skip/finetune.py.
 """
 from __future__ import annotations
 
+import math
+import numbers
+
 from model import generate
 
 
@@ -29,8 +32,8 @@ def kept_layers(L: int, r: float, real_valued: bool = False) -> list[int]:
     n = round(L / r) layers at the rounded positions of an evenly spaced grid over [0, L - 1],
     so the gaps differ by at most one and the unevenness is spread out.
     """
-    if r < 1:
-        raise ValueError(f"target speedup r={r} must be >= 1")
+    if isinstance(r, bool) or not isinstance(r, numbers.Real) or not 1 <= r < math.inf:
+        raise ValueError(f"target speedup r={r!r} must be a finite number >= 1")
     if r > L:
         raise ValueError(f"target speedup r={r} is larger than the number of layers L={L}")
     if real_valued:

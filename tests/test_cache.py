@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from model import CacheError, KVCache, positions
+from model.cache import CHUNK
 
 
 @pytest.fixture(scope="module")
@@ -52,3 +53,14 @@ def test_start_without_cache_raises(model):
     with pytest.raises(CacheError, match="needs a cache"):
         pos = positions(None, 3, 1)
         model.run_layers(model.embed_tokens(ids_(model, 1), pos), pos, start=3)
+
+
+def test_the_cache_grows_in_chunks_as_it_is_used_not_to_its_bound(model):
+    cfg = model.cfg
+    cache = KVCache.for_model(cfg, 1, 10**9)  # a bound that could never be allocated
+    assert cache.k.numel() == 0
+    kv = torch.randn(1, cfg.n_kv_heads, CHUNK + 5, cfg.head_dim)  # (B, n_kv, T, hd)
+    k, v = cache.write(0, 0, kv[:, :, :5], kv[:, :, :5])
+    assert cache.k.shape[3] == CHUNK and torch.equal(k, kv[:, :, :5])
+    k, v = cache.write(0, 5, kv[:, :, 5:], -kv[:, :, 5:])  # crosses a chunk: earlier slots are kept
+    assert cache.k.shape[3] == 2 * CHUNK and torch.equal(k, kv) and torch.equal(v[:, :, :5], kv[:, :, :5])

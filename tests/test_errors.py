@@ -5,7 +5,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -78,6 +80,39 @@ def test_a_write_killed_midway_leaves_nothing_partial_and_the_next_run_succeeds(
     with atomic_dir(out, "done.json") as tmp:  # SIGKILL's leftover is swept here: its process is gone
         (tmp / "done.json").write_text("{}")
     assert (out / "done.json").exists() and not list(tmp_path.glob(".out.partial-*"))
+
+
+def kill_while_writing(cmd, out, sig=signal.SIGTERM):
+    """Start cmd, send sig once its temporary output folder holds a file, wait for it to end."""
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not any(f.is_file() for d in out.parent.glob(f".{out.name}.partial-*") for f in d.iterdir()):
+        assert p.poll() is None, f"{cmd} ended before it wrote anything"
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    p.send_signal(sig)
+    return p.wait(timeout=60)
+
+
+def test_a_conversion_killed_mid_write_leaves_nothing_and_the_next_run_succeeds(smollm2_gguf, tmp_path):
+    out = tmp_path / "smollm2"
+    cmd = [sys.executable, "-m", "weights", "convert", str(smollm2_gguf), "--out", str(out)]
+    assert kill_while_writing(cmd, out) != 0
+    assert not out.exists() and not list(tmp_path.iterdir())
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json", "conversion.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+
+
+def test_a_fine_tune_killed_mid_write_leaves_nothing_and_the_next_run_succeeds(smollm2_dir, data_dir, tmp_path):
+    out = tmp_path / "unified-2x"
+    cmd = [sys.executable, "-m", "skip.finetune", "--model", str(smollm2_dir), "--steps", "1",
+           "--max-tokens", "64", "--out", str(out)]
+    assert kill_while_writing(cmd, out) != 0
+    assert not out.exists() and not list(tmp_path.iterdir())
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "finetune.json", "model.safetensors"]
+    load_model(out)
 
 
 # ---------------------------------------------------------------- config and weights
@@ -245,3 +280,68 @@ def test_task_file_split_sizes_are_honoured_or_refused(tmp_path):
     f.write_text('{"prompt": "Q:", "answer": " A"}\n')
     with pytest.raises(ValueError, match="1 instances cannot give 0 to train"):
         from_jsonl(f)
+
+
+def test_the_cross_task_table_says_when_there_is_nothing_to_transfer():
+    from skip.harness.eval_adainfer import cross_table
+    assert cross_table({}, 0) == ("Cross-task: no SVM over the full vocabulary was fitted at 0 shots, "
+                                  "so there is nothing to transfer.")
+
+
+# ---------------------------------------------------------------- classifiers and method settings
+@pytest.fixture
+def svm_file(llama_dir, tmp_path):
+    from skip.adainfer import SVM
+    clf = SVM(("gap", "top_prob"))
+    clf.mean, clf.std, clf.w, clf.b = np.zeros(2), np.ones(2), np.array([1.0, -1.0]), 0.5
+    clf.save(tmp_path / "svm.json", load_model(llama_dir).cfg)
+    return tmp_path / "svm.json", load_model(llama_dir).cfg
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda d: d["params"].update(w=["1", "2"]), r"params.w must be numbers of shape \(2,\)"),
+    (lambda d: d["params"].update(w=[1.0]), r"params.w must be numbers of shape \(2,\)"),
+    (lambda d: d["params"].update(std=[0.0, 1.0]), "params.std must be positive"),
+    (lambda d: d["params"].update(b=float("nan")), "params.b holds a non-finite value"),
+    (lambda d: d.update(kind="tree"), "unknown kind 'tree'"),
+    (lambda d: d.update(features=["gap", "entropy"]), "features"),
+    (lambda d: d.update(kind="threshold", params={"tau": float("nan")}, features=["gap"]), "params.tau holds a non-finite"),
+    (lambda d: d.pop("params"), "not a classifier file"),
+])
+def test_a_classifier_file_is_checked_when_it_is_loaded_not_when_it_is_used(svm_file, edit, match):
+    from skip.adainfer import ClassifierError, load_classifier
+    path, cfg = svm_file
+    d = json.loads(path.read_text())
+    edit(d)
+    path.write_text(json.dumps(d))
+    with pytest.raises(ClassifierError, match=match):
+        load_classifier(path, cfg)
+    path.write_text("{not json")
+    with pytest.raises(ClassifierError, match="not a classifier file"):
+        load_classifier(path, cfg)
+
+
+@pytest.mark.parametrize("r", ["2", float("nan"), float("inf"), None, True, 0.5])
+def test_unified_r_must_be_a_finite_number_of_at_least_one(r):
+    from skip.unified import kept_layers
+    with pytest.raises(ValueError, match="must be a finite number >= 1"):
+        kept_layers(30, r)
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--time-n", "-1"], "--time-n >= 0"), (["--features", "gapp"], "invalid choice: 'gapp'"),
+    (["--tasks", "sst3"], "--tasks 'sst3'"), (["--tasks", "antonym:x"], "--tasks 'antonym:x'"),
+    (["--tau", "nan"], "0 <= --tau <= 1")])
+def test_eval_adainfer_refuses_bad_arguments_before_loading_anything(args, match, capsys):
+    from skip.harness.eval_adainfer import main
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 2 and match in capsys.readouterr().err
+
+
+def test_eval_adainfer_time_n_zero_times_nothing_and_says_so():
+    from skip.harness.eval_adainfer import table, wall_clock
+    assert wall_clock(None, [], None, None) is None
+    s = {"accuracy": 0.5, "flops_ratio": 0.5, "layers_ratio": 0.5, "wall_clock_ratio": None}
+    row = {"task": "t", "shots": 0, "mode": "full", "full_accuracy": 1.0, "svm": s, "threshold": s, "oracle": s}
+    assert "| 50.0 / 0.50 / 0.50 / - | not fitted |" in table([row], 0.8)

@@ -182,6 +182,12 @@ def test_bad_settings_raise(llama_dir):
         generate_kangaroo(m, PROMPT, None, l=2, draft_vocab=10)
     with pytest.raises(ValueError, match="eta"):
         generate_kangaroo(m, PROMPT, None, l=2, eta=1.5)
+    for gamma in ("3", 2.5, -1):
+        with pytest.raises(ValueError, match="integer gamma"):
+            generate_kangaroo(m, PROMPT, None, l=2, gamma=gamma)
+    # a huge gamma costs nothing up front: the caches grow with the tokens actually drafted
+    ref = generate(m, [PROMPT], max_new_tokens=8, eos=[])[0]
+    assert generate_kangaroo(m, PROMPT, None, l=2, gamma=10**9, max_new_tokens=8, eos=[]).tokens == ref
     with pytest.raises(ValueError, match="token ids"):
         generate_kangaroo(m, [m.cfg.vocab_size], None, l=2)
     with pytest.raises(AdapterError, match="exit layer"):

@@ -1,6 +1,7 @@
 """The from-scratch BPE against transformers' tokenizer built from the same GGUF, and against
 the `tokenizers` library reading the tokenizer.json our converter writes."""
 import json
+import warnings
 
 import pytest
 from hypothesis import example, given, settings
@@ -60,6 +61,7 @@ text_strategy = st.text(st.characters(exclude_categories=("Cs", "Cn", "Co")), ma
              max_size=20).map("".join)
 
 
+@pytest.mark.filterwarnings("ignore:byte")  # dropped bytes are announced; the test below checks that
 @settings(max_examples=300, deadline=None, derandomize=True)  # the same 300 texts in every run
 @given(text_strategy)
 @example('"\x16:')  # found by a random run: 0x16 has no token, and '"' ':' then merge
@@ -72,6 +74,17 @@ def test_random_unicode_matches_and_round_trips(ours, hf_tok, from_json, text):
         assert ours.decode(ids) == ours.decode(hf_tok.encode(text, add_special_tokens=False))
     mine, lib = from_json
     assert mine.encode(text) == lib.encode(text, add_special_tokens=False).ids
+
+
+def test_a_dropped_byte_is_announced_once_and_a_lone_surrogate_is_refused(smollm2_dir):
+    tok = load_tokenizer(smollm2_dir)  # a fresh one: nothing announced yet
+    with pytest.warns(UserWarning, match=r"byte\(s\) 0x16 of .* have no token in this vocabulary and are dropped"):
+        assert tok.encode('"\x16:') == tok.encode('":')
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tok.encode("a\x16b")  # announced already
+    with pytest.raises(ValueError, match="lone surrogate U\\+DC80 at index 2"):
+        tok.encode("ab\udc80")
 
 
 def test_special_tokens_stay_whole(ours):

@@ -32,7 +32,7 @@ def test_first_and_last_layer_always_kept(L):
 
 
 def test_bad_speedups_raise():
-    with pytest.raises(ValueError, match="must be >= 1"):
+    with pytest.raises(ValueError, match="must be a finite number >= 1"):
         kept_layers(30, 0.5)
     with pytest.raises(ValueError, match="larger than the number of layers"):
         kept_layers(30, 31)

@@ -12,6 +12,7 @@ import functools
 import json
 import re
 import unicodedata
+import warnings
 from pathlib import Path
 
 
@@ -71,6 +72,7 @@ class BPETokenizer:
         self.byte_char = bytes_to_unicode()
         self.char_byte = {c: b for b, c in self.byte_char.items()}
         self._cache: dict[str, list[int]] = {}
+        self.dropped: set[int] = set()  # bytes without a token met so far, each announced once
 
     # ------------------------------------------------------------ loading
     @classmethod
@@ -118,7 +120,13 @@ class BPETokenizer:
             return self._cache[chunk]
         # A byte with no token (SmolLM2 lacks e.g. 0x16) is dropped before merging, as the
         # tokenizers library does: its neighbours may then merge ('"', 0x16, ':' -> '":').
-        word = [c for c in (self.byte_char[b] for b in chunk.encode("utf-8")) if c in self.vocab]
+        data = chunk.encode("utf-8")
+        new = {b for b in data if self.byte_char[b] not in self.vocab} - self.dropped
+        if new:
+            self.dropped |= new
+            warnings.warn(f"byte(s) {', '.join(f'0x{b:02x}' for b in sorted(new))} of {chunk!r} have no token in "
+                          "this vocabulary and are dropped (as the tokenizers library does)", stacklevel=3)
+        word = [c for c in (self.byte_char[b] for b in data) if c in self.vocab]
         while len(word) > 1:
             pairs = [(self.ranks.get(p, float("inf")), p) for p in zip(word, word[1:])]
             rank, best = min(pairs, key=lambda rp: rp[0])
@@ -138,6 +146,10 @@ class BPETokenizer:
         return ids
 
     def encode(self, text: str) -> list[int]:
+        lone = re.search("[\ud800-\udfff]", text)
+        if lone:  # not Unicode: it has no UTF-8 bytes to tokenize
+            raise ValueError(f"text holds a lone surrogate U+{ord(lone.group()):04X} at index {lone.start()}; "
+                             "it is not valid Unicode (is the input valid UTF-8?)")
         ids = []
         pieces = self.special_re.split(text) if self.special_re else [text]
         for piece in pieces:

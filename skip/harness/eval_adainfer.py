@@ -29,8 +29,8 @@ from model.files import write_text_atomic
 from tokenizer import load_tokenizer
 
 from .. import DEFAULT_MODEL, RUNS
-from ..adainfer import LABEL_RULES, SVM, CRFClassifier, Threshold, encode, oracle_layer, predict, trace
-from .tasks import load_task
+from ..adainfer import DEFAULT_FEATURES, FEATURES, LABEL_RULES, SVM, CRFClassifier, Threshold, encode, oracle_layer, predict, trace
+from .tasks import TASKS, load_task
 
 
 def exit_flops(cfg, T, layer, vocab):
@@ -55,6 +55,8 @@ def simulate(rule, traces, lengths, cfg, vocab):
 
 
 def wall_clock(model, encoded, clf, vocab_of):
+    if not encoded:  # --time-n 0
+        return None
     t_full = t_ada = 0.0
     for ids, _, choices in encoded:
         t0 = time.perf_counter()
@@ -69,26 +71,33 @@ def wall_clock(model, encoded, clf, vocab_of):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
-    ap.add_argument("--tasks", nargs="+", default=["sst2", "csqa", "mmlu", "squad", "antonym", "next_letter",
-                                                    "last_initial"])
+    ap.add_argument("--tasks", nargs="+", default=list(TASKS))
     ap.add_argument("--shots", type=int, nargs="+", default=[0], help="for every task without its own ':k'")
-    ap.add_argument("--modes", nargs="+", default=["full", "choices"])
+    ap.add_argument("--modes", nargs="+", default=["full", "choices"], choices=["full", "choices"])
     ap.add_argument("--n-train", type=int, default=60)
     ap.add_argument("--n-test", type=int, default=60)
-    ap.add_argument("--time-n", type=int, default=10, help="test prompts timed live")
+    ap.add_argument("--time-n", type=int, default=10, help="test prompts timed live (0: none)")
     ap.add_argument("--rule", default="gold", choices=LABEL_RULES)
-    ap.add_argument("--features", nargs="+", default=["gap", "top_prob"])
+    ap.add_argument("--features", nargs="+", default=list(DEFAULT_FEATURES), choices=FEATURES)
     ap.add_argument("--tau", type=float, default=0.8, help="the gap threshold baseline (paper: 0.8)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--out", type=Path, default=RUNS)
     a = ap.parse_args(argv)
+    if not (a.n_train >= 1 and a.n_test >= 1 and a.time_n >= 0 and 0 <= a.tau <= 1 and a.threads >= 1
+            and min(a.shots) >= 0):
+        ap.error("need --n-train, --n-test, --threads >= 1, --time-n >= 0, --shots >= 0 and 0 <= --tau <= 1")
+    # "antonym:5" runs that task with 5 shots only
+    configs = []
+    for t in a.tasks:
+        name, colon, k = t.partition(":")
+        known = name in TASKS or name.endswith(".jsonl") and Path(name).is_file()
+        if not known or (colon and not k.isdigit()):
+            ap.error(f"--tasks {t!r}: need one of {', '.join(TASKS)} or an existing .jsonl file, optionally :SHOTS")
+        configs += [(name, shots, m) for shots in ([int(k)] if k else a.shots) for m in a.modes]
     torch.set_grad_enabled(False)
     torch.set_num_threads(a.threads)
     model, tok = load_model(a.model), load_tokenizer(a.model)
     cfg = model.cfg
-    # "antonym:5" runs that task with 5 shots only
-    configs = [(t.split(":")[0], k, m) for t in a.tasks
-               for k in ([int(t.split(":")[1])] if ":" in t else a.shots) for m in a.modes]
     results, store, bar = [], {}, tqdm(total=len(configs), desc="adainfer")
     for name, k, mode in configs:
         task = load_task(name, a.n_train, a.n_test)
@@ -123,7 +132,7 @@ def main(argv=None):
     a.out.mkdir(parents=True, exist_ok=True)
     res = {"model": str(a.model), "args": {k: str(v) for k, v in vars(a).items()}, "results": results, "cross_task": cross}
     write_text_atomic(a.out / "adainfer.json", json.dumps(res, indent=1))
-    md = table(results, a.tau) + "\n\n" + cross_table(cross)
+    md = table(results, a.tau) + "\n\n" + cross_table(cross, a.shots[0])
     write_text_atomic(a.out / "adainfer.md", md + "\n")
     print(md)
     plots(results, a.out, cfg.n_layers)
@@ -148,15 +157,18 @@ def table(results, tau):
         cells = []
         for rule in ("svm", "crf", "threshold"):
             s = r.get(rule)
-            cells.append("n/a" if s is None else f"{100 * s['accuracy']:.1f} / {s['flops_ratio']:.2f} / "
-                         f"{s['layers_ratio']:.2f} / {s['wall_clock_ratio']:.2f}")
+            wall = "-" if s is None or s["wall_clock_ratio"] is None else f"{s['wall_clock_ratio']:.2f}"
+            cells.append("not fitted" if s is None else f"{100 * s['accuracy']:.1f} / {s['flops_ratio']:.2f} / "
+                         f"{s['layers_ratio']:.2f} / {wall}")
         o = r["oracle"]
         lines.append(f"| {r['task']} | {r['shots']} | {r['mode']} | {100 * r['full_accuracy']:.1f} | " + " | ".join(cells)
                      + f" | {100 * o['accuracy']:.1f} / {o['flops_ratio']:.2f} |")
     return "\n".join(lines)
 
 
-def cross_table(cross):
+def cross_table(cross, k):
+    if not cross:
+        return f"Cross-task: no SVM over the full vocabulary was fitted at {k} shots, so there is nothing to transfer."
     tasks = sorted({k.split("->")[0] for k in cross})
     lines = ["SVM trained on (row) applied to (column): accuracy / FLOPs ratio", "",
              "| trained on | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]

@@ -147,11 +147,15 @@ def from_jsonl(path, n_train=None, n_test=None, seed=0):
     return Task(Path(path).stem, insts[:n_train], insts[n_train:n_train + n_test])
 
 
+LOADERS = {"sst2": sst2, "csqa": csqa, "mmlu": mmlu, "squad": squad}
+SYNTHETIC = ("antonym", "next_letter", "last_initial")
+TASKS = (*LOADERS, *SYNTHETIC)
+
+
 def load_task(name, n_train=None, n_test=None):
-    loaders = {"sst2": sst2, "csqa": csqa, "mmlu": mmlu, "squad": squad}
-    if name in loaders:
-        return loaders[name](n_train, n_test)
-    if name in ("antonym", "next_letter", "last_initial"):
+    if name in LOADERS:
+        return LOADERS[name](n_train, n_test)
+    if name in SYNTHETIC:
         return synthetic(name, n_train or 200, n_test or 200)
     if name.endswith(".jsonl"):
         return from_jsonl(name, n_train, n_test)
