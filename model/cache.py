@@ -62,6 +62,10 @@ class KVCache:
         self.lengths[layer] = end
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, n_kv, end, hd)
 
+    def reorder(self, rows):
+        """Row i becomes the old row rows[i] (B', ): beam search copies and drops beams this way."""
+        self.k, self.v = self.k[:, rows], self.v[:, rows]  # (L, B', n_kv, capacity, hd)
+
     def crop(self, length, layers=None):
         """Forget every slot >= length (in the given layers, default all)."""
         for i in range(len(self.lengths)) if layers is None else layers:

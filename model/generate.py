@@ -1,5 +1,5 @@
-"""Generation with the KV cache: greedy or sampled (temperature, top-k, top-p), batched
-with left padding, stopping per row at EOS or after max_new_tokens."""
+"""Generation with the KV cache: greedy or sampled (temperature, top-k, top-p), or beam search,
+batched with left padding, stopping per row at EOS or after max_new_tokens."""
 from __future__ import annotations
 
 import math
@@ -95,3 +95,86 @@ def generate(model, prompts, max_new_tokens=32, temperature=0.0, top_k=0, top_p=
         logits = model(tok[:, None], cache=cache, start=start, mask=full_mask[:, :start + 1] if padded else None,
                        last_only=True, layers=None if decode_layers is None else decode_layers(step))
     return out
+
+
+def ban_repeated_ngrams(seqs, logp, n):
+    """-inf for every token that would complete an n-gram already in its row (seqs (N, S), the
+    prompt and its left padding included, as transformers' no_repeat_ngram_size counts)."""
+    if seqs.shape[1] < n:
+        return logp
+    windows = seqs.unfold(1, n, 1)  # (N, S - n + 1, n)
+    prefix = seqs[:, seqs.shape[1] - n + 1:]  # (N, n - 1): what the next token would extend
+    match = (windows[..., :-1] == prefix[:, None]).all(-1)  # (N, S - n + 1)
+    banned = torch.zeros_like(logp, dtype=torch.bool)  # (N, V)
+    rows = torch.arange(seqs.shape[0])[:, None].expand_as(match)
+    banned[rows[match], windows[..., -1][match]] = True
+    return logp.masked_fill(banned, float("-inf"))
+
+
+@torch.inference_mode()
+def beam_search(model, prompts, num_beams=4, max_new_tokens=32, length_penalty=1.0, no_repeat_ngram_size=0,
+                early_stopping=False, eos=None, decode_layers=None):
+    """Beam search as transformers' generate(num_beams=K) does it, so its outputs are identical:
+    per prompt K running beams; each step keeps the best max(2, 1 + n_eos) * K continuations of
+    all beams by summed log-probability; a continuation among the first K that ends in EOS (or
+    reaches max_new_tokens) joins the prompt's K best finished hypotheses, scored
+    sum log p / n_new ** length_penalty; the best K that did not end run on. A prompt is done when
+    K hypotheses are finished and the best running beam, at its current length, cannot beat the
+    worst of them (early_stopping=False; True: as soon as K are finished; "never": with a
+    positive length_penalty, at max_new_tokens). Returns each prompt's best hypothesis (new tokens).
+    decode_layers as in generate()."""
+    cfg, K = model.cfg, num_beams
+    if not (isinstance(K, int) and K >= 1 and isinstance(no_repeat_ngram_size, int) and no_repeat_ngram_size >= 0
+            and -math.inf < length_penalty < math.inf and early_stopping in (True, False, "never")):
+        raise ValueError(f"need num_beams >= 1, no_repeat_ngram_size >= 0, a finite length_penalty and "
+                         f"early_stopping True, False or 'never' (got {K}, {no_repeat_ngram_size}, "
+                         f"{length_penalty}, {early_stopping!r})")
+    eos = list(cfg.eos_token_id if eos is None else eos)
+    ids, mask = left_pad(prompts, cfg.pad_token_id or 0)
+    B, T = ids.shape
+    check_length(cfg, T, max_new_tokens)
+    cache = KVCache.for_model(cfg, B, T + max_new_tokens, dtype=next(model.parameters()).dtype)
+    full_mask = torch.cat([mask, torch.ones(B, max_new_tokens, dtype=torch.bool)], 1).repeat_interleave(K, 0)
+    padded = not bool(mask.all())
+
+    logits = model(ids, cache=cache, mask=mask if padded else None, last_only=True)[:, -1]  # (B, V)
+    cache.reorder(torch.arange(B).repeat_interleave(K))  # every beam starts from its prompt's cache
+    logits, seqs = logits.repeat_interleave(K, 0), ids.repeat_interleave(K, 0)  # (B*K, V), (B*K, T)
+    scores = torch.zeros(B, K)  # summed log-probabilities of the running beams
+    scores[:, 1:] = -1e9  # the K copies of a prompt are one beam until the first step
+    finished = [[] for _ in range(B)]  # per prompt: (score, new tokens), at most K, best first
+    done = [False] * B  # no running beam can beat the finished ones any more
+    n_keep, eos_t = max(2, 1 + len(eos)) * K, torch.tensor(eos, dtype=torch.long)
+    for step in range(max_new_tokens):
+        logp = logits.float().log_softmax(-1)  # (B*K, V)
+        if no_repeat_ngram_size:
+            logp = ban_repeated_ngrams(seqs, logp, no_repeat_ngram_size)
+        V = logp.shape[-1]
+        top, idx = (logp.view(B, K, V) + scores[:, :, None]).view(B, K * V).topk(n_keep)  # (B, n_keep)
+        beam, tok = idx // V, idx % V  # (B, n_keep)
+        ends = torch.isin(tok, eos_t) | (step == max_new_tokens - 1)  # (B, n_keep)
+        normed = top / (step + 1) ** length_penalty  # (B, n_keep)
+        for b in range(B):
+            if done[b] or (early_stopping is True and len(finished[b]) == K):
+                continue
+            for j in range(K):
+                if ends[b, j]:
+                    row = seqs[b * K + beam[b, j], T:].tolist() + [int(tok[b, j])]
+                    finished[b].append((float(normed[b, j]), row))
+            finished[b] = sorted(finished[b], key=lambda f: -f[0])[:K]
+        top = top + ends * -1e9  # an ended continuation does not run on
+        scores, keep = top.topk(K)  # (B, K)
+        rows = (beam.gather(1, keep) + torch.arange(B)[:, None] * K).view(-1)  # (B*K,)
+        toks = tok.gather(1, keep).view(-1)  # (B*K,)
+        seqs = torch.cat([seqs[rows], toks[:, None]], 1)  # (B*K, T + step + 1)
+        n_best = max_new_tokens if early_stopping == "never" and length_penalty > 0 else step + 1
+        for b in range(B):
+            best_running = float(scores[b, :1] / n_best ** length_penalty)
+            done[b] |= len(finished[b]) == K and not best_running > finished[b][-1][0]
+        if all(done) or bool(ends.all()) or (early_stopping is True and all(len(f) == K for f in finished)):
+            break
+        cache.reorder(rows)
+        start = T + step
+        logits = model(toks[:, None], cache=cache, start=start, mask=full_mask[:, :start + 1] if padded else None,
+                       last_only=True, layers=None if decode_layers is None else decode_layers(step))[:, -1]
+    return [f[0][1] for f in finished]

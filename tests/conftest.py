@@ -40,6 +40,20 @@ def build_hf(kind, kw, seed=0):
     return hf.eval()
 
 
+def hf_beam(hf, prompts, eos, **kw):
+    """transformers' beam search on left-padded prompts: the new tokens of each row, without the
+    fill after a finished hypothesis (the pad id, or EOS when the pad id is 0)."""
+    pad, T = hf.config.pad_token_id, max(map(len, prompts))
+    ids = torch.tensor([[pad] * (T - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts])
+    out = hf.generate(ids, attention_mask=mask, do_sample=False, eos_token_id=eos, pad_token_id=pad, **kw)
+    return [row[T:].tolist() for row in out], pad or eos[0]
+
+
+def same_as_hf(ours, ref, fill):
+    return all(r[:len(o)] == o and set(r[len(o):]) <= {fill} for o, r in zip(ours, ref))
+
+
 @pytest.fixture(scope="session", params=list(VARIANTS))
 def pair(request, tmp_path_factory):
     """(transformers model, our model loaded from its safetensors directory)."""

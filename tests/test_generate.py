@@ -1,10 +1,14 @@
-"""Sampling and generation, checked against brute-force enumeration and greedy decoding."""
+"""Sampling, generation and beam search, checked against brute-force enumeration, greedy
+decoding and transformers' beam search."""
 import itertools
 
 import pytest
 import torch
 
-from model import filter_logits, generate
+from model import beam_search, filter_logits, generate
+from model.generate import ban_repeated_ngrams
+
+from conftest import hf_beam, same_as_hf
 
 
 def brute_force_filter(logits, top_k, top_p):
@@ -58,3 +62,34 @@ def test_bad_input_raises_clearly(pair):
         generate(model, [[1, 500]])
     with pytest.raises(ValueError, match="top_p"):
         generate(model, [[1]], temperature=1.0, top_p=0.0)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("num_beams", [2, 4])
+@pytest.mark.parametrize("no_repeat", [0, 3])
+def test_beam_search_equals_transformers(pair, num_beams, no_repeat):
+    hf, model = pair
+    prompts = [[5, 6, 7, 8, 9, 10], [11, 12, 13], [40, 41, 42, 43]]
+    greedy = generate(model, prompts, max_new_tokens=16, eos=[])
+    eos = sorted({greedy[0][2], greedy[2][1]})  # tokens the likeliest continuations reach, so hypotheses end
+    ended = False
+    for lp, stop in [(1.0, False), (0.0, False), (2.0, "never"), (1.0, True)]:
+        kw = dict(num_beams=num_beams, max_new_tokens=16, length_penalty=lp, no_repeat_ngram_size=no_repeat,
+                  early_stopping=stop)
+        ours = beam_search(model, prompts, eos=eos, **kw)
+        assert same_as_hf(ours, *hf_beam(hf, prompts, eos, **kw)), (lp, stop)
+        ended |= any(o[-1] in eos for o in ours)
+    assert ended
+
+
+def test_one_beam_is_greedy_and_no_repeat_bans_exactly_the_repeats(pair):
+    _, model = pair
+    prompts = [[5, 6, 7], [9, 3, 4, 4]]
+    assert beam_search(model, prompts, num_beams=1, max_new_tokens=10, eos=[]) == \
+        generate(model, prompts, max_new_tokens=10, eos=[])
+    seqs = torch.tensor([[1, 2, 3, 1, 2], [4, 4, 4, 4, 4]])
+    banned = torch.isinf(ban_repeated_ngrams(seqs, torch.zeros(2, 6), 3))
+    assert banned.nonzero().tolist() == [[0, 3], [1, 4]]  # "1 2" was followed by 3; "4 4" by 4
+    assert torch.isinf(ban_repeated_ngrams(seqs, torch.zeros(2, 6), 1)).sum(1).tolist() == [3, 1]
+    with pytest.raises(ValueError, match="num_beams >= 1"):
+        beam_search(model, prompts, num_beams=0)

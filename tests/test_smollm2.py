@@ -1,13 +1,15 @@
-"""SmolLM2-135M-Instruct end to end: conversion, logits, hidden states and greedy chat
-against transformers loading the same GGUF file."""
+"""SmolLM2-135M-Instruct end to end: conversion, logits, hidden states, greedy chat and beam
+search against transformers loading the same GGUF file."""
 import json
 
 import pytest
 import torch
 
-from model import generate, load_model, positions
+from model import beam_search, generate, load_model, positions
 from tokenizer import encode_chat, load_tokenizer
 from weights.convert import DONE, ConvertError, convert
+
+from conftest import hf_beam, same_as_hf
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about autumn leaves.",
            "Explain in two sentences why the sky is blue.", "List three prime numbers larger than 100."]
@@ -61,6 +63,19 @@ def test_greedy_chat_answer_identical_to_transformers(hf, ours):
     mine = generate(model, [ids], max_new_tokens=64)[0]
     assert len(ref) == 64 and mine == ref  # 64 tokens, no EOS on the way
     assert "robot" in tok.decode(mine).lower()
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("num_beams", [2, 4])
+@pytest.mark.parametrize("no_repeat", [0, 3])
+def test_beam_search_identical_to_transformers(hf, ours, num_beams, no_repeat):
+    model, tok = ours
+    prompts = [encode_chat(tok, p) for p in PROMPTS[:3]]  # three lengths: left padding
+    kw = dict(num_beams=num_beams, max_new_tokens=20, no_repeat_ngram_size=no_repeat)
+    mine = beam_search(model, prompts, **kw)
+    assert same_as_hf(mine, *hf_beam(hf, prompts, [2], **kw))
+    if not no_repeat:
+        assert mine[0][-1] == 2  # "... Paris." and <|im_end|>: a hypothesis that ended
 
 
 def test_conversion_is_idempotent(smollm2_gguf, smollm2_dir):
