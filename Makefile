@@ -52,9 +52,11 @@ bench-skipping: weights
 
 # Kangaroo's adapter for SmolLM2 (committed, so tests and demo need not retrain it): 26
 # minutes on 2 CPU cores; answers and hidden states are cached in runs/kangaroo/.
+# KANGAROO_RECIPE=official trains as the official train.py does (into weights/kangaroo-l2-official).
 KANGAROO_L ?= 2
+KANGAROO_RECIPE ?= project
 kangaroo: weights
-	$(PY) -m skip.kangaroo_train --l $(KANGAROO_L)
+	$(PY) -m skip.kangaroo_train --l $(KANGAROO_L) --recipe $(KANGAROO_RECIPE)
 
 bench-kangaroo: weights
 	$(PY) -m skip.harness.bench_kangaroo

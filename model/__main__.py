@@ -94,6 +94,7 @@ def cmd_demo(a):
         print(f"  {i:5d}  {t!r:15s}  {p:7.3f}  {g:5.3f}")
 
 
+@torch.no_grad()  # restores the grad mode on return: main may run inside a test
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m model", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -111,7 +112,6 @@ def main(argv=None):
     d = sub.add_parser("demo", help="a chat answer and the logit lens on a real model")
     d.add_argument("--model", default=DEFAULT_MODEL, type=Path)
     a = ap.parse_args(argv)
-    torch.set_grad_enabled(False)
     try:
         {"generate": cmd_generate, "demo": cmd_demo}[a.cmd](a)
     except ValueError as e:  # bad input (config, weights, prompt, numbers): one line, status 2

@@ -11,6 +11,7 @@ swept on the next write next to them. A single-file output is written to a sibli
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import signal
@@ -112,3 +113,14 @@ def atomic_file(path):
 def write_text_atomic(path, text):
     with atomic_file(path) as tmp:
         tmp.write_text(text)
+
+
+def cache_key(model_dir, data_files, *args):
+    """What determines a cached result: the model's files (weights and config, by content, not
+    by folder name), the data files and the arguments."""
+    h = hashlib.sha256(repr(args).encode())
+    for f in sorted(Path(model_dir).glob("*.safetensors")) + [Path(model_dir) / "config.json"] + list(data_files):
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 24), b""):
+                h.update(chunk)
+    return h.hexdigest()[:16]

@@ -103,3 +103,13 @@ def total(cfg, runs):
         else:
             flops += r.batch * embed_flops(cfg, r.n)
     return flops
+
+
+def per_decode_token(cfg, runs):
+    """(tokens, layer runs, FLOPs) after the prompt pass of a generation record: the prompt pass
+    is everything before the first one-token embedding; each batch row fed back is a token."""
+    start = next((i for i, r in enumerate(runs) if isinstance(r, EmbedRun) and r.n == 1 and i > 0), len(runs))
+    decode = runs[start:]
+    tokens = sum(r.batch * r.n for r in decode if isinstance(r, EmbedRun))
+    layers = sum(r.batch * r.n for r in decode if isinstance(r, LayerRun))
+    return tokens, layers, total(cfg, decode)

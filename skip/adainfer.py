@@ -146,8 +146,8 @@ class Classifier:
                 return layer
         return None
 
-    def save(self, path, model_cfg):
-        d = {"kind": self.kind, "features": self.features, "params": self.params(),
+    def save(self, path, model_cfg, trained_on=None):
+        d = {"kind": self.kind, "features": self.features, "params": self.params(), "trained_on": trained_on,
              "model": {"n_layers": model_cfg.n_layers, "dim": model_cfg.dim, "vocab_size": model_cfg.vocab_size}}
         write_text_atomic(path, json.dumps(d))
 
@@ -219,8 +219,10 @@ def _numbers(path, p, key, shape):
     return a
 
 
-def load_classifier(path, model_cfg):
-    """Read a classifier written by Classifier.save, checking every field before it is used."""
+def load_classifier(path, model_cfg, other_model=False):
+    """Read a classifier written by Classifier.save, checking every field before it is used.
+    One fitted for a model of another shape is refused unless other_model=True: the features
+    (probabilities, cosines) do not depend on the shape, so it runs, but it was not fitted here."""
     try:
         d = json.loads(Path(path).read_text())
         kind, features, p = d["kind"], d["features"], d["params"]
@@ -228,7 +230,11 @@ def load_classifier(path, model_cfg):
         raise ClassifierError(f"{path}: not a classifier file ({type(e).__name__}: {e})") from e
     want = {"n_layers": model_cfg.n_layers, "dim": model_cfg.dim, "vocab_size": model_cfg.vocab_size}
     if d.get("model") != want:
-        raise ClassifierError(f"{path} was fitted for a model with {d.get('model')}, not {want}")
+        if not other_model:
+            raise ClassifierError(f"{path} was fitted for a model with {d.get('model')}, not {want} "
+                                  "(other_model=True applies it anyway)")
+        print(f"{path}: fitted on {d.get('trained_on') or 'an unnamed model'} {d.get('model')}; "
+              f"applied to a model with {want}")
     if kind not in ("threshold", "svm", "crf") or not isinstance(p, dict):
         raise ClassifierError(f"{path}: unknown kind {kind!r} (threshold, svm, crf)")
     if not (isinstance(features, list) and features and set(features) <= set(FEATURES)

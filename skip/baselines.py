@@ -9,41 +9,64 @@ state (state propagation, as in CALM and in AdaInfer's generation extension), so
 tokens that run those layers find no hole in the cache. Every check is an LM-head call, and
 the FLOPs record counts each one.
 
-SkipDecode (Del Corro et al. 2023): a position-dependent layer count n_t that only decreases
-along the generated sequence, the same for the whole batch; token t skips the lowest
-L - n_t layers and runs layers [L - n_t, L). Because n_t never increases, a layer that a
-token skips is skipped by every later token too, so no key/value is ever missing.
+SkipDecode (Del Corro et al. 2023, arXiv 2307.02628, section 3): a position-dependent layer count
+n_t that only decreases along the generated sequence, the same for the whole batch, decaying
+linearly from n_max to n_min. Token t runs the w warm-up layers [0, w) (the paper's warm-up
+layer, kept because skipping from the embeddings straight to an upper layer hurts) and then the
+top n_t - w layers; the lower-middle ones are skipped. Because n_t never increases, a layer that
+a token skips is skipped by every later token too, so no key/value is ever missing.
+Held to the same budget as Unified Layer Skipping: over the N positions it is built for (the
+new tokens of a generation, the response of a fine-tuning pair or a teacher-forced text),
+sum n_t = N * |K|, K Unified's kept set at the same r, so both run the same layers per token.
 """
 from __future__ import annotations
+
+import math
 
 from model import generate
 
 from .exit_decode import decode_with_exit
+from .unified import kept_layers
 
 
 # ---------------------------------------------------------------- SkipDecode
+WARMUP = 1  # SkipDecode's warm-up layers
+
+
 def skipdecode_schedule(L: int, r: float, n_new: int) -> list[int]:
-    """n_t for t = 0..n_new-1: linear decay from n_max to n_min with mean L / r."""
-    if not 1 <= r <= L:
-        raise ValueError(f"target speedup r={r} must be in [1, L={L}]")
-    mean = L / r
-    n_max = min(L, round(1.5 * mean))
-    n_min = max(1, round(2 * mean - n_max))
+    """n_t for t = 0..n_new-1: non-increasing, linear from n_max = 1.5 B to n_min = 0.5 B (clipped
+    to [WARMUP + 1, L]), rounded so that the sum is exactly n_new * B, B = |K| of Unified at r."""
+    B = len(kept_layers(L, r))
+    n_max = min(L, B + B // 2)
+    n_min = 2 * B - n_max  # symmetric around B, so the linear decay has mean B
+    if n_min < WARMUP + 1:
+        n_min, n_max = WARMUP + 1, 2 * B - WARMUP - 1
     if n_new == 1:
-        return [round(mean)]
-    return [round(n_max + (n_min - n_max) * t / (n_new - 1)) for t in range(n_new)]
+        return [B]
+    linear = [n_max + (n_min - n_max) * t / (n_new - 1) for t in range(n_new)]
+    n = [math.floor(x + 1e-9) for x in linear]  # non-increasing, sum <= n_new * B
+    for t in range(n_new * B - sum(n)):  # the remainder, one layer each to the earliest positions
+        n[t] += 1
+    return n
 
 
 def skipdecode_layers(L, schedule, t):
-    """The layers token t runs: the top n_t (the lower ones are skipped)."""
-    return range(L - schedule[min(t, len(schedule) - 1)], L)
+    """The layers token t runs: the warm-up layers, then the top n_t - WARMUP."""
+    n = schedule[min(t, len(schedule) - 1)]
+    return [*range(WARMUP), *range(L - n + WARMUP, L)]
+
+
+def skipdecode_layer_sets(L, r, n):
+    """The layer sets of positions 0..n-1 under the schedule built for n positions."""
+    schedule = skipdecode_schedule(L, r, n)
+    return [skipdecode_layers(L, schedule, t) for t in range(n)]
 
 
 def generate_skipdecode(model, prompts, r, max_new_tokens=32, **kw):
-    L = model.cfg.n_layers
-    schedule = skipdecode_schedule(L, r, max_new_tokens)
-    return generate(model, prompts, max_new_tokens=max_new_tokens,
-                    decode_layers=lambda i: skipdecode_layers(L, schedule, i), **kw)
+    """The first new token comes from the prompt pass; the other max_new_tokens - 1 are fed
+    back, and the schedule is built over those positions."""
+    sets = skipdecode_layer_sets(model.cfg.n_layers, r, max(1, max_new_tokens - 1))
+    return generate(model, prompts, max_new_tokens=max_new_tokens, decode_layers=lambda i: sets[i], **kw)
 
 
 # ---------------------------------------------------------------- early exit

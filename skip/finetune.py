@@ -28,7 +28,7 @@ from model.files import OutputExists, atomic_dir, check_target
 from tokenizer import encode_chat, load_tokenizer
 
 from . import DATA, DEFAULT_MODEL, WEIGHTS
-from .baselines import skipdecode_layers, skipdecode_schedule
+from .baselines import skipdecode_layer_sets
 from .layerwise import layerwise_forward, prompt_then
 from .unified import kept_layers
 
@@ -49,21 +49,21 @@ def training_pairs(tok, data_dir=DATA, max_tokens=256, seed=0):
     return pairs
 
 
-def response_layer_sets(method, L, r, n_new=64):
-    """Layer set of response position t, for t = 0..: the pattern the method decodes with."""
+def response_layer_sets(method, L, r):
+    """n -> the layer sets of response positions 0..n-1: the pattern the method decodes with
+    (SkipDecode's schedule spread over the n positions, so the budget is the same as Unified's)."""
     if method == "unified":
         K = kept_layers(L, r)
-        return lambda t: K
+        return lambda n: [K] * n
     if method == "skipdecode":
-        schedule = skipdecode_schedule(L, r, n_new)
-        return lambda t: skipdecode_layers(L, schedule, t)
+        return lambda n: skipdecode_layer_sets(L, r, n)
     raise ValueError(f"unknown method {method!r} (unified, skipdecode)")
 
 
-def response_loss(model, prompt, response, layer_set):
-    """Cross-entropy of the response tokens, the response running only layer_set(t)."""
+def response_loss(model, prompt, response, layer_sets):
+    """Cross-entropy of the response tokens, response position t running only layer_sets(n)[t]."""
     ids = torch.tensor([prompt + response[:-1]], device=model.head.weight.device)
-    runs = prompt_then(model.cfg.n_layers, len(prompt), [layer_set(t) for t in range(len(response) - 1)])
+    runs = prompt_then(model.cfg.n_layers, len(prompt), layer_sets(len(response) - 1))
     logits = layerwise_forward(model, ids, runs.to(ids.device))[0, len(prompt) - 1:]  # (n_resp, V)
     return F.cross_entropy(logits.float(), torch.tensor(response, device=ids.device))
 
@@ -77,7 +77,7 @@ def set_lr(opt, lr, step, steps, warmup, t0, minutes=None):
     return done < 1.0
 
 
-def finetune(model, pairs, layer_set, steps, minutes=None, lr=2e-5, warmup=20, clip=1.0, desc="fine-tune"):
+def finetune(model, pairs, layer_sets, steps, minutes=None, lr=2e-5, warmup=20, clip=1.0, desc="fine-tune"):
     """AdamW with linear warmup and cosine decay, gradient clipping; embeddings frozen.
     Stops after `steps` steps or `minutes` minutes, whichever comes first. Returns the losses."""
     model.train()
@@ -90,7 +90,7 @@ def finetune(model, pairs, layer_set, steps, minutes=None, lr=2e-5, warmup=20, c
         if not set_lr(opt, lr, step, steps, warmup, t0, minutes):
             break
         prompt, response = pairs[step % len(pairs)]
-        loss = response_loss(model, prompt, response, layer_set)
+        loss = response_loss(model, prompt, response, layer_sets)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, clip)
@@ -131,8 +131,8 @@ def main(argv=None):
     pairs = training_pairs(load_tokenizer(a.model), max_tokens=a.max_tokens, seed=a.seed)
     if not pairs:
         ap.error(f"no training prompt fits --max-tokens {a.max_tokens} with room for a response")
-    layer_set = response_layer_sets(a.method, model.cfg.n_layers, a.r)
-    losses = finetune(model, pairs, layer_set, a.steps, a.minutes, a.lr, desc=f"{a.method} {a.r}x")
+    layer_sets = response_layer_sets(a.method, model.cfg.n_layers, a.r)
+    losses = finetune(model, pairs, layer_sets, a.steps, a.minutes, a.lr, desc=f"{a.method} {a.r}x")
     with atomic_dir(out, "finetune.json", a.force) as tmp:  # finetune.json last: the marker of a complete run
         save_model(model, tmp, a.model)
         (tmp / "finetune.json").write_text(json.dumps({

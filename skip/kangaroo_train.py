@@ -8,18 +8,19 @@
 2. One pass of the model over each sequence caches what training needs: h_l (the input of A)
    and h_L (the last layer's output, whose head gives the target p); not the 49k-wide p itself.
 3. A is trained with the soft cross-entropy  -sum_v p(v) log q(v),  p = softmax(H(norm(h_L))),
-   q = softmax(H(A(h_l))), over every answer position (the official loss mask); AdamW, warmup, cosine decay, gradient clipping.
+   q = softmax(H(A(h_l))), over every answer position (the official loss mask), with one of two
+   recipes (RECIPES): the project's (the default) or the official train.py's (--recipe official).
 Held-out sequences measure top-1 agreement (argmax q = argmax p) on response positions.
 
-python -m skip.kangaroo_train [--l 2] [--prompts N] [--new-tokens N] [--steps N] [--device cpu]
-writes weights/kangaroo-l<l>/ (adapter.safetensors, adapter.json). Caches go to runs/kangaroo/.
+python -m skip.kangaroo_train [--l 2] [--recipe project|official] [--prompts N] [--new-tokens N] [--steps N]
+writes weights/kangaroo-l<l>/ (adapter.safetensors, adapter.json; -official for that recipe).
+Caches go to runs/kangaroo/.
 The defaults took 26 minutes on 2 CPU cores (11 to answer the prompts, 2 to cache the
 states, 13 to train); they made the committed weights/kangaroo-l2 (same seed, same result).
 """
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import random
 import time
@@ -30,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from model import generate, load_model
-from model.files import OutputExists, atomic_file, check_target, write_text_atomic
+from model.files import OutputExists, atomic_file, cache_key, check_target, write_text_atomic
 from tokenizer import encode_chat, load_tokenizer
 
 from . import DATA, DEFAULT_MODEL, RUNS, WEIGHTS
@@ -63,17 +64,6 @@ def prompt_mix(n, data_dir=DATA, seed=0, max_words=150):
     texts += [r["question"] for r in gsm[:counts["math"]]]
     rng.shuffle(texts)
     return texts
-
-
-def cache_key(model_dir, data_files, *args):
-    """What determines the cached answers and states: the model's files (weights and config, by
-    content, not by folder name), the data files and the arguments."""
-    h = hashlib.sha256(repr(args).encode())
-    for f in sorted(Path(model_dir).glob("*.safetensors")) + [Path(model_dir) / "config.json"] + list(data_files):
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 24), b""):
-                h.update(chunk)
-    return h.hexdigest()[:16]
 
 
 def self_distill(model, prompts, new_tokens, batch=16, path=None):
@@ -146,19 +136,50 @@ def agreement(model, adapter, states, seqs, idx, device):
     return sum(float(a) * n for a, n in hits) / max(1, sum(n for _, n in hits))
 
 
-def train(model, adapter, states, seqs, idx, steps, minutes=None, lr=1e-3, batch=4, warmup=30, clip=1.0, seed=0):
-    """AdamW, linear warmup then cosine decay over steps or minutes (whichever ends first)."""
-    opt = torch.optim.AdamW(adapter.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+# Two training recipes. "official" is the official code's train.py (Equationliu/Kangaroo):
+# AdapterModel(config) freshly built (PyTorch's default init: nothing copied from the model),
+# AdamW lr 3e-5, betas (0.9, 0.95), torch's default weight decay 0.01, batch 4,
+# get_linear_schedule_with_warmup(2000 warm-up steps, 800000 total), clip_grad_value_ 0.5.
+# "project" (the default, which made weights/kangaroo-l2) starts from layer l's attention and
+# the final norm: lr 1e-3, no weight decay, 30 warm-up steps, cosine decay, gradient-norm clip 1.
+RECIPES = {
+    "project": dict(init="from_model", lr=1e-3, weight_decay=0.0, warmup=30, schedule="cosine", clip="norm",
+                    clip_at=1.0),
+    "official": dict(init="random", lr=3e-5, weight_decay=0.01, warmup=2000, schedule="linear", clip="value",
+                     clip_at=0.5, total=800_000),
+}
+
+
+def linear_lr(opt, lr, step, warmup, total):
+    """transformers' get_linear_schedule_with_warmup at this step (0 at step 0, as its LambdaLR)."""
+    scale = step / warmup if step < warmup else max(0.0, (total - step) / (total - warmup))
+    for group in opt.param_groups:
+        group["lr"] = lr * scale
+
+
+def train(model, adapter, states, seqs, idx, steps, minutes=None, batch=4, seed=0, recipe="project", lr=None):
+    """AdamW with the recipe's schedule and clipping, over steps or minutes (whichever ends first)."""
+    rc = RECIPES[recipe]
+    lr = rc["lr"] if lr is None else lr
+    opt = torch.optim.AdamW(adapter.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=rc["weight_decay"])
     rng, device = random.Random(seed), model.head.weight.device
-    bar, losses, t0 = tqdm(total=steps, desc="training the adapter"), [], time.perf_counter()
+    bar, losses, t0 = tqdm(total=steps, desc=f"training the adapter ({recipe})"), [], time.perf_counter()
     adapter.train()
     for step in range(steps):
-        if not set_lr(opt, lr, step, steps, warmup, t0, minutes):
+        if rc["schedule"] == "cosine":
+            running = set_lr(opt, lr, step, steps, rc["warmup"], t0, minutes)
+        else:
+            linear_lr(opt, lr, step, rc["warmup"], rc["total"])
+            running = minutes is None or time.perf_counter() - t0 < 60 * minutes
+        if not running:
             break
         loss, agree = distill_loss(model, adapter, *batch_of(states, seqs, rng.sample(idx, batch), device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(adapter.parameters(), clip)
+        if rc["clip"] == "norm":
+            torch.nn.utils.clip_grad_norm_(adapter.parameters(), rc["clip_at"])
+        else:
+            torch.nn.utils.clip_grad_value_(adapter.parameters(), rc["clip_at"])
         opt.step()
         losses.append(loss.item())
         bar.set_postfix(loss=sum(losses[-20:]) / len(losses[-20:]), agree=float(agree), refresh=False)
@@ -185,14 +206,16 @@ def main(argv=None):
     ap.add_argument("--held-out", type=int, default=24, help="sequences kept out to measure agreement")
     ap.add_argument("--steps", type=int, default=1100, help="about 13 minutes on 2 CPU cores")
     ap.add_argument("--minutes", type=float, help="also stop after this many minutes (not reproducible)")
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--recipe", choices=list(RECIPES), default="project",
+                    help="project: initialised from the model, lr 1e-3, cosine; official: the official train.py")
+    ap.add_argument("--lr", type=float, help="default: the recipe's (project 1e-3, official 3e-5)")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--force", action="store_true", help="replace an output folder that is not an adapter")
     a = ap.parse_args(argv)
-    out = a.out or WEIGHTS / f"kangaroo-l{a.l}"
+    out = a.out or WEIGHTS / (f"kangaroo-l{a.l}" + ("" if a.recipe == "project" else f"-{a.recipe}"))
     try:  # before the training, not after it
         check_target(out, "adapter.json", a.force)
     except OutputExists as e:
@@ -206,14 +229,16 @@ def main(argv=None):
     states = exit_states(model, seqs, a.l, path=CACHE / f"states-{tag}-l{a.l}.safetensors")
     train_idx, test_idx = list(range(a.held_out, len(seqs))), list(range(a.held_out))
 
-    adapter = Adapter.from_model(model, a.l).to(a.device)
+    rc = RECIPES[a.recipe]
+    adapter = (Adapter.from_model(model, a.l) if rc["init"] == "from_model" else Adapter(model.cfg, a.l)).to(a.device)
     before = agreement(model, adapter, states, seqs, test_idx, a.device)
-    losses = train(model, adapter, states, seqs, train_idx, a.steps, a.minutes, a.lr, a.batch, seed=a.seed)
+    losses = train(model, adapter, states, seqs, train_idx, a.steps, a.minutes, a.batch, a.seed, a.recipe, a.lr)
     after = agreement(model, adapter, states, seqs, test_idx, a.device)
     adapter.frequent = torch.tensor(tokens_by_frequency([seqs[i] for i in train_idx], model.cfg.vocab_size))
     save_adapter(adapter.cpu(), out, a.force, base_model=a.model.name, data={**SOURCES, "mix": MIX},
                  prompts=a.prompts, new_tokens=a.new_tokens, train_sequences=len(train_idx), steps=len(losses),
-                 lr=a.lr, batch=a.batch, seed=a.seed, final_loss_avg20=sum(losses[-20:]) / len(losses[-20:]),
+                 recipe=a.recipe, lr=a.lr or rc["lr"], batch=a.batch, seed=a.seed,
+                 final_loss_avg20=sum(losses[-20:]) / len(losses[-20:]),
                  held_out_agreement_before=before, held_out_agreement=after)
     print(f"saved {out}: {len(losses)} steps, loss {losses[0]:.3f} -> {sum(losses[-20:]) / len(losses[-20:]):.3f}, "
           f"held-out top-1 agreement {before:.3f} -> {after:.3f}")

@@ -1,5 +1,7 @@
 """AdaInfer: features through the logit lens, online stop decisions, FLOPs of what ran."""
 
+import json
+
 import pytest
 import torch
 
@@ -100,7 +102,7 @@ def test_labels_and_oracle():
         labels(tr, "best")
 
 
-def test_bad_inputs_raise_clearly(smollm2_dir, llama_dir, tmp_path):
+def test_bad_inputs_raise_clearly(smollm2_dir, llama_dir, tmp_path, capsys):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
     with pytest.raises(ValueError, match="no instances"):
@@ -111,17 +113,68 @@ def test_bad_inputs_raise_clearly(smollm2_dir, llama_dir, tmp_path):
     assert len(encode(tok, Instance("Review: great\nSentiment:", " positive", [" positive", " negative"]))[2]) == 2
     from model import load_config, load_model
     path = tmp_path / "svm.json"
-    Threshold(0.5).save(path, load_config(smollm2_dir))
+    Threshold(0.5).save(path, load_config(smollm2_dir), trained_on="smollm2")
     with pytest.raises(ValueError, match="fitted for a model with"):
         load_classifier(path, load_model(llama_dir).cfg)
+    # another model's classifier only on request, and then it says where it came from
+    assert load_classifier(path, load_model(llama_dir).cfg, other_model=True).tau == 0.5
+    assert "fitted on smollm2" in capsys.readouterr().out
     with pytest.raises(ValueError, match="unknown features"):
         SVM(("gap", "entropy"))
 
 
 def test_tasks_load_with_single_token_answers(smollm2_dir, data_dir):
     tok = load_tokenizer(smollm2_dir)
-    for name in ("sst2", "csqa", "mmlu", "squad", "antonym", "next_letter", "last_initial"):
+    for name in ("sst2", "agnews", "csqa", "mmlu", "squad", "antonym", "next_letter", "last_initial"):
         task = load_task(name, n_train=20, n_test=20)
         assert task.train and task.test and not {i.prompt for i in task.train} & {i.prompt for i in task.test}
         for inst in task.test[:20]:
             encode(tok, task.with_shots(inst, 2, seed=0))
+
+
+def test_agnews_is_balanced_with_one_token_per_class(smollm2_dir, data_dir):
+    from collections import Counter
+    tok = load_tokenizer(smollm2_dir)
+    task = load_task("agnews")
+    assert Counter(i.answer for i in task.train) == {a: 300 for a in task.test[0].choices}
+    assert Counter(i.answer for i in task.test) == {a: 100 for a in task.test[0].choices}
+    assert all(len(tok.encode(c)) == 1 for c in task.test[0].choices)
+
+
+def test_the_qa_pooled_svm_is_the_svm_fitted_on_the_qa_traces_together(llama_dir):
+    from model import load_model
+    from skip.adainfer import trace
+    from skip.harness.eval_adainfer import cross_task, simulate
+    model = load_model(llama_dir)
+    tr = {name: {s: [trace(model, ids, answer=3) for ids in prompts(model, 8, seed=seed + i)]
+                 for i, s in enumerate(("train", "test"))} for seed, name in ((1, "csqa"), (3, "mmlu"), (5, "sst2"))}
+    store = {(name, 0, "full"): (t, [8] * 8, None, {"svm": SVM().fit(t["train"], "final")}) for name, t in tr.items()}
+    cross = cross_task(store, model.cfg, 0, ("gap", "top_prob"), "final")
+    pooled = SVM().fit(tr["csqa"]["train"] + tr["mmlu"]["train"], "final")
+    expected = simulate(pooled, tr["sst2"]["test"], [8] * 8, model.cfg, None)
+    assert cross["csqa+mmlu->sst2"] == {k: v for k, v in expected.items() if k != "exits"}
+    assert {k.split("->")[0] for k in cross} == {"csqa", "mmlu", "sst2", "csqa+mmlu"}
+
+
+def test_settings_whose_prompts_exceed_the_context_are_reported_not_run(smollm2_dir, tmp_path):
+    from skip.harness.eval_adainfer import main
+    f = tmp_path / "long.jsonl"
+    f.write_text("".join(json.dumps({"prompt": "word " * 9000 + str(i), "answer": " A"}) + "\n" for i in range(4)))
+    main(["--model", str(smollm2_dir), "--tasks", str(f), "--n-train", "2", "--n-test", "2", "--out", str(tmp_path)])
+    res = json.loads((tmp_path / "adainfer.json").read_text())
+    assert res["results"] == [] and "exceeds the context of 8192" in res["skipped"][0]
+
+
+def test_grid_traces_are_cached_by_model_content_and_inputs(llama_dir, tmp_path, monkeypatch):
+    from model import load_model
+    from model.files import cache_key
+    from skip.harness import eval_adainfer
+    monkeypatch.setattr(eval_adainfer, "CACHE", tmp_path)
+    model = load_model(llama_dir)
+    enc = [(ids, 3, None) for ids in prompts(model, 4, seed=7)]
+    first = eval_adainfer.traces_of(model, cache_key(llama_dir, []), enc, lambda c: None)
+    assert len(list(tmp_path.glob("*.safetensors"))) == 1
+    again = eval_adainfer.traces_of(None, cache_key(llama_dir, []), enc, lambda c: None)  # no model: from the file
+    assert all(torch.equal(a.feats, b.feats) and a.top1 == b.top1 and a.answer == b.answer for a, b in zip(first, again))
+    eval_adainfer.traces_of(model, "another model", enc, lambda c: None)
+    assert len(list(tmp_path.glob("*.safetensors"))) == 2

@@ -11,12 +11,12 @@ def test_fine_tuning_lowers_the_loss_and_freezes_embeddings(llama_dir, method):
     model = load_model(llama_dir)
     embed = model.embed.weight.clone()
     pairs = [([5, 6, 7, 8], [9, 10, 11, 12, 13, 14])]
-    layer_set = response_layer_sets(method, model.cfg.n_layers, 2, n_new=6)
+    layer_sets = response_layer_sets(method, model.cfg.n_layers, 2)
     with torch.no_grad():
-        before = response_loss(model, *pairs[0], layer_set).item()
-    losses = finetune(model, pairs, layer_set, steps=8, lr=1e-3, warmup=1)
+        before = response_loss(model, *pairs[0], layer_sets).item()
+    losses = finetune(model, pairs, layer_sets, steps=8, lr=1e-3, warmup=1)
     with torch.no_grad():
-        after = response_loss(model, *pairs[0], layer_set).item()
+        after = response_loss(model, *pairs[0], layer_sets).item()
     assert losses[0] == pytest.approx(before, rel=1e-5) and after < before
     assert torch.equal(model.embed.weight, embed)
 

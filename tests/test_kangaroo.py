@@ -12,7 +12,7 @@ from scipy.stats import chisquare
 from model import generate, load_model
 from skip.kangaroo import (Adapter, AdapterError, accept_sampled, generate_kangaroo, load_adapter, probs,
                            save_adapter)
-from skip.kangaroo_train import distill_loss, tokens_by_frequency
+from skip.kangaroo_train import RECIPES, distill_loss, linear_lr, tokens_by_frequency
 from tokenizer import encode_chat, load_tokenizer
 
 from skip import WEIGHTS
@@ -246,3 +246,40 @@ def test_prompt_mix_has_each_kind_in_its_share_and_is_reproducible(data_dir):
     assert kinds == {k: round(100 * share) for k, share in MIX.items()} and len(set(texts)) == 100
     with pytest.raises(ValueError, match="805"):  # more prompts than AlpacaEval can feed
         prompt_mix(1400, data_dir)
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step()`")  # stepped by hand to read its lr
+def test_the_official_schedule_is_transformers_linear_warmup_and_decay():
+    from transformers import get_linear_schedule_with_warmup
+    rc = RECIPES["official"]
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=rc["lr"])
+    ref = get_linear_schedule_with_warmup(opt, rc["warmup"], rc["total"])
+    ours = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=rc["lr"])
+    for step in [*range(5), 1999, 2000, 2001, 400_000, 799_999, 800_000]:
+        ref.last_epoch = step - 1
+        ref.step()  # the lr transformers' scheduler gives at `step`
+        linear_lr(ours, rc["lr"], step, rc["warmup"], rc["total"])
+        assert ours.param_groups[0]["lr"] == pytest.approx(opt.param_groups[0]["lr"], rel=1e-12, abs=1e-18), step
+
+
+@pytest.mark.parametrize("fmt", ["model.safetensors", "pytorch_model.bin"])
+def test_an_official_adapter_checkpoint_drafts_as_the_same_weights_loaded_natively(llama_dir, tmp_path, fmt):
+    from weights.kangaroo_official import KEYS, OfficialAdapterError, convert_official
+    m = tiny(llama_dir, 0.3)
+    native = random_adapter(m, 2, seed=4, lens_like=False)
+    ours_to_official = {v: k for k, v in KEYS.items()}
+    official = {ours_to_official[k]: v.clone() for k, v in native.state_dict().items() if k != "frequent"}
+    (tmp_path / "ck").mkdir()
+    if fmt.endswith(".safetensors"):
+        save_file(official, str(tmp_path / "ck" / fmt))
+    else:
+        torch.save(official, tmp_path / "ck" / fmt)
+    convert_official(tmp_path / "ck", m, 2, tmp_path / "ours")
+    loaded = load_adapter(tmp_path / "ours", m)
+    ref = generate_kangaroo(m, PROMPT, native, max_new_tokens=16, eos=[])
+    out = generate_kangaroo(m, PROMPT, loaded, max_new_tokens=16, eos=[])
+    assert out.tokens == ref.tokens and [(r.drafted, r.accepted) for r in out.rounds] == \
+        [(r.drafted, r.accepted) for r in ref.rounds]
+    save_file({**official, "lm_head.weight": torch.zeros(3, 3)}, str(tmp_path / "ck" / "model.safetensors"))
+    with pytest.raises(OfficialAdapterError, match=r"unexpected \['lm_head.weight'\]"):
+        convert_official(tmp_path / "ck", m, 2, tmp_path / "other")

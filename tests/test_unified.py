@@ -2,11 +2,13 @@
 import pytest
 import torch
 
-from model import KVCache, flops, generate, left_pad
+from model import KVCache, flops, generate, left_pad, load_model
 from skip.baselines import (calibrate_threshold, generate_early_exit, generate_skipdecode, skipdecode_layers,
                             skipdecode_schedule)
 from skip.layerwise import layerwise_forward, prompt_then
 from skip.unified import generate_unified, kept_layers
+
+from conftest import LLAMA, build_hf
 
 
 @pytest.mark.parametrize("L,r,expected", [
@@ -88,11 +90,39 @@ def test_skipped_layers_hold_only_prompt_keys_values(pair):
     assert cache.lengths == [8 if layer in K else 3 for layer in range(L)]
 
 
-def test_skipdecode_schedule_never_increases_and_matches_the_target():
-    for L, r, n in [(30, 2, 64), (30, 3, 10), (30, 5, 128), (4, 2, 7)]:
+@pytest.mark.parametrize("r", [2, 3, 5])
+def test_skipdecode_spends_exactly_unifieds_budget_at_the_benchmark_lengths(r):
+    L, B = 30, len(kept_layers(30, r))
+    for n in (1, 2, 23, 39, 63, 255):  # throughput, generation (40 new tokens), teacher forcing, fine-tuning
         s = skipdecode_schedule(L, r, n)
-        assert all(a >= b for a, b in zip(s, s[1:])) and 1 <= min(s) and max(s) <= L
-        assert abs(sum(s) / len(s) - L / r) <= 0.5
+        assert sum(s) == n * B and all(a >= b for a, b in zip(s, s[1:])) and 2 <= min(s) and max(s) <= L
+        for t in range(n):
+            layers = list(skipdecode_layers(L, s, t))
+            assert len(layers) == s[t] and layers[0] == 0 and layers[1:] == list(range(L - s[t] + 1, L))
+
+
+@pytest.fixture(scope="module")
+def deep(tmp_path_factory):
+    """A tiny Llama with SmolLM2's 30 layers, so the budgets are the benchmark's."""
+    path = tmp_path_factory.mktemp("deep")
+    build_hf("llama", dict(LLAMA, num_hidden_layers=30, hidden_size=32, num_attention_heads=2)).save_pretrained(path)
+    return load_model(path)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("r", [2, 3, 5])
+def test_measured_layers_per_token_equal_unifieds_when_rows_stop_at_eos(deep, r):
+    """Measured from the decoder's record: a batch runs every position until its last row ends,
+    so a row that stops at EOS does not change what each position costs."""
+    prompts, B = [[5, 6, 7, 8], [9, 3]], len(kept_layers(30, r))
+    for method in (generate_skipdecode, generate_unified):
+        eos = [method(deep, prompts, r, max_new_tokens=40, eos=[])[0][10]]  # row 0 stops by its 11th token
+        with deep.recording() as record:
+            out = method(deep, prompts, r, max_new_tokens=40, eos=eos)
+        tokens, layers, _ = flops.per_decode_token(deep.cfg, record)
+        assert len(out[0]) <= 11 and tokens == 2 * (max(map(len, out)) - 1)
+        if max(map(len, out)) == 40:
+            assert abs(layers / tokens - B) <= 0.5, method.__name__
 
 
 @torch.no_grad()

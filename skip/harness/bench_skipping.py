@@ -1,10 +1,13 @@
 """Unified Layer Skipping against early exit and SkipDecode at the same target speedup: the
 paper's comparison (its translation and summarization tables) on SmolLM2-135M-Instruct and Spec-Bench.
 
-python -m skip.harness.bench_skipping [--r 2 3 5] [--n-quality 30] [--max-new 40] [--batches 1 2 8]
+python -m skip.harness.bench_skipping [--r 2 3 5] [--n-quality 30] [--max-new 40] [--beams 4] [--batches 1 2 8]
 
-Quality: ROUGE-L (rouge-score) on Spec-Bench summarization and BLEU (sacrebleu) on its
-translation prompts, greedy, and for each target r the paired bootstrap of Unified's
+Every row is held to the same budget at the same r and shows what it spent: measured layers per
+decoded token and decode FLOPs per token against the full model's. Quality: ROUGE-L
+(rouge-score) on Spec-Bench summarization and BLEU (sacrebleu) on its translation prompts,
+greedy and with the official evaluation's decoding (beam search, --beams wide, no-repeat
+3-grams; early exit has no beam form), and for each target r the paired bootstrap of Unified's
 per-summary ROUGE-L against every other method at that r (are 30 short summaries enough to
 rank them?); next-token agreement with the full model and perplexity on
 held-out text (MT-Bench questions with their GPT-4 reference answers, teacher-forced: the
@@ -28,73 +31,92 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from model import flops, generate, load_model
+from model import beam_search, flops, generate, load_model
 from model.files import write_text_atomic
 from tokenizer import encode_chat, load_tokenizer
 
 from .. import DEFAULT_MODEL, RUNS, WEIGHTS
-from ..baselines import calibrate_threshold, generate_early_exit, generate_skipdecode, skipdecode_layers, \
-    skipdecode_schedule
+from ..baselines import calibrate_threshold, generate_early_exit
+from ..finetune import response_layer_sets
 from ..layerwise import layerwise_forward, prompt_then
-from ..unified import generate_unified, kept_layers
 from .data import mtbench_references, specbench
 
 
 class Method:
-    """One row: how it decodes (batched or not) and which layers a response token runs."""
+    """One row: how it decodes (batched or not) and which layers response positions run."""
 
-    def __init__(self, name, r, model, tuned, L, max_new, tau=None):
+    def __init__(self, name, r, model, tuned, L, tau=None):
         self.name, self.r, self.model, self.tuned, self.tau = name, r, model, tuned, tau
         self.batchable = name != "early exit"
         if name == "full":
-            self.layer_set = lambda t: range(L)
+            self.layer_sets = lambda n: [range(L)] * n
         elif name == "unified":
-            K = kept_layers(L, r)
-            self.layer_set = lambda t: K
+            self.layer_sets = response_layer_sets("unified", L, r)
         elif name == "skipdecode":
-            schedule = skipdecode_schedule(L, r, max_new)
-            self.layer_set = lambda t: skipdecode_layers(L, schedule, t)
+            self.layer_sets = response_layer_sets("skipdecode", L, r)
         self.label = name if name == "full" else f"{name} {r}x" + (" (fine-tuned)" if tuned else "")
 
-    def decode(self, prompts, max_new, eos=None):
+    def decode(self, prompts, max_new, eos=None, beams=0):
+        """Greedy, or beam search with the official evaluation's settings (no_repeat_ngram_size 3).
+        The first new token comes from the prompt pass; the max_new - 1 fed back follow layer_sets."""
         if self.name == "early exit":
+            if beams:
+                return None  # its exit is decided per token of one sequence: no beams
             return [generate_early_exit(self.model, p, self.tau, max_new, eos=eos).tokens for p in prompts]
-        if self.name == "unified":
-            return generate_unified(self.model, prompts, self.r, max_new_tokens=max_new, eos=eos)
-        if self.name == "skipdecode":
-            return generate_skipdecode(self.model, prompts, self.r, max_new_tokens=max_new, eos=eos)
-        return generate(self.model, prompts, max_new_tokens=max_new, eos=eos)
+        sets = self.layer_sets(max(1, max_new - 1))
+        if beams:
+            return beam_search(self.model, prompts, beams, max_new, no_repeat_ngram_size=3, eos=eos,
+                               decode_layers=lambda i: sets[i])
+        return generate(self.model, prompts, max_new_tokens=max_new, eos=eos, decode_layers=lambda i: sets[i])
 
     @torch.inference_mode()
     def forced_logits(self, prompt, response):  # (len(response), V)
         if self.name == "early exit":
             return torch.stack(generate_early_exit(self.model, prompt, self.tau, forced=response).logits)
-        runs = prompt_then(self.model.cfg.n_layers, len(prompt), [self.layer_set(t) for t in range(len(response) - 1)])
+        runs = prompt_then(self.model.cfg.n_layers, len(prompt), self.layer_sets(len(response) - 1))
         return layerwise_forward(self.model, torch.tensor([prompt + response[:-1]]), runs)[0, len(prompt) - 1:]
 
 
-def quality(m, tok, summ, trans, texts, full_argmax, max_new):
+def quality(m, tok, summ, trans, texts, full_argmax, max_new, beams):
     from rouge_score import rouge_scorer
     import sacrebleu
 
-    def answers(pairs):
+    cost = [0, 0, 0]  # decode tokens, layer runs, FLOPs: what the greedy answers spent
+
+    def answers(pairs, beams=0):
         prompts = [encode_chat(tok, q) for q, _ in pairs]
         outs = []
         for i in range(0, len(prompts), 8):
-            outs += m.decode(prompts[i:i + 8], max_new)
+            with m.model.recording() as record:
+                out = m.decode(prompts[i:i + 8], max_new, beams=beams)
+            if out is None:
+                return None
+            outs += out
+            if not beams:
+                cost[:] = [a + b for a, b in zip(cost, flops.per_decode_token(m.model.cfg, record))]
         return [tok.decode([t for t in o if t not in m.model.cfg.eos_token_id]).strip() for o in outs]
 
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    rouges = [100 * scorer.score(ref, out)["rougeL"].fmeasure for (_, ref), out in zip(summ, answers(summ))]
-    bleu = sacrebleu.corpus_bleu(answers(trans), [[ref for _, ref in trans]]).score
+    out = {}
+    for kind, n in (("greedy", 0), ("beam", beams)):
+        if kind == "beam" and not beams:
+            break
+        summaries, translations = answers(summ, n), answers(trans, n)
+        if summaries is None:
+            out[kind] = None
+            continue
+        rouges = [100 * scorer.score(ref, o)["rougeL"].fmeasure for (_, ref), o in zip(summ, summaries)]
+        out[kind] = {"rougeL": statistics.mean(rouges), "rougeL_per_prompt": rouges,
+                     "bleu": sacrebleu.corpus_bleu(translations, [[ref for _, ref in trans]]).score}
     agree, nll, n = 0, 0.0, 0
     for i, (prompt, response) in enumerate(texts):
         logits = m.forced_logits(prompt, response).float()
         agree += int((logits.argmax(-1) == full_argmax[i]).sum())
         nll += float(torch.nn.functional.cross_entropy(logits, torch.tensor(response), reduction="sum"))
         n += len(response)
-    return {"rougeL": statistics.mean(rouges), "rougeL_per_prompt": rouges, "bleu": bleu, "agreement": agree / n,
-            "perplexity": float(torch.exp(torch.tensor(nll / n)))}
+    return {**out["greedy"], "beam": out.get("beam"), "agreement": agree / n,
+            "perplexity": float(torch.exp(torch.tensor(nll / n))),
+            "layers_per_token": cost[1] / cost[0], "flops_per_token": cost[2] / cost[0]}
 
 
 def paired_bootstrap(a, b, resamples=2000, seed=0):
@@ -154,6 +176,7 @@ def throughputs(methods, prompts, batch, n_new, runs):
     return out
 
 
+@torch.no_grad()  # restores the grad mode on return: main may run inside a test
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
@@ -162,6 +185,7 @@ def main(argv=None):
     ap.add_argument("--n-heldout", type=int, default=10, help="MT-Bench reference answers")
     ap.add_argument("--heldout-tokens", type=int, default=64, help="reference-answer tokens scored per text")
     ap.add_argument("--max-new", type=int, default=40)
+    ap.add_argument("--beams", type=int, default=4, help="beam width of the official decoding (0: greedy only)")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 2, 8])
     ap.add_argument("--tok-new", type=int, default=24, help="new tokens per prompt in the throughput runs")
     ap.add_argument("--runs", type=int, default=3)
@@ -169,7 +193,6 @@ def main(argv=None):
     a = ap.parse_args(argv)
     if a.n_quality < 2:
         ap.error("--n-quality must be at least 2: the paired bootstrap resamples the summaries")
-    torch.set_grad_enabled(False)
     base, tok = load_model(a.model), load_tokenizer(a.model)
     L = base.cfg.n_layers
     summ, trans = specbench("summarization", a.n_quality), specbench("translation", a.n_quality)
@@ -178,21 +201,21 @@ def main(argv=None):
     tp_prompts = [encode_chat(tok, q) for q, _ in specbench("qa", max(a.batches))]
     calib = [encode_chat(tok, q) for q, _ in specbench("math_reasoning", 2)]
 
-    full = Method("full", 1, base, False, L, a.max_new)
+    full = Method("full", 1, base, False, L)
     methods = [full]
     for r in a.r:
-        methods.append(Method("early exit", r, base, False, L, a.max_new, tau=calibrate_threshold(base, calib, r, 24, 7)))
+        methods.append(Method("early exit", r, base, False, L, tau=calibrate_threshold(base, calib, r, 24, 7)))
         for name in ("skipdecode", "unified"):
-            methods.append(Method(name, r, base, False, L, a.max_new))
+            methods.append(Method(name, r, base, False, L))
             ck = WEIGHTS / f"{name}-{r}x"
             if (ck / "finetune.json").exists():
-                methods.append(Method(name, r, load_model(ck), True, L, a.max_new))
+                methods.append(Method(name, r, load_model(ck), True, L))
 
     full_argmax = [full.forced_logits(p, resp).argmax(-1) for p, resp in texts]
     rows, bar = [], tqdm(total=len(methods) + len(a.batches), desc="methods, then batch sizes")
     for m in methods:
         row = {"method": m.label, "name": m.name, "r": m.r, "fine_tuned": m.tuned, "tau": m.tau, "throughput": {}}
-        row.update(quality(m, tok, summ, trans, texts, full_argmax, a.max_new))
+        row.update(quality(m, tok, summ, trans, texts, full_argmax, a.max_new, a.beams))
         rows.append(row)
         bar.set_postfix(method=m.label, refresh=False)
         bar.update()
@@ -220,15 +243,20 @@ def main(argv=None):
 
 
 def table(rows, batches):
-    head = "| method | ROUGE-L | BLEU | agreement | perplexity | " + " | ".join(
-        f"tok/s b={b} (speedup / FLOPs ceiling)" for b in batches) + " |"
-    lines = [head, "|" + "---|" * (5 + len(batches))]
+    """Quality beside what each row spent: measured layers per decoded token and decode FLOPs per
+    token against the full model's, so equal compute is visible."""
+    full = rows[0]["flops_per_token"]
+    head = ("| method | layers / token | FLOPs / token vs full | ROUGE-L | BLEU | ROUGE-L / BLEU, beam | agreement | "
+            "perplexity | " + " | ".join(f"tok/s b={b} (speedup / FLOPs ceiling)" for b in batches) + " |")
+    lines = [head, "|" + "---|" * (8 + len(batches))]
     for r in rows:
         cells = []
         for b in batches:
             t = r["throughput"][b]
             cells.append("N/A" if t is None else f"{t['tokens_per_s']:.1f} ({t['speedup']:.2f}x / {t['flops_ceiling']:.2f}x)")
-        lines.append(f"| {r['method']} | {r['rougeL']:.1f} | {r['bleu']:.1f} | {r['agreement']:.3f} | "
+        beam = "N/A" if r["beam"] is None else f"{r['beam']['rougeL']:.1f} / {r['beam']['bleu']:.1f}"
+        lines.append(f"| {r['method']} | {r['layers_per_token']:.1f} | {r['flops_per_token'] / full:.2f} | "
+                     f"{r['rougeL']:.1f} | {r['bleu']:.1f} | {beam} | {r['agreement']:.3f} | "
                      f"{r['perplexity']:.1f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

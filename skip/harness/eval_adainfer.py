@@ -1,7 +1,8 @@
 """AdaInfer evaluation: accuracy, exit layers, FLOPs and wall-clock per task, shot count and
 scoring mode (full vocabulary, or restricted to the choice tokens).
 
-python -m skip.harness.eval_adainfer [--tasks sst2 csqa antonym:5 ...] [--shots 0 5] [--n-train 60] [--n-test 60]
+python -m skip.harness.eval_adainfer [--tasks sst2 agnews csqa antonym:5 ...] [--shots 0 5 10 15 20]
+    [--n-train 60] [--n-test 60] [--transfer-model DIR]
 
 Per (task, shots, mode): one traced pass per instance gives every layer's features and
 prediction; SVM and CRF are fitted on the train split, then every stop rule is applied to
@@ -10,27 +11,36 @@ ratio = FLOPs of what AdaInfer runs (layers up to the exit on the whole prompt, 
 LM-head call per layer for the features) / the full model's (all layers, one head call);
 the paper's layers-only ratio is shown beside it. Wall-clock: live runs on --time-n test
 prompts, AdaInfer against the full forward, in the same run. The oracle is a perfect
-classifier: the earliest layer from which the prediction stays the final one.
+classifier: the earliest layer from which the prediction stays the final one. A setting whose
+prompts exceed the model's context is not run, and the report says so. Generalisation, as the
+paper studies it: in-task (train and test splits of one task), cross-task (an SVM fitted on one
+task, and one on the QA tasks together, applied to the others) and cross-model (--transfer-model:
+this model's SVM applied to another model's features; the paper transfers across sizes).
 Writes runs/adainfer.json, runs/adainfer.md, runs/adainfer-sweep.png, runs/adainfer-exits.png.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from model import flops, load_model
-from model.files import write_text_atomic
+from model.files import atomic_file, cache_key, write_text_atomic
 from tokenizer import load_tokenizer
 
 from .. import DEFAULT_MODEL, RUNS
-from ..adainfer import DEFAULT_FEATURES, FEATURES, LABEL_RULES, SVM, CRFClassifier, Threshold, encode, oracle_layer, predict, trace
+from ..adainfer import (DEFAULT_FEATURES, FEATURES, LABEL_RULES, SVM, CRFClassifier, Threshold, Trace, encode,
+                        oracle_layer, predict, trace)
 from .tasks import TASKS, load_task
+
+CACHE = RUNS / "adainfer-cache"
 
 
 def exit_flops(cfg, T, layer, vocab):
@@ -54,6 +64,21 @@ def simulate(rule, traces, lengths, cfg, vocab):
             "layers_ratio": float((layers + 1) / L), "exits": [int(r[1]) for r in rows]}
 
 
+def traces_of(model, tag, encoded, vocab_of):
+    """trace() of every (ids, answer, choices), cached in runs/adainfer-cache under a key of the
+    model's content (tag) and the inputs themselves, so an interrupted grid resumes."""
+    key = hashlib.sha256(repr((tag, encoded)).encode()).hexdigest()[:20]
+    path = CACHE / f"{key}.safetensors"
+    if path.exists():
+        t = load_file(str(path))
+        return [Trace(f, top1.tolist(), int(ans)) for f, top1, ans in zip(t["feats"], t["top1"], t["answer"])]
+    out = [trace(model, ids, ans, vocab_of(ch)) for ids, ans, ch in encoded]
+    with atomic_file(path) as tmp:
+        save_file({"feats": torch.stack([t.feats for t in out]), "top1": torch.tensor([t.top1 for t in out]),
+                   "answer": torch.tensor([t.answer for t in out])}, str(tmp))
+    return out
+
+
 def wall_clock(model, encoded, clf, vocab_of):
     if not encoded:  # --time-n 0
         return None
@@ -68,6 +93,7 @@ def wall_clock(model, encoded, clf, vocab_of):
     return t_ada / t_full
 
 
+@torch.no_grad()  # restores the grad mode on return: main may run inside a test
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
@@ -81,6 +107,8 @@ def main(argv=None):
     ap.add_argument("--features", nargs="+", default=list(DEFAULT_FEATURES), choices=FEATURES)
     ap.add_argument("--tau", type=float, default=0.8, help="the gap threshold baseline (paper: 0.8)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--transfer-model", type=Path,
+                    help="also apply each SVM fitted here to this model's traces of the same test prompts")
     ap.add_argument("--out", type=Path, default=RUNS)
     a = ap.parse_args(argv)
     if not (a.n_train >= 1 and a.n_test >= 1 and a.time_n >= 0 and 0 <= a.tau <= 1 and a.threads >= 1
@@ -94,11 +122,12 @@ def main(argv=None):
         if not known or (colon and not k.isdigit()):
             ap.error(f"--tasks {t!r}: need one of {', '.join(TASKS)} or an existing .jsonl file, optionally :SHOTS")
         configs += [(name, shots, m) for shots in ([int(k)] if k else a.shots) for m in a.modes]
-    torch.set_grad_enabled(False)
     torch.set_num_threads(a.threads)
     model, tok = load_model(a.model), load_tokenizer(a.model)
+    other = load_model(a.transfer_model) if a.transfer_model else None
+    tag, other_tag = cache_key(a.model, []), a.transfer_model and cache_key(a.transfer_model, [])
     cfg = model.cfg
-    results, store, bar = [], {}, tqdm(total=len(configs), desc="adainfer")
+    results, skipped, store, bar = [], [], {}, tqdm(total=len(configs), desc="adainfer")
     for name, k, mode in configs:
         task = load_task(name, a.n_train, a.n_test)
         if mode == "choices" and task.test[0].choices is None:
@@ -106,9 +135,14 @@ def main(argv=None):
             continue
         enc = {s: [encode(tok, task.with_shots(i, k, seed=j)) for j, i in enumerate(getattr(task, s))]
                for s in ("train", "test")}
+        longest = max(len(ids) for split in enc.values() for ids, _, _ in split)
+        if longest > cfg.max_seq_len:
+            skipped.append(f"{name} k={k} {mode}: a prompt of {longest} tokens exceeds the context of {cfg.max_seq_len}")
+            bar.update()
+            continue
         vocab_of = (lambda c: None) if mode == "full" else (lambda c: torch.tensor(c))
         V = None if mode == "full" else len(task.test[0].choices)
-        traces = {s: [trace(model, ids, ans, vocab_of(ch)) for ids, ans, ch in enc[s]] for s in enc}
+        traces = {s: traces_of(model, tag, enc[s], vocab_of) for s in enc}
         lengths = [len(ids) for ids, _, _ in enc["test"]]
         rules = {"threshold": Threshold(a.tau), "oracle": "oracle"}
         for cls_name, cls in (("svm", SVM), ("crf", CRFClassifier)):
@@ -123,31 +157,63 @@ def main(argv=None):
             if rname != "oracle":
                 row[rname]["wall_clock_ratio"] = wall_clock(model, enc["test"][:a.time_n], rule, vocab_of)
         row["sweep"] = [(tau, simulate(Threshold(tau), traces["test"], lengths, cfg, V)) for tau in np.linspace(0, 1, 11)]
+        if other is not None and "svm" in rules:  # cross-model: this model's SVM on the other's features
+            theirs = traces_of(other, other_tag, enc["test"], vocab_of)
+            row["transfer"] = {"model": str(a.transfer_model), "svm": simulate(rules["svm"], theirs, lengths, cfg, V),
+                               "full_accuracy": float(np.mean([t.top1[-1] == t.answer for t in theirs])),
+                               "oracle": simulate("oracle", theirs, lengths, cfg, V)}
         results.append(row)
         store[(name, k, mode)] = (traces, lengths, V, rules)
         bar.set_postfix(task=name, k=k, mode=mode, refresh=False)
         bar.update()
     bar.close()
-    cross = cross_task(store, cfg, a.shots[0])
+    cross = cross_task(store, cfg, a.shots[0], a.features, a.rule)
     a.out.mkdir(parents=True, exist_ok=True)
-    res = {"model": str(a.model), "args": {k: str(v) for k, v in vars(a).items()}, "results": results, "cross_task": cross}
+    res = {"model": str(a.model), "args": {k: str(v) for k, v in vars(a).items()}, "results": results,
+           "skipped": skipped, "cross_task": cross}
     write_text_atomic(a.out / "adainfer.json", json.dumps(res, indent=1))
-    md = table(results, a.tau) + "\n\n" + cross_table(cross, a.shots[0])
+    md = "\n\n".join([table(results, a.tau), *(["Not run: " + "; ".join(skipped)] if skipped else []),
+                       cross_table(cross, a.shots[0]), *([transfer_table(results)] if other is not None else [])])
     write_text_atomic(a.out / "adainfer.md", md + "\n")
     print(md)
-    plots(results, a.out, cfg.n_layers)
+    if results:
+        plots(results, a.out, cfg.n_layers)
 
 
-def cross_task(store, cfg, k):
-    """SVM fitted on one task (full vocabulary, k shots), applied to every other task."""
+QA = ("csqa", "mmlu", "squad")
+
+
+def cross_task(store, cfg, k, features, rule):
+    """SVM fitted on one task (full vocabulary, k shots), applied to every other task; and one
+    fitted on the QA tasks together, applied to the others (the paper's QA -> classification)."""
     keys = [key for key in store if key[1] == k and key[2] == "full" and "svm" in store[key][3]]
+    sources = {src[0]: store[src][3]["svm"] for src in keys}
+    qa = [store[key][0]["train"] for key in keys if key[0] in QA]
+    if len(qa) > 1:
+        try:
+            sources["+".join(key[0] for key in keys if key[0] in QA)] = SVM(features).fit(sum(qa, []), rule)
+        except ValueError:
+            pass
     out = {}
-    for src in keys:
+    for src, svm in sources.items():
         for dst in keys:
             traces, lengths, V, _ = store[dst]
-            out[f"{src[0]}->{dst[0]}"] = {m: v for m, v in simulate(store[src][3]["svm"], traces["test"], lengths, cfg, V).items()
-                                          if m != "exits"}
+            out[f"{src}->{dst[0]}"] = {m: v for m, v in simulate(svm, traces["test"], lengths, cfg, V).items()
+                                       if m != "exits"}
     return out
+
+
+def transfer_table(results):
+    lines = ["Cross-model: the SVM fitted on this model's traces, applied to the other model's "
+             "(accuracy / FLOPs ratio)", "", "| task | shots | scoring | other model full acc | SVM from this model | "
+             "oracle |", "|---|---|---|---|---|---|"]
+    for r in results:
+        if "transfer" in r:
+            t = r["transfer"]
+            lines.append(f"| {r['task']} | {r['shots']} | {r['mode']} | {100 * t['full_accuracy']:.1f} | "
+                         f"{100 * t['svm']['accuracy']:.1f} / {t['svm']['flops_ratio']:.2f} | "
+                         f"{100 * t['oracle']['accuracy']:.1f} / {t['oracle']['flops_ratio']:.2f} |")
+    return "\n".join(lines)
 
 
 def table(results, tau):
@@ -169,10 +235,11 @@ def table(results, tau):
 def cross_table(cross, k):
     if not cross:
         return f"Cross-task: no SVM over the full vocabulary was fitted at {k} shots, so there is nothing to transfer."
-    tasks = sorted({k.split("->")[0] for k in cross})
+    sources = list(dict.fromkeys(key.split("->")[0] for key in cross))
+    tasks = list(dict.fromkeys(key.split("->")[1] for key in cross))
     lines = ["SVM trained on (row) applied to (column): accuracy / FLOPs ratio", "",
              "| trained on | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
-    for s in tasks:
+    for s in sources:
         lines.append(f"| {s} | " + " | ".join(f"{100 * cross[f'{s}->{d}']['accuracy']:.1f} / "
                                                f"{cross[f'{s}->{d}']['flops_ratio']:.2f}" for d in tasks) + " |")
     return "\n".join(lines)

@@ -50,6 +50,7 @@ def run(model, prompts, max_new, **kw):
     return outs, flops.total(model.cfg, runs) - prefill, secs
 
 
+@torch.no_grad()  # restores the grad mode on return: main may run inside a test
 def main(argv=None):
     from rouge_score import rouge_scorer
 
@@ -61,7 +62,6 @@ def main(argv=None):
     ap.add_argument("--tau", type=float, default=0.8, help="the gap threshold rule (paper: 0.8)")
     ap.add_argument("--out", type=Path, default=RUNS)
     a = ap.parse_args(argv)
-    torch.set_grad_enabled(False)
     model, tok = load_model(a.model), load_tokenizer(a.model)
     train, _, _ = run(model, [encode_chat(tok, q) for q in alpaca_instructions(a.n_train)], a.max_new, collect=True)
     svm = SVM().fit([t for g in train for t in g.traces], "final")

@@ -1,7 +1,7 @@
 """Next-token tasks for AdaInfer: each instance is a prompt whose answer is one token.
 
 Train and test splits are kept apart as ../shared/data/README.md asks: SST-2 train / dev,
-CommonsenseQA train / dev, MMLU dev+val / test, SQuAD dev split in two (first 20% of the
+AG News train / dev, CommonsenseQA train / dev, MMLU dev+val / test, SQuAD dev split in two (first 20% of the
 articles to train, the rest to test); synthetic rule tasks are generated from a seed.
 A JSONL file with {"prompt": ..., "answer": ..., "choices": [...]?} per line is a task too.
 """
@@ -45,6 +45,17 @@ def sst2(n_train=None, n_test=None):
         return [Instance(f"Review: {s.strip()}\nSentiment:", " positive" if y == "1" else " negative",
                          [" positive", " negative"]) for s, y in rows]
     return Task("sst2", read("train", n_train), read("dev", n_test))
+
+
+AGNEWS = (" World", " Sports", " Business", " Science")  # classes 1-4; "Sci/Tech" is not one token
+
+
+def agnews(n_train=None, n_test=None):
+    def read(split, n):
+        rows = list(csv.reader((DATA / "agnews" / f"{split}.csv").open()))[:n]
+        return [Instance(f"Article: {title}. {text}\nTopic:", AGNEWS[int(y) - 1], list(AGNEWS))
+                for y, title, text in rows]
+    return Task("agnews", read("train", n_train), read("dev", n_test))
 
 
 def _mc(question, options, answer_letter):
@@ -147,7 +158,7 @@ def from_jsonl(path, n_train=None, n_test=None, seed=0):
     return Task(Path(path).stem, insts[:n_train], insts[n_train:n_train + n_test])
 
 
-LOADERS = {"sst2": sst2, "csqa": csqa, "mmlu": mmlu, "squad": squad}
+LOADERS = {"sst2": sst2, "agnews": agnews, "csqa": csqa, "mmlu": mmlu, "squad": squad}
 SYNTHETIC = ("antonym", "next_letter", "last_initial")
 TASKS = (*LOADERS, *SYNTHETIC)
 
