@@ -178,3 +178,5 @@ def test_grid_traces_are_cached_by_model_content_and_inputs(llama_dir, tmp_path,
     assert all(torch.equal(a.feats, b.feats) and a.top1 == b.top1 and a.answer == b.answer for a, b in zip(first, again))
     eval_adainfer.traces_of(model, "another model", enc, lambda c: None)
     assert len(list(tmp_path.glob("*.safetensors"))) == 2
+    eval_adainfer.traces_of(model, cache_key(llama_dir, []), enc, lambda c: torch.tensor([3, 4]))  # choices
+    assert len(list(tmp_path.glob("*.safetensors"))) == 3

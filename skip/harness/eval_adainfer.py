@@ -66,13 +66,14 @@ def simulate(rule, traces, lengths, cfg, vocab):
 
 def traces_of(model, tag, encoded, vocab_of):
     """trace() of every (ids, answer, choices), cached in runs/adainfer-cache under a key of the
-    model's content (tag) and the inputs themselves, so an interrupted grid resumes."""
-    key = hashlib.sha256(repr((tag, encoded)).encode()).hexdigest()[:20]
-    path = CACHE / f"{key}.safetensors"
+    model's content (tag), the inputs and the scored vocabularies, so an interrupted grid resumes."""
+    vocabs = [vocab_of(ch) for _, _, ch in encoded]
+    key = hashlib.sha256(repr((tag, encoded, [None if v is None else v.tolist() for v in vocabs])).encode())
+    path = CACHE / f"{key.hexdigest()[:20]}.safetensors"
     if path.exists():
         t = load_file(str(path))
         return [Trace(f, top1.tolist(), int(ans)) for f, top1, ans in zip(t["feats"], t["top1"], t["answer"])]
-    out = [trace(model, ids, ans, vocab_of(ch)) for ids, ans, ch in encoded]
+    out = [trace(model, ids, ans, v) for (ids, ans, _), v in zip(encoded, vocabs)]
     with atomic_file(path) as tmp:
         save_file({"feats": torch.stack([t.feats for t in out]), "top1": torch.tensor([t.top1 for t in out]),
                    "answer": torch.tensor([t.answer for t in out])}, str(tmp))
