@@ -3,8 +3,8 @@ paper's comparison (its translation and summarization tables) on SmolLM2-135M-In
 
 python -m skip.harness.bench_skipping [--r 2 3 5] [--n-quality 30] [--max-new 40] [--beams 4] [--batches 1 2 8]
 
-Every row is held to the same budget at the same r and shows what it spent: measured layers per
-decoded token and decode FLOPs per token against the full model's. Quality: ROUGE-L
+Every row at a target r is meant to spend the same budget, and shows what it spent: measured
+layers per decoded token and decode FLOPs per token against the full model's. Quality: ROUGE-L
 (rouge-score) on Spec-Bench summarization and BLEU (sacrebleu) on its translation prompts,
 greedy and with the official evaluation's decoding (beam search, --beams wide, no-repeat
 3-grams; early exit has no beam form), and for each target r the paired bootstrap of Unified's
