@@ -50,10 +50,8 @@ class Method:
         self.batchable = name != "early exit"
         if name == "full":
             self.layer_sets = lambda n: [range(L)] * n
-        elif name == "unified":
-            self.layer_sets = response_layer_sets("unified", L, r)
-        elif name == "skipdecode":
-            self.layer_sets = response_layer_sets("skipdecode", L, r)
+        elif name in ("unified", "skipdecode"):
+            self.layer_sets = response_layer_sets(name, L, r)
         self.label = name if name == "full" else f"{name} {r}x" + (" (fine-tuned)" if tuned else "")
 
     def decode(self, prompts, max_new, eos=None, beams=0):
