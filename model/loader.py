@@ -3,6 +3,10 @@
 Every tensor of our model must be in the checkpoint with the right shape, and every
 tensor of the checkpoint must be used; otherwise one LoadError lists all the problems.
 Pickle checkpoints (.bin, .pt) are refused: loading them can run arbitrary code.
+Memory stays bounded: the model is built on the meta device, given storage in the target
+dtype and device, and each tensor is read from the file straight into it (a tensor stored in
+another precision passes through one temporary buffer of its own size), so loading needs the
+loaded weights plus the largest tensor, not an fp32 copy of the model and not a memory map.
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import load_config
-from .decoder import Decoder
+from .decoder import Decoder, rope_inv_freq
 
 
 class LoadError(ValueError):
@@ -46,6 +50,36 @@ def hf_name(arch, name):
 
 
 FLOATING = {"F64", "F32", "F16", "BF16"}  # safetensors dtype names that may be cast to the model's
+ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+CHUNK = 1 << 24  # bytes read (and checked) at a time when a tensor cannot be read in place
+
+
+def read_into(file: Path, name: str, out: torch.Tensor, scratch: torch.Tensor):
+    """Copy tensor `name` of a safetensors file (its header already validated by safe_open) into
+    out, any dtype and device, with plain reads: straight into out's memory when the dtypes
+    match on the CPU, else CHUNK bytes at a time through scratch (CHUNK uint8, reused: freeing
+    and re-allocating buffers would leave them in the process's heap)."""
+    with open(file, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        info = json.loads(f.read(n))[name]
+        start, end = info["data_offsets"]
+        f.seek(8 + n + start)
+        src, flat = ST_DTYPES[info["dtype"]], out.view(-1)
+        direct = out.device.type == "cpu" and out.dtype == src and out.is_contiguous()
+        step = flat.numel() if direct else CHUNK // src.itemsize
+        for i in range(0, flat.numel(), step):
+            k = min(step, flat.numel() - i)
+            buf = flat[i:i + k] if direct else scratch[:k * src.itemsize].view(src)
+            if f.readinto(buf.view(torch.uint8).numpy()) != k * src.itemsize:
+                raise LoadError(f"{file}: tensor {name} is cut short")
+            if not direct:
+                flat[i:i + k].copy_(buf)
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    return all(bool(torch.isfinite(c).all()) for c in t.view(-1).split(CHUNK // 4))
 
 
 def summary(items, n=5):
@@ -81,18 +115,25 @@ def _shards(path: Path) -> dict[str, Path]:
     raise LoadError(f"{path} has no model.safetensors or model.safetensors.index.json")
 
 
-def load_model(path, dtype="float32", allow_nonfinite=False) -> Decoder:
+def load_model(path, dtype="float32", allow_nonfinite=False, device="cpu") -> Decoder:
     """Strict: every tensor present, expected, of its shape, floating and finite (allow_nonfinite
-    for debugging a broken checkpoint); a precision other than fp32 is cast, and said once."""
+    for debugging a broken checkpoint); stored precisions other than dtype are cast, and said once."""
     path = Path(path)
     if dtype not in DTYPES:
         raise LoadError(f"dtype {dtype!r} not supported; use one of {', '.join(DTYPES)}")
     cfg = load_config(path)
     where = _shards(path)
+    stored = {k: k for k in where}  # our HF name -> the name in the file
     if cfg.arch == "opt" and not any(k.startswith("model.") for k in where):
-        where = {"model." + k: f for k, f in where.items()}  # OPT checkpoints saved from the base model
+        stored = {"model." + k: k for k in where}  # OPT checkpoints saved from the base model
+        where = {"model." + k: f for k, f in where.items()}
 
-    model = Decoder(cfg)
+    with torch.device("meta"):  # shapes only: no fp32 copy of the weights is ever made
+        model = Decoder(cfg)
+    model = model.to(DTYPES[dtype]).to_empty(device=device)
+    model.inv_freq = rope_inv_freq(cfg)  # built on meta above; fp32, like every RoPE computation
+    if cfg.tie_embeddings:  # to_empty gives each module its own tensor
+        model.head.weight = model.embed.weight
     ours = {hf_name(cfg.arch, k): t for k, t in model.state_dict().items()}
     if cfg.tie_embeddings:
         ours.pop("lm_head.weight")  # shared with the embedding
@@ -100,15 +141,15 @@ def load_model(path, dtype="float32", allow_nonfinite=False) -> Decoder:
     for name, file in where.items():
         if file not in handles:
             handles[file] = safe_open(file, "pt")
-        sl = handles[file].get_slice(name)
+        sl = handles[file].get_slice(stored[name])
         shapes[name], dtypes[name] = tuple(sl.get_shape()), sl.get_dtype()
 
     missing = sorted(set(ours) - set(where))
     unexpected = sorted(k for k in set(where) - set(ours) if not k.endswith(IGNORED_SUFFIXES))
     if cfg.tie_embeddings and "lm_head.weight" in unexpected:
-        head = handles[where["lm_head.weight"]].get_tensor("lm_head.weight")
+        head = handles[where["lm_head.weight"]].get_tensor(stored["lm_head.weight"])
         embed_name = hf_name(cfg.arch, "embed.weight")
-        if embed_name in where and torch.equal(head, handles[where[embed_name]].get_tensor(embed_name)):
+        if embed_name in where and torch.equal(head, handles[where[embed_name]].get_tensor(stored[embed_name])):
             unexpected.remove("lm_head.weight")  # a tied head saved twice, harmless
     misshaped = sorted(f"{k}: checkpoint {shapes[k]}, model {tuple(ours[k].shape)}"
                        for k in set(ours) & set(where) if shapes[k] != tuple(ours[k].shape))
@@ -121,19 +162,19 @@ def load_model(path, dtype="float32", allow_nonfinite=False) -> Decoder:
                 lines.append(f"  {title} ({len(items)}): " + summary(items))
         raise LoadError("\n".join(lines))
     cast = sorted({dtypes[k] for k in ours} - {"F32"})
-    if cast:
+    if cast and dtype == "float32":  # the default: say that the stored precision is not what runs
         print(f"note: {path} stores {', '.join(cast)} tensors; loading them as float32", file=sys.stderr)
 
-    nonfinite = []
+    nonfinite, scratch = [], torch.empty(CHUNK, dtype=torch.uint8)
     with torch.no_grad():
         for name, t in ours.items():
-            t.copy_(handles[where[name]].get_tensor(name))
-            if not bool(torch.isfinite(t).all()):
+            read_into(where[name], stored[name], t, scratch)
+            if not all_finite(t):
                 nonfinite.append(name)
     if nonfinite and not allow_nonfinite:
         raise LoadError(f"cannot load {path}: non-finite values (NaN or inf) in {len(nonfinite)} tensor(s): "
                         f"{summary(nonfinite)} (allow_nonfinite=True loads them anyway, for debugging)")
-    return model.to(DTYPES[dtype]).eval()
+    return model.eval()
 
 
 def save_model(model: Decoder, out_dir, config_from):

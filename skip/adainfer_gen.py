@@ -14,7 +14,6 @@ Three costs the paper does not face on one-token answers:
 """
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -76,9 +75,3 @@ def generate_adainfer(model, prompt, clf=None, max_new_tokens=32, check_every=1,
         return passes[-1]
     res = decode_with_exit(model, prompt, new_check, max_new_tokens, eos, fill=fill)
     return GenResult(**vars(res), traces=[c.trace for c in passes if c.trace is not None])
-
-
-def frequent_vocab(token_lists, n=2048):
-    """The n most frequent ids in the model's own outputs, sorted: a cheap head for the checks."""
-    counts = Counter(t for ts in token_lists for t in ts)
-    return torch.tensor(sorted(t for t, _ in counts.most_common(n)))

@@ -72,20 +72,33 @@ def generate_skipdecode(model, prompts, r, max_new_tokens=32, **kw):
 # ---------------------------------------------------------------- early exit
 class ConfidenceCheck:
     """Stop after the first layer whose logit lens gives its top token probability >= tau; at
-    the last layer the lens is the model's own output, so every layer costs one head call."""
+    the last layer the lens is the model's own output. With vocab (a cheap head over frequent
+    tokens), a layer is first checked through those rows only: renormalised over fewer tokens,
+    the top probability can only rise when the full top-1 is among them, so "go on" there is
+    the full head's answer too, and a possible stop is confirmed with the full head. The
+    decisions equal the full-head check's unless a token outside vocab is the full top-1 at a
+    confident layer (then that stop is missed)."""
 
-    def __init__(self, model, tau):
-        self.model, self.tau = model, tau
+    def __init__(self, model, tau, vocab=None):
+        self.model, self.tau, self.vocab = model, tau, vocab
+
+    def confident(self, logits):
+        return bool(logits.float().softmax(-1).max() >= self.tau)
 
     def __call__(self, layer, h, attn_out, mlp_out):
-        self.layer, self.logits = layer, self.model.logits(h, last_only=True)[0, -1]  # (V,)
-        return bool(self.logits.float().softmax(-1).max() >= self.tau)
+        self.layer, last = layer, layer == self.model.cfg.n_layers - 1
+        if self.vocab is not None and not last:
+            if not self.confident(self.model.logits(h, last_only=True, vocab=self.vocab)[0, -1]):  # (V',)
+                return False
+        self.logits = self.model.logits(h, last_only=True)[0, -1]  # (V,)
+        return self.confident(self.logits)
 
 
-def generate_early_exit(model, prompt, tau, max_new_tokens=32, eos=None, forced=None, **sampling):
+def generate_early_exit(model, prompt, tau, max_new_tokens=32, eos=None, forced=None, vocab=None, **sampling):
     """Batch size 1; prompt: list of ids. Returns an ExitDecode (tokens, exit_layers, logits).
-    forced: feed these tokens instead of the model's own (teacher forcing, for perplexity)."""
-    return decode_with_exit(model, prompt, lambda h: ConfidenceCheck(model, tau), max_new_tokens, eos, forced,
+    forced: feed these tokens instead of the model's own (teacher forcing, for perplexity);
+    vocab: 1-D ids of the cheap head that screens each check (exit_decode.frequent_vocab)."""
+    return decode_with_exit(model, prompt, lambda h: ConfidenceCheck(model, tau, vocab), max_new_tokens, eos, forced,
                             **sampling)
 
 

@@ -11,17 +11,25 @@ values for this position; `fill` says how they get them:
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
 
 from model import KVCache, check_length, next_token, positions
 
+
 @dataclass
 class ExitDecode:
     tokens: list[int]
     exit_layers: list[int]  # per generated token fed back: the last layer it ran (L - 1 = no exit)
     logits: list[torch.Tensor]  # (V,) float32, the logits each token was chosen from
+
+
+def frequent_vocab(token_lists, n=2048):
+    """The n most frequent ids in the model's own outputs, sorted: a cheap head for the checks."""
+    counts = Counter(t for ts in token_lists for t in ts)
+    return torch.tensor(sorted(t for t, _ in counts.most_common(n)))
 
 
 def propagate(model, h, pos, cache, start, layers):

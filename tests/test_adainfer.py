@@ -149,9 +149,13 @@ def test_the_qa_pooled_svm_is_the_svm_fitted_on_the_qa_traces_together(llama_dir
     tr = {name: {s: [trace(model, ids, answer=3) for ids in prompts(model, 8, seed=seed + i)]
                  for i, s in enumerate(("train", "test"))} for seed, name in ((1, "csqa"), (3, "mmlu"), (5, "sst2"))}
     store = {(name, 0, "full"): (t, [8] * 8, None, {"svm": SVM().fit(t["train"], "final")}) for name, t in tr.items()}
+    # a task run in both scoring modes is transferred to in its choices mode
+    choices = {s: [trace(model, ids, answer=3, vocab=torch.arange(4)) for ids in prompts(model, 8, seed=s_)]
+               for s, s_ in (("train", 11), ("test", 12))}
+    store[("sst2", 0, "choices")] = (choices, [8] * 8, 4, {"svm": SVM().fit(choices["train"], "final")})
     cross = cross_task(store, model.cfg, 0, ("gap", "top_prob"), "final")
     pooled = SVM().fit(tr["csqa"]["train"] + tr["mmlu"]["train"], "final")
-    expected = simulate(pooled, tr["sst2"]["test"], [8] * 8, model.cfg, None)
+    expected = simulate(pooled, choices["test"], [8] * 8, model.cfg, 4)
     assert cross["csqa+mmlu->sst2"] == {k: v for k, v in expected.items() if k != "exits"}
     assert {k.split("->")[0] for k in cross} == {"csqa", "mmlu", "sst2", "csqa+mmlu"}
 

@@ -4,7 +4,8 @@ import torch
 
 from model import flops, generate
 from skip.adainfer import CRFClassifier, SVM, Threshold, labels
-from skip.adainfer_gen import frequent_vocab, generate_adainfer
+from skip.adainfer_gen import generate_adainfer
+from skip.exit_decode import frequent_vocab
 from skip.layerwise import layerwise_forward, prompt_then
 
 PROMPT = [5, 6, 7, 8, 9]

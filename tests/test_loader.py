@@ -93,3 +93,34 @@ def test_half_precision_loads_and_bad_dtype_is_refused(llama_dir):
         assert (m(ids).float() - ref).abs().max() < 0.1 * ref.abs().max()
     with pytest.raises(LoadError, match="dtype 'int8' not supported"):
         load_model(llama_dir, dtype="int8")
+
+
+@torch.no_grad()
+def test_stored_precision_is_read_exactly_in_chunks_and_in_place(llama_dir, tmp_path, monkeypatch):
+    import model.loader
+    bf16 = copy_with(llama_dir, tmp_path / "bf16", lambda t: t.update({k: v.bfloat16() for k, v in t.items()}))
+    stored = load_file(bf16 / "model.safetensors")
+    monkeypatch.setattr(model.loader, "CHUNK", 64)  # many chunks per tensor, and a last partial one
+    for dtype in ("bfloat16", "float32"):
+        m = load_model(bf16, dtype=dtype)
+        for name, t in m.state_dict().items():
+            ref = stored[model.loader.hf_name("llama", name)]
+            assert t.dtype == getattr(torch, dtype) and torch.equal(t, ref.to(t.dtype)), name
+    ref = load_model(llama_dir)  # fp32 in place, cast to bf16 through the chunks: the same as a cast
+    m = load_model(llama_dir, dtype="bfloat16")
+    assert all(torch.equal(a, b.bfloat16()) for a, b in zip(m.state_dict().values(), ref.state_dict().values()))
+
+
+@torch.no_grad()
+def test_opt_checkpoint_saved_from_the_base_model_loads(tmp_path):
+    hf = build_hf(*VARIANTS["opt_pre"])  # OPT ties its head: the base model's tensors are all there is
+    tmp_path.joinpath("config.json").write_text(json.dumps(hf.config.to_dict()))
+    save_file({k: v.contiguous() for k, v in hf.model.state_dict().items()}, tmp_path / "model.safetensors")
+    ids = torch.randint(0, 97, (1, 9))
+    assert (load_model(tmp_path)(ids) - hf(ids).logits).abs().max() <= 1e-5
+
+
+def test_loading_needs_the_weights_plus_one_chunk_not_an_fp32_copy(smollm2_dir):
+    from skip.harness.bench_decoder import load_memory
+    for dtype in ("float32", "bfloat16"):  # an fp32 build cast to bf16 would need 3x the bf16 weights
+        assert load_memory(smollm2_dir, dtype)["peak_over_weights"] <= 1.3

@@ -3,8 +3,10 @@ import pytest
 import torch
 
 from model import KVCache, flops, generate, left_pad, load_model
-from skip.baselines import (calibrate_threshold, generate_early_exit, generate_skipdecode, skipdecode_layers,
-                            skipdecode_schedule)
+from skip.baselines import (ConfidenceCheck, calibrate_threshold, generate_early_exit, generate_skipdecode,
+                            skipdecode_layers, skipdecode_schedule)
+from skip.exit_decode import decode_with_exit
+from model.flops import HeadRun
 from skip.layerwise import layerwise_forward, prompt_then
 from skip.unified import generate_unified, kept_layers
 
@@ -158,6 +160,34 @@ def test_early_exit_that_never_fires_is_plain_decoding_and_flops_count_every_che
     expected = flops.prefill_flops(cfg, len(prompt)) + cfg.n_layers * steps + \
         (n - 1) * (flops.embed_flops(cfg, 1) + cfg.n_layers * flops.head_flops(cfg, 1))
     assert flops.total(cfg, runs) == expected
+
+
+@torch.no_grad()
+def test_cheap_exit_check_decides_as_the_full_head(pair):
+    """A cheap head over ids that hold every layer's full top-1 (plus random others) gives the
+    full-head check's exits, tokens and logits, never with more full-head calls."""
+    _, model = pair
+    prompt, n, V = [5, 6, 7, 8], 12, model.cfg.vocab_size
+    tau = calibrate_threshold(model, [prompt], r=1.5, max_new_tokens=n)
+    top1 = set()
+
+    class Watched(ConfidenceCheck):  # records the full lens top-1 at every layer it checks
+        def __call__(self, *args):
+            stop = super().__call__(*args)
+            top1.add(int(self.logits.argmax()))
+            return stop
+    full = decode_with_exit(model, prompt, lambda h: Watched(model, tau), n, eos=[])
+    vocab = torch.tensor(sorted(top1 | set(torch.randperm(V, generator=torch.Generator().manual_seed(0))[:8].tolist())))
+    assert len(vocab) < V
+    with model.recording() as runs_full:
+        generate_early_exit(model, prompt, tau, n, eos=[])
+    with model.recording() as runs_cheap:
+        cheap = generate_early_exit(model, prompt, tau, n, eos=[], vocab=vocab)
+    assert cheap.tokens == full.tokens and cheap.exit_layers == full.exit_layers
+    assert min(full.exit_layers) < model.cfg.n_layers - 1  # some tokens did exit
+    assert all(torch.equal(a, b) for a, b in zip(cheap.logits, full.logits))
+    heads = lambda runs, v: sum(isinstance(x, HeadRun) and x.vocab == v for x in runs)
+    assert heads(runs_cheap, V) <= heads(runs_full, V) and heads(runs_cheap, len(vocab)) > 0
 
 
 @torch.no_grad()

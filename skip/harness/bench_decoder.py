@@ -1,12 +1,15 @@
-"""Decoder speed: this decoder against transformers on the same weights, in the same run.
+"""Decoder speed: this decoder against transformers on the same weights, in the same run; and
+the peak memory of loading it.
 
-python -m skip.harness.bench_decoder [--runs 5] [--threads N]
+python -m skip.harness.bench_decoder [--runs 5] [--threads N] [--memory-only]
 Prefill (ms) at prompt lengths 128 and 512; decode (ms/token) at contexts 128 and 1024; the
 median of --runs runs each; ratio = ours / transformers. The "matmul floor" is the time of
 only the matrix products of one decode step (every projection of every layer and the LM head,
 on the same weights): no attention, no norms, no Python loop around the model; once as the
 decoder takes them (model.decoder.linear) and once as bare one-row F.linear calls, the
-single-core GEMV that transformers runs. Writes runs/bench-decoder.json and a markdown table.
+single-core GEMV that transformers runs. Memory: peak resident memory of load_model in fp32
+and bf16, each in a fresh interpreter, against the bytes of the loaded weights.
+Writes runs/bench-decoder.json and a markdown table.
 """
 from __future__ import annotations
 
@@ -89,6 +92,34 @@ def matmul_floor_ms(model, runs, product):
     return interleaved_ms([step], runs * 4)[0]
 
 
+LOAD_PROBE = """
+import resource, sys
+import torch
+from model import load_model
+peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+with torch.device("meta"):  # the first meta-device module imports torch's meta kernels: once per process
+    torch.nn.Embedding(2, 2)
+before = peak()
+m = load_model(sys.argv[1], dtype=sys.argv[2])
+weights = sum(t.numel() * t.element_size() for t in {t.data_ptr(): t for t in m.state_dict().values()}.values())
+print(before, peak(), weights)
+"""
+
+
+def load_memory(model_dir, dtype):
+    """Peak resident memory of load_model in a fresh interpreter, in bytes: before loading (the
+    interpreter, torch, and torch's meta kernels, which the first meta-device module imports
+    once per process whatever the model), the peak after, and the loaded weights' bytes."""
+    import subprocess
+    import sys
+    from .. import ROOT
+    out = subprocess.run([sys.executable, "-c", LOAD_PROBE, str(model_dir), dtype], capture_output=True, text=True,
+                         check=True, cwd=ROOT).stdout.split()
+    before, after, weights = map(int, out[-3:])
+    return {"dtype": dtype, "before": before, "peak": after, "weights": weights,
+            "peak_over_weights": (after - before) / weights}
+
+
 @torch.inference_mode()
 def bench(model_dir, runs, threads):
     from transformers import AutoModelForCausalLM
@@ -116,13 +147,26 @@ def bench(model_dir, runs, threads):
     ours_r, hf_r = rows
     ratios = {k: ours_r[k] / hf_r[k] for k in ours_r if k != "impl"}
     floor, gemv = matmul_floor_ms(ours, runs, linear), matmul_floor_ms(ours, runs, F.linear)
-    return {"model": str(model_dir), "threads": threads, "runs": runs, "decode_steps": DECODE_STEPS,
+    memory = [load_memory(model_dir, d) for d in ("float32", "bfloat16")]
+    return {"model": str(model_dir), "threads": threads, "runs": runs, "decode_steps": DECODE_STEPS, "load_memory": memory,
             "torch": torch.__version__, "results": rows, "ratio_ours_over_transformers": ratios,
             "matmul_floor_ms": floor, "gemv_floor_ms": gemv,
             "ours_decode_128_over_matmul_floor": ours_r["decode_128_ms_per_token"] / floor}
 
 
 def table(res) -> str:
+    lines = []
+    if res["results"]:
+        lines = speed_table(res).split("\n")
+    lines += ["", "| load_model | weights (MB) | before loading (MB) | peak (MB) | (peak - before) / weights |",
+              "|---|---:|---:|---:|---:|"]
+    for m in res.get("load_memory", []):
+        lines.append(f"| {m['dtype']} | {m['weights'] / 1e6:.0f} | {m['before'] / 1e6:.0f} | {m['peak'] / 1e6:.0f} | "
+                     f"{m['peak_over_weights']:.2f} |")
+    return "\n".join(lines).strip()
+
+
+def speed_table(res) -> str:
     ours, hf = res["results"]
     lines = ["| measure | ours | transformers | ours / transformers |", "|---|---:|---:|---:|"]
     for k, label in (("prefill_128_ms", "prefill, 128 tokens (ms)"), ("prefill_512_ms", "prefill, 512 tokens (ms)"),
@@ -140,7 +184,12 @@ def main(argv=None):
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--out", type=Path, default=RUNS / "bench-decoder.json")
+    ap.add_argument("--memory-only", action="store_true", help="only the peak memory of load_model")
     a = ap.parse_args(argv)
+    if a.memory_only:
+        res = {"results": None, "load_memory": [load_memory(a.model, d) for d in ("float32", "bfloat16")]}
+        print(table(res))
+        return
     res = bench(a.model, a.runs, a.threads)
     write_text_atomic(a.out, json.dumps(res, indent=2))
     print(json.dumps(res, indent=2))

@@ -51,9 +51,9 @@ def median_ms(fn, reps=15):
 @torch.inference_mode()
 def piece_costs(model, adapter, l, K, ctx, gamma):
     """Measured ms of: a plain decode step, M^s on one token, A + head (full / top-K), the lens
-    head, and the deep layers on n = 1..gamma+1 tokens; all at context ctx."""
+    head, and the deep layers on n = 1..max(gamma + 1, 8) tokens; all at context ctx."""
     L, d = model.cfg.n_layers, model.cfg.dim
-    cache = KVCache.for_model(model.cfg, 1, ctx + gamma + 2)
+    cache = KVCache.for_model(model.cfg, 1, ctx + max(gamma + 2, 9))
     model(torch.zeros(1, ctx, dtype=torch.long), cache=cache)
     h = torch.randn(1, 1, d)
     pos = torch.tensor([[ctx]])
@@ -77,7 +77,8 @@ def piece_costs(model, adapter, l, K, ctx, gamma):
             "draft_full": median_ms(lambda: draft(model.head.weight)),
             "draft_topk": median_ms(lambda: draft(W)),
             "lens_head": median_ms(lambda: model.logits(h)),
-            "verify": [median_ms(lambda: model.logits(run(range(l, L), torch.randn(1, n, d)))) for n in range(1, gamma + 2)]}
+            "verify": [median_ms(lambda: model.logits(run(range(l, L), torch.randn(1, n, d))))
+                       for n in range(1, max(gamma + 2, 9))]}  # at least 1..8 positions
 
 
 def predicted_speedup(rounds, costs, draft_ms):
@@ -230,7 +231,8 @@ def table(result):
     c = result["costs_ms"]
     lines += ["", f"Measured cost (ms): plain step {c['step']:.1f}, layers [0, l) {c['shallow']:.1f}, adapter + full head "
               f"{c['draft_full']:.1f}, adapter + top-K head {c['draft_topk']:.1f}, lens head {c['lens_head']:.1f}, "
-              f"layers [l, L) + head on n = 1..{len(c['verify'])} tokens: " + " ".join(f"{v:.1f}" for v in c["verify"])]
+              f"layers [l, L) + head on n = 1..{len(c['verify'])} tokens: " + " ".join(f"{v:.1f}" for v in c["verify"])
+              + " (over the plain step: " + " ".join(f"{v / c['step']:.2f}" for v in c["verify"]) + ")"]
     if "sweep" in result:
         lines += ["", "| sweep | value | speedup |", "|---|---|---|"]
         lines += [f"| {s['axis']} | {s['value']} | {s['speedup']:.2f}x |" for s in result["sweep"]]

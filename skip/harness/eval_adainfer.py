@@ -1,10 +1,11 @@
 """AdaInfer evaluation: accuracy, exit layers, FLOPs and wall-clock per task, shot count and
 scoring mode (full vocabulary, or restricted to the choice tokens).
 
-python -m skip.harness.eval_adainfer [--tasks sst2 agnews csqa antonym:5 ...] [--shots 0 5 10 15 20]
-    [--n-train 60] [--n-test 60] [--transfer-model DIR]
+python -m skip.harness.eval_adainfer [--tasks sst2 agnews csqa antonym:5 squad:0,5 ...] [--shots 0 5 10 15 20]
+    [--modes full choices] [--n-train 60] [--n-test 60] [--transfer-model DIR]
 
-Per (task, shots, mode): one traced pass per instance gives every layer's features and
+Per (task, shots, mode): mode "choices" scores only the answer choices (a task without choices
+is then scored over the full vocabulary, once); one traced pass per instance gives every layer's features and
 prediction; SVM and CRF are fitted on the train split, then every stop rule is applied to
 the test split's features (decisions are identical to a live run, see the tests). FLOPs
 ratio = FLOPs of what AdaInfer runs (layers up to the exit on the whole prompt, plus one
@@ -115,14 +116,14 @@ def main(argv=None):
     if not (a.n_train >= 1 and a.n_test >= 1 and a.time_n >= 0 and 0 <= a.tau <= 1 and a.threads >= 1
             and min(a.shots) >= 0):
         ap.error("need --n-train, --n-test, --threads >= 1, --time-n >= 0, --shots >= 0 and 0 <= --tau <= 1")
-    # "antonym:5" runs that task with 5 shots only
+    # "antonym:5" runs that task with 5 shots only, "squad:0,5" with 0 and 5
     configs = []
     for t in a.tasks:
         name, colon, k = t.partition(":")
         known = name in TASKS or name.endswith(".jsonl") and Path(name).is_file()
-        if not known or (colon and not k.isdigit()):
-            ap.error(f"--tasks {t!r}: need one of {', '.join(TASKS)} or an existing .jsonl file, optionally :SHOTS")
-        configs += [(name, shots, m) for shots in ([int(k)] if k else a.shots) for m in a.modes]
+        if not known or (colon and not all(x.isdigit() for x in k.split(","))):
+            ap.error(f"--tasks {t!r}: need one of {', '.join(TASKS)} or an existing .jsonl file, optionally :SHOTS[,SHOTS]")
+        configs += [(name, shots, m) for shots in ([int(x) for x in k.split(",")] if k else a.shots) for m in a.modes]
     torch.set_num_threads(a.threads)
     model, tok = load_model(a.model), load_tokenizer(a.model)
     other = load_model(a.transfer_model) if a.transfer_model else None
@@ -131,9 +132,11 @@ def main(argv=None):
     results, skipped, store, bar = [], [], {}, tqdm(total=len(configs), desc="adainfer")
     for name, k, mode in configs:
         task = load_task(name, a.n_train, a.n_test)
-        if mode == "choices" and task.test[0].choices is None:
-            bar.update()
-            continue
+        if mode == "choices" and task.test[0].choices is None:  # scored over the full vocabulary, once
+            if "full" in a.modes:
+                bar.update()
+                continue
+            mode = "full"
         enc = {s: [encode(tok, task.with_shots(i, k, seed=j)) for j, i in enumerate(getattr(task, s))]
                for s in ("train", "test")}
         longest = max(len(ids) for split in enc.values() for ids, _, _ in split)
@@ -185,9 +188,14 @@ QA = ("csqa", "mmlu", "squad")
 
 
 def cross_task(store, cfg, k, features, rule):
-    """SVM fitted on one task (full vocabulary, k shots), applied to every other task; and one
-    fitted on the QA tasks together, applied to the others (the paper's QA -> classification)."""
-    keys = [key for key in store if key[1] == k and key[2] == "full" and "svm" in store[key][3]]
+    """SVM fitted on one task (k shots; each task in the scoring mode the grid ran, the choices
+    where it ran both), applied to every other task; and one fitted on the QA tasks together,
+    applied to the others (the paper's QA -> classification)."""
+    modes = {}
+    for name, shots, mode in store:
+        if shots == k and "svm" in store[(name, shots, mode)][3] and modes.get(name) != "choices":
+            modes[name] = mode
+    keys = [(name, k, mode) for name, mode in modes.items()]
     sources = {src[0]: store[src][3]["svm"] for src in keys}
     qa = [store[key][0]["train"] for key in keys if key[0] in QA]
     if len(qa) > 1:
@@ -235,7 +243,7 @@ def table(results, tau):
 
 def cross_table(cross, k):
     if not cross:
-        return f"Cross-task: no SVM over the full vocabulary was fitted at {k} shots, so there is nothing to transfer."
+        return f"Cross-task: no SVM was fitted at {k} shots, so there is nothing to transfer."
     sources = list(dict.fromkeys(key.split("->")[0] for key in cross))
     tasks = list(dict.fromkeys(key.split("->")[1] for key in cross))
     lines = ["SVM trained on (row) applied to (column): accuracy / FLOPs ratio", "",

@@ -29,7 +29,8 @@ from tokenizer import encode_chat, load_tokenizer
 
 from .. import DEFAULT_MODEL, RUNS
 from ..adainfer import SVM, Threshold
-from ..adainfer_gen import frequent_vocab, generate_adainfer
+from ..adainfer_gen import generate_adainfer
+from ..exit_decode import frequent_vocab
 from .data import alpaca_instructions, specbench
 
 CATEGORIES = ("translation", "summarization", "qa", "math_reasoning", "rag")

@@ -1,0 +1,115 @@
+"""Matrix products of 1-16 rows on the model's real weight shapes: which routine reads the
+weights fastest? Decoding multiplies 1 row (a token) and Kangaroo's verification 2-8 rows by
+every weight matrix; both are memory-bound, so an ideal routine costs about the same for 1 row
+as for 16 and reads the weights at the machine's streaming bandwidth.
+
+python -m skip.harness.bench_products [--rows 1 2 4 8 16] [--runs 7] [--threads N]
+
+Routines, each computing x @ w.T for x (n, in) and w (out, in):
+  F.linear      torch.nn.functional.linear (what nn.Linear runs)
+  w @ x.T       the product taken transposed: (out, in) @ (in, n)
+  decoder       model.decoder.linear, the decoder's routing
+Per shape (every distinct projection of a layer and the LM head) and row count: the median ms
+of --runs interleaved runs, and the weight-reading rate in GB/s. The floor is a streaming read
+of the same bytes (w.sum()). The totals weight each shape by how often one decode step runs it
+(every layer's projections once, the head once). Writes runs/bench-products.{json,md}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from model import load_model
+from model.decoder import linear
+from model.files import write_text_atomic
+
+from .. import DEFAULT_MODEL, RUNS
+from .bench_decoder import interleaved_ms
+
+ROUTINES = {
+    "F.linear": lambda x, w: F.linear(x, w),
+    "w @ x.T": lambda x, w: (w @ x.T).T,
+    "decoder": lambda x, w: linear(x, w),
+}
+
+
+def shapes(model):
+    """Distinct (name, weight, uses per decode step) of the model's products."""
+    block, out = model.blocks[0], {}
+    for name, mod in [*block.attn.named_children(), *block.mlp.named_children()]:
+        if isinstance(mod, torch.nn.Linear):
+            out[name] = (mod.weight, model.cfg.n_layers)
+    out["head"] = (model.head.weight, 1)
+    return out
+
+
+def bench(model, rows, runs):
+    res = {}
+    for name, (w, uses) in shapes(model).items():
+        gb = w.numel() * w.element_size() / 1e9
+        floor = interleaved_ms([lambda: w.sum()], runs)[0]
+        res[name] = {"shape": list(w.shape), "uses": uses, "floor_ms": floor, "gb": gb, "rows": {}}
+        for n in rows:
+            x = torch.randn(n, w.shape[1], dtype=w.dtype)
+            ref = F.linear(x, w)
+            for fn in ROUTINES.values():  # every routine computes the same product
+                torch.testing.assert_close(fn(x, w), ref, rtol=1e-4, atol=1e-4)
+            ms = interleaved_ms([lambda f=f: f(x, w) for f in ROUTINES.values()], runs)
+            res[name]["rows"][n] = dict(zip(ROUTINES, ms))
+    return res
+
+
+def totals(res, rows):
+    """ms of one decode step's products (each shape times its uses) per routine and row count."""
+    out = {"floor": sum(r["floor_ms"] * r["uses"] for r in res.values())}
+    for n in rows:
+        out[n] = {k: sum(r["rows"][n][k] * r["uses"] for r in res.values()) for k in ROUTINES}
+    return out
+
+
+def table(res, rows):
+    tot = totals(res, rows)
+    lines = ["| shape | rows | " + " | ".join(f"{k} ms (GB/s)" for k in ROUTINES) + " | floor ms (GB/s) |",
+             "|---|---|" + "---|" * (len(ROUTINES) + 1)]
+    for name, r in res.items():
+        for n in rows:
+            cells = [f"{ms:.3f} ({r['gb'] / ms * 1e3:.1f})" for ms in r["rows"][n].values()]
+            lines.append(f"| {name} {r['shape'][0]}x{r['shape'][1]} | {n} | " + " | ".join(cells)
+                         + f" | {r['floor_ms']:.3f} ({r['gb'] / r['floor_ms'] * 1e3:.1f}) |")
+    lines += ["", "One decode step's products (every shape times its uses), ms; ratio to 1 row in brackets:", "",
+              "| rows | " + " | ".join(ROUTINES) + " |", "|---|" + "---|" * len(ROUTINES)]
+    for n in rows:
+        lines.append(f"| {n} | " + " | ".join(f"{tot[n][k]:.1f} ({tot[n][k] / tot[rows[0]][k]:.2f})" for k in ROUTINES)
+                     + " |")
+    lines.append(f"\nStreaming read of the same weights: {tot['floor']:.1f} ms.")
+    return "\n".join(lines)
+
+
+@torch.no_grad()
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6, 7, 8, 12, 16])
+    ap.add_argument("--runs", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--out", type=Path, default=RUNS)
+    a = ap.parse_args(argv)
+    if min(a.rows) < 1 or a.runs < 1 or a.threads < 1:
+        ap.error("need --rows, --runs and --threads >= 1")
+    torch.set_num_threads(a.threads)
+    model = load_model(a.model)
+    res = bench(model, a.rows, a.runs)
+    md = table(res, a.rows)
+    a.out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(a.out / "bench-products.json", json.dumps({"threads": a.threads, "shapes": res,
+                                                                  "totals": totals(res, a.rows)}, indent=1))
+    write_text_atomic(a.out / "bench-products.md", md + "\n")
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
