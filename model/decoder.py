@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from .cache import CacheError
 from .config import Config
 from .flops import EmbedRun, HeadRun, KVRun, LayerRun
+from .products import linear
 
 
 # ---------------------------------------------------------------- primitives
@@ -87,22 +88,6 @@ def attention_mask(mask, start, T, device="cpu"):
     if mask is not None:
         allowed = (allowed & mask[:, None, :S]) | (k == q)  # (B, T, S)
     return allowed.reshape(-1, 1, T, S)
-
-
-def linear(x, w, b=None):
-    """x @ w.T + b. For 1 to 4 rows MKL is slow on this CPU: one row goes through GEMV on a
-    single core (decoding reads every weight once per token, so it is memory-bound and the
-    second core idles), and sgemm with 2-4 rows runs 1.5-6x slower than the same product
-    taken as w @ x.T (SmolLM2's head: 20 ms against 3.5 ms for 2 rows). So a single row is
-    duplicated and small products take the transposed route: plain decoding 24.5 -> 43.7 tok/s."""
-    rows = x.numel() // x.shape[-1]
-    if rows > 4:
-        return F.linear(x, w, b)
-    x2 = x.reshape(rows, -1)  # (rows, in)
-    if rows == 1:
-        x2 = torch.cat([x2, x2])  # (2, in): the duplicate only buys the multi-threaded path
-    y = (w @ x2.T)[:, :rows].T.contiguous().view(*x.shape[:-1], w.shape[0])  # (..., out)
-    return y if b is None else y + b
 
 
 class Linear(nn.Linear):

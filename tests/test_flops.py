@@ -55,7 +55,7 @@ def test_a_partial_run_is_tallied_exactly(pair):
             n = counted(run)
     finally:
         model.attn_impl = "sdpa"
-    # The one-row head product runs on a duplicated row (model.decoder.linear: a speed trick,
+    # The one-row head product runs on a duplicated row (model.products.linear: a speed trick,
     # not work the model needs), which FlopCounterMode counts a second time.
     copy = flops.head_flops(cfg, 1, vocab=3)
     assert n - copy == flops.total(cfg, runs)

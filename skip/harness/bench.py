@@ -1,6 +1,7 @@
 """Every benchmark of the project in one run: the decoder against transformers, AdaInfer on
-the classification tasks and in generation, Unified Layer Skipping with its baselines, and
-Kangaroo on Spec-Bench; then one combined JSON, one markdown report and one summary figure.
+the classification tasks and in generation, Unified Layer Skipping with its baselines,
+Kangaroo on Spec-Bench, the confidence early exit against its cost model, and the matrix
+products of few rows; then one combined JSON, one markdown report and one summary figure.
 
 python -m skip.harness.bench [--quick] [--parts decoder adainfer ...] [--summary-only]
 --quick takes small samples (about 10 minutes on 2 CPU cores) and writes to runs/quick/; the
@@ -33,10 +34,15 @@ PARTS = {
                   "--runs", "1"]),
     "kangaroo": ("skip.harness.bench_kangaroo", "bench-kangaroo.json", "bench-kangaroo.md", [],
                  ["--per-category", "1", "--max-new-tokens", "48", "--repeats", "1", "--no-sweep"]),
+    "exit": ("skip.harness.bench_exit", "bench-exit.json", "bench-exit.md", [],
+             ["--per-category", "1", "--max-new-tokens", "24", "--repeats", "1"]),
+    "products": ("skip.harness.bench_products", "bench-products.json", "bench-products.md", [],
+                 ["--rows", "1", "2", "4", "8", "--runs", "3"]),
 }
 TITLES = {"decoder": "Decoder against transformers", "adainfer": "AdaInfer, next-token tasks",
           "adainfer-gen": "AdaInfer in generation", "skipping": "Unified Layer Skipping and its baselines",
-          "kangaroo": "Kangaroo on Spec-Bench"}
+          "kangaroo": "Kangaroo on Spec-Bench", "exit": "Confidence early exit: full-head and cheap checks",
+          "products": "Matrix products of 1-16 rows"}
 
 
 def run_part(name, quick, out):

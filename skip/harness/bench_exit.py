@@ -31,6 +31,7 @@ from tokenizer import encode_chat, load_tokenizer
 from .. import DEFAULT_MODEL, RUNS
 from ..baselines import calibrate_threshold, generate_early_exit
 from ..exit_decode import frequent_vocab
+from .bench_decoder import tune
 from .bench_kangaroo import median_ms, timed
 from .data import SPECBENCH, specbench
 
@@ -90,6 +91,7 @@ def main(argv=None):
         ap.error("need --r >= 1, --per-category, --repeats, --top-k >= 1 and --max-new-tokens >= 2")
     torch.set_num_threads(a.threads)
     model, tok = load_model(a.model), load_tokenizer(a.model)
+    routes = tune(model)
     L, V, N = model.cfg.n_layers, model.cfg.vocab_size, a.max_new_tokens
     both = {c: [encode_chat(tok, q) for q, _ in specbench(c, 2 * a.per_category)] for c in SPECBENCH}
     prompts = [p for ps in both.values() for p in ps[:a.per_category]]
@@ -131,7 +133,7 @@ def main(argv=None):
                    "equal_to_full_check": raw[m]["tokens"] == raw["early exit, full-head checks"]["tokens"],
                    "equal_to_plain": raw[m]["tokens"] == raw["plain"]["tokens"]}
     res = {"settings": {k: str(v) for k, v in vars(a).items()}, "tau": tau, "context": ctx, "costs_ms": costs,
-           "rows": rows}
+           "routes": routes, "rows": rows}
     md = [f"tau {tau:.3f} (L / r = {L / a.r:.1f} layers per token on the calibration prompts); pieces at context "
           f"{ctx}, ms: " + ", ".join(f"{k} {v:.2f}" for k, v in costs.items()), "",
           "| method | layers / token | full heads / token | cheap heads / token | speedup | predicted | measured / "

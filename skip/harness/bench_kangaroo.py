@@ -34,6 +34,7 @@ from tokenizer import encode_chat, load_tokenizer
 
 from .. import DEFAULT_MODEL, RUNS, WEIGHTS
 from ..kangaroo import generate_kangaroo, load_adapter
+from .bench_decoder import tune
 from .data import SPECBENCH, specbench
 
 
@@ -123,6 +124,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     model, tok = load_model(a.model), load_tokenizer(a.model)
+    routes = tune(model)
     adapter = load_adapter(a.adapter, model)
     l, N = adapter.l, a.max_new_tokens
     from transformers import AutoModelForCausalLM
@@ -170,7 +172,8 @@ def main(argv=None):
     costs = piece_costs(model, adapter, l, a.top_k, ctx, a.gamma)
     draft_ms = {"kangaroo": costs["draft_full"], f"kangaroo-{a.top_k}": costs["draft_topk"], "lens": costs["lens_head"]}
     result = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()},
-              "adapter": json.loads((a.adapter / "adapter.json").read_text()), "costs_ms": costs, "categories": {}}
+              "adapter": json.loads((a.adapter / "adapter.json").read_text()), "costs_ms": costs, "routes": routes,
+              "categories": {}}
     for c in list(prompts) + ["overall"]:
         runs = raw[c] if c != "overall" else {m: [r for cc in prompts for r in raw[cc][m]] for m in methods}
         plain_tps = summarize(runs["plain"], None)["tokens_per_s"]

@@ -8,7 +8,9 @@ python -m skip.harness.bench_products [--rows 1 2 4 8 16] [--runs 7] [--threads 
 Routines, each computing x @ w.T for x (n, in) and w (out, in):
   F.linear      torch.nn.functional.linear (what nn.Linear runs)
   w @ x.T       the product taken transposed: (out, in) @ (in, n)
-  decoder       model.decoder.linear, the decoder's routing
+  x @ wT        the weight stored transposed, (in, out), so the product is a plain (n, in) @ (in, out)
+  dup row       one row duplicated so that MKL takes its two-row, multi-threaded path; else w @ x.T
+  decoder       model.products.linear, the decoder's routing (untuned: its default routes)
 Per shape (every distinct projection of a layer and the LM head) and row count: the median ms
 of --runs interleaved runs, and the weight-reading rate in GB/s. The floor is a streaming read
 of the same bytes (w.sum()). The totals weight each shape by how often one decode step runs it
@@ -24,15 +26,26 @@ import torch
 import torch.nn.functional as F
 
 from model import load_model
-from model.decoder import linear
+from model.products import linear
 from model.files import write_text_atomic
 
 from .. import DEFAULT_MODEL, RUNS
 from .bench_decoder import interleaved_ms
 
+_T = {}  # w -> w.T made contiguous once: the "stored transposed" layout
+
+
+def transposed(w):
+    if w.data_ptr() not in _T:
+        _T[w.data_ptr()] = w.T.contiguous()  # (in, out)
+    return _T[w.data_ptr()]
+
+
 ROUTINES = {
     "F.linear": lambda x, w: F.linear(x, w),
     "w @ x.T": lambda x, w: (w @ x.T).T,
+    "x @ wT": lambda x, w: x @ transposed(w),
+    "dup row": lambda x, w: (w @ torch.cat([x, x]).T)[:, :x.shape[0]].T if x.shape[0] == 1 else (w @ x.T).T,
     "decoder": lambda x, w: linear(x, w),
 }
 
