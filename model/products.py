@@ -4,8 +4,9 @@ Products of few rows (decoding: 1; Kangaroo's verification: 2-8) are memory-boun
 routine reads the weights fastest depends on the CPU and on the shape: on one 2-core machine a
 one-row GEMV runs on one core while a duplicated row buys the two-core path; on another the
 duplicate costs 2.7x on a 576 x 576 weight. So each (rows, out, in, dtype) takes its route from
-ROUTES, filled by tune_products() from timings, else default_route(). Routes differ only in
-float rounding. `python -m skip.harness.bench_products` measures every routine on every shape.
+ROUTES, filled by tune_products() from timings of whole forward passes, else default_route().
+Routes differ only in float rounding. `python -m skip.harness.bench_products` measures every
+routine on every shape alone.
 """
 from __future__ import annotations
 
@@ -22,11 +23,14 @@ PRODUCTS = {
     "dup": lambda x2, w: (w @ torch.cat([x2, x2]).T)[:, :1].T,  # one row twice: the 2-row path
 }
 ROUTES: dict[tuple, str] = {}
-MAX_ROUTED = 16  # more rows: F.linear, a compute-bound GEMM
+MAX_ROUTED = 8  # more rows: F.linear, a GEMM that is no longer memory-bound
 
 
 def default_route(rows):
-    return "dup" if rows == 1 else "transposed" if rows <= 4 else "linear"
+    """Measured on SmolLM2, 2 threads (AMD EPYC), whole passes of `rows` new tokens: 1 row, the
+    duplicate 51.7 ms against 62.2 with each product's fastest routine alone (mostly F.linear);
+    5 and 6 rows, w @ x.T 77.5 and 66.2 ms against 96.8 and 85.5 for F.linear."""
+    return "dup" if rows == 1 else "transposed"
 
 
 def linear(x, w, b=None):
@@ -40,23 +44,31 @@ def linear(x, w, b=None):
 
 
 @torch.inference_mode()
-def tune_products(model, rows=range(1, 9), reps=15):
-    """Time every route on each of the model's weight shapes for each row count (median of reps,
-    the routes taking turns) and keep the fastest in ROUTES; returns {key: (route, ms per route)}."""
-    weights = {(*m.weight.shape, m.weight.dtype): m.weight for m in model.modules() if isinstance(m, nn.Linear)}
+def tune_products(model, rows=range(1, MAX_ROUTED + 1), reps=9, ctx=128):
+    """For each row count, time a whole forward pass of that many tokens after ctx cached ones
+    with every route in turn (median of reps, the routes taking turns) and keep the fastest in
+    ROUTES for all the model's weight shapes. A whole pass, not each product alone: alone, a
+    layer's weights stay in the cache, and the fastest routine there is not the fastest when
+    the weights stream from memory. Returns {rows: (route, {route: ms})}."""
+    from .cache import KVCache
+    shapes = {(*m.weight.shape, m.weight.dtype) for m in model.modules() if isinstance(m, nn.Linear)}
+    dev = model.head.weight.device
+    cache = KVCache.for_model(model.cfg, 1, ctx + max(rows) + 1, dtype=model.head.weight.dtype, device=dev)
+    model(torch.zeros(1, ctx, dtype=torch.long, device=dev), cache=cache, last_only=True)
     out = {}
     for n in rows:
-        for key, w in weights.items():
-            x = torch.randn(n, w.shape[1], dtype=w.dtype, device=w.device)
-            routes = [r for r in PRODUCTS if r != "dup" or n == 1]
-            times = {r: [] for r in routes}
-            for i in range(reps + 1):
-                for r in routes:
-                    t0 = time.perf_counter()
-                    PRODUCTS[r](x, w)
-                    if i:  # the first round warms up
-                        times[r].append(time.perf_counter() - t0)
-            ms = {r: 1000 * statistics.median(t) for r, t in times.items()}
-            ROUTES[(n, *key)] = min(ms, key=ms.get)
-            out[(n, *key)] = (ROUTES[(n, *key)], ms)
+        routes = [r for r in PRODUCTS if r != "dup" or n == 1]
+        ids, times = torch.zeros(1, n, dtype=torch.long, device=dev), {r: [] for r in routes}
+        for i in range(reps + 1):
+            for r in routes:
+                ROUTES.update({(n, *s): r for s in shapes})
+                t0 = time.perf_counter()
+                model(ids, cache=cache, start=ctx, last_only=True)
+                if i:  # the first round warms up
+                    times[r].append(time.perf_counter() - t0)
+                cache.crop(ctx)
+        ms = {r: 1000 * statistics.median(t) for r, t in times.items()}
+        best = min(ms, key=ms.get)
+        ROUTES.update({(n, *s): best for s in shapes})
+        out[n] = (best, ms)
     return out

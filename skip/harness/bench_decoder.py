@@ -46,15 +46,12 @@ def interleaved_ms(fns, runs, setup=lambda i: None):
 
 
 def tune(model):
-    """tune_products on this machine, as every speed benchmark does first; returns the chosen
-    route per row count and weight shape ("out x in": route), for the JSON and one line to print."""
+    """tune_products on this machine, as every speed benchmark does first; returns and prints the
+    route chosen per row count with the ms of a whole pass for each route."""
     res = tune_products(model)
-    routes = {}
-    for (n, out, inp, _), (route, _) in res.items():
-        routes.setdefault(n, {})[f"{out}x{inp}"] = route
-    line = "; ".join(f"{n} row{'s' * (n > 1)}: " + ", ".join(f"{k} {v}" for k, v in r.items()) for n, r in routes.items())
-    print("product routes tuned on this machine:", line, flush=True)
-    return routes
+    print("product routes tuned on this machine (rows: route; ms of a pass per route): " + "; ".join(
+        f"{n}: {r} (" + ", ".join(f"{k} {v:.1f}" for k, v in ms.items()) + ")" for n, (r, ms) in res.items()), flush=True)
+    return {n: {"route": r, "ms": ms} for n, (r, ms) in res.items()}
 
 
 class Ours:
