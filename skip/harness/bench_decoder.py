@@ -102,16 +102,18 @@ def matmul_floor_ms(model, runs, product):
 
 
 LOAD_PROBE = """
-import resource, sys
+import sys
 import torch
 from model import load_model
-peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+def status(field):  # bytes; /proc reports kB
+    return int(next(l for l in open("/proc/self/status") if l.startswith(field)).split()[1]) * 1024
 with torch.device("meta"):  # the first meta-device module imports torch's meta kernels: once per process
     torch.nn.Embedding(2, 2)
-before = peak()
+open("/proc/self/clear_refs", "w").write("5")  # reset the peak: a child starts with its parent's
+before = status("VmRSS:")
 m = load_model(sys.argv[1], dtype=sys.argv[2])
 weights = sum(t.numel() * t.element_size() for t in {t.data_ptr(): t for t in m.state_dict().values()}.values())
-print(before, peak(), weights)
+print(before, status("VmHWM:"), weights)
 """
 
 

@@ -122,7 +122,8 @@ def main(argv=None):
         name, colon, k = t.partition(":")
         known = name in TASKS or name.endswith(".jsonl") and Path(name).is_file()
         if not known or (colon and not all(x.isdigit() for x in k.split(","))):
-            ap.error(f"--tasks {t!r}: need one of {', '.join(TASKS)} or an existing .jsonl file, optionally :SHOTS[,SHOTS]")
+            ap.error(f"--tasks {t!r}: need one of {', '.join(TASKS)} or an existing .jsonl file, "
+                     "optionally :SHOTS[,SHOTS]")
         configs += [(name, shots, m) for shots in ([int(x) for x in k.split(",")] if k else a.shots) for m in a.modes]
     torch.set_num_threads(a.threads)
     model, tok = load_model(a.model), load_tokenizer(a.model)
