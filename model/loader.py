@@ -5,8 +5,8 @@ tensor of the checkpoint must be used; otherwise one LoadError lists all the pro
 Pickle checkpoints (.bin, .pt) are refused: loading them can run arbitrary code.
 Memory stays bounded: the model is built on the meta device, given storage in the target
 dtype and device, and each tensor is read from the file straight into it (a tensor stored in
-another precision passes through one temporary buffer of its own size), so loading needs the
-loaded weights plus the largest tensor, not an fp32 copy of the model and not a memory map.
+another precision passes through one reused CHUNK-byte buffer), so loading needs the loaded
+weights plus that buffer, not an fp32 copy of the model and not a memory map.
 """
 from __future__ import annotations
 
@@ -49,26 +49,32 @@ def hf_name(arch, name):
     return ".".join(p for p in parts if p)
 
 
-FLOATING = {"F64", "F32", "F16", "BF16"}  # safetensors dtype names that may be cast to the model's
-ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+# safetensors dtype names that may be cast to the model's
+FLOATING = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
 CHUNK = 1 << 24  # bytes read (and checked) at a time when a tensor cannot be read in place
 
 
-def read_into(file: Path, name: str, out: torch.Tensor, scratch: torch.Tensor):
-    """Copy tensor `name` of a safetensors file (its header already validated by safe_open) into
-    out, any dtype and device, with plain reads: straight into out's memory when the dtypes
-    match on the CPU, else CHUNK bytes at a time through scratch (CHUNK uint8, reused: freeing
-    and re-allocating buffers would leave them in the process's heap)."""
+def header(file: Path):
+    """(offset of the data, {name: {dtype, shape, data_offsets}}) of a safetensors file whose
+    header safe_open has already validated."""
     with open(file, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
-        info = json.loads(f.read(n))[name]
-        start, end = info["data_offsets"]
-        f.seek(8 + n + start)
-        src, flat = ST_DTYPES[info["dtype"]], out.view(-1)
-        direct = out.device.type == "cpu" and out.dtype == src and out.is_contiguous()
-        step = flat.numel() if direct else CHUNK // src.itemsize
+        return 8 + n, json.loads(f.read(n))
+
+
+def read_into(file: Path, name: str, base: int, info: dict, out: torch.Tensor, scratch: torch.Tensor):
+    """Copy tensor `name` (its header entry `info`, data from byte `base`) into out, any dtype and
+    device, with plain reads: straight into out's memory when the dtypes match on the CPU, else
+    CHUNK bytes at a time through scratch (CHUNK uint8, reused: freeing and re-allocating
+    buffers would leave them in the process's heap)."""
+    start, end = info["data_offsets"]
+    src, flat = FLOATING[info["dtype"]], out.view(-1)
+    direct = out.device.type == "cpu" and out.dtype == src and out.is_contiguous()
+    step = flat.numel() if direct else CHUNK // src.itemsize
+    with open(file, "rb") as f:
+        f.seek(base + start)
         for i in range(0, flat.numel(), step):
             k = min(step, flat.numel() - i)
             buf = flat[i:i + k] if direct else scratch[:k * src.itemsize].view(src)
@@ -166,9 +172,11 @@ def load_model(path, dtype="float32", allow_nonfinite=False, device="cpu") -> De
         print(f"note: {path} stores {', '.join(cast)} tensors; loading them as float32", file=sys.stderr)
 
     nonfinite, scratch = [], torch.empty(CHUNK, dtype=torch.uint8)
+    headers = {file: header(file) for file in handles}  # each file's header parsed once
     with torch.no_grad():
         for name, t in ours.items():
-            read_into(where[name], stored[name], t, scratch)
+            base, entries = headers[where[name]]
+            read_into(where[name], stored[name], base, entries[stored[name]], t, scratch)
             if not all_finite(t):
                 nonfinite.append(name)
     if nonfinite and not allow_nonfinite:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from model import load_model
-from model.products import linear
+from model.products import PRODUCTS, linear
 from model.files import write_text_atomic
 
 from .. import DEFAULT_MODEL, RUNS
@@ -41,11 +41,11 @@ def transposed(w):
     return _T[w.data_ptr()]
 
 
-ROUTINES = {
-    "F.linear": lambda x, w: F.linear(x, w),
-    "w @ x.T": lambda x, w: (w @ x.T).T,
+ROUTINES = {  # the routes of model.products, and the stored-transposed layout it does not use
+    "F.linear": PRODUCTS["linear"],
+    "w @ x.T": PRODUCTS["transposed"],
     "x @ wT": lambda x, w: x @ transposed(w),
-    "dup row": lambda x, w: (w @ torch.cat([x, x]).T)[:, :x.shape[0]].T if x.shape[0] == 1 else (w @ x.T).T,
+    "dup row": lambda x, w: PRODUCTS["dup" if x.shape[0] == 1 else "transposed"](x, w),
     "decoder": lambda x, w: linear(x, w),
 }
 
