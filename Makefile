@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip install -q --disable-pip-version-check
 STAMP  := $(VENV)/.installed
 MODEL  := weights/smollm2-135m-instruct
 
-.PHONY: setup weights test demo bench bench-quick bench-decoder finetune-skipping bench-skipping kangaroo bench-kangaroo clean
+.PHONY: setup weights test test-gpu demo bench bench-quick bench-decoder finetune-skipping bench-skipping kangaroo bench-kangaroo clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,11 @@ weights: $(STAMP)
 
 test: weights
 	$(PY) -m pytest -q
+
+# The GPU lane: golden and equivalence tests on a CUDA (or MPS) device against the CPU; each test
+# skips where its device is missing. PY=python3 runs it with a CUDA build of torch instead.
+test-gpu: weights
+	$(PY) -m pytest -q -m gpu -rs
 
 # The three methods side by side on four built-in prompts (under 5 minutes on 2 cores).
 demo: weights

@@ -17,10 +17,10 @@ from weights import DEFAULT_MODEL
 from . import flops
 from .decoder import positions
 from .generate import generate
-from .loader import load_model
+from .loader import add_load_args, load_model
 
 
-def open_model(path, dtype="float32"):
+def open_model(path, dtype="float32", device="cpu"):
     path = Path(path)
     if not (path / "config.json").exists():
         hint = " (run `make weights` first)" if path == DEFAULT_MODEL else ""
@@ -28,11 +28,13 @@ def open_model(path, dtype="float32"):
     tok = load_tokenizer(path)
     tc = path / "tokenizer_config.json"
     chat = tc.exists() and bool(json.loads(tc.read_text()).get("chat_template"))
-    return load_model(path, dtype), tok, chat
+    return load_model(path, dtype, device=device), tok, chat
 
 
-def stream(model, tok, ids, out=sys.stdout, **kw):
-    """Generate, printing text as soon as its bytes form whole characters; returns (tokens, stats)."""
+def stream(model, tok, ids, out=None, **kw):
+    """Generate, printing text (to out, default the current stdout) as soon as its bytes form
+    whole characters; returns (tokens, stats)."""
+    out = sys.stdout if out is None else out
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     stops = set(model.cfg.eos_token_id)
     times = []
@@ -53,9 +55,9 @@ def stream(model, tok, ids, out=sys.stdout, **kw):
 
 
 def cmd_generate(a):
-    model, tok, chat = open_model(a.model, a.dtype)
+    model, tok, chat = open_model(a.model, a.dtype, a.device)
     ids = encode_chat(tok, a.prompt) if chat and not a.no_chat else tok.encode(a.prompt)
-    gen = torch.Generator().manual_seed(a.seed)
+    gen = torch.Generator(model.device).manual_seed(a.seed)
     _, s = stream(model, tok, ids, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
                   top_k=a.top_k, top_p=a.top_p, generator=gen)
     print(f"[{s['prompt_tokens']} prompt tokens, prefill {s['prefill_s'] * 1000:.0f} ms; "
@@ -64,7 +66,7 @@ def cmd_generate(a):
 
 @torch.no_grad()
 def cmd_demo(a):
-    model, tok, chat = open_model(a.model)
+    model, tok, chat = open_model(a.model, a.dtype, a.device)
     cfg = model.cfg
     question = "What is the capital of France? Answer in one sentence."
     print(f"model: {a.model}\n  {cfg.n_layers} layers, d={cfg.dim}, {cfg.n_heads} heads / {cfg.n_kv_heads} KV heads, "
@@ -78,8 +80,8 @@ def cmd_demo(a):
 
     # The logit lens through the per-layer API: what would each layer say the first answer token is?
     print(f"\nlogit lens at the last prompt position (the full model says {tok.decode(new[:1])!r}):")
-    x = torch.tensor([ids])
-    pos = positions(None, 0, x.shape[1])
+    x = torch.tensor([ids], device=model.device)
+    pos = positions(None, 0, x.shape[1], x.device)
     rows = []
 
     def lens(i, h, attn_out, mlp_out):
@@ -108,9 +110,10 @@ def main(argv=None):
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--no-chat", action="store_true", help="send the prompt as raw text, no chat template")
-    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    add_load_args(g)
     d = sub.add_parser("demo", help="a chat answer and the logit lens on a real model")
     d.add_argument("--model", default=DEFAULT_MODEL, type=Path)
+    add_load_args(d)
     a = ap.parse_args(argv)
     try:
         {"generate": cmd_generate, "demo": cmd_demo}[a.cmd](a)

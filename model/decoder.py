@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .cache import CacheError
+from .cache import CacheError, KVCache
 from .config import Config
 from .flops import EmbedRun, HeadRun, KVRun, LayerRun
 from .products import linear
@@ -61,10 +61,11 @@ def rope_inv_freq(cfg: Config) -> torch.Tensor:
 
 
 def rotate(x, cos, sin):
-    # (B, n, T, hd) rotated in fp32 with the "rotate_half" pairing (i, i + hd/2) of HF Llama
-    xf = x.float()
-    x1, x2 = xf.chunk(2, dim=-1)
-    return (xf * cos + torch.cat((-x2, x1), dim=-1) * sin).to(x.dtype)
+    # (B, n, T, hd) with the "rotate_half" pairing (i, i + hd/2) of HF Llama; the angles are fp32,
+    # the rotation runs in x's dtype, as transformers does it (so bf16 runs round alike)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
 def positions(mask, start, T, device="cpu"):
@@ -189,6 +190,19 @@ class Decoder(nn.Module):
         self.inv_freq = rope_inv_freq(cfg)
         self.attn_impl = "sdpa"  # "math" for explicit matmuls (FLOPs counting, debugging)
         self.runs = None  # list of LayerRun / HeadRun while recording()
+        self.watch = None  # fn(layer, h, start) after every layer run, while watching(fn)
+
+    @property
+    def device(self):
+        return self.embed.weight.device
+
+    @property
+    def dtype(self):
+        return self.embed.weight.dtype
+
+    def new_cache(self, batch, max_len):
+        """An empty KV cache for this model, on its device and in its dtype."""
+        return KVCache.for_model(self.cfg, batch, max_len, self.dtype, self.device)
 
     @contextlib.contextmanager
     def recording(self):
@@ -198,6 +212,15 @@ class Decoder(nn.Module):
             yield self.runs
         finally:
             self.runs = None
+
+    @contextlib.contextmanager
+    def watching(self, fn):
+        """Call fn(layer, h, start) after every layer that runs, whoever runs it (method traces)."""
+        self.watch = fn
+        try:
+            yield
+        finally:
+            self.watch = None
 
     def embed_tokens(self, ids, pos):  # (B, T) -> (B, T, d)
         x = self.embed(ids)
@@ -212,7 +235,9 @@ class Decoder(nn.Module):
     def rope(self, pos):
         if self.cfg.pos != "rope":
             return None
-        freqs = pos[..., None].float() * self.inv_freq.to(pos.device)  # (B, T, hd/2)
+        if self.inv_freq.device != pos.device:  # moved once, kept in fp32
+            self.inv_freq = self.inv_freq.to(pos.device)
+        freqs = pos[..., None].float() * self.inv_freq  # (B, T, hd/2)
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hd)
         return emb.cos(), emb.sin()
 
@@ -224,6 +249,8 @@ class Decoder(nn.Module):
             h, a, m = self.blocks[i](h, rope, amask, cache, i, start, self.attn_impl)
             if self.runs is not None:
                 self.runs.append(LayerRun(i, B, T, start))
+            if self.watch is not None:
+                self.watch(i, h, start)
             if callback is not None and callback(i, h, a, m):
                 break
         return h

@@ -19,6 +19,8 @@ import tempfile
 import threading
 from pathlib import Path
 
+import torch
+
 
 class OutputExists(FileExistsError):
     pass
@@ -124,3 +126,9 @@ def cache_key(model_dir, data_files, *args):
             for chunk in iter(lambda: fh.read(1 << 24), b""):
                 h.update(chunk)
     return h.hexdigest()[:16]
+
+
+def device_tag(model):
+    """What besides the weights changes a model's outputs, for cache keys: nothing for fp32 on the
+    CPU (so keys made before other devices and dtypes existed stay valid), else dtype and device."""
+    return [] if (model.dtype, model.device.type) == (torch.float32, "cpu") else [str(model.dtype), model.device.type]

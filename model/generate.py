@@ -6,7 +6,6 @@ import math
 
 import torch
 
-from .cache import KVCache
 
 
 def filter_logits(logits, top_k=0, top_p=1.0):
@@ -31,13 +30,13 @@ def next_token(logits, temperature=0.0, top_k=0, top_p=1.0, generator=None):
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
-def left_pad(prompts, pad_id):
+def left_pad(prompts, pad_id, device="cpu"):
     """list of id lists -> ids (B, T), mask (B, T) with True on real tokens."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     T = max(len(p) for p in prompts)
-    ids = torch.tensor([[pad_id] * (T - len(p)) + list(p) for p in prompts])
-    mask = torch.tensor([[False] * (T - len(p)) + [True] * len(p) for p in prompts])
+    ids = torch.tensor([[pad_id] * (T - len(p)) + list(p) for p in prompts], device=device)
+    mask = torch.tensor([[False] * (T - len(p)) + [True] * len(p) for p in prompts], device=device)
     return ids, mask
 
 
@@ -70,26 +69,25 @@ def generate(model, prompts, max_new_tokens=32, temperature=0.0, top_k=0, top_p=
     if bad:
         raise ValueError(f"token ids outside the vocabulary [0, {cfg.vocab_size}): {bad[:5]}")
     check_sampling(temperature, top_p, top_k)
-    ids, mask = left_pad(prompts, cfg.pad_token_id or 0)
+    ids, mask = left_pad(prompts, cfg.pad_token_id or 0, model.device)
     B, T = ids.shape
     check_length(cfg, T, max_new_tokens)
-    dtype = next(model.parameters()).dtype
-    cache = KVCache.for_model(cfg, B, T + max_new_tokens, dtype=dtype)
-    full_mask = torch.cat([mask, torch.ones(B, max_new_tokens, dtype=torch.bool)], dim=1)  # (B, T + n)
-    padded = not bool(mask.all())
+    cache = model.new_cache(B, T + max_new_tokens)
+    full_mask = torch.cat([mask, mask.new_ones(B, max_new_tokens)], dim=1)  # (B, T + n)
+    padded = any(len(p) < T for p in prompts)
 
     logits = model(ids, cache=cache, mask=full_mask[:, :T] if padded else None, last_only=True)
     out = [[] for _ in range(B)]
-    done = torch.zeros(B, dtype=torch.bool)
+    done = [False] * B
     for step in range(max_new_tokens):
         tok = next_token(logits[:, -1].float(), temperature, top_k, top_p, generator)  # (B,)
-        for b in range(B):
+        for b, t in enumerate(tok.tolist()):  # the step's one copy to the host
             if not done[b]:
-                out[b].append(int(tok[b]))
-        done |= torch.tensor([int(t) in eos for t in tok])
+                out[b].append(t)
+                done[b] = t in eos
         if on_token is not None:
             on_token(step, tok)
-        if bool(done.all()) or step == max_new_tokens - 1:
+        if all(done) or step == max_new_tokens - 1:
             break
         start = T + step
         logits = model(tok[:, None], cache=cache, start=start, mask=full_mask[:, :start + 1] if padded else None,
@@ -106,7 +104,7 @@ def ban_repeated_ngrams(seqs, logp, n):
     prefix = seqs[:, seqs.shape[1] - n + 1:]  # (N, n - 1): what the next token would extend
     match = (windows[..., :-1] == prefix[:, None]).all(-1)  # (N, S - n + 1)
     banned = torch.zeros_like(logp, dtype=torch.bool)  # (N, V)
-    rows = torch.arange(seqs.shape[0])[:, None].expand_as(match)
+    rows = torch.arange(seqs.shape[0], device=seqs.device)[:, None].expand_as(match)
     banned[rows[match], windows[..., -1][match]] = True
     return logp.masked_fill(banned, float("-inf"))
 
@@ -130,21 +128,21 @@ def beam_search(model, prompts, num_beams=4, max_new_tokens=32, length_penalty=1
                          f"early_stopping True, False or 'never' (got {K}, {no_repeat_ngram_size}, "
                          f"{length_penalty}, {early_stopping!r})")
     eos = list(cfg.eos_token_id if eos is None else eos)
-    ids, mask = left_pad(prompts, cfg.pad_token_id or 0)
+    ids, mask = left_pad(prompts, cfg.pad_token_id or 0, model.device)
     B, T = ids.shape
     check_length(cfg, T, max_new_tokens)
-    cache = KVCache.for_model(cfg, B, T + max_new_tokens, dtype=next(model.parameters()).dtype)
-    full_mask = torch.cat([mask, torch.ones(B, max_new_tokens, dtype=torch.bool)], 1).repeat_interleave(K, 0)
-    padded = not bool(mask.all())
+    cache = model.new_cache(B, T + max_new_tokens)
+    full_mask = torch.cat([mask, mask.new_ones(B, max_new_tokens)], 1).repeat_interleave(K, 0)
+    padded = any(len(p) < T for p in prompts)
 
     logits = model(ids, cache=cache, mask=mask if padded else None, last_only=True)[:, -1]  # (B, V)
-    cache.reorder(torch.arange(B).repeat_interleave(K))  # every beam starts from its prompt's cache
+    cache.reorder(torch.arange(B, device=ids.device).repeat_interleave(K))  # every beam starts from its prompt's cache
     logits, seqs = logits.repeat_interleave(K, 0), ids.repeat_interleave(K, 0)  # (B*K, V), (B*K, T)
-    scores = torch.zeros(B, K)  # summed log-probabilities of the running beams
+    scores = torch.zeros(B, K, device=ids.device)  # summed log-probabilities of the running beams
     scores[:, 1:] = -1e9  # the K copies of a prompt are one beam until the first step
     finished = [[] for _ in range(B)]  # per prompt: (score, new tokens), at most K, best first
     done = [False] * B  # no running beam can beat the finished ones any more
-    n_keep, eos_t = max(2, 1 + len(eos)) * K, torch.tensor(eos, dtype=torch.long)
+    n_keep, eos_t = max(2, 1 + len(eos)) * K, torch.tensor(eos, dtype=torch.long, device=ids.device)
     for step in range(max_new_tokens):
         logp = logits.float().log_softmax(-1)  # (B*K, V)
         if no_repeat_ngram_size:
@@ -154,22 +152,21 @@ def beam_search(model, prompts, num_beams=4, max_new_tokens=32, length_penalty=1
         beam, tok = idx // V, idx % V  # (B, n_keep)
         ends = torch.isin(tok, eos_t) | (step == max_new_tokens - 1)  # (B, n_keep)
         normed = top / (step + 1) ** length_penalty  # (B, n_keep)
-        for b in range(B):
+        firsts = (ends[:, :K], beam[:, :K], tok[:, :K], normed[:, :K])  # what may finish: one copy to the host
+        for b, (e, bm, t, sc) in enumerate(zip(*(x.tolist() for x in firsts))):
             if done[b] or (early_stopping is True and len(finished[b]) == K):
                 continue
             for j in range(K):
-                if ends[b, j]:
-                    row = seqs[b * K + beam[b, j], T:].tolist() + [int(tok[b, j])]
-                    finished[b].append((float(normed[b, j]), row))
+                if e[j]:
+                    finished[b].append((sc[j], seqs[b * K + bm[j], T:].tolist() + [t[j]]))
             finished[b] = sorted(finished[b], key=lambda f: -f[0])[:K]
         top = top + ends * -1e9  # an ended continuation does not run on
         scores, keep = top.topk(K)  # (B, K)
-        rows = (beam.gather(1, keep) + torch.arange(B)[:, None] * K).view(-1)  # (B*K,)
+        rows = (beam.gather(1, keep) + torch.arange(B, device=ids.device)[:, None] * K).view(-1)  # (B*K,)
         toks = tok.gather(1, keep).view(-1)  # (B*K,)
         seqs = torch.cat([seqs[rows], toks[:, None]], 1)  # (B*K, T + step + 1)
         n_best = max_new_tokens if early_stopping == "never" and length_penalty > 0 else step + 1
-        for b in range(B):
-            best_running = float(scores[b, :1] / n_best ** length_penalty)
+        for b, best_running in enumerate((scores[:, 0] / n_best ** length_penalty).tolist()):
             done[b] |= len(finished[b]) == K and not best_running > finished[b][-1][0]
         if all(done) or bool(ends.all()) or (early_stopping is True and all(len(f) == K for f in finished)):
             break

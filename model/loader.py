@@ -121,12 +121,34 @@ def _shards(path: Path) -> dict[str, Path]:
     raise LoadError(f"{path} has no model.safetensors or model.safetensors.index.json")
 
 
+def check_device(device) -> torch.device:
+    """The device as torch names it, or a LoadError saying why this machine cannot use it."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise LoadError(f"device {device!r} is not a device name (cpu, cuda, cuda:1, mps): {e}") from None
+    if dev.type == "cuda":
+        usable = torch.cuda.is_available() and (dev.index or 0) < torch.cuda.device_count()
+    else:
+        usable = dev.type == "cpu" or (dev.type == "mps" and torch.backends.mps.is_available())
+    if not usable:
+        raise LoadError(f"device {device!r} is not available on this machine (cpu always is)")
+    return dev
+
+
+def add_load_args(ap):
+    """--device and --dtype, the same for every command that loads a model."""
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default cpu)")
+    ap.add_argument("--dtype", default="float32", choices=list(DTYPES))
+
+
 def load_model(path, dtype="float32", allow_nonfinite=False, device="cpu") -> Decoder:
     """Strict: every tensor present, expected, of its shape, floating and finite (allow_nonfinite
     for debugging a broken checkpoint); stored precisions other than dtype are cast, and said once."""
     path = Path(path)
     if dtype not in DTYPES:
         raise LoadError(f"dtype {dtype!r} not supported; use one of {', '.join(DTYPES)}")
+    device = check_device(device)
     cfg = load_config(path)
     where = _shards(path)
     stored = {k: k for k in where}  # our HF name -> the name in the file

@@ -50,10 +50,8 @@ def tune_products(model, rows=range(1, MAX_ROUTED + 1), reps=9, ctx=128):
     ROUTES for all the model's weight shapes. A whole pass, not each product alone: alone, a
     layer's weights stay in the cache, and the fastest routine there is not the fastest when
     the weights stream from memory. Returns {rows: (route, {route: ms})}."""
-    from .cache import KVCache
     shapes = {(*m.weight.shape, m.weight.dtype) for m in model.modules() if isinstance(m, nn.Linear)}
-    dev = model.head.weight.device
-    cache = KVCache.for_model(model.cfg, 1, ctx + max(rows) + 1, dtype=model.head.weight.dtype, device=dev)
+    dev, cache = model.device, model.new_cache(1, ctx + max(rows) + 1)
     model(torch.zeros(1, ctx, dtype=torch.long, device=dev), cache=cache, last_only=True)
     out = {}
     for n in rows:
@@ -64,6 +62,8 @@ def tune_products(model, rows=range(1, MAX_ROUTED + 1), reps=9, ctx=128):
                 ROUTES.update({(n, *s): r for s in shapes})
                 t0 = time.perf_counter()
                 model(ids, cache=cache, start=ctx, last_only=True)
+                if dev.type == "cuda":  # the timer must see the queued work
+                    torch.cuda.synchronize()
                 if i:  # the first round warms up
                     times[r].append(time.perf_counter() - t0)
                 cache.crop(ctx)

@@ -72,24 +72,29 @@ class LayerStream:
 
 def feature_row(logits, cur, prev):
     """FEATURES of one layer from its logit-lens logits (V',) and its (h, attn, mlp) outputs
-    at the position, against the previous layer's; also the top-1 index into logits."""
+    at the position, against the previous layer's (in fp32); also the top-1 index into logits.
+    Computed on the model's device and copied to the host once."""
     top2 = logits.float().softmax(-1).topk(2)
-    cos = [0.0 if prev[k] is None else float(F.cosine_similarity(cur[k], prev[k], dim=0)) for k in "ham"]
-    return [float(top2.values[0] - top2.values[1]), float(top2.values[0])] + cos, int(top2.indices[0])
+    zero = top2.values.new_zeros(())
+    cos = [zero if prev[k] is None else F.cosine_similarity(cur[k].float(), prev[k].float(), dim=0) for k in "ham"]
+    row = torch.stack([top2.values[0] - top2.values[1], top2.values[0], *cos, top2.indices[0].float()]).tolist()
+    return row[:-1], int(row[-1])
 
 
 def prompt_pass(model, ids, vocab, on_layer):
     """The prompt through the layers; after each, on_layer(layer, feature row, predicted id) ->
     True stops the pass there (run_layers' callback)."""
-    x = torch.tensor([ids])
-    pos = positions(None, 0, x.shape[1])
+    x = torch.tensor([ids], device=model.device)
+    pos = positions(None, 0, x.shape[1], x.device)
     h = model.embed_tokens(x, pos)  # (1, T, d)
     stream = LayerStream(h)
+    ids_of = None if vocab is None else torch.as_tensor(vocab).tolist()  # row index -> token id, on the host
+    vocab = None if vocab is None else torch.as_tensor(vocab, device=x.device)
 
     def callback(layer, h, attn_out, mlp_out):
         stream.step(h, attn_out, mlp_out)
         row, idx = stream.row(model.logits(h, last_only=True, vocab=vocab)[0, -1])
-        return on_layer(layer, row, idx if vocab is None else int(vocab[idx]))
+        return on_layer(layer, row, idx if vocab is None else ids_of[idx])
     model.run_layers(h, pos, callback=callback)
 
 

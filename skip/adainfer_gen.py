@@ -31,7 +31,8 @@ class StopCheck:
     """One generated token's stop decision, layer by layer (a run_layers callback)."""
 
     def __init__(self, model, h0, clf, checks, vocab, collect):
-        self.model, self.clf, self.checks, self.vocab, self.collect = model, clf, checks, vocab, collect
+        self.model, self.clf, self.checks, self.collect = model, clf, checks, collect
+        self.vocab, self.ids_of = vocab  # (V',) on the model's device and the same ids on the host, or None, None
         self.stream, self.state, self.rows, self.top1, self.trace = LayerStream(h0), None, [], [], None
 
     def __call__(self, layer, h, attn_out, mlp_out):
@@ -50,7 +51,7 @@ class StopCheck:
         cheap = model.logits(h, last_only=True, vocab=vocab)[0, -1]  # (V',)
         row, idx = self.stream.row(cheap)
         self.rows.append(row)
-        self.top1.append(idx if vocab is None else int(vocab[idx]))
+        self.top1.append(idx if vocab is None else self.ids_of[idx])
         if checked:
             self.state, stop = self.clf.step(self.state, self.clf.pick(row))
             if stop:  # through the cheap head, a stop stands only if the full head agrees
@@ -69,9 +70,10 @@ def generate_adainfer(model, prompt, clf=None, max_new_tokens=32, check_every=1,
     if isinstance(clf, CRFClassifier) and check_every != 1:
         raise ValueError("the CRF is a chain over consecutive layers; use check_every=1 with it")
     passes = []  # one StopCheck per fed-back token: it keeps the token's features
+    cheap = (None, None) if vocab is None else (vocab.to(model.device), vocab.tolist())
 
     def new_check(h):
-        passes.append(StopCheck(model, h, clf, checks, vocab, collect))
+        passes.append(StopCheck(model, h, clf, checks, cheap, collect))
         return passes[-1]
     res = decode_with_exit(model, prompt, new_check, max_new_tokens, eos, fill=fill)
     return GenResult(**vars(res), traces=[c.trace for c in passes if c.trace is not None])

@@ -98,6 +98,7 @@ def generate_early_exit(model, prompt, tau, max_new_tokens=32, eos=None, forced=
     """Batch size 1; prompt: list of ids. Returns an ExitDecode (tokens, exit_layers, logits).
     forced: feed these tokens instead of the model's own (teacher forcing, for perplexity);
     vocab: 1-D ids of the cheap head that screens each check (exit_decode.frequent_vocab)."""
+    vocab = None if vocab is None else vocab.to(model.device)
     return decode_with_exit(model, prompt, lambda h: ConfidenceCheck(model, tau, vocab), max_new_tokens, eos, forced,
                             **sampling)
 

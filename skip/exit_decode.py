@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from model import KVCache, check_length, next_token, positions
+from model import check_length, next_token, positions
 
 
 @dataclass
@@ -50,8 +50,8 @@ def decode_with_exit(model, prompt, new_check, max_new_tokens=32, eos=None, forc
     eos = set(model.cfg.eos_token_id if eos is None else eos)
     n = max_new_tokens if forced is None else len(forced)
     check_length(model.cfg, len(prompt), n)
-    cache = KVCache.for_model(model.cfg, 1, len(prompt) + n, dtype=model.head.weight.dtype)
-    logits = model(torch.tensor([prompt]), cache=cache, last_only=True)[0, -1]  # the prompt: all layers
+    cache, dev = model.new_cache(1, len(prompt) + n), model.device
+    logits = model(torch.tensor([prompt], device=dev), cache=cache, last_only=True)[0, -1]  # the prompt: all layers
     res = ExitDecode([], [], [])
     for step in range(n):
         res.logits.append(logits.float())
@@ -60,8 +60,8 @@ def decode_with_exit(model, prompt, new_check, max_new_tokens=32, eos=None, forc
         if (forced is None and tok in eos) or step == n - 1:
             break
         start = len(prompt) + step
-        pos = positions(None, start, 1)
-        h = model.embed_tokens(torch.tensor([[tok]]), pos)  # (1, 1, d)
+        pos = positions(None, start, 1, dev)
+        h = model.embed_tokens(torch.tensor([[tok]], device=dev), pos)  # (1, 1, d)
         check = new_check(h)
         h = model.run_layers(h, pos, cache=cache, start=start, callback=check)  # stops at the exit
         skipped = range(check.layer + 1, L)

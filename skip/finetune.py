@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from model import load_model, save_model
+from model import add_load_args, load_model, save_model
 from model.files import OutputExists, atomic_dir, check_target
 from tokenizer import encode_chat, load_tokenizer
 
@@ -62,9 +62,9 @@ def response_layer_sets(method, L, r):
 
 def response_loss(model, prompt, response, layer_sets):
     """Cross-entropy of the response tokens, response position t running only layer_sets(n)[t]."""
-    ids = torch.tensor([prompt + response[:-1]], device=model.head.weight.device)
+    ids = torch.tensor([prompt + response[:-1]], device=model.device)
     runs = prompt_then(model.cfg.n_layers, len(prompt), layer_sets(len(response) - 1))
-    logits = layerwise_forward(model, ids, runs.to(ids.device))[0, len(prompt) - 1:]  # (n_resp, V)
+    logits = layerwise_forward(model, ids, runs)[0, len(prompt) - 1:]  # (n_resp, V)
     return F.cross_entropy(logits.float(), torch.tensor(response, device=ids.device))
 
 
@@ -115,7 +115,7 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=3e-5)
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--device", default="cpu")
+    add_load_args(ap)
     ap.add_argument("--out", type=Path)
     ap.add_argument("--force", action="store_true", help="replace an output folder this command did not write")
     a = ap.parse_args(argv)
@@ -127,7 +127,7 @@ def main(argv=None):
         check_target(out, "finetune.json", a.force)
     except OutputExists as e:
         ap.error(str(e))
-    model = load_model(a.model).to(a.device)
+    model = load_model(a.model, a.dtype, device=a.device)
     pairs = training_pairs(load_tokenizer(a.model), max_tokens=a.max_tokens, seed=a.seed)
     if not pairs:
         ap.error(f"no training prompt fits --max-tokens {a.max_tokens} with room for a response")

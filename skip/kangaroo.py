@@ -64,8 +64,9 @@ class Adapter(nn.Module):
         a.norm_out.load_state_dict(model.norm.state_dict())
         return a
 
-    def new_cache(self, max_len, dtype=torch.float32):
-        return KVCache(1, 1, max_len, self.cfg.n_kv_heads, self.cfg.head_dim, dtype)
+    def new_cache(self, max_len):  # on the adapter's device, in its dtype
+        w = self.attn.wq.weight
+        return KVCache(1, 1, max_len, self.cfg.n_kv_heads, self.cfg.head_dim, w.dtype, w.device)
 
     def forward(self, h, rope, cache=None, start=0, mask=None, impl="sdpa"):  # (B, T, d) -> (B, T, d)
         a = self.attn(self.norm_in(h), rope, mask, cache, 0, start, impl)
@@ -110,7 +111,7 @@ def load_adapter(path, model):
         raise AdapterError(f"adapter in {path} does not fit: missing {missing}, unexpected {unexpected}, "
                            f"mis-shaped {shapes}")
     adapter.load_state_dict(tensors)
-    return adapter.eval()
+    return adapter.to(model.device, model.dtype).eval()  # dtype casts the weights, not the ids in `frequent`
 
 
 # ---------------------------------------------------------------- acceptance rules
@@ -127,7 +128,7 @@ def accept_sampled(p, q, drafts, generator=None):
     """Speculative sampling (Leviathan et al. 2023, Alg. 1). p (k+1, V) and q (k, V) are
     probabilities; d_i was drawn from q_i. Returns (accepted count a, next token)."""
     for i, d in enumerate(drafts):
-        r = torch.rand((), generator=generator)
+        r = torch.rand((), generator=generator, device=p.device)
         if r * q[i, d] < p[i, d]:  # r < p/q: accept with probability min(1, p/q)
             continue
         residual = (p[i] - q[i]).clamp(min=0)  # norm(max(0, p - q))
@@ -147,6 +148,7 @@ def probs(logits, temperature, top_p):
 class Round:
     drafted: int  # k: draft tokens proposed
     accepted: int  # a: how many of them M accepted (the round yields a + 1 tokens)
+    drafts: list = field(default_factory=list)  # d_1..d_k
 
 
 @dataclass
@@ -163,6 +165,7 @@ class Drafter:
     l: int
     W: torch.Tensor  # (V', d) the draft head's rows: H, or its top-K rows (extension)
     vocab: torch.Tensor | None  # (V',) token id of each row of W when it is a top-K head
+    vocab_ids: list[int] | None  # the same ids on the host, read per draft without a device sync
     temperature: float
     top_p: float
     generator: torch.Generator | None
@@ -186,8 +189,8 @@ def draft_logits(d: Drafter, st: State, h_l, slot):
     if st.acache.lengths[0] < slot:  # every draft was accepted: A reads the last one now, with this one
         h_l, slot = torch.cat([st.last_h, h_l], 1), slot - 1  # (1, 2, d)
     t = h_l.shape[1]
-    z = d.adapter(h_l, model.rope(torch.arange(slot, slot + t)[None]), st.acache, slot,
-                  attention_mask(None, slot, t), model.attn_impl)[:, -1]  # (1, d)
+    z = d.adapter(h_l, model.rope(torch.arange(slot, slot + t, device=h_l.device)[None]), st.acache, slot,
+                  attention_mask(None, slot, t, h_l.device), model.attn_impl)[:, -1]  # (1, d)
     if model.runs is not None:
         model.runs += [AttnRun(1, t, slot), HeadRun(1, 1, d.W.shape[0])]
     return (z @ d.W.T)[0]
@@ -202,8 +205,9 @@ def draft(d: Drafter, st: State, budget, eta):
     model, drafts, qs, hs, tok, conf = d.model, [], [], [], st.x, 1.0
     for step in range(budget + 1):
         slot = st.n + step
-        pos = torch.tensor([[slot]])
-        h_l = model.run_layers(model.embed_tokens(torch.tensor([[tok]]), pos), pos, range(d.l), st.cache, start=slot)
+        pos = torch.tensor([[slot]], device=model.device)
+        x = torch.tensor([[tok]], device=model.device)
+        h_l = model.run_layers(model.embed_tokens(x, pos), pos, range(d.l), st.cache, start=slot)
         hs.append(h_l)
         if step == budget or conf < eta:
             break
@@ -215,8 +219,8 @@ def draft(d: Drafter, st: State, budget, eta):
             qv = probs(z, d.temperature, d.top_p)  # (V')
             j = int(torch.multinomial(qv, 1, generator=d.generator))
             conf = float(qv.max())
-            qs.append(qv if d.vocab is None else torch.zeros(model.cfg.vocab_size).index_put_((d.vocab,), qv))
-        tok = j if d.vocab is None else int(d.vocab[j])
+            qs.append(qv if d.vocab is None else qv.new_zeros(model.cfg.vocab_size).index_put_((d.vocab,), qv))
+        tok = j if d.vocab is None else d.vocab_ids[j]
         drafts.append(tok)
     return drafts, qs, hs
 
@@ -224,7 +228,7 @@ def draft(d: Drafter, st: State, budget, eta):
 def verify(d: Drafter, st: State, hs):
     """Layers [l, L) once on the k + 1 exited states (M^s never runs twice on a slot): M's logits (k + 1, V)."""
     model = d.model
-    pos = torch.arange(st.n, st.n + len(hs))[None]  # (1, k + 1)
+    pos = torch.arange(st.n, st.n + len(hs), device=hs[0].device)[None]  # (1, k + 1)
     h = model.run_layers(torch.cat(hs, 1), pos, range(d.l, model.cfg.n_layers), st.cache, start=st.n)
     return model.logits(h)[0]
 
@@ -243,7 +247,7 @@ def kangaroo_round(d: Drafter, st: State, budget, eta):
     if st.acache is not None:
         st.acache.crop(st.n)
     st.last_h = hs[-1]
-    return Round(len(drafts), a), drafts[:a] + [nxt]
+    return Round(len(drafts), a, drafts), drafts[:a] + [nxt]
 
 
 @torch.inference_mode()
@@ -271,18 +275,18 @@ def generate_kangaroo(model, prompt, adapter=None, l=None, max_new_tokens=64, ga
     if draft_vocab:
         if adapter is None or len(adapter.frequent) < draft_vocab:
             raise ValueError(f"draft_vocab={draft_vocab} needs an adapter with that many frequent tokens")
-        vocab = adapter.frequent[:draft_vocab]
+        vocab = adapter.frequent[:draft_vocab].to(model.device)
         W = W[vocab].contiguous()  # (K, d), gathered once, not per step
-    d = Drafter(model, adapter, l, W, vocab, temperature, top_p, generator)
+    d = Drafter(model, adapter, l, W, vocab, None if vocab is None else vocab.tolist(), temperature, top_p, generator)
     eos = set(cfg.eos_token_id if eos is None else eos)
-    T, dtype = len(prompt), model.head.weight.dtype
+    T = len(prompt)
     max_len = T + max_new_tokens + min(gamma, max_new_tokens) + 1  # a round never drafts past the end
-    cache = KVCache.for_model(cfg, 1, max_len, dtype=dtype)
-    acache = adapter.new_cache(max_len, dtype) if adapter is not None else None
+    cache = model.new_cache(1, max_len)
+    acache = adapter.new_cache(max_len) if adapter is not None else None
 
     # prefill: M on the prompt; A on the prompt's h_l fills the adapter cache
-    pos = torch.arange(T)[None]
-    h = model.run_layers(model.embed_tokens(torch.tensor([prompt]), pos), pos, range(l), cache)
+    pos = torch.arange(T, device=model.device)[None]
+    h = model.run_layers(model.embed_tokens(torch.tensor([prompt], device=model.device), pos), pos, range(l), cache)
     if adapter is not None:
         adapter(h, model.rope(pos), acache, 0, None, model.attn_impl)
         if model.runs is not None:

@@ -30,8 +30,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from model import generate, load_model
-from model.files import OutputExists, atomic_file, cache_key, check_target, write_text_atomic
+from model import add_load_args, generate, load_model
+from model.files import OutputExists, atomic_file, cache_key, check_target, device_tag, write_text_atomic
 from tokenizer import encode_chat, load_tokenizer
 
 from . import DATA, DEFAULT_MODEL, RUNS, WEIGHTS
@@ -91,7 +91,7 @@ def exit_states(model, seqs, l, path=None):
         return [(t[f"{i}.l"], t[f"{i}.L"]) for i in range(len(seqs))]
     out, bar = [], tqdm(total=len(seqs), desc=f"caching h_{l} and h_L")
     for s in seqs:
-        ids = torch.tensor([s["ids"]], device=model.head.weight.device)
+        ids = torch.tensor([s["ids"]], device=model.device)
         pos = torch.arange(ids.shape[1], device=ids.device)[None]
         h_l = model.run_layers(model.embed_tokens(ids, pos), pos, range(l))
         h_L = model.run_layers(h_l, pos, range(l, model.cfg.n_layers))
@@ -108,7 +108,7 @@ def batch_of(states, seqs, idx, device):
     """Right-padded (B, T, d) inputs and targets, and a (B, T) mask of the positions that
     predict answer tokens (the loss mask: as in the official data, not the user's prompt)."""
     T = max(len(states[i][0]) for i in idx)
-    h_l = torch.zeros(len(idx), T, states[idx[0]][0].shape[-1])
+    h_l = states[idx[0]][0].new_zeros(len(idx), T, states[idx[0]][0].shape[-1])  # in the states' dtype
     h_L, mask = torch.zeros_like(h_l), torch.zeros(len(idx), T, dtype=torch.bool)
     for b, i in enumerate(idx):
         n = len(states[i][0])
@@ -162,7 +162,7 @@ def train(model, adapter, states, seqs, idx, steps, minutes=None, batch=4, seed=
     rc = RECIPES[recipe]
     lr = rc["lr"] if lr is None else lr
     opt = torch.optim.AdamW(adapter.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=rc["weight_decay"])
-    rng, device = random.Random(seed), model.head.weight.device
+    rng, device = random.Random(seed), model.device
     bar, losses, t0 = tqdm(total=steps, desc=f"training the adapter ({recipe})"), [], time.perf_counter()
     adapter.train()
     for step in range(steps):
@@ -211,7 +211,7 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, help="default: the recipe's (project 1e-3, official 3e-5)")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--device", default="cpu")
+    add_load_args(ap)
     ap.add_argument("--out", type=Path)
     ap.add_argument("--force", action="store_true", help="replace an output folder that is not an adapter")
     a = ap.parse_args(argv)
@@ -221,19 +221,19 @@ def main(argv=None):
     except OutputExists as e:
         ap.error(str(e))
     torch.manual_seed(a.seed)
-    model = load_model(a.model).to(a.device).requires_grad_(False)
+    model = load_model(a.model, a.dtype, device=a.device).requires_grad_(False)
     tok = load_tokenizer(a.model)
     prompts = [encode_chat(tok, t) for t in prompt_mix(a.prompts, seed=a.seed)]
-    tag = cache_key(a.model, [DATA / f for f in SOURCES], a.prompts, a.new_tokens, a.seed)
+    tag = cache_key(a.model, [DATA / f for f in SOURCES], a.prompts, a.new_tokens, a.seed, *device_tag(model))
     seqs = self_distill(model, prompts, a.new_tokens, path=CACHE / f"answers-{tag}.json")
     states = exit_states(model, seqs, a.l, path=CACHE / f"states-{tag}-l{a.l}.safetensors")
     train_idx, test_idx = list(range(a.held_out, len(seqs))), list(range(a.held_out))
 
     rc = RECIPES[a.recipe]
-    adapter = (Adapter.from_model(model, a.l) if rc["init"] == "from_model" else Adapter(model.cfg, a.l)).to(a.device)
-    before = agreement(model, adapter, states, seqs, test_idx, a.device)
+    adapter = (Adapter.from_model(model, a.l) if rc["init"] == "from_model" else Adapter(model.cfg, a.l)).to(model.device, model.dtype)
+    before = agreement(model, adapter, states, seqs, test_idx, model.device)
     losses = train(model, adapter, states, seqs, train_idx, a.steps, a.minutes, a.batch, a.seed, a.recipe, a.lr)
-    after = agreement(model, adapter, states, seqs, test_idx, a.device)
+    after = agreement(model, adapter, states, seqs, test_idx, model.device)
     adapter.frequent = torch.tensor(tokens_by_frequency([seqs[i] for i in train_idx], model.cfg.vocab_size))
     save_adapter(adapter.cpu(), out, a.force, base_model=a.model.name, data={**SOURCES, "mix": MIX},
                  prompts=a.prompts, new_tokens=a.new_tokens, train_sequences=len(train_idx), steps=len(losses),

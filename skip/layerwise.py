@@ -20,8 +20,9 @@ def layerwise_forward(model, ids, runs, mask=None):
     T = ids.shape[1]
     pos = positions(mask, 0, T, ids.device)
     h = model.embed_tokens(ids, pos)  # (B, T, d)
-    for layer in range(model.cfg.n_layers):
-        if runs[layer].any():
+    runs = runs.to(ids.device)
+    for layer, used in enumerate(runs.any(1).tolist()):
+        if used:
             out = model.run_layers(h, pos, layers=[layer], mask=mask)  # (B, T, d)
             h = torch.where(runs[layer][None, :, None], out, h)
     return model.logits(h)

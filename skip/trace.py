@@ -18,7 +18,7 @@ token s + 1 (token 0 comes from the prompt pass). Unified: one step, the kept la
 "flops": the decoder's record in total (model/flops.py).
 
 python -m skip.trace write --method full|kangaroo|unified|adainfer --prompt TEXT --out DIR
-python -m skip.trace compare REFERENCE OTHER [--atol 1e-4]
+python -m skip.trace compare REFERENCE OTHER [--atol A] [--rtol R]   (defaults by dtype: TOLERANCES)
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from model import flops, generate, load_model, positions
+from model import add_load_args, flops, generate, load_model, positions
 from model.files import OutputExists, atomic_dir
 
 from . import DEFAULT_MODEL, WEIGHTS
@@ -43,6 +43,7 @@ from .unified import generate_unified, kept_layers
 VERSION = 1
 MODEL_FIELDS = ("n_layers", "dim", "n_heads", "n_kv_heads", "vocab_size")
 FILES = ("trace.json", "trace.safetensors")
+DTYPES = ("float32", "float16", "bfloat16")  # by increasing rounding error
 DEFAULTS = {"full": {}, "unified": {"r": 2}, "adainfer": {"tau": 0.8},
             "kangaroo": {"adapter": str(WEIGHTS / "kangaroo-l2"), "gamma": 6, "eta": 0.6, "draft_vocab": None}}
 
@@ -58,8 +59,8 @@ def model_info(cfg):
 @torch.inference_mode()
 def prompt_pass(model, ids, n_pos=4, k=5):
     """The tensors of a trace from our decoder's per-layer API."""
-    x = torch.tensor([ids])
-    pos = positions(None, 0, x.shape[1])
+    x = torch.tensor([ids], device=model.device)
+    pos = positions(None, 0, x.shape[1], x.device)
     states = [model.embed_tokens(x, pos)]
     model.run_layers(states[0], pos, callback=lambda i, h, a, m: states.append(h))
     states[-1] = model.final(states[-1])  # the convention: the last entry is after the final norm
@@ -108,28 +109,38 @@ def run_method(model, ids, method, max_new_tokens, settings):
         out = generate_kangaroo(model, ids, adapter, max_new_tokens=max_new_tokens, gamma=settings["gamma"],
                                 eta=settings["eta"], draft_vocab=settings["draft_vocab"], on_round=on_round)
         for s, r in zip(steps, out.rounds):
-            s.update(drafted=r.drafted, accepted=r.accepted)
+            s.update(drafted=r.drafted, accepted=r.accepted, drafts=r.drafts)
         return out.tokens, steps
 
 
 def write(path, model_cfg, prompt, tokens, tensor_dict, method="full", settings=None, steps=(), flops_total=None,
-          force=False):
+          dtype="float32", layer_runs=None, force=False):
     """Write a trace directory atomically (trace.json last); a folder that is not a trace is refused
-    unless force."""
+    unless force. dtype: the precision the model ran in (it sets compare's default tolerances);
+    layer_runs: [slot, layer, [norm per position]] per layer run of the method, in order."""
+    if dtype not in DTYPES:
+        raise TraceError(f"dtype {dtype!r}: one of {', '.join(DTYPES)}")
     with atomic_dir(path, "trace.json", force) as tmp:
-        save_file({k: v.contiguous() for k, v in tensor_dict.items()}, str(tmp / "trace.safetensors"))
+        save_file({k: v.contiguous().cpu() for k, v in tensor_dict.items()}, str(tmp / "trace.safetensors"))
         meta = {"version": VERSION, "model": model_info(model_cfg), "method": method, "settings": settings or {},
-                "prompt": list(prompt), "tokens": list(tokens), "steps": list(steps), "flops": flops_total}
+                "dtype": dtype, "prompt": list(prompt), "tokens": list(tokens), "steps": list(steps),
+                "flops": flops_total}
+        if layer_runs is not None:
+            meta["layer_runs"] = layer_runs
         (tmp / "trace.json").write_text(json.dumps(meta, indent=1) + "\n")
 
 
 def trace(model, ids, path, method="full", max_new_tokens=16, settings=None, force=False):
     """Write the trace of our decoder running method on prompt ids to directory path."""
     settings = settings_used(method, settings or {})
-    with model.recording() as runs:
+    layer_runs = []
+
+    def watch(layer, h, start):  # every layer the method runs: the slots it ran at and their norms
+        layer_runs.append([start, layer, h[0].float().norm(dim=-1).tolist()])
+    with model.recording() as runs, model.watching(watch):
         tokens, steps = run_method(model, ids, method, max_new_tokens, settings)
     write(path, model.cfg, ids, tokens, prompt_pass(model, ids), method, settings, steps, flops.total(model.cfg, runs),
-          force)
+          str(model.dtype).removeprefix("torch."), layer_runs, force)
 
 
 def read(path):
@@ -147,71 +158,6 @@ def read(path):
     return meta, t
 
 
-TENSORS = {"hidden": "hidden state", "hidden_norms": "hidden-state norm", "lens_probs": "logit-lens probability"}
-
-
-def where(name, index, n_states):
-    """Words for an index into a (L+1, ...) trace tensor."""
-    i = index[0]
-    at = "the embeddings" if i == 0 else f"layer {i - 1}" + (" (after the final norm)" if i == n_states - 1 else "")
-    rest = {"hidden": f", stored position {index[1]}", "hidden_norms": f", prompt position {index[1]}",
-            "lens_probs": f", rank {index[1]}"}[name]
-    return at + rest
-
-
-def compare_tensor(name, ref, other, atol, rtol):
-    """The first divergence of one tensor, in words, or None. Non-finite values diverge (NaN never
-    passes a comparison, so the test is written as 'not within tolerance')."""
-    if ref.shape != other.shape:
-        return f"{name} has shape {tuple(other.shape)}, reference {tuple(ref.shape)}"
-    if not bool(torch.isfinite(ref).all()):
-        i = tuple(int(x) for x in (~torch.isfinite(ref)).nonzero()[0])
-        return f"the reference's {name} is not finite first at {where(name, i, ref.shape[0])}"
-    diff = (ref - other).abs()
-    bad = ~(diff <= atol + rtol * ref.abs())
-    if not bool(bad.any()):
-        return None
-    i = tuple(int(x) for x in bad.nonzero()[0])
-    if not bool(torch.isfinite(other[i])):
-        return f"{TENSORS[name]} is {float(other[i])} first at {where(name, i, ref.shape[0])}"
-    return (f"{TENSORS[name]} diverges first at {where(name, i, ref.shape[0])}: "
-            f"max |diff| {float(diff[i[0]].max()):.3g} > atol {atol} + rtol {rtol} * |ref|")
-
-
-def compare(ref_path, other_path, atol=1e-4, rtol=1e-4):
-    """Check other against ref; returns [] or plain-words findings, the first divergence first."""
-    (ref, rt), (oth, ot) = read(ref_path), read(other_path)
-    if ref["model"] != oth["model"]:
-        raise TraceError(f"traces are of different models: {ref['model']} vs {oth['model']}")
-    if ref["prompt"] != oth["prompt"]:
-        return ["the prompts differ: nothing else is comparable"]
-    out = []
-    if (ref["method"], ref["settings"]) != (oth["method"], oth["settings"]):
-        out.append(f"the runs differ: reference {ref['method']} {ref['settings']}, "
-                   f"other {oth['method']} {oth['settings']}")
-    for name in sorted(set(rt) ^ set(ot)):
-        out.append(f"tensor {name} is only in the {'reference' if name in rt else 'other'} trace")
-    for name in TENSORS:
-        if name in rt and name in ot:
-            found = compare_tensor(name, rt[name].float(), ot[name].float(), atol, rtol)
-            if found:
-                out.append(found)
-    if "lens_ids" in rt and "lens_ids" in ot:
-        lens = (rt["lens_ids"][:, 0] != ot["lens_ids"][:, 0]).nonzero()
-        if len(lens):
-            out.append(f"logit-lens top-1 differs first at hidden index {int(lens[0])}: "
-                       f"{int(rt['lens_ids'][lens[0], 0])} vs {int(ot['lens_ids'][lens[0], 0])}")
-    for what, label in (("tokens", "generated token {}"), ("steps", f"step {{}} of {ref['method']}")):
-        for s, (a, b) in enumerate(zip(ref[what], oth[what])):
-            if a != b:
-                out.append(f"{label.format(s)} differs: reference {a}, other {b}")
-                break
-        else:
-            if len(ref[what]) != len(oth[what]):
-                out.append(f"{len(oth[what])} {what}, reference {len(ref[what])}")
-    return out
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -223,15 +169,19 @@ def main(argv=None):
     w.add_argument("--settings", default="{}", help='JSON, e.g. \'{"gamma": 6, "eta": 0.6}\' or \'{"r": 2}\'')
     w.add_argument("--out", type=Path, required=True)
     w.add_argument("--force", action="store_true", help="replace an output folder that is not a trace")
+    add_load_args(w)
     c = sub.add_parser("compare")
     c.add_argument("reference", type=Path)
     c.add_argument("other", type=Path)
-    c.add_argument("--atol", type=float, default=1e-4)
-    c.add_argument("--rtol", type=float, default=1e-4)
+    c.add_argument("--atol", type=float, help="default: by the traces' dtypes (TOLERANCES)")
+    c.add_argument("--rtol", type=float, help="default: by the traces' dtypes (TOLERANCES)")
     a = ap.parse_args(argv)
     try:
         if a.cmd == "compare":
-            found = compare(a.reference, a.other, a.atol, a.rtol)
+            from .trace_compare import compare, tolerances
+            notes = [tolerances(read(a.reference)[0], read(a.other)[0], a.atol, a.rtol)[2]]
+            found = compare(a.reference, a.other, a.atol, a.rtol, notes)
+            print("\n".join(notes))
             print("\n".join(found) if found else "the traces agree within the tolerances")
             sys.exit(1 if found else 0)
         from tokenizer import encode_chat, load_tokenizer
@@ -241,10 +191,10 @@ def main(argv=None):
             raise TraceError(f"--settings is not JSON: {e}") from e
         if not isinstance(settings, dict):
             raise TraceError(f"--settings must be a JSON object, got {a.settings!r}")
-        model = load_model(a.model)
+        model = load_model(a.model, a.dtype, device=a.device)
         ids = encode_chat(load_tokenizer(a.model), a.prompt)
         trace(model, ids, a.out, a.method, a.max_new_tokens, settings, a.force)
-    except (TraceError, OutputExists) as e:
+    except (ValueError, OutputExists) as e:  # TraceError, LoadError, bad input: one line, status 2
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print(f"wrote {a.out}")

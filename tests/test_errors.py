@@ -15,7 +15,8 @@ from safetensors.torch import load_file, save_file
 from model import LoadError, generate, load_config, load_model
 from model.config import ConfigError
 from model.files import OutputExists, atomic_dir
-from skip.trace import TraceError, compare, trace, write
+from skip.trace import TraceError, trace, write
+from skip.trace_compare import compare
 from weights.convert import ConvertError, convert
 
 from skip import ROOT

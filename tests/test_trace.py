@@ -8,23 +8,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from model import load_model
-from skip.trace import TraceError, compare, tensors, trace, write
+from skip.trace import TraceError, trace
+from skip.trace_compare import compare
+from skip.trace_port import write_transformers_trace
 
 from conftest import VARIANTS, build_hf
 
 PROMPT = [3, 14, 15, 92, 65, 35, 89, 79]
-
-
-def hf_trace(hf, cfg, path, max_new_tokens):
-    """A trace written from transformers alone: output_hidden_states and its own generate."""
-    x = torch.tensor([PROMPT])
-    with torch.no_grad():
-        states = list(hf(x, output_hidden_states=True).hidden_states)  # L+1, the last one normed
-        lens = lambda h, i: hf.lm_head(h if i == len(states) - 1 else hf.model.norm(h))[0, -1]  # noqa: E731
-        t = tensors(states, lens, 4, 5)
-        out = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens, do_sample=False,
-                          eos_token_id=None, pad_token_id=0)
-    write(path, cfg, PROMPT, out[0, len(PROMPT):].tolist(), t)
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +25,8 @@ def traces(tmp_path_factory):
     ours = load_model(tmp / "model")
     ours.cfg.eos_token_id = []  # run the full length, as hf_trace does
     trace(ours, PROMPT, tmp / "ours", "full", max_new_tokens=12)
-    hf_trace(hf, ours.cfg, tmp / "hf", 12)
+    hf.generation_config.eos_token_id = None  # run the full length
+    write_transformers_trace(hf, PROMPT, tmp / "hf", 12)
     return tmp, ours
 
 
@@ -95,3 +86,64 @@ def test_bad_trace_files_give_clear_errors(traces, tmp_path):
     (tmp_path / "t" / "trace.json").unlink()
     with pytest.raises(TraceError, match="trace.json is missing"):
         compare(tmp / "ours", tmp_path / "t")
+
+
+@pytest.mark.parametrize("variant", ["llama_gqa", "opt_pre"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_transformers_trace_in_any_dtype_compares_clean_with_its_defaults(tmp_path, variant, dtype):
+    hf = build_hf(*VARIANTS[variant]).to(getattr(torch, dtype))
+    hf.save_pretrained(tmp_path / "model", safe_serialization=True)
+    ours = load_model(tmp_path / "model", dtype)
+    ours.cfg.eos_token_id = []
+    hf.generation_config.eos_token_id = None
+    trace(ours, PROMPT, tmp_path / "ours", "full", max_new_tokens=8)
+    write_transformers_trace(hf, PROMPT, tmp_path / "hf", 8)
+    notes = []
+    assert compare(tmp_path / "ours", tmp_path / "hf", notes=notes) == []
+    assert json.loads((tmp_path / "hf" / "trace.json").read_text())["dtype"] == dtype
+    assert notes == ["layer runs are in one trace only: not compared"]
+    from skip.trace_compare import tolerances
+    words = tolerances({"dtype": dtype}, {})[2]
+    assert words.startswith(f"tolerances for {dtype}:") and ("per vector" in words) == (dtype != "float32")
+
+
+def test_a_port_records_its_steps_with_fewer_keys(traces, tmp_path):
+    tmp, ours = traces
+    trace(ours, PROMPT, tmp_path / "u", "unified", 6, {"r": 2})
+    meta = json.loads((tmp_path / "u" / "trace.json").read_text())
+    hf = build_hf(*VARIANTS["llama_gqa"])
+    for kept, want in ((meta["steps"][0]["kept_layers"], []), ([0, 2, 3], ["step 0 of unified differs"])):
+        write_transformers_trace(hf, PROMPT, tmp_path / "port", method="unified", settings={"r": 2},
+                                 tokens=meta["tokens"], steps=[{"kept_layers": kept, "port_note": "x"}], force=True)
+        notes = []
+        found = compare(tmp_path / "u", tmp_path / "port", notes=notes)
+        assert [f[:len(w)] for f, w in zip(found, want)] == want and len(found) == len(want)
+        assert "steps compared on ['kept_layers']; not in both traces: ['port_note']" in notes
+    with pytest.raises(ValueError, match="pass the port's own tokens"):
+        write_transformers_trace(hf, PROMPT, tmp_path / "x", method="unified")
+
+
+@pytest.mark.parametrize("method,settings", [("unified", {"r": 2}), ("adainfer", {"tau": 0.5}), ("full", {})])
+@pytest.mark.parametrize("step,layer", [(0, 0), (3, 3)])
+def test_a_layer_perturbed_at_one_decode_step_is_found_at_that_step_and_layer(traces, tmp_path, method, settings,
+                                                                              step, layer):
+    tmp, ours = traces
+    trace(ours, PROMPT, tmp_path / "ref", method, 8, settings)
+    slot = len(PROMPT) + step
+    block = ours.blocks[layer]
+    original = block.forward
+
+    def perturbed(h, rope, mask, cache, i, start, impl):
+        out, a, m = original(h, rope, mask, cache, i, start, impl)
+        return (out * 1.01 if start == slot else out), a, m  # 1% larger there: its norm shows it
+    block.forward = perturbed
+    try:
+        trace(ours, PROMPT, tmp_path / "bad", method, 8, settings)
+    finally:
+        del block.forward
+    found = compare(tmp_path / "ref", tmp_path / "bad")
+    runs = json.loads((tmp_path / "ref" / "trace.json").read_text())["layer_runs"]
+    if not any(s == slot and lay == layer for s, lay, _ in runs):  # this method skipped that layer there
+        return
+    assert found[0].startswith(f"inside the method, the hidden state diverges first at slot {slot} "
+                               f"(decode step {step}), layer {layer}:"), found

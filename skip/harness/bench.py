@@ -15,6 +15,7 @@ import json
 import time
 from pathlib import Path
 
+from model import add_load_args
 from model.files import write_text_atomic
 
 from .. import RUNS
@@ -45,11 +46,11 @@ TITLES = {"decoder": "Decoder against transformers", "adainfer": "AdaInfer, next
           "products": "Matrix products of 1-16 rows"}
 
 
-def run_part(name, quick, out):
+def run_part(name, quick, out, device="cpu", dtype="float32"):
     import importlib
     module, js, _, full, small = PARTS[name]
     argv = full + (small if quick else [])
-    argv += ["--out", str(out / js if name == "decoder" else out)]
+    argv += ["--out", str(out / js if name == "decoder" else out), "--device", device, "--dtype", dtype]
     print(f"\n=== {name}: python -m {module} {' '.join(argv)}", flush=True)
     t0 = time.perf_counter()
     importlib.import_module(module).main(argv)
@@ -137,10 +138,11 @@ def main(argv=None):
     ap.add_argument("--parts", nargs="+", default=list(PARTS), choices=list(PARTS))
     ap.add_argument("--summary-only", action="store_true", help="only combine the parts' existing JSON")
     ap.add_argument("--out", type=Path, help="default: runs/quick with --quick, else runs")
+    add_load_args(ap)  # passed on to every part
     a = ap.parse_args(argv)
     out = a.out or RUNS / ("quick" if a.quick else "")
     out.mkdir(parents=True, exist_ok=True)
-    timing = {name: run_part(name, a.quick, out) for name in ([] if a.summary_only else a.parts)}
+    timing = {name: run_part(name, a.quick, out, a.device, a.dtype) for name in ([] if a.summary_only else a.parts)}
     if (out / "bench.json").exists():  # keep the record of parts run before
         timing = {**json.loads((out / "bench.json").read_text())["timing"], **timing}
     results = {n: json.loads((out / PARTS[n][1]).read_text()) for n in a.parts if (out / PARTS[n][1]).exists()}

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from model import KVCache, load_model, tune_products
+from model import add_load_args, load_model, tune_products
 from model.products import linear
 from model.files import write_text_atomic
 
@@ -38,11 +38,19 @@ def interleaved_ms(fns, runs, setup=lambda i: None):
     for r in range(runs + 1):
         for i, fn in enumerate(fns):
             setup(i)
+            sync()
             t0 = time.perf_counter()
             fn()
+            sync()
             if r:
                 times[i].append(time.perf_counter() - t0)
     return [statistics.median(t) * 1000 for t in times]
+
+
+def sync():
+    """Wait for queued GPU work, so that a timer sees it (a no-op on the CPU)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def tune(model):
@@ -56,7 +64,7 @@ def tune(model):
 
 class Ours:
     def __init__(self, model, max_len):
-        self.model, self.cache = model, KVCache.for_model(model.cfg, 1, max_len)
+        self.model, self.cache = model, model.new_cache(1, max_len)
 
     def prefill(self, ids):
         self.cache.crop(0)
@@ -93,7 +101,7 @@ def matmul_floor_ms(model, runs, product):
     mats = [m.weight for blk in model.blocks for m in
             (blk.attn.wq, blk.attn.wk, blk.attn.wv, blk.attn.wo, blk.mlp.gate, blk.mlp.up, blk.mlp.down)]
     mats.append(model.head.weight)
-    xs = {w.shape[1]: torch.randn(1, 1, w.shape[1]) for w in mats}
+    xs = {w.shape[1]: torch.randn(1, 1, w.shape[1], dtype=w.dtype, device=w.device) for w in mats}
 
     def step():
         for w in mats:
@@ -132,16 +140,16 @@ def load_memory(model_dir, dtype):
 
 
 @torch.inference_mode()
-def bench(model_dir, runs, threads):
+def bench(model_dir, runs, threads, dtype="float32", device="cpu"):
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(threads)
-    ours = load_model(model_dir)
+    ours = load_model(model_dir, dtype, device=device)
     floor_untuned = matmul_floor_ms(ours, runs, linear)
     routes = tune(ours)
-    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=ours.dtype).to(ours.device).eval()
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(20, ours.cfg.vocab_size, (1, 1024 + DECODE_STEPS), generator=g)
+    ids = torch.randint(20, ours.cfg.vocab_size, (1, 1024 + DECODE_STEPS), generator=g).to(ours.device)
     impls = [Ours(ours, ids.shape[1]), Transformers(hf)]
     rows = [{"impl": "ours"}, {"impl": "transformers"}]
     for T in (128, 512):
@@ -162,7 +170,7 @@ def bench(model_dir, runs, threads):
     floor, gemv = matmul_floor_ms(ours, runs, linear), matmul_floor_ms(ours, runs, F.linear)
     read = matmul_floor_ms(ours, runs, lambda x, w: w.sum())  # every weight read once: the bandwidth floor
     memory = [load_memory(model_dir, d) for d in ("float32", "bfloat16")]
-    return {"model": str(model_dir), "threads": threads, "runs": runs, "decode_steps": DECODE_STEPS, "load_memory": memory,
+    return {"model": str(model_dir), "dtype": dtype, "device": str(ours.device), "threads": threads, "runs": runs, "decode_steps": DECODE_STEPS, "load_memory": memory,
             "routes": routes, "matmul_floor_untuned_ms": floor_untuned,
             "torch": torch.__version__, "results": rows, "ratio_ours_over_transformers": ratios,
             "matmul_floor_ms": floor, "gemv_floor_ms": gemv, "read_floor_ms": read,
@@ -204,12 +212,13 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--out", type=Path, default=RUNS / "bench-decoder.json")
     ap.add_argument("--memory-only", action="store_true", help="only the peak memory of load_model")
+    add_load_args(ap)
     a = ap.parse_args(argv)
     if a.memory_only:
         res = {"results": None, "load_memory": [load_memory(a.model, d) for d in ("float32", "bfloat16")]}
         print(table(res))
         return
-    res = bench(a.model, a.runs, a.threads)
+    res = bench(a.model, a.runs, a.threads, a.dtype, a.device)
     write_text_atomic(a.out, json.dumps(res, indent=2))
     print(json.dumps(res, indent=2))
     print(table(res))

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from model import KVCache, generate, load_model, positions
+from model import add_load_args, generate, load_model, positions
 from model.files import write_text_atomic
 from model.flops import HeadRun, KVRun, LayerRun
 from tokenizer import encode_chat, load_tokenizer
@@ -40,10 +40,10 @@ from .data import SPECBENCH, specbench
 def piece_costs(model, vocab, ctx):
     """ms at context ctx: a plain decode step, one layer, the full head, the cheap head, a K/V fill."""
     L = model.cfg.n_layers
-    cache = KVCache.for_model(model.cfg, 1, ctx + 2)
-    model(torch.zeros(1, ctx, dtype=torch.long), cache=cache)
-    pos, h = positions(None, ctx, 1), torch.randn(1, 1, model.cfg.dim)
-    tok = torch.zeros(1, 1, dtype=torch.long)
+    cache, dev = model.new_cache(1, ctx + 2), model.device
+    model(torch.zeros(1, ctx, dtype=torch.long, device=dev), cache=cache)
+    pos, h = positions(None, ctx, 1, dev), torch.randn(1, 1, model.cfg.dim, dtype=model.dtype, device=dev)
+    tok = torch.zeros(1, 1, dtype=torch.long, device=dev)
 
     def then_crop(fn):
         def run():
@@ -86,11 +86,12 @@ def main(argv=None):
     ap.add_argument("--top-k", type=int, default=4096, help="tokens in the cheap head")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=RUNS)
+    add_load_args(ap)
     a = ap.parse_args(argv)
     if not (a.r >= 1 and a.per_category >= 1 and a.max_new_tokens >= 2 and a.repeats >= 1 and a.top_k >= 1):
         ap.error("need --r >= 1, --per-category, --repeats, --top-k >= 1 and --max-new-tokens >= 2")
     torch.set_num_threads(a.threads)
-    model, tok = load_model(a.model), load_tokenizer(a.model)
+    model, tok = load_model(a.model, a.dtype, device=a.device), load_tokenizer(a.model)
     routes = tune(model)
     L, V, N = model.cfg.n_layers, model.cfg.vocab_size, a.max_new_tokens
     both = {c: [encode_chat(tok, q) for q, _ in specbench(c, 2 * a.per_category)] for c in SPECBENCH}

@@ -28,19 +28,21 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from model import KVCache, flops, generate, load_model
+from model import add_load_args, flops, generate, load_model
 from model.files import write_text_atomic
 from tokenizer import encode_chat, load_tokenizer
 
 from .. import DEFAULT_MODEL, RUNS, WEIGHTS
 from ..kangaroo import generate_kangaroo, load_adapter
-from .bench_decoder import tune
+from .bench_decoder import sync, tune
 from .data import SPECBENCH, specbench
 
 
 def timed(fn):
+    sync()
     t0 = time.perf_counter()
     out = fn()
+    sync()
     return out, time.perf_counter() - t0
 
 
@@ -53,32 +55,34 @@ def median_ms(fn, reps=15):
 def piece_costs(model, adapter, l, K, ctx, gamma):
     """Measured ms of: a plain decode step, M^s on one token, A + head (full / top-K), the lens
     head, and the deep layers on n = 1..max(gamma + 1, 8) tokens; all at context ctx."""
-    L, d = model.cfg.n_layers, model.cfg.dim
-    cache = KVCache.for_model(model.cfg, 1, ctx + max(gamma + 2, 9))
-    model(torch.zeros(1, ctx, dtype=torch.long), cache=cache)
-    h = torch.randn(1, 1, d)
-    pos = torch.tensor([[ctx]])
+    L, d, dev = model.cfg.n_layers, model.cfg.dim, model.device
+    cache = model.new_cache(1, ctx + max(gamma + 2, 9))
+    model(torch.zeros(1, ctx, dtype=torch.long, device=dev), cache=cache)
+
+    def randn(*shape):
+        return torch.randn(*shape, dtype=model.dtype, device=dev)
+    h, pos, tok = randn(1, 1, d), torch.tensor([[ctx]], device=dev), torch.zeros(1, 1, dtype=torch.long, device=dev)
 
     def run(layers, x):
-        out = model.run_layers(x, torch.arange(ctx, ctx + x.shape[1])[None], layers, cache, start=ctx)
+        out = model.run_layers(x, torch.arange(ctx, ctx + x.shape[1], device=dev)[None], layers, cache, start=ctx)
         cache.crop(ctx)
         return out
 
     acache = adapter.new_cache(ctx + 2)
-    adapter(torch.randn(1, ctx, d), model.rope(torch.arange(ctx)[None]), acache)
-    W = model.head.weight[adapter.frequent[:K]].contiguous()
+    adapter(randn(1, ctx, d), model.rope(torch.arange(ctx, device=dev)[None]), acache)
+    W = model.head.weight[adapter.frequent[:K].to(dev)].contiguous()
 
     def draft(w):
         z = adapter(h, model.rope(pos), acache, ctx)
         acache.crop(ctx)
         return z @ w.T
 
-    return {"step": median_ms(lambda: model.logits(run(range(L), model.embed_tokens(torch.zeros(1, 1, dtype=torch.long), pos)), True)),
-            "shallow": median_ms(lambda: run(range(l), model.embed_tokens(torch.zeros(1, 1, dtype=torch.long), pos))),
+    return {"step": median_ms(lambda: model.logits(run(range(L), model.embed_tokens(tok, pos)), True)),
+            "shallow": median_ms(lambda: run(range(l), model.embed_tokens(tok, pos))),
             "draft_full": median_ms(lambda: draft(model.head.weight)),
             "draft_topk": median_ms(lambda: draft(W)),
             "lens_head": median_ms(lambda: model.logits(h)),
-            "verify": [median_ms(lambda: model.logits(run(range(l, L), torch.randn(1, n, d))))
+            "verify": [median_ms(lambda: model.logits(run(range(l, L), randn(1, n, d))))
                        for n in range(1, max(gamma + 2, 9))]}  # at least 1..8 positions
 
 
@@ -121,14 +125,15 @@ def main(argv=None):
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--sweep-repeats", type=int, default=1)
     ap.add_argument("--out", type=Path, default=RUNS)
+    add_load_args(ap)
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
-    model, tok = load_model(a.model), load_tokenizer(a.model)
+    model, tok = load_model(a.model, a.dtype, device=a.device), load_tokenizer(a.model)
     routes = tune(model)
     adapter = load_adapter(a.adapter, model)
     l, N = adapter.l, a.max_new_tokens
     from transformers import AutoModelForCausalLM
-    hf = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(a.model, dtype=model.dtype).to(model.device).eval()
     prompts = {c: [encode_chat(tok, q) for q, _ in specbench(c, a.per_category)] for c in SPECBENCH}
 
     def ours(**kw):
@@ -137,7 +142,8 @@ def main(argv=None):
     def hf_run(**kw):
         def fn(p):
             with torch.inference_mode():
-                ids = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                ids = hf.generate(torch.tensor([p], device=model.device), attention_mask=torch.ones(
+                                  1, len(p), dtype=torch.long, device=model.device),
                                   max_new_tokens=N, do_sample=False, **kw)
             return ids[0, len(p):].tolist()
         return fn

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from model import beam_search, flops, generate, load_model
+from model import add_load_args, beam_search, flops, generate, load_model
 from model.files import write_text_atomic
 from tokenizer import encode_chat, load_tokenizer
 
@@ -72,7 +72,8 @@ class Method:
         if self.name == "early exit":
             return torch.stack(generate_early_exit(self.model, prompt, self.tau, forced=response).logits)
         runs = prompt_then(self.model.cfg.n_layers, len(prompt), self.layer_sets(len(response) - 1))
-        return layerwise_forward(self.model, torch.tensor([prompt + response[:-1]]), runs)[0, len(prompt) - 1:]
+        ids = torch.tensor([prompt + response[:-1]], device=self.model.device)
+        return layerwise_forward(self.model, ids, runs)[0, len(prompt) - 1:]
 
 
 def quality(m, tok, summ, trans, texts, full_argmax, max_new, beams):
@@ -110,7 +111,7 @@ def quality(m, tok, summ, trans, texts, full_argmax, max_new, beams):
     for i, (prompt, response) in enumerate(texts):
         logits = m.forced_logits(prompt, response).float()
         agree += int((logits.argmax(-1) == full_argmax[i]).sum())
-        nll += float(torch.nn.functional.cross_entropy(logits, torch.tensor(response), reduction="sum"))
+        nll += float(torch.nn.functional.cross_entropy(logits, torch.tensor(response, device=logits.device), reduction="sum"))
         n += len(response)
     return {**out["greedy"], "beam": out.get("beam"), "agreement": agree / n,
             "perplexity": float(torch.exp(torch.tensor(nll / n))),
@@ -188,10 +189,11 @@ def main(argv=None):
     ap.add_argument("--tok-new", type=int, default=24, help="new tokens per prompt in the throughput runs")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--out", type=Path, default=RUNS)
+    add_load_args(ap)
     a = ap.parse_args(argv)
     if a.n_quality < 2:
         ap.error("--n-quality must be at least 2: the paired bootstrap resamples the summaries")
-    base, tok = load_model(a.model), load_tokenizer(a.model)
+    base, tok = load_model(a.model, a.dtype, device=a.device), load_tokenizer(a.model)
     L = base.cfg.n_layers
     summ, trans = specbench("summarization", a.n_quality), specbench("translation", a.n_quality)
     texts = [(encode_chat(tok, q), tok.encode(ans)[:a.heldout_tokens])
@@ -207,7 +209,7 @@ def main(argv=None):
             methods.append(Method(name, r, base, False, L))
             ck = WEIGHTS / f"{name}-{r}x"
             if (ck / "finetune.json").exists():
-                methods.append(Method(name, r, load_model(ck), True, L))
+                methods.append(Method(name, r, load_model(ck, a.dtype, device=a.device), True, L))
 
     full_argmax = [full.forced_logits(p, resp).argmax(-1) for p, resp in texts]
     rows, bar = [], tqdm(total=len(methods) + len(a.batches), desc="methods, then batch sizes")

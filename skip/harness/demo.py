@@ -27,7 +27,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from model import flops, generate, load_model
+from model import add_load_args, flops, generate, load_model
 from model.files import write_text_atomic
 from tokenizer import encode_chat, load_tokenizer
 
@@ -54,7 +54,7 @@ PROMPTS = [
 def measure(model, ids, fn):
     """(tokens, layer-token evaluations after the prompt, decode FLOPs, decode seconds)."""
     t0 = time.perf_counter()
-    model(torch.tensor([ids]), last_only=True)  # the prompt pass alone, to subtract
+    model(torch.tensor([ids], device=model.device), last_only=True)[0, -1, 0].item()  # the prompt pass alone, to subtract
     t1 = time.perf_counter()
     with model.recording() as runs:
         tokens = fn(ids)
@@ -70,13 +70,14 @@ def main(argv=None):
     ap.add_argument("--max-new", type=int, default=32)
     ap.add_argument("--prompts", type=int, default=len(PROMPTS))
     ap.add_argument("--json", help="also write the table as JSON here")
+    add_load_args(ap)
     a = ap.parse_args(argv)
     with torch.no_grad():
         return run(a)
 
 
 def run(a):
-    model, tok = load_model(a.model), load_tokenizer(a.model)
+    model, tok = load_model(a.model, a.dtype, device=a.device), load_tokenizer(a.model)
     N = a.max_new
 
     t0 = time.perf_counter()
@@ -87,7 +88,7 @@ def run(a):
           f"in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     adapter = load_adapter(WEIGHTS / "kangaroo-l2", model)
     tuned = (WEIGHTS / "unified-2x" / "finetune.json").exists()  # written last: the fine-tune completed
-    unified_model = load_model(WEIGHTS / "unified-2x") if tuned else model
+    unified_model = load_model(WEIGHTS / "unified-2x", a.dtype, device=a.device) if tuned else model
 
     methods = {
         "full": lambda ids: generate(model, [ids], max_new_tokens=N)[0],

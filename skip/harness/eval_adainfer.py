@@ -32,8 +32,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from model import flops, load_model
-from model.files import atomic_file, cache_key, write_text_atomic
+from model import add_load_args, flops, load_model
+from model.files import atomic_file, cache_key, device_tag, write_text_atomic
 from tokenizer import load_tokenizer
 
 from .. import DEFAULT_MODEL, RUNS
@@ -87,7 +87,7 @@ def wall_clock(model, encoded, clf, vocab_of):
     t_full = t_ada = 0.0
     for ids, _, choices in encoded:
         t0 = time.perf_counter()
-        model(torch.tensor([ids]), last_only=True)
+        model(torch.tensor([ids], device=model.device), last_only=True)[0, -1, 0].item()
         t1 = time.perf_counter()
         predict(model, ids, clf, vocab_of(choices))
         t_ada += time.perf_counter() - t1
@@ -112,6 +112,7 @@ def main(argv=None):
     ap.add_argument("--transfer-model", type=Path,
                     help="also apply each SVM fitted here to this model's traces of the same test prompts")
     ap.add_argument("--out", type=Path, default=RUNS)
+    add_load_args(ap)
     a = ap.parse_args(argv)
     if not (a.n_train >= 1 and a.n_test >= 1 and a.time_n >= 0 and 0 <= a.tau <= 1 and a.threads >= 1
             and min(a.shots) >= 0):
@@ -126,9 +127,10 @@ def main(argv=None):
                      "optionally :SHOTS[,SHOTS]")
         configs += [(name, shots, m) for shots in ([int(x) for x in k.split(",")] if k else a.shots) for m in a.modes]
     torch.set_num_threads(a.threads)
-    model, tok = load_model(a.model), load_tokenizer(a.model)
-    other = load_model(a.transfer_model) if a.transfer_model else None
-    tag, other_tag = cache_key(a.model, []), a.transfer_model and cache_key(a.transfer_model, [])
+    model, tok = load_model(a.model, a.dtype, device=a.device), load_tokenizer(a.model)
+    other = load_model(a.transfer_model, a.dtype, device=a.device) if a.transfer_model else None
+    tag = cache_key(a.model, [], *device_tag(model))
+    other_tag = a.transfer_model and cache_key(a.transfer_model, [], *device_tag(model))
     cfg = model.cfg
     results, skipped, store, bar = [], [], {}, tqdm(total=len(configs), desc="adainfer")
     for name, k, mode in configs:

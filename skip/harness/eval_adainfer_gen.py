@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from model import flops, load_model
+from model import add_load_args, flops, load_model
 from model.files import write_text_atomic
 from tokenizer import encode_chat, load_tokenizer
 
@@ -43,7 +43,7 @@ def run(model, prompts, max_new, **kw):
     with model.recording() as runs:
         for p in prompts:
             t0 = time.perf_counter()
-            model(torch.tensor([p]), last_only=True)
+            model(torch.tensor([p], device=model.device), last_only=True)[0, -1, 0].item()
             t1 = time.perf_counter()
             outs.append(generate_adainfer(model, p, max_new_tokens=max_new, eos=[], **kw))
             secs += time.perf_counter() - t1 - (t1 - t0)
@@ -62,8 +62,9 @@ def main(argv=None):
     ap.add_argument("--max-new", type=int, default=32)
     ap.add_argument("--tau", type=float, default=0.8, help="the gap threshold rule (paper: 0.8)")
     ap.add_argument("--out", type=Path, default=RUNS)
+    add_load_args(ap)
     a = ap.parse_args(argv)
-    model, tok = load_model(a.model), load_tokenizer(a.model)
+    model, tok = load_model(a.model, a.dtype, device=a.device), load_tokenizer(a.model)
     train, _, _ = run(model, [encode_chat(tok, q) for q in alpaca_instructions(a.n_train)], a.max_new, collect=True)
     svm = SVM().fit([t for g in train for t in g.traces], "final")
     cheap = frequent_vocab([g.tokens for g in train])

@@ -1,0 +1,143 @@
+"""`compare`: where two traces (skip/trace.py) part, in words, the first divergence first.
+
+Tensors are compared within tolerances chosen by the traces' dtypes (TOLERANCES), tokens and the
+method's steps exactly (on the step keys both traces record), and the layer runs of a method
+(every layer each token ran, with its hidden-state norms) in order, so that a divergence inside
+a method is named by its slot and layer.
+"""
+from __future__ import annotations
+
+import torch
+
+from .trace import DTYPES, TraceError, read
+
+# compare's default (atol, rtol) per dtype (by increasing rounding error) and tensor: a value passes
+# when |diff| <= atol + rtol |ref|. In fp32 per element (implementations differ by summation order);
+# in fp16 and bf16 each hidden state (one layer, one position) as a vector, ||diff|| against
+# ||ref||, since rounding error scales with the state, not with each element. On SmolLM2 the bf16
+# states differ from the fp32 ones by up to 0.036 of their norm and fp16 by 0.004 (docs/traces.md):
+# the defaults leave about twice that.
+TOLERANCES = {
+    "float32": {"hidden": (1e-4, 1e-4), "hidden_norms": (1e-4, 1e-4), "lens_probs": (1e-4, 1e-4)},
+    "float16": {"hidden": (0.0, 0.01), "hidden_norms": (0.0, 0.01), "lens_probs": (0.01, 0.0)},
+    "bfloat16": {"hidden": (0.0, 0.08), "hidden_norms": (0.0, 0.08), "lens_probs": (0.06, 0.0)},
+}
+
+TENSORS = {"hidden": "hidden state", "hidden_norms": "hidden-state norm", "lens_probs": "logit-lens probability"}
+
+
+def where(name, index, n_states):
+    """Words for an index into a (L+1, ...) trace tensor."""
+    i = index[0]
+    at = "the embeddings" if i == 0 else f"layer {i - 1}" + (" (after the final norm)" if i == n_states - 1 else "")
+    rest = {"hidden": f", stored position {index[1]}", "hidden_norms": f", prompt position {index[1]}",
+            "lens_probs": f", rank {index[1]}"}[name]
+    return at + rest
+
+
+def compare_tensor(name, ref, other, atol, rtol, per_vector=False):
+    """The first divergence of one tensor, in words, or None. Non-finite values diverge (NaN never
+    passes a comparison, so the test is written as 'not within tolerance'). per_vector: compare the
+    L2 norms of the difference and of ref along the last dimension."""
+    if ref.shape != other.shape:
+        return f"{name} has shape {tuple(other.shape)}, reference {tuple(ref.shape)}"
+    if not bool(torch.isfinite(ref).all()):
+        i = tuple(int(x) for x in (~torch.isfinite(ref)).nonzero()[0])
+        return f"the reference's {name} is not finite first at {where(name, i, ref.shape[0])}"
+    diff, size = (ref - other).abs(), ref.abs()
+    if per_vector:
+        diff, size = diff.norm(dim=-1), size.norm(dim=-1)
+    bad = ~(diff <= atol + rtol * size)
+    if not bool(bad.any()):
+        return None
+    i = tuple(int(x) for x in bad.nonzero()[0])
+    if not bool(torch.isfinite(other[i]).all()):
+        value = "not finite" if per_vector else float(other[i])
+        return f"{TENSORS[name]} is {value} first at {where(name, i, ref.shape[0])}"
+    if per_vector:
+        return (f"{TENSORS[name]} diverges first at {where(name, i, ref.shape[0])}: "
+                f"||diff|| {float(diff[i]):.3g} > atol {atol} + rtol {rtol} * ||ref|| ({float(size[i]):.3g})")
+    return (f"{TENSORS[name]} diverges first at {where(name, i, ref.shape[0])}: "
+            f"max |diff| {float(diff[i[0]].max()):.3g} > atol {atol} + rtol {rtol} * |ref|")
+
+
+def tolerances(ref, oth, atol=None, rtol=None):
+    """({tensor: (atol, rtol)}, per_vector, words) for two traces' metadata: those of the lower
+    precision of the two runs (a trace without a dtype ran in float32), atol or rtol replaced
+    where given."""
+    dtype = max(ref.get("dtype", "float32"), oth.get("dtype", "float32"), key=DTYPES.index)
+    tol = {name: (a if atol is None else atol, r if rtol is None else rtol) for name, (a, r) in TOLERANCES[dtype].items()}
+    per_vector = dtype != "float32"
+    words = "; ".join(f"{name}{' per vector' if per_vector and name == 'hidden' else ''} atol {a:g} rtol {r:g}"
+                      for name, (a, r) in tol.items())
+    return tol, per_vector, f"tolerances for {dtype}: {words}"
+
+
+def compare_layer_runs(ref_runs, oth_runs, T, atol, rtol):
+    """The first layer run (slot, layer) where two methods' runs part, in words, or None: one ran
+    another layer or other slots, or the hidden-state norm there leaves atol + rtol |ref|."""
+    def at(slot):
+        return f"prompt position {slot}" if slot < T else f"slot {slot} (decode step {slot - T})"
+    for (sa, la, na), (sb, lb, nb) in zip(ref_runs, oth_runs):
+        if (sa, la, len(na)) != (sb, lb, len(nb)):
+            return (f"the method runs other layers first at {at(sa)}: reference layer {la} on slots {sa}..{sa + len(na) - 1}, "
+                    f"other layer {lb} on slots {sb}..{sb + len(nb) - 1}")
+        for j, (a, b) in enumerate(zip(na, nb)):
+            if not abs(a - b) <= atol + rtol * abs(a):
+                return (f"inside the method, the hidden state diverges first at {at(sa + j)}, layer {la}: "
+                        f"norm {b:.6g}, reference {a:.6g}")
+    if len(ref_runs) != len(oth_runs):
+        return f"the method ran {len(oth_runs)} layer runs, reference {len(ref_runs)}"
+    return None
+
+
+def compare(ref_path, other_path, atol=None, rtol=None, notes=None):
+    """Check other against ref; returns [] or plain-words findings, the first divergence first.
+    Tolerances default to those of the lower precision of the two runs (tolerances()). notes, a
+    list, receives what was not compared (step keys only one trace records)."""
+    (ref, rt), (oth, ot) = read(ref_path), read(other_path)
+    tol, per_vector, _ = tolerances(ref, oth, atol, rtol)
+    if ref["model"] != oth["model"]:
+        raise TraceError(f"traces are of different models: {ref['model']} vs {oth['model']}")
+    if ref["prompt"] != oth["prompt"]:
+        return ["the prompts differ: nothing else is comparable"]
+    out = []
+    if (ref["method"], ref["settings"]) != (oth["method"], oth["settings"]):
+        out.append(f"the runs differ: reference {ref['method']} {ref['settings']}, "
+                   f"other {oth['method']} {oth['settings']}")
+    for name in sorted(set(rt) ^ set(ot)):
+        out.append(f"tensor {name} is only in the {'reference' if name in rt else 'other'} trace")
+    for name in TENSORS:
+        if name in rt and name in ot:
+            found = compare_tensor(name, rt[name].float(), ot[name].float(), *tol[name], per_vector and name == "hidden")
+            if found:
+                out.append(found)
+    if "lens_ids" in rt and "lens_ids" in ot:
+        lens = (rt["lens_ids"][:, 0] != ot["lens_ids"][:, 0]).nonzero()
+        if len(lens):
+            out.append(f"logit-lens top-1 differs first at hidden index {int(lens[0])}: "
+                       f"{int(rt['lens_ids'][lens[0], 0])} vs {int(ot['lens_ids'][lens[0], 0])}")
+    if "layer_runs" in ref and "layer_runs" in oth:
+        found = compare_layer_runs(ref["layer_runs"], oth["layer_runs"], len(ref["prompt"]), *tol["hidden_norms"])
+        if found:
+            out.append(found)
+    elif notes is not None and ("layer_runs" in ref or "layer_runs" in oth):
+        notes.append("layer runs are in one trace only: not compared")
+    # a port may record fewer step keys than ours: steps are compared on the keys both have
+    keys = [set(st) for st in ref["steps"] + oth["steps"] if isinstance(st, dict)]
+    shared = set.intersection(*keys) if keys else set()
+    if keys and shared != set.union(*keys) and notes is not None:
+        notes.append(f"steps compared on {sorted(shared)}; not in both traces: {sorted(set.union(*keys) - shared)}")
+
+    def pick(st):
+        return {k: st[k] for k in sorted(shared)} if isinstance(st, dict) else st
+    ref, oth = {**ref, "steps": [pick(st) for st in ref["steps"]]}, {**oth, "steps": [pick(st) for st in oth["steps"]]}
+    for what, label in (("tokens", "generated token {}"), ("steps", f"step {{}} of {ref['method']}")):
+        for s, (a, b) in enumerate(zip(ref[what], oth[what])):
+            if a != b:
+                out.append(f"{label.format(s)} differs: reference {a}, other {b}")
+                break
+        else:
+            if len(ref[what]) != len(oth[what]):
+                out.append(f"{len(oth[what])} {what}, reference {len(ref[what])}")
+    return out

@@ -1,0 +1,121 @@
+"""Every method on any device and in any dtype. On the CPU (always): every method runs in float32,
+bfloat16 and float16, every CLI takes --device and --dtype, and a device that this machine
+lacks is a clear error. The GPU lane (`make test-gpu`, the tests marked gpu; skipped without a
+GPU): the golden test and every method's equivalence test on the GPU in fp32, and every
+method's tokens in bf16 equal to the same method's on the CPU in bf16."""
+import pytest
+import torch
+
+from model import beam_search, generate, load_model
+from model.loader import LoadError
+from skip.adainfer import Threshold
+from skip.adainfer_gen import generate_adainfer
+from skip.baselines import generate_early_exit, generate_skipdecode
+from skip.kangaroo import generate_kangaroo
+from skip.unified import generate_unified, kept_layers
+from test_kangaroo import random_adapter
+from test_unified import reference_decode
+
+GPUS = [pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                           reason="no CUDA device")]),
+        pytest.param("mps", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.backends.mps.is_available(),
+                                                                          reason="no MPS device")])]
+DTYPES = ["float32", "bfloat16", "float16"]
+PROMPTS = [[5, 6, 7, 8, 9, 10], [9, 3]]
+
+
+def every_method(model, vocab_size):
+    """Each method's tokens on this model, greedy, with its cheap-head options where it has them."""
+    torch.manual_seed(0)
+    adapter = random_adapter(model, 2, 0, lens_like=True).to(model.device, model.dtype)
+    cheap = torch.arange(0, vocab_size, 2)
+    p, n = PROMPTS[0], 8
+    return {
+        "generate (batched, padded)": generate(model, PROMPTS, max_new_tokens=n, eos=[]),
+        "beam search": beam_search(model, PROMPTS, 2, n, no_repeat_ngram_size=2, eos=[]),
+        "unified": generate_unified(model, PROMPTS, 2, max_new_tokens=n, eos=[]),
+        "skipdecode": generate_skipdecode(model, PROMPTS, 2, max_new_tokens=n, eos=[]),
+        "early exit": generate_early_exit(model, p, 0.3, n, eos=[], vocab=cheap).tokens,
+        "adainfer": generate_adainfer(model, p, Threshold(0.3), n, vocab=cheap, eos=[]).tokens,
+        "kangaroo": generate_kangaroo(model, p, adapter, max_new_tokens=n, draft_vocab=20, eos=[]).tokens,
+        "kangaroo, lens": generate_kangaroo(model, p, l=2, max_new_tokens=n, eos=[]).tokens,
+    }
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_every_method_runs_in_every_dtype_on_the_cpu(llama_dir, dtype):
+    model = load_model(llama_dir, dtype)
+    assert model.dtype == getattr(torch, dtype) and model.new_cache(1, 4).k.dtype == model.dtype
+    out = every_method(model, model.cfg.vocab_size)
+    for name, tokens in out.items():
+        rows = tokens if isinstance(tokens[0], list) else [tokens]
+        assert all(len(r) == 8 and all(0 <= t < model.cfg.vocab_size for t in r) for r in rows), name
+    plain = generate(model, PROMPTS[:1], max_new_tokens=8, eos=[])[0]
+    assert out["kangaroo, lens"] == plain or dtype != "float32"  # lossless is exact in fp32 (bf16 may round a tie)
+
+
+def test_a_device_this_machine_lacks_is_a_clear_error(llama_dir):
+    missing = "cuda" if not torch.cuda.is_available() else "cuda:99"
+    with pytest.raises(LoadError, match="not available on this machine"):
+        load_model(llama_dir, device=missing)
+    with pytest.raises(LoadError, match="not a device name"):
+        load_model(llama_dir, device="gpu0")
+
+
+@pytest.mark.parametrize("argv", [
+    ["python -m model", "generate", "--prompt", "hi", "--max-new-tokens", "3"],
+    ["python -m skip.trace", "write", "--prompt", "hi", "--max-new-tokens", "3", "--out", "{tmp}/t"],
+])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_clis_take_device_and_dtype(smollm2_dir, tmp_path, argv, dtype, capsys):
+    import model.__main__
+    import skip.trace
+    main = {"python -m model": model.__main__.main, "python -m skip.trace": skip.trace.main}[argv[0]]
+    main([a.format(tmp=tmp_path) for a in argv[1:]] + ["--model", str(smollm2_dir), "--device", "cpu",
+                                                        "--dtype", dtype])
+    with pytest.raises(SystemExit) as e:
+        main([a.format(tmp=tmp_path) for a in argv[1:]] + ["--model", str(smollm2_dir), "--device", "cuda:99"])
+    assert e.value.code == 2 and "not available on this machine" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("module", ["skip.harness." + m for m in ("bench", "bench_decoder", "bench_exit", "bench_kangaroo",
+                                    "bench_products", "bench_skipping", "demo", "eval_adainfer", "eval_adainfer_gen")]
+                         + ["skip.finetune", "skip.kangaroo_train"])
+def test_every_other_cli_takes_device_and_dtype(module, capsys):
+    import importlib
+    with pytest.raises(SystemExit):
+        importlib.import_module(module).main(["--help"])
+    out = capsys.readouterr().out
+    assert "--device DEVICE" in out and "--dtype {float32,bfloat16,float16}" in out
+
+
+# ---------------------------------------------------------------- the GPU lane
+@pytest.mark.parametrize("device", GPUS)
+def test_golden_logits_on_the_gpu_match_transformers_on_the_cpu(pair, device):
+    hf, ours = pair
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12]])
+    with torch.no_grad():
+        ref = hf(ids).logits
+        got = ours.to(device)(ids.to(device)).cpu()
+    ours.to("cpu")
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("device", GPUS)
+def test_equivalences_hold_on_the_gpu_in_fp32(llama_dir, device):
+    model = load_model(llama_dir, device=device)
+    n = 8
+    plain = generate(model, PROMPTS, max_new_tokens=n, eos=[])
+    K = kept_layers(model.cfg.n_layers, 2)
+    assert generate_unified(model, PROMPTS, 2, max_new_tokens=n, eos=[]) == reference_decode(model, PROMPTS,
+                                                                                             lambda i: K, n)
+    assert generate_adainfer(model, PROMPTS[0], None, n, eos=[]).tokens == plain[0]
+    for a in (random_adapter(model, 2, 0, lens_like=True).to(device), None):
+        assert generate_kangaroo(model, PROMPTS[0], a, l=2, max_new_tokens=n, eos=[]).tokens == plain[0]
+
+
+@pytest.mark.parametrize("device", GPUS)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_every_method_on_the_gpu_gives_the_cpus_tokens(llama_dir, device, dtype):
+    cpu, gpu = load_model(llama_dir, dtype), load_model(llama_dir, dtype, device=device)
+    assert every_method(gpu, gpu.cfg.vocab_size) == every_method(cpu, cpu.cfg.vocab_size)
