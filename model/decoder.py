@@ -26,7 +26,8 @@ from .products import linear
 
 # ---------------------------------------------------------------- primitives
 class Norm(nn.Module):
-    """RMSNorm (Llama) or LayerNorm (OPT), computed in fp32 as transformers does."""
+    """RMSNorm (Llama) in fp32, or LayerNorm (OPT) by torch's kernel in the model's dtype, each as
+    transformers computes it (so bf16 and fp16 runs round alike)."""
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -35,12 +36,9 @@ class Norm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(cfg.dim)) if cfg.norm_affine and cfg.norm == "layer" else None
 
     def forward(self, x):
-        xf = x.float()
         if self.kind == "rms":  # x / sqrt(mean(x^2) + eps): HF order is cast back, then scale
-            return self.weight * F.rms_norm(xf, (xf.shape[-1],), eps=self.eps).to(x.dtype)
-        w = None if self.weight is None else self.weight.float()
-        b = None if self.bias is None else self.bias.float()
-        return F.layer_norm(xf, (xf.shape[-1],), w, b, self.eps).to(x.dtype)
+            return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+        return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)  # accumulates in fp32
 
 
 def rope_inv_freq(cfg: Config) -> torch.Tensor:
@@ -101,6 +99,7 @@ class Attention(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
         self.n_heads, self.n_kv, self.hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.prescale = cfg.arch == "opt"  # OPT scales q before the scores: in bf16 that order rounds differently
         self.wq = Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.attn_bias)
         self.wk = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.attn_bias)
         self.wv = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.attn_bias)
@@ -114,7 +113,10 @@ class Attention(nn.Module):
 
     def forward(self, x, rope, mask, cache, layer, start, impl):
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, n_h, T, hd)
+        q = self.wq(x)
+        if self.prescale:
+            q = q * self.hd ** -0.5
+        q = q.view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, n_h, T, hd)
         if rope is not None:
             q = rotate(q, *rope)
         k, v = self.kv(x, rope)
@@ -124,11 +126,14 @@ class Attention(nn.Module):
             raise CacheError("start > 0 needs a cache holding the earlier slots")
         causal = mask is None and T > 1 and start == 0
         if impl == "sdpa":
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True,
+                                               scale=1.0 if self.prescale else None)
         else:  # explicit matmuls: slower, but FlopCounterMode sees them
             g = self.n_heads // self.n_kv
             k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)  # (B, n_h, S, hd)
-            scores = q @ k.transpose(-2, -1) / math.sqrt(self.hd)  # (B, n_h, T, S)
+            scores = q @ k.transpose(-2, -1)  # (B, n_h, T, S)
+            if not self.prescale:
+                scores = scores / math.sqrt(self.hd)
             if causal:
                 mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
             if mask is not None:

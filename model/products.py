@@ -26,17 +26,21 @@ ROUTES: dict[tuple, str] = {}
 MAX_ROUTED = 8  # more rows: F.linear, a GEMM that is no longer memory-bound
 
 
-def default_route(rows):
-    """Measured on SmolLM2, 2 threads (AMD EPYC), whole passes of `rows` new tokens: 1 row, the
-    duplicate 51.7 ms against 62.2 with each product's fastest routine alone (mostly F.linear);
-    5 and 6 rows, w @ x.T 77.5 and 66.2 ms against 96.8 and 85.5 for F.linear."""
+def default_route(rows, w):
+    """fp32 on the CPU, measured on SmolLM2, 2 threads (AMD EPYC), whole passes of `rows` new
+    tokens: 1 row, the duplicate 51.7 ms against 62.2 with each product's fastest routine alone
+    (mostly F.linear); 5 and 6 rows, w @ x.T 77.5 and 66.2 ms against 96.8 and 85.5 for F.linear.
+    Other dtypes and devices: F.linear, as transformers computes it, so that bf16 and fp16 runs
+    round exactly as transformers' do (tests/test_devices.py)."""
+    if w.dtype != torch.float32 or w.device.type != "cpu":
+        return "linear"
     return "dup" if rows == 1 else "transposed"
 
 
 def linear(x, w, b=None):
     """x @ w.T + b, the product taken by the route of its shape."""
     rows = x.numel() // x.shape[-1]
-    route = "linear" if rows > MAX_ROUTED else ROUTES.get((rows, *w.shape, w.dtype)) or default_route(rows)
+    route = "linear" if rows > MAX_ROUTED else ROUTES.get((rows, *w.shape, w.dtype)) or default_route(rows, w)
     if route == "linear":
         return F.linear(x, w, b)
     y = PRODUCTS[route](x.reshape(rows, -1), w).contiguous().view(*x.shape[:-1], w.shape[0])  # (..., out)

@@ -13,6 +13,7 @@ from skip.adainfer_gen import generate_adainfer
 from skip.baselines import generate_early_exit, generate_skipdecode
 from skip.kangaroo import generate_kangaroo
 from skip.unified import generate_unified, kept_layers
+from conftest import VARIANTS, build_hf, transformers
 from test_kangaroo import random_adapter
 from test_unified import reference_decode
 
@@ -52,6 +53,24 @@ def test_every_method_runs_in_every_dtype_on_the_cpu(llama_dir, dtype):
         assert all(len(r) == 8 and all(0 <= t < model.cfg.vocab_size for t in r) for r in rows), name
     plain = generate(model, PROMPTS[:1], max_new_tokens=8, eos=[])[0]
     assert out["kangaroo, lens"] == plain or dtype != "float32"  # lossless is exact in fp32 (bf16 may round a tie)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_equals_transformers_bit_for_bit(tmp_path, variant, dtype):
+    """Loaded in bf16 or fp16 by both, the prompt's logits are identical and greedy decoding gives
+    the same tokens: the same casts (norms in fp32, RoPE angles in fp32 applied in the model's
+    dtype) and the same products (F.linear in half precision)."""
+    build_hf(*VARIANTS[variant]).save_pretrained(tmp_path, safe_serialization=True)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=getattr(torch, dtype)).eval()
+    ours = load_model(tmp_path, dtype)
+    for seed in range(2):
+        ids = torch.randint(3, ours.cfg.vocab_size, (1, 12), generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            assert torch.equal(ours(ids), hf(ids).logits)
+            ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                              eos_token_id=None, pad_token_id=hf.config.pad_token_id)[0, 12:].tolist()
+        assert generate(ours, [ids[0].tolist()], 12, eos=[])[0] == ref
 
 
 def test_a_device_this_machine_lacks_is_a_clear_error(llama_dir):
