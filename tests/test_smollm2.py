@@ -66,6 +66,17 @@ def test_greedy_chat_answer_identical_to_transformers(hf, ours):
 
 
 @torch.no_grad()
+def test_bf16_logits_bit_identical_and_answer_identical_to_transformers_bf16(smollm2_dir):
+    from transformers import AutoModelForCausalLM
+    hf = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.bfloat16).eval()
+    model, tok = load_model(smollm2_dir, "bfloat16"), load_tokenizer(smollm2_dir)
+    ids = encode_chat(tok, PROMPTS[1])
+    assert torch.equal(model(torch.tensor([ids])), hf(torch.tensor([ids])).logits)
+    ref = hf.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False, pad_token_id=2)[0, len(ids):]
+    assert generate(model, [ids], max_new_tokens=16)[0] == ref.tolist()
+
+
+@torch.no_grad()
 @pytest.mark.parametrize("num_beams", [2, 4])
 @pytest.mark.parametrize("no_repeat", [0, 3])
 def test_beam_search_identical_to_transformers(hf, ours, num_beams, no_repeat):
