@@ -1,7 +1,7 @@
 from pathlib import Path
 
 from .bpe import BPETokenizer
-from .chat import DEFAULT_SYSTEM, chatml, encode_chat
+from .chat import DEFAULT_SYSTEM, chatml, encode_chat, read_chat_template, render_chat
 from .sp import SentencePieceTokenizer
 
 
@@ -9,10 +9,14 @@ def load_tokenizer(model_dir):
     """The tokenizer files of a model directory: tokenizer.json (BPE) or tokenizer.model (SentencePiece)."""
     d = Path(model_dir)
     if (d / "tokenizer.json").exists():
-        return BPETokenizer.from_tokenizer_json(d / "tokenizer.json")
-    if (d / "tokenizer.model").exists():
-        return SentencePieceTokenizer(d / "tokenizer.model")
-    raise FileNotFoundError(f"{d} has neither tokenizer.json nor tokenizer.model")
+        tok = BPETokenizer.from_tokenizer_json(d / "tokenizer.json")
+    elif (d / "tokenizer.model").exists():
+        tok = SentencePieceTokenizer(d / "tokenizer.model")
+    else:
+        raise FileNotFoundError(f"{d} has neither tokenizer.json nor tokenizer.model")
+    tok.chat_template, tok.chat_tokens = read_chat_template(d)  # what encode_chat renders, if any
+    return tok
 
 
-__all__ = ["BPETokenizer", "DEFAULT_SYSTEM", "SentencePieceTokenizer", "chatml", "encode_chat", "load_tokenizer"]
+__all__ = ["BPETokenizer", "DEFAULT_SYSTEM", "SentencePieceTokenizer", "chatml", "encode_chat", "load_tokenizer",
+           "read_chat_template", "render_chat"]

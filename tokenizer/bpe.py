@@ -1,8 +1,10 @@
-"""Byte-level BPE (GPT-2 style), from scratch, with only the standard library.
+"""Byte-level BPE (GPT-2 and Llama-3 style), from scratch, with only the standard library.
 
 encode: split out special tokens (kept whole) -> pre-tokenize with the GPT-2 regex
-(optionally every digit alone first, as SmolLM2's tokenizer.json does) -> map each
-UTF-8 byte to a printable character (bytes_to_unicode) -> apply merges by rank.
+(optionally every digit alone first, as SmolLM2's tokenizer.json does) or Llama-3's regex ->
+map each UTF-8 byte to a printable character (bytes_to_unicode) -> apply merges by rank (with
+Llama-3's ignore_merges, a chunk that is itself a token stays whole) -> prepend what the
+post-processor adds (Llama-3: <|begin_of_text|>) unless add_special_tokens=False.
 Python's `re` has no \\p{L}; the letter / number / whitespace classes are built from
 unicodedata, with whitespace as Unicode's White_Space property (what Rust's \\s means).
 """
@@ -53,6 +55,18 @@ def gpt2_pattern() -> re.Pattern:
     return re.compile(rf"'s|'t|'re|'ve|'m|'ll|'d| ?[{L}]+| ?[{N}]+| ?[^{S}{L}{N}]+|[{S}]+(?![^{S}])|[{S}]+")
 
 
+# Llama 3's pre-tokenizer (a Split with this regex, then ByteLevel without its own regex)
+LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                r"\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+@functools.lru_cache(maxsize=1)
+def llama3_pattern() -> re.Pattern:
+    L, N, S = _char_class("L"), _char_class("N"), WHITE_SPACE
+    return re.compile(rf"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n{L}{N}]?[{L}]+|[{N}]{{1,3}}| ?[^{S}{L}{N}]+[\r\n]*|"
+                      rf"[{S}]*[\r\n]+|[{S}]+(?![^{S}])|[{S}]+")
+
+
 @functools.lru_cache(maxsize=1)
 def digit_pattern() -> re.Pattern:
     return re.compile(f"([{_char_class('N')}])")
@@ -60,7 +74,7 @@ def digit_pattern() -> re.Pattern:
 
 class BPETokenizer:
     def __init__(self, vocab: dict[str, int], merges: list[tuple[str, str]], specials: list[str],
-                 split_digits=False):
+                 split_digits=False, pattern="gpt2", ignore_merges=False, prefix=()):
         self.vocab = vocab
         self.id_to_token = {i: t for t, i in vocab.items()}
         self.ranks = {pair: r for r, pair in enumerate(merges)}
@@ -68,7 +82,8 @@ class BPETokenizer:
         self.special_ids = set(self.specials.values())
         by_length = sorted(specials, key=len, reverse=True)  # leftmost-longest match
         self.special_re = re.compile("(" + "|".join(map(re.escape, by_length)) + ")") if specials else None
-        self.split_digits = split_digits
+        self.split_digits, self.pattern, self.ignore_merges = split_digits, pattern, ignore_merges
+        self.prefix = list(prefix)  # ids the post-processor puts before the text (a BOS)
         self.byte_char = bytes_to_unicode()
         self.char_byte = {c: b for b, c in self.byte_char.items()}
         self._cache: dict[str, list[int]] = {}
@@ -77,7 +92,9 @@ class BPETokenizer:
     # ------------------------------------------------------------ loading
     @classmethod
     def from_tokenizer_json(cls, path):
-        """A HF tokenizer.json with a BPE model and a ByteLevel (optionally Digits) pre-tokenizer."""
+        """A HF tokenizer.json with a byte-level BPE model: GPT-2's ByteLevel pre-tokenizer (optionally
+        after Digits, as SmolLM2's) or Llama 3's Split + ByteLevel; a TemplateProcessing
+        post-processor's leading special tokens (Llama 3's BOS) become the prefix."""
         spec = json.loads(Path(path).read_text())
         model = spec["model"]
         if model.get("type") != "BPE" or model.get("byte_fallback") or model.get("continuing_subword_prefix"):
@@ -85,12 +102,25 @@ class BPETokenizer:
         pre = spec.get("pre_tokenizer") or {}
         steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
         kinds = [s.get("type") for s in steps]
-        if kinds not in (["ByteLevel"], ["Digits", "ByteLevel"]) or not steps[-1].get("use_regex", True) \
-                or steps[-1].get("add_prefix_space") or (kinds[0] == "Digits" and not steps[0]["individual_digits"]):
+        llama3 = kinds == ["Split", "ByteLevel"] and steps[0].get("pattern", {}).get("Regex") == LLAMA3_REGEX \
+            and steps[0].get("behavior") == "Isolated" and not steps[0].get("invert") and not steps[1].get("use_regex")
+        gpt2 = kinds in (["ByteLevel"], ["Digits", "ByteLevel"]) and steps[-1].get("use_regex", True) \
+            and (kinds[0] != "Digits" or steps[0]["individual_digits"])
+        if not (llama3 or gpt2) or steps[-1].get("add_prefix_space"):
             raise ValueError(f"{path}: unsupported pre_tokenizer {pre}")
         merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
         specials = [t["content"] for t in spec.get("added_tokens", []) if t.get("special")]
-        return cls(model["vocab"], merges, specials, split_digits=kinds[0] == "Digits")
+        post = spec.get("post_processor") or {}
+        procs = post.get("processors", [post]) if post.get("type") == "Sequence" else [post]
+        prefix = []
+        for proc in procs:
+            if proc.get("type") == "TemplateProcessing":
+                for item in proc["single"]:
+                    if "Sequence" in item:
+                        break
+                    prefix += proc["special_tokens"][item["SpecialToken"]["id"]]["ids"]
+        return cls(model["vocab"], merges, specials, split_digits=kinds[0] == "Digits",
+                   pattern="llama3" if llama3 else "gpt2", ignore_merges=bool(model.get("ignore_merges")), prefix=prefix)
 
     @classmethod
     def from_gguf(cls, path):
@@ -113,7 +143,8 @@ class BPETokenizer:
     # ------------------------------------------------------------ encode / decode
     def pre_tokenize(self, text: str) -> list[str]:
         parts = digit_pattern().split(text) if self.split_digits else [text]
-        return [chunk for part in parts if part for chunk in gpt2_pattern().findall(part)]
+        pattern = llama3_pattern() if self.pattern == "llama3" else gpt2_pattern()
+        return [chunk for part in parts if part for chunk in pattern.findall(part)]
 
     def _bpe(self, chunk: str) -> list[int]:
         if chunk in self._cache:
@@ -127,6 +158,8 @@ class BPETokenizer:
             warnings.warn(f"byte(s) {', '.join(f'0x{b:02x}' for b in sorted(new))} of {chunk!r} have no token in "
                           "this vocabulary and are dropped (as the tokenizers library does)", stacklevel=3)
         word = [c for c in (self.byte_char[b] for b in data) if c in self.vocab]
+        if self.ignore_merges and "".join(word) in self.vocab:  # Llama 3: a chunk that is a token stays whole
+            word = ["".join(word)]
         while len(word) > 1:
             pairs = [(self.ranks.get(p, float("inf")), p) for p in zip(word, word[1:])]
             rank, best = min(pairs, key=lambda rp: rp[0])
@@ -145,12 +178,12 @@ class BPETokenizer:
         self._cache[chunk] = ids
         return ids
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens=True) -> list[int]:
         lone = re.search("[\ud800-\udfff]", text)
         if lone:  # not Unicode: it has no UTF-8 bytes to tokenize
             raise ValueError(f"text holds a lone surrogate U+{ord(lone.group()):04X} at index {lone.start()}; "
                              "it is not valid Unicode (is the input valid UTF-8?)")
-        ids = []
+        ids = list(self.prefix) if add_special_tokens else []
         pieces = self.special_re.split(text) if self.special_re else [text]
         for piece in pieces:
             if piece in self.specials:

@@ -1,9 +1,20 @@
-"""SmolLM2's chat format (ChatML), as its chat template renders it:
-a default system message when the conversation has none, then
-<|im_start|>{role}\\n{content}<|im_end|>\\n per message, then <|im_start|>assistant\\n."""
+"""Chat prompts: the model's own chat template where it ships one (tokenizer_config.json's
+"chat_template", rendered with jinja2 as transformers' apply_chat_template renders it), else
+ChatML, SmolLM2's format: a default system message when the conversation has none, then
+<|im_start|>{role}\\n{content}<|im_end|>\\n per message, then <|im_start|>assistant\\n.
+jinja2 is an optional dependency (the `chat` extra); without it a shipped template is not
+used, and the first chat prompt says so."""
 from __future__ import annotations
 
+import functools
+import importlib.util
+import json
+import warnings
+from datetime import datetime
+from pathlib import Path
+
 DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
 
 
 def chatml(messages, add_generation_prompt=True, default_system=DEFAULT_SYSTEM) -> str:
@@ -19,6 +30,59 @@ def chatml(messages, add_generation_prompt=True, default_system=DEFAULT_SYSTEM) 
     return "".join(out)
 
 
+def read_chat_template(model_dir):
+    """(template or None, {bos_token: ..., eos_token: ...}) from tokenizer_config.json; a list of
+    named templates gives the one named "default"."""
+    path = Path(model_dir) / "tokenizer_config.json"
+    if not path.exists():
+        return None, {}
+    cfg = json.loads(path.read_text())
+    template = cfg.get("chat_template")
+    if isinstance(template, list):
+        template = {t["name"]: t["template"] for t in template}.get("default")
+    tokens = {k: v if isinstance(v, str) else (v or {}).get("content") for k, v in cfg.items() if k in SPECIAL_KEYS}
+    return template, tokens
+
+
+def _raise(message):
+    from jinja2.exceptions import TemplateError
+    raise TemplateError(message)
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled(template):
+    # the environment of transformers' apply_chat_template: sandboxed, trim_blocks, lstrip_blocks,
+    # loop controls, raise_exception, strftime_now, and a tojson that keeps non-ASCII
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.filters["tojson"] = lambda x, indent=None, separators=None, sort_keys=False: json.dumps(
+        x, ensure_ascii=False, indent=indent, separators=separators, sort_keys=sort_keys)
+    env.globals.update(raise_exception=_raise, strftime_now=lambda fmt: datetime.now().strftime(fmt))
+    return env.from_string(template)
+
+
+def render_chat(template, messages, add_generation_prompt=True, **tokens) -> str:
+    """A chat template rendered as transformers renders it (tokens: bos_token, eos_token, ...)."""
+    if not messages:
+        raise ValueError("a chat needs at least one message")
+    return _compiled(template).render(messages=messages, add_generation_prompt=add_generation_prompt, **tokens)
+
+
+@functools.lru_cache(maxsize=1)
+def _have_jinja2():
+    return importlib.util.find_spec("jinja2") is not None
+
+
 def encode_chat(tok, user_message) -> list[int]:
-    """Token ids of a one-turn chat prompt: the user's message, then the assistant's turn opens."""
-    return tok.encode(chatml([{"role": "user", "content": user_message}]))
+    """Token ids of a one-turn chat prompt: the user's message, then the assistant's turn opens;
+    through the tokenizer's chat template (load_tokenizer attaches it) or ChatML."""
+    messages = [{"role": "user", "content": user_message}]
+    template = getattr(tok, "chat_template", None)
+    if template and _have_jinja2():  # the template writes its own BOS: no special tokens added
+        return tok.encode(render_chat(template, messages, **tok.chat_tokens), add_special_tokens=False)
+    if template and not getattr(tok, "warned_chat", False):
+        tok.warned_chat = True
+        warnings.warn("the model's chat template needs jinja2 (pip install jinja2); using ChatML instead",
+                      stacklevel=2)
+    return tok.encode(chatml(messages))
