@@ -51,7 +51,7 @@ def reference_decode(model, prompts, layer_sets_for, n_new):
     outs = [[] for _ in prompts]
     for _ in range(n_new):
         seqs = [p + o for p, o in zip(prompts, outs)]
-        ids, mask = left_pad(seqs, 0)
+        ids, mask = left_pad(seqs, 0, model.device)
         T_prompt = ids.shape[1] - len(outs[0])
         runs = prompt_then(model.cfg.n_layers, T_prompt, [layer_sets_for(i) for i in range(len(outs[0]))])
         nxt = layerwise_forward(model, ids, runs, mask)[:, -1].argmax(-1)
