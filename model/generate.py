@@ -7,7 +7,6 @@ import math
 import torch
 
 
-
 def filter_logits(logits, top_k=0, top_p=1.0):
     """Mask to -inf all but the top_k tokens, then all but the smallest set whose
     probability reaches top_p (the most likely token always stays). logits (B, V)."""

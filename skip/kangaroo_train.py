@@ -230,7 +230,8 @@ def main(argv=None):
     train_idx, test_idx = list(range(a.held_out, len(seqs))), list(range(a.held_out))
 
     rc = RECIPES[a.recipe]
-    adapter = (Adapter.from_model(model, a.l) if rc["init"] == "from_model" else Adapter(model.cfg, a.l)).to(model.device, model.dtype)
+    adapter = Adapter.from_model(model, a.l) if rc["init"] == "from_model" else Adapter(model.cfg, a.l)
+    adapter = adapter.to(model.device, model.dtype)
     before = agreement(model, adapter, states, seqs, test_idx, model.device)
     losses = train(model, adapter, states, seqs, train_idx, a.steps, a.minutes, a.batch, a.seed, a.recipe, a.lr)
     after = agreement(model, adapter, states, seqs, test_idx, model.device)

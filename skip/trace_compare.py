@@ -80,8 +80,8 @@ def compare_layer_runs(ref_runs, oth_runs, T, atol, rtol):
         return f"prompt position {slot}" if slot < T else f"slot {slot} (decode step {slot - T})"
     for (sa, la, na), (sb, lb, nb) in zip(ref_runs, oth_runs):
         if (sa, la, len(na)) != (sb, lb, len(nb)):
-            return (f"the method runs other layers first at {at(sa)}: reference layer {la} on slots {sa}..{sa + len(na) - 1}, "
-                    f"other layer {lb} on slots {sb}..{sb + len(nb) - 1}")
+            return (f"the method runs other layers first at {at(sa)}: reference layer {la} on slots "
+                    f"{sa}..{sa + len(na) - 1}, other layer {lb} on slots {sb}..{sb + len(nb) - 1}")
         for j, (a, b) in enumerate(zip(na, nb)):
             if not abs(a - b) <= atol + rtol * abs(a):
                 return (f"inside the method, the hidden state diverges first at {at(sa + j)}, layer {la}: "

@@ -209,8 +209,8 @@ def test_chat_prompts_render_the_shipped_template_as_transformers(which, llama3_
     from transformers import AutoTokenizer
     d = {"llama3": llama3_dir, "llama2": llama2_dir, "smollm2": smollm2_dir}[which]
     ours = load_tokenizer(d)
-    hf = AutoTokenizer.from_pretrained(d) if which != "llama2" else __import__("transformers").LlamaTokenizer.from_pretrained(
-        d, add_bos_token=True)
+    from transformers import LlamaTokenizer
+    hf = LlamaTokenizer.from_pretrained(d, add_bos_token=True) if which == "llama2" else AutoTokenizer.from_pretrained(d)
     hf.chat_template = ours.chat_template
     for message in ("Hi!", "  Name three colours.\n"):
         ref = hf.apply_chat_template([{"role": "user", "content": message}], add_generation_prompt=True,

@@ -111,7 +111,8 @@ def quality(m, tok, summ, trans, texts, full_argmax, max_new, beams):
     for i, (prompt, response) in enumerate(texts):
         logits = m.forced_logits(prompt, response).float()
         agree += int((logits.argmax(-1) == full_argmax[i]).sum())
-        nll += float(torch.nn.functional.cross_entropy(logits, torch.tensor(response, device=logits.device), reduction="sum"))
+        target = torch.tensor(response, device=logits.device)
+        nll += float(torch.nn.functional.cross_entropy(logits, target, reduction="sum"))
         n += len(response)
     return {**out["greedy"], "beam": out.get("beam"), "agreement": agree / n,
             "perplexity": float(torch.exp(torch.tensor(nll / n))),

@@ -54,7 +54,8 @@ PROMPTS = [
 def measure(model, ids, fn):
     """(tokens, layer-token evaluations after the prompt, decode FLOPs, decode seconds)."""
     t0 = time.perf_counter()
-    model(torch.tensor([ids], device=model.device), last_only=True)[0, -1, 0].item()  # the prompt pass alone, to subtract
+    # the prompt pass alone, to subtract (.item() waits for a GPU to finish it)
+    model(torch.tensor([ids], device=model.device), last_only=True)[0, -1, 0].item()
     t1 = time.perf_counter()
     with model.recording() as runs:
         tokens = fn(ids)
