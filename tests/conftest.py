@@ -72,6 +72,21 @@ def llama_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_chat_dir(tmp_path_factory, smollm2_dir):
+    """A tiny random Llama (4 layers, d=16) with SmolLM2's vocabulary, tokenizer and chat template:
+    the command-line tools run on it in a moment, in every dtype."""
+    import shutil
+    path = tmp_path_factory.mktemp("tiny_chat")
+    kw = dict(LLAMA, vocab_size=49152, hidden_size=16, num_attention_heads=2, num_key_value_heads=1,
+              intermediate_size=32, max_position_embeddings=4096, eos_token_id=2, pad_token_id=2,
+              tie_word_embeddings=True)
+    build_hf("llama", kw).save_pretrained(path, safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(smollm2_dir / name, path / name)
+    return path
+
+
+@pytest.fixture(scope="session")
 def data_dir():
     """The benchmark data beside the project (../shared/data); tests that read it skip without it."""
     if not DATA.exists():

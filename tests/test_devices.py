@@ -81,20 +81,25 @@ def test_a_device_this_machine_lacks_is_a_clear_error(llama_dir):
         load_model(llama_dir, device="gpu0")
 
 
-@pytest.mark.parametrize("argv", [
-    ["python -m model", "generate", "--prompt", "hi", "--max-new-tokens", "3"],
-    ["python -m skip.trace", "write", "--prompt", "hi", "--max-new-tokens", "3", "--out", "{tmp}/t"],
-])
+CLIS = {  # module: arguments of a small run
+    "model.__main__": ["generate", "--prompt", "hi", "--max-new-tokens", "3"],
+    "skip.trace": ["write", "--prompt", "hi", "--max-new-tokens", "3", "--out", "{tmp}/t"],
+    "skip.harness.eval_adainfer": ["--tasks", "antonym:0", "--n-train", "4", "--n-test", "4", "--time-n", "1",
+                                   "--out", "{tmp}"],
+}
+
+
+@pytest.mark.parametrize("module", list(CLIS))
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_clis_take_device_and_dtype(smollm2_dir, tmp_path, argv, dtype, capsys):
-    import model.__main__
-    import skip.trace
-    main = {"python -m model": model.__main__.main, "python -m skip.trace": skip.trace.main}[argv[0]]
-    main([a.format(tmp=tmp_path) for a in argv[1:]] + ["--model", str(smollm2_dir), "--device", "cpu",
-                                                        "--dtype", dtype])
-    with pytest.raises(SystemExit) as e:
-        main([a.format(tmp=tmp_path) for a in argv[1:]] + ["--model", str(smollm2_dir), "--device", "cuda:99"])
-    assert e.value.code == 2 and "not available on this machine" in capsys.readouterr().err
+def test_clis_run_in_every_dtype(tiny_chat_dir, data_dir, tmp_path, module, dtype, capsys):
+    import importlib
+    main = importlib.import_module(module).main
+    args = [a.format(tmp=tmp_path) for a in CLIS[module]] + ["--model", str(tiny_chat_dir)]
+    main(args + ["--device", "cpu", "--dtype", dtype])
+    if module in ("model.__main__", "skip.trace"):  # the two that answer bad input with status 2
+        with pytest.raises(SystemExit) as e:
+            main(args + ["--device", "cuda:99"])
+        assert e.value.code == 2 and "not available on this machine" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("module", ["skip.harness." + m for m in ("bench", "bench_decoder", "bench_exit", "bench_kangaroo",
