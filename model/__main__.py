@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import codecs
-import json
 import sys
 import time
 from pathlib import Path
@@ -26,9 +25,7 @@ def open_model(path, dtype="float32", device="cpu"):
         hint = " (run `make weights` first)" if path == DEFAULT_MODEL else ""
         sys.exit(f"error: no model at {path}{hint}")
     tok = load_tokenizer(path)
-    tc = path / "tokenizer_config.json"
-    chat = tc.exists() and bool(json.loads(tc.read_text()).get("chat_template"))
-    return load_model(path, dtype, device=device), tok, chat
+    return load_model(path, dtype, device=device), tok, bool(tok.chat_template)
 
 
 def stream(model, tok, ids, out=None, **kw):

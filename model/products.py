@@ -47,6 +47,12 @@ def linear(x, w, b=None):
     return y if b is None else y + b
 
 
+def sync():
+    """Wait for queued GPU work, so that a timer sees it (a no-op without CUDA)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 @torch.inference_mode()
 def tune_products(model, rows=range(1, MAX_ROUTED + 1), reps=9, ctx=128):
     """For each row count, time a whole forward pass of that many tokens after ctx cached ones
@@ -66,8 +72,7 @@ def tune_products(model, rows=range(1, MAX_ROUTED + 1), reps=9, ctx=128):
                 ROUTES.update({(n, *s): r for s in shapes})
                 t0 = time.perf_counter()
                 model(ids, cache=cache, start=ctx, last_only=True)
-                if dev.type == "cuda":  # the timer must see the queued work
-                    torch.cuda.synchronize()
+                sync()
                 if i:  # the first round warms up
                     times[r].append(time.perf_counter() - t0)
                 cache.crop(ctx)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from model import add_load_args, load_model, tune_products
-from model.products import linear
+from model.products import linear, sync
 from model.files import write_text_atomic
 
 from .. import DEFAULT_MODEL, RUNS
@@ -45,12 +45,6 @@ def interleaved_ms(fns, runs, setup=lambda i: None):
             if r:
                 times[i].append(time.perf_counter() - t0)
     return [statistics.median(t) * 1000 for t in times]
-
-
-def sync():
-    """Wait for queued GPU work, so that a timer sees it (a no-op on the CPU)."""
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 def tune(model):

@@ -29,12 +29,13 @@ import torch
 from tqdm import tqdm
 
 from model import add_load_args, flops, generate, load_model
+from model.products import sync
 from model.files import write_text_atomic
 from tokenizer import encode_chat, load_tokenizer
 
 from .. import DEFAULT_MODEL, RUNS, WEIGHTS
 from ..kangaroo import generate_kangaroo, load_adapter
-from .bench_decoder import sync, tune
+from .bench_decoder import tune
 from .data import SPECBENCH, specbench
 
 

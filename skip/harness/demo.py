@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from model import add_load_args, flops, generate, load_model
 from model.files import write_text_atomic
+from model.products import sync
 from tokenizer import encode_chat, load_tokenizer
 
 from .. import DEFAULT_MODEL, WEIGHTS
@@ -54,8 +55,8 @@ PROMPTS = [
 def measure(model, ids, fn):
     """(tokens, layer-token evaluations after the prompt, decode FLOPs, decode seconds)."""
     t0 = time.perf_counter()
-    # the prompt pass alone, to subtract (.item() waits for a GPU to finish it)
-    model(torch.tensor([ids], device=model.device), last_only=True)[0, -1, 0].item()
+    model(torch.tensor([ids], device=model.device), last_only=True)  # the prompt pass alone, to subtract
+    sync()
     t1 = time.perf_counter()
     with model.recording() as runs:
         tokens = fn(ids)

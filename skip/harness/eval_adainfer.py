@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from model import add_load_args, flops, load_model
 from model.files import atomic_file, cache_key, device_tag, write_text_atomic
+from model.products import sync
 from tokenizer import load_tokenizer
 
 from .. import DEFAULT_MODEL, RUNS
@@ -87,7 +88,8 @@ def wall_clock(model, encoded, clf, vocab_of):
     t_full = t_ada = 0.0
     for ids, _, choices in encoded:
         t0 = time.perf_counter()
-        model(torch.tensor([ids], device=model.device), last_only=True)[0, -1, 0].item()
+        model(torch.tensor([ids], device=model.device), last_only=True)
+        sync()
         t1 = time.perf_counter()
         predict(model, ids, clf, vocab_of(choices))
         t_ada += time.perf_counter() - t1

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from model import add_load_args, flops, load_model
 from model.files import write_text_atomic
+from model.products import sync
 from tokenizer import encode_chat, load_tokenizer
 
 from .. import DEFAULT_MODEL, RUNS
@@ -43,7 +44,8 @@ def run(model, prompts, max_new, **kw):
     with model.recording() as runs:
         for p in prompts:
             t0 = time.perf_counter()
-            model(torch.tensor([p], device=model.device), last_only=True)[0, -1, 0].item()
+            model(torch.tensor([p], device=model.device), last_only=True)
+            sync()
             t1 = time.perf_counter()
             outs.append(generate_adainfer(model, p, max_new_tokens=max_new, eos=[], **kw))
             secs += time.perf_counter() - t1 - (t1 - t0)
