@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip install -q --disable-pip-version-check
 STAMP  := $(VENV)/.installed
 MODEL  := weights/smollm2-135m-instruct
 
-.PHONY: setup weights test test-gpu demo bench bench-quick bench-decoder finetune-skipping bench-skipping kangaroo bench-kangaroo clean
+.PHONY: setup weights test test-gpu test-clis demo bench bench-quick bench-decoder finetune-skipping bench-skipping kangaroo bench-kangaroo clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,11 @@ test: weights
 # skips where its device is missing. PY=python3 runs it with a CUDA build of torch instead.
 test-gpu: weights
 	$(PY) -m pytest -q -m gpu -rs
+
+# The CLI lane: every benchmark's command line on a tiny model in fp32, bf16 and fp16 (minutes;
+# `make test` runs the other command lines in the three dtypes).
+test-clis: weights
+	$(PY) -m pytest -q -m clis
 
 # The three methods side by side on four built-in prompts (under 5 minutes on 2 cores).
 demo: weights

@@ -42,7 +42,8 @@ class Norm(nn.Module):
 
 
 def rope_inv_freq(cfg: Config) -> torch.Tensor:
-    inv = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim)
+    # on the CPU even while the loader builds the model on meta; moved to the positions' device on first use
+    inv = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32, device="cpu") / cfg.head_dim)
     if cfg.rope_type == "linear":  # positions / factor == frequencies / factor
         return inv / cfg.rope_factor
     if cfg.rope_type == "llama3":  # Llama 3.1: slow down low frequencies, keep high ones, blend between
@@ -90,8 +91,18 @@ def attention_mask(mask, start, T, device="cpu"):
 
 
 class Linear(nn.Linear):
+    def reset_parameters(self):  # the loader builds on meta and fills every tensor from the file, and
+        if not self.weight.is_meta:  # a random init on meta would import torch._dynamo (seconds)
+            super().reset_parameters()
+
     def forward(self, x):
         return linear(x, self.weight, self.bias)
+
+
+class Embedding(nn.Embedding):
+    def reset_parameters(self):
+        if not self.weight.is_meta:  # as Linear
+            super().reset_parameters()
 
 
 # ---------------------------------------------------------------- attention, MLP, block
@@ -182,13 +193,13 @@ class Decoder(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
         self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.embed_dim)
-        self.pos_embed = nn.Embedding(cfg.max_seq_len + cfg.pos_offset, cfg.dim) if cfg.pos == "learned" else None
+        self.embed = Embedding(cfg.vocab_size, cfg.embed_dim)
+        self.pos_embed = Embedding(cfg.max_seq_len + cfg.pos_offset, cfg.dim) if cfg.pos == "learned" else None
         self.proj_in = Linear(cfg.embed_dim, cfg.dim, bias=False) if cfg.embed_dim != cfg.dim else None
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = Norm(cfg) if cfg.final_norm else None
         self.proj_out = Linear(cfg.dim, cfg.embed_dim, bias=False) if cfg.embed_dim != cfg.dim else None
-        self.head = nn.Linear(cfg.embed_dim, cfg.vocab_size, bias=False)
+        self.head = Linear(cfg.embed_dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
         # fp32 frequencies kept as a plain attribute, not a buffer, so model.to(bf16) never rounds them

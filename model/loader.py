@@ -16,11 +16,12 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import load_config
-from .decoder import Decoder, rope_inv_freq
+from .decoder import Decoder
 
 
 class LoadError(ValueError):
@@ -158,9 +159,10 @@ def load_model(path, dtype="float32", allow_nonfinite=False, device="cpu") -> De
 
     with torch.device("meta"):  # shapes only: no fp32 copy of the weights is ever made
         model = Decoder(cfg)
-    model = model.to(DTYPES[dtype]).to_empty(device=device)
-    model.inv_freq = rope_inv_freq(cfg)  # built on meta above; fp32, like every RoPE computation
-    if cfg.tie_embeddings:  # to_empty gives each module its own tensor
+    for module in model.modules():  # uninitialised, in dtype on device (module.to_empty would take
+        for name, p in module.named_parameters(recurse=False):  # seconds: on meta it imports sympy)
+            setattr(module, name, nn.Parameter(torch.empty(p.shape, dtype=DTYPES[dtype], device=device)))
+    if cfg.tie_embeddings:  # each module got its own tensor
         model.head.weight = model.embed.weight
     ours = {hf_name(cfg.arch, k): t for k, t in model.state_dict().items()}
     if cfg.tie_embeddings:

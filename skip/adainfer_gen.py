@@ -25,6 +25,8 @@ from .exit_decode import ExitDecode, decode_with_exit
 @dataclass
 class GenResult(ExitDecode):
     traces: list[Trace] = field(default_factory=list)  # with collect=True: per token that ran every layer
+    # per token fed back: [layer, FEATURES row, top-1 id] at each layer whose features were computed
+    checks: list[list] = field(default_factory=list)
 
 
 class StopCheck:
@@ -33,7 +35,7 @@ class StopCheck:
     def __init__(self, model, h0, clf, checks, vocab, collect):
         self.model, self.clf, self.checks, self.collect = model, clf, checks, collect
         self.vocab, self.ids_of = vocab  # (V',) on the model's device and the same ids on the host, or None, None
-        self.stream, self.state, self.rows, self.top1, self.trace = LayerStream(h0), None, [], [], None
+        self.stream, self.state, self.rows, self.top1, self.layers, self.trace = LayerStream(h0), None, [], [], [], None
 
     def __call__(self, layer, h, attn_out, mlp_out):
         model, vocab, L = self.model, self.vocab, self.model.cfg.n_layers
@@ -52,6 +54,7 @@ class StopCheck:
         row, idx = self.stream.row(cheap)
         self.rows.append(row)
         self.top1.append(idx if vocab is None else self.ids_of[idx])
+        self.layers.append(layer)
         if checked:
             self.state, stop = self.clf.step(self.state, self.clf.pick(row))
             if stop:  # through the cheap head, a stop stands only if the full head agrees
@@ -76,4 +79,5 @@ def generate_adainfer(model, prompt, clf=None, max_new_tokens=32, check_every=1,
         passes.append(StopCheck(model, h, clf, checks, cheap, collect))
         return passes[-1]
     res = decode_with_exit(model, prompt, new_check, max_new_tokens, eos, fill=fill)
-    return GenResult(**vars(res), traces=[c.trace for c in passes if c.trace is not None])
+    return GenResult(**vars(res), traces=[c.trace for c in passes if c.trace is not None],
+                     checks=[[list(x) for x in zip(c.layers, c.rows, c.top1)] for c in passes])

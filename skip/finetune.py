@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from model import add_load_args, load_model, save_model
+from model import add_load_args, load_config, load_model, save_model
 from model.files import OutputExists, atomic_dir, check_target
 from tokenizer import encode_chat, load_tokenizer
 
@@ -33,8 +33,9 @@ from .layerwise import layerwise_forward, prompt_then
 from .unified import kept_layers
 
 
-def training_pairs(tok, data_dir=DATA, max_tokens=256, seed=0):
-    """(prompt ids, response ids) from AlpacaEval and GSM8K train, shuffled with a seed."""
+def training_pairs(tok, data_dir=DATA, max_tokens=256, seed=0, n=None):
+    """(prompt ids, response ids) from AlpacaEval and GSM8K train, shuffled with a seed; the first
+    n that fit (tokenizing all 8,278 texts takes a while; a run of n steps uses n pairs)."""
     rows = [json.loads(line) for line in (Path(data_dir) / "alpaca" / "alpaca_eval.jsonl").open()]
     texts = [(r["instruction"], r["output"]) for r in rows]
     rows = [json.loads(line) for line in (Path(data_dir) / "gsm8k" / "train.jsonl").open()]
@@ -46,6 +47,8 @@ def training_pairs(tok, data_dir=DATA, max_tokens=256, seed=0):
         r = tok.encode(response + "<|im_end|>")
         if len(p) + 8 <= max_tokens:
             pairs.append((p, r[:max_tokens - len(p)]))
+            if len(pairs) == n:
+                break
     return pairs
 
 
@@ -77,14 +80,43 @@ def set_lr(opt, lr, step, steps, warmup, t0, minutes=None):
     return done < 1.0
 
 
+class MixedPrecision:
+    """What the optimiser steps. In fp32 the parameters themselves. In bf16 and fp16, fp32 master
+    copies, copied back after each step: an AdamW update of lr 3e-5 is below a half-precision
+    weight's resolution and would be lost. In fp16 also a static loss scale, since its gradients
+    underflow; a step whose fp16 gradients are not finite is skipped."""
+
+    def __init__(self, params, dtype):
+        self.params, self.half = list(params), dtype != torch.float32
+        self.master = [p.detach().float().requires_grad_() for p in self.params] if self.half else self.params
+        self.scale = 2.0 ** 12 if dtype == torch.float16 else 1.0
+
+    def backward(self, loss):
+        """loss.backward() into the master gradients; False if the step must be skipped."""
+        (loss * self.scale).backward()
+        if not self.half:
+            return True
+        for m, p in zip(self.master, self.params):
+            m.grad, p.grad = (None if p.grad is None else p.grad.float() / self.scale), None
+        grads = [m.grad.abs().max() for m in self.master if m.grad is not None]
+        return self.scale == 1.0 or bool(torch.isfinite(torch.stack(grads)).all())
+
+    @torch.no_grad()
+    def copy_back(self):
+        if self.half:
+            for m, p in zip(self.master, self.params):
+                p.copy_(m)
+
+
 def finetune(model, pairs, layer_sets, steps, minutes=None, lr=2e-5, warmup=20, clip=1.0, desc="fine-tune"):
-    """AdamW with linear warmup and cosine decay, gradient clipping; embeddings frozen.
-    Stops after `steps` steps or `minutes` minutes, whichever comes first. Returns the losses."""
+    """AdamW with linear warmup and cosine decay, gradient clipping; embeddings frozen; in half
+    precision with fp32 master weights (MixedPrecision). Stops after `steps` steps or `minutes`
+    minutes, whichever comes first. Returns the losses."""
     model.train()
     for name, p in model.named_parameters():
         p.requires_grad_(not name.startswith(("embed.", "pos_embed.", "head.")))
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    mp = MixedPrecision([p for p in model.parameters() if p.requires_grad], model.dtype)
+    opt = torch.optim.AdamW(mp.master, lr=lr, weight_decay=0.0)
     bar, losses, t0 = tqdm(total=steps, desc=desc), [], time.perf_counter()
     for step in range(steps):
         if not set_lr(opt, lr, step, steps, warmup, t0, minutes):
@@ -92,9 +124,10 @@ def finetune(model, pairs, layer_sets, steps, minutes=None, lr=2e-5, warmup=20, 
         prompt, response = pairs[step % len(pairs)]
         loss = response_loss(model, prompt, response, layer_sets)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, clip)
-        opt.step()
+        if mp.backward(loss):
+            torch.nn.utils.clip_grad_norm_(mp.master, clip)
+            opt.step()
+            mp.copy_back()
         losses.append(loss.item())
         bar.set_postfix(loss=sum(losses[-20:]) / len(losses[-20:]), refresh=False)
         bar.update()
@@ -103,6 +136,13 @@ def finetune(model, pairs, layer_sets, steps, minutes=None, lr=2e-5, warmup=20, 
     for p in model.parameters():
         p.requires_grad_(False)
     return losses
+
+
+def tuned_checkpoint(cfg, method, r):
+    """weights/<method>-<r>x if a completed fine-tune (finetune.json, written last) of a model with
+    this config is there, else None: a checkpoint of another model is not this one's fine-tune."""
+    ck = WEIGHTS / f"{method}-{r}x"
+    return ck if (ck / "finetune.json").exists() and load_config(ck) == cfg else None
 
 
 def main(argv=None):
@@ -128,7 +168,7 @@ def main(argv=None):
     except OutputExists as e:
         ap.error(str(e))
     model = load_model(a.model, a.dtype, device=a.device)
-    pairs = training_pairs(load_tokenizer(a.model), max_tokens=a.max_tokens, seed=a.seed)
+    pairs = training_pairs(load_tokenizer(a.model), max_tokens=a.max_tokens, seed=a.seed, n=a.steps)
     if not pairs:
         ap.error(f"no training prompt fits --max-tokens {a.max_tokens} with room for a response")
     layer_sets = response_layer_sets(a.method, model.cfg.n_layers, a.r)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -169,6 +170,7 @@ class Drafter:
     temperature: float
     top_p: float
     generator: torch.Generator | None
+    observe: Callable | None = None  # sees every draft and verification distribution (for traces)
 
 
 @dataclass
@@ -212,6 +214,8 @@ def draft(d: Drafter, st: State, budget, eta):
         if step == budget or conf < eta:
             break
         z = draft_logits(d, st, h_l, slot)  # (V')
+        if d.observe is not None:
+            d.observe("draft", h_l, z, d.vocab)
         if d.temperature == 0:
             j = int(z.argmax())
             conf = float(z.float().softmax(-1)[j])
@@ -229,8 +233,11 @@ def verify(d: Drafter, st: State, hs):
     """Layers [l, L) once on the k + 1 exited states (M^s never runs twice on a slot): M's logits (k + 1, V)."""
     model = d.model
     pos = torch.arange(st.n, st.n + len(hs), device=hs[0].device)[None]  # (1, k + 1)
-    h = model.run_layers(torch.cat(hs, 1), pos, range(d.l, model.cfg.n_layers), st.cache, start=st.n)
-    return model.logits(h)[0]
+    h_l = torch.cat(hs, 1)  # (1, k + 1, d)
+    logits = model.logits(model.run_layers(h_l, pos, range(d.l, model.cfg.n_layers), st.cache, start=st.n))[0]
+    if d.observe is not None:
+        d.observe("verify", h_l, logits, None)
+    return logits
 
 
 def kangaroo_round(d: Drafter, st: State, budget, eta):
@@ -252,7 +259,8 @@ def kangaroo_round(d: Drafter, st: State, budget, eta):
 
 @torch.inference_mode()
 def generate_kangaroo(model, prompt, adapter=None, l=None, max_new_tokens=64, gamma=6, eta=0.6,
-                      draft_vocab=None, temperature=0.0, top_p=1.0, generator=None, eos=None, on_round=None):
+                      draft_vocab=None, temperature=0.0, top_p=1.0, generator=None, eos=None, on_round=None,
+                      observe=None):
     """Kangaroo decoding of one prompt (a list of token ids).
 
     adapter=None drafts with M's own final norm and head on h_l (self-speculation without an
@@ -260,7 +268,10 @@ def generate_kangaroo(model, prompt, adapter=None, l=None, max_new_tokens=64, ga
     adapter's K most frequent tokens (the extension for models whose head dominates a draft
     step); verification always uses the full head, so the output does not change (eta then
     applies to the draft's probability renormalised over those K tokens).
-    on_round(tokens, caches) is called after each round's crop (for tests)."""
+    on_round(tokens, caches) is called after each round's crop (for tests); observe(kind, h_l,
+    logits, ids) sees each draft ("draft": its exited state (1, 1, d), the draft head's logits (V'),
+    the token id of each of their rows or None for all V) and each verification ("verify": the
+    k + 1 exited states (1, k + 1, d), M's logits (k + 1, V), None), as skip/trace.py records them."""
     cfg, L = model.cfg, model.cfg.n_layers
     l = adapter.l if adapter is not None else l
     if l is None or not 0 < l < L:
@@ -277,7 +288,8 @@ def generate_kangaroo(model, prompt, adapter=None, l=None, max_new_tokens=64, ga
             raise ValueError(f"draft_vocab={draft_vocab} needs an adapter with that many frequent tokens")
         vocab = adapter.frequent[:draft_vocab].to(model.device)
         W = W[vocab].contiguous()  # (K, d), gathered once, not per step
-    d = Drafter(model, adapter, l, W, vocab, None if vocab is None else vocab.tolist(), temperature, top_p, generator)
+    d = Drafter(model, adapter, l, W, vocab, None if vocab is None else vocab.tolist(), temperature, top_p, generator,
+                observe)
     eos = set(cfg.eos_token_id if eos is None else eos)
     T = len(prompt)
     max_len = T + max_new_tokens + min(gamma, max_new_tokens) + 1  # a round never drafts past the end

@@ -35,7 +35,7 @@ from model.files import OutputExists, atomic_file, cache_key, check_target, devi
 from tokenizer import encode_chat, load_tokenizer
 
 from . import DATA, DEFAULT_MODEL, RUNS, WEIGHTS
-from .finetune import set_lr
+from .finetune import MixedPrecision, set_lr
 from .kangaroo import Adapter, save_adapter
 
 CACHE = RUNS / "kangaroo"
@@ -161,7 +161,8 @@ def train(model, adapter, states, seqs, idx, steps, minutes=None, batch=4, seed=
     """AdamW with the recipe's schedule and clipping, over steps or minutes (whichever ends first)."""
     rc = RECIPES[recipe]
     lr = rc["lr"] if lr is None else lr
-    opt = torch.optim.AdamW(adapter.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=rc["weight_decay"])
+    mp = MixedPrecision(adapter.parameters(), model.dtype)  # fp32 master weights in bf16 and fp16
+    opt = torch.optim.AdamW(mp.master, lr=lr, betas=(0.9, 0.95), weight_decay=rc["weight_decay"])
     rng, device = random.Random(seed), model.device
     bar, losses, t0 = tqdm(total=steps, desc=f"training the adapter ({recipe})"), [], time.perf_counter()
     adapter.train()
@@ -175,12 +176,13 @@ def train(model, adapter, states, seqs, idx, steps, minutes=None, batch=4, seed=
             break
         loss, agree = distill_loss(model, adapter, *batch_of(states, seqs, rng.sample(idx, batch), device))
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if rc["clip"] == "norm":
-            torch.nn.utils.clip_grad_norm_(adapter.parameters(), rc["clip_at"])
-        else:
-            torch.nn.utils.clip_grad_value_(adapter.parameters(), rc["clip_at"])
-        opt.step()
+        if mp.backward(loss):
+            if rc["clip"] == "norm":
+                torch.nn.utils.clip_grad_norm_(mp.master, rc["clip_at"])
+            else:
+                torch.nn.utils.clip_grad_value_(mp.master, rc["clip_at"])
+            opt.step()
+            mp.copy_back()
         losses.append(loss.item())
         bar.set_postfix(loss=sum(losses[-20:]) / len(losses[-20:]), agree=float(agree), refresh=False)
         bar.update()

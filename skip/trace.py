@@ -12,12 +12,17 @@ records, FLOPs) and trace.safetensors (tensors). Conventions, so that any implem
                  softmax(head(norm(hidden[i]))) (hidden[L] is already normed; hidden[0] too is
                  passed through the norm)
 JSON "settings": every setting the method ran with, defaults included. JSON "steps": what the
-method decided. Kangaroo: steps[s] is round s (drafted, accepted, cache lengths after the crop).
-AdaInfer: steps[s] is the exit layer of the pass that fed back generated token s, producing
-token s + 1 (token 0 comes from the prompt pass). Unified: one step, the kept layers.
+method decided, with the state it decided on (top-k lists: ids and probabilities, rank 0 first,
+K = TOP_K). Kangaroo: steps[s] is round s: drafted, accepted, drafts, cache lengths after the crop;
+draft_top_ids/_probs (per draft, the draft head's top-k), exited_norms (||h_l|| of x, d_1..d_k,
+the states verification starts from) and verify_top_ids/_probs (per verified position, M's top-k).
+AdaInfer: steps[s] is the pass that fed back generated token s, producing token s + 1 (token 0
+comes from the prompt pass): exit_layer and checks, [layer, [FEATURES], top-1 id] per layer checked.
+Unified: one step, the kept layers. SkipDecode: one step, n_t per decode step.
+"layer_runs": every layer the method ran, in order, [first slot, layer, ||h|| per slot].
 "flops": the decoder's record in total (model/flops.py).
 
-python -m skip.trace write --method full|kangaroo|unified|adainfer --prompt TEXT --out DIR
+python -m skip.trace write --method full|kangaroo|unified|skipdecode|adainfer --prompt TEXT --out DIR
 python -m skip.trace compare REFERENCE OTHER [--atol A] [--rtol R]   (defaults by dtype: TOLERANCES)
 """
 from __future__ import annotations
@@ -37,6 +42,7 @@ from model.files import OutputExists, atomic_dir
 from . import DEFAULT_MODEL, WEIGHTS
 from .adainfer import Threshold
 from .adainfer_gen import generate_adainfer
+from .baselines import generate_skipdecode, skipdecode_schedule
 from .kangaroo import generate_kangaroo, load_adapter
 from .unified import generate_unified, kept_layers
 
@@ -44,7 +50,8 @@ VERSION = 1
 MODEL_FIELDS = ("n_layers", "dim", "n_heads", "n_kv_heads", "vocab_size")
 FILES = ("trace.json", "trace.safetensors")
 DTYPES = ("float32", "float16", "bfloat16")  # by increasing rounding error
-DEFAULTS = {"full": {}, "unified": {"r": 2}, "adainfer": {"tau": 0.8},
+TOP_K = 5
+DEFAULTS = {"full": {}, "unified": {"r": 2}, "skipdecode": {"r": 2}, "adainfer": {"tau": 0.8},
             "kangaroo": {"adapter": str(WEIGHTS / "kangaroo-l2"), "gamma": 6, "eta": 0.6, "draft_vocab": None}}
 
 
@@ -97,17 +104,33 @@ def run_method(model, ids, method, max_new_tokens, settings):
         r = settings["r"]
         toks = generate_unified(model, [ids], r, max_new_tokens=max_new_tokens)[0]
         return toks, [{"kept_layers": kept_layers(model.cfg.n_layers, r)}]
+    if method == "skipdecode":
+        toks = generate_skipdecode(model, [ids], settings["r"], max_new_tokens)[0]
+        return toks, [{"schedule": skipdecode_schedule(model.cfg.n_layers, settings["r"], max(1, max_new_tokens - 1))}]
     if method == "adainfer":
         out = generate_adainfer(model, ids, Threshold(settings["tau"]), max_new_tokens, collect=False)
-        return out.tokens, [{"exit_layer": e} for e in out.exit_layers]
+        return out.tokens, [{"exit_layer": e, "checks": c} for e, c in zip(out.exit_layers, out.checks)]
     if method == "kangaroo":
         adapter = load_adapter(settings["adapter"], model)
-        steps = []
+        steps, seen = [], {"draft_top_ids": [], "draft_top_probs": []}
+
+        def observe(kind, h_l, logits, ids):  # one round's drafts, then its verification
+            top = logits.float().softmax(-1).topk(TOP_K)
+            top_ids = (top.indices if ids is None else ids[top.indices]).tolist()
+            if kind == "draft":
+                seen["draft_top_ids"].append(top_ids)
+                seen["draft_top_probs"].append(top.values.tolist())
+            else:
+                seen.update(exited_norms=h_l[0].float().norm(dim=-1).tolist(), verify_top_ids=top_ids,
+                            verify_top_probs=top.values.tolist())
 
         def on_round(tokens, caches):
-            steps.append({"cache_lengths": caches[0].lengths[:], "adapter_cache_length": caches[1].lengths[0]})
+            steps.append({"cache_lengths": caches[0].lengths[:], "adapter_cache_length": caches[1].lengths[0],
+                          **seen})
+            seen.update(draft_top_ids=[], draft_top_probs=[])
         out = generate_kangaroo(model, ids, adapter, max_new_tokens=max_new_tokens, gamma=settings["gamma"],
-                                eta=settings["eta"], draft_vocab=settings["draft_vocab"], on_round=on_round)
+                                eta=settings["eta"], draft_vocab=settings["draft_vocab"], on_round=on_round,
+                                observe=observe)
         for s, r in zip(steps, out.rounds):
             s.update(drafted=r.drafted, accepted=r.accepted, drafts=r.drafts)
         return out.tokens, steps
@@ -163,7 +186,7 @@ def main(argv=None):
     sub = ap.add_subparsers(dest="cmd", required=True)
     w = sub.add_parser("write")
     w.add_argument("--model", type=Path, default=DEFAULT_MODEL)
-    w.add_argument("--method", default="full", choices=["full", "kangaroo", "unified", "adainfer"])
+    w.add_argument("--method", default="full", choices=list(DEFAULTS))
     w.add_argument("--prompt", required=True)
     w.add_argument("--max-new-tokens", type=int, default=16)
     w.add_argument("--settings", default="{}", help='JSON, e.g. \'{"gamma": 6, "eta": 0.6}\' or \'{"r": 2}\'')

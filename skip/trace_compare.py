@@ -1,7 +1,9 @@
 """`compare`: where two traces (skip/trace.py) part, in words, the first divergence first.
 
-Tensors are compared within tolerances chosen by the traces' dtypes (TOLERANCES), tokens and the
-method's steps exactly (on the step keys both traces record), and the layer runs of a method
+Tensors are compared within tolerances chosen by the traces' dtypes (TOLERANCES), tokens exactly,
+the method's steps on the keys both traces record (integers exactly, real numbers within the
+tolerance of the hidden-state norms for keys ending in _norms and of the lens probabilities for
+the others: probabilities and features), and the layer runs of a method
 (every layer each token ran, with its hidden-state norms) in order, so that a divergence inside
 a method is named by its slot and layer.
 """
@@ -132,12 +134,41 @@ def compare(ref_path, other_path, atol=None, rtol=None, notes=None):
     def pick(st):
         return {k: st[k] for k in sorted(shared)} if isinstance(st, dict) else st
     ref, oth = {**ref, "steps": [pick(st) for st in ref["steps"]]}, {**oth, "steps": [pick(st) for st in oth["steps"]]}
-    for what, label in (("tokens", "generated token {}"), ("steps", f"step {{}} of {ref['method']}")):
-        for s, (a, b) in enumerate(zip(ref[what], oth[what])):
-            if a != b:
-                out.append(f"{label.format(s)} differs: reference {a}, other {b}")
-                break
-        else:
-            if len(ref[what]) != len(oth[what]):
-                out.append(f"{len(oth[what])} {what}, reference {len(ref[what])}")
+    for s, (a, b) in enumerate(zip(ref["tokens"], oth["tokens"])):
+        if a != b:
+            out.append(f"generated token {s} differs: reference {a}, other {b}")
+            break
+    else:
+        if len(ref["tokens"]) != len(oth["tokens"]):
+            out.append(f"{len(oth['tokens'])} tokens, reference {len(ref['tokens'])}")
+    for s, (a, b) in enumerate(zip(ref["steps"], oth["steps"])):
+        found = first_difference(a, b, tol)
+        if found:
+            at = f" at {found[0].removeprefix('.')}" if found[0] else ""
+            out.append(f"step {s} of {ref['method']} differs{at}: reference {found[1]}, other {found[2]}")
+            break
+    else:
+        if len(ref["steps"]) != len(oth["steps"]):
+            out.append(f"{len(oth['steps'])} steps, reference {len(ref['steps'])}")
     return out
+
+
+def first_difference(a, b, tol, key=""):
+    """The first place two step records part, as (path, reference value, other value), or None:
+    integers and strings exactly, real numbers within the tolerance of hidden-state norms (under a
+    key ending in _norms) or of lens probabilities (the rest)."""
+    if isinstance(a, dict) and isinstance(b, dict) and a.keys() == b.keys():
+        parts = ((f".{k}", a[k], b[k], k) for k in a)
+    elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        parts = ((f"[{i}]", x, y, key) for i, (x, y) in enumerate(zip(a, b)))
+    else:
+        reals = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (a, b)) and \
+            (isinstance(a, float) or isinstance(b, float))
+        atol, rtol = tol["hidden_norms" if key.endswith("_norms") else "lens_probs"]
+        same = abs(a - b) <= atol + rtol * abs(a) if reals else a == b
+        return None if same else ("", a, b)
+    for name, x, y, k in parts:
+        found = first_difference(x, y, tol, k)
+        if found:
+            return name + found[0], found[1], found[2]
+    return None

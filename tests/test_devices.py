@@ -1,6 +1,7 @@
 """Every method on any device and in any dtype. On the CPU (always): every method runs in float32,
-bfloat16 and float16, every CLI takes --device and --dtype, and a device that this machine
-lacks is a clear error. The GPU lane (`make test-gpu`, the tests marked gpu; skipped without a
+bfloat16 and float16, every CLI takes --device and --dtype and runs in the three dtypes (the
+benchmarks, minutes in all, in the CLI lane: `make test-clis`, the tests marked clis), and a
+device that this machine lacks is a clear error. The GPU lane (`make test-gpu`, the tests marked gpu; skipped without a
 GPU): the golden test and every method's equivalence test on the GPU in fp32, and every
 method's tokens in bf16 equal to the same method's on the CPU in bf16."""
 import pytest
@@ -81,24 +82,52 @@ def test_a_device_this_machine_lacks_is_a_clear_error(llama_dir):
         load_model(llama_dir, device="gpu0")
 
 
-CLIS = {  # module: arguments of a small run
+CLIS = {  # module: arguments of a small run on tiny_chat_dir ({adapter}: a Kangaroo adapter for it)
     "model.__main__": ["generate", "--prompt", "hi", "--max-new-tokens", "3"],
     "skip.trace": ["write", "--prompt", "hi", "--max-new-tokens", "3", "--out", "{tmp}/t"],
     "skip.harness.eval_adainfer": ["--tasks", "antonym:0", "--n-train", "4", "--n-test", "4", "--time-n", "1",
                                    "--out", "{tmp}"],
+    "skip.finetune": ["--method", "skipdecode", "--steps", "2", "--out", "{tmp}/ft"],
+    "skip.kangaroo_train": ["--prompts", "3", "--new-tokens", "4", "--held-out", "1", "--steps", "2", "--batch", "2",
+                            "--out", "{tmp}/ad"],
+    "skip.harness.bench_products": ["--rows", "1", "2", "--runs", "1", "--out", "{tmp}"],
 }
+SLOW_CLIS = {  # minutes in three dtypes: the CLI lane (make test-clis)
+    "skip.harness.demo": ["--prompts", "1", "--max-new", "4", "--adapter", "{adapter}"],
+    "skip.harness.eval_adainfer_gen": ["--n-train", "1", "--n-test", "1", "--max-new", "4", "--out", "{tmp}"],
+    "skip.harness.bench_decoder": ["--runs", "1", "--out", "{tmp}/d.json"],
+    "skip.harness.bench_exit": ["--per-category", "1", "--max-new-tokens", "3", "--repeats", "1", "--top-k", "64",
+                                "--out", "{tmp}"],
+    "skip.harness.bench_kangaroo": ["--adapter", "{adapter}", "--per-category", "1", "--max-new-tokens", "4",
+                                    "--repeats", "1", "--no-sweep", "--top-k", "64", "--out", "{tmp}"],
+    "skip.harness.bench_skipping": ["--r", "2", "--n-quality", "2", "--n-heldout", "1", "--heldout-tokens", "4",
+                                    "--max-new", "3", "--beams", "2", "--batches", "1", "--tok-new", "3", "--runs", "1",
+                                    "--out", "{tmp}"],
+}
+LANES = [(m, d) for m in CLIS for d in DTYPES] + [pytest.param(m, d, marks=pytest.mark.clis)
+                                                  for m in SLOW_CLIS for d in DTYPES]
 
 
-@pytest.mark.parametrize("module", list(CLIS))
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_clis_run_in_every_dtype(tiny_chat_dir, data_dir, tmp_path, module, dtype, capsys):
+@pytest.fixture(scope="module")
+def chat_adapter(tiny_chat_dir, tmp_path_factory):
+    from skip.kangaroo import save_adapter
+    path = tmp_path_factory.mktemp("chat_adapter")
+    save_adapter(random_adapter(load_model(tiny_chat_dir), 2, 0, lens_like=True), path, force=True)
+    return path
+
+
+@pytest.mark.parametrize("module,dtype", LANES)
+def test_clis_run_in_every_dtype(tiny_chat_dir, chat_adapter, data_dir, tmp_path, module, dtype, capsys, monkeypatch):
     import importlib
-    main = importlib.import_module(module).main
-    args = [a.format(tmp=tmp_path) for a in CLIS[module]] + ["--model", str(tiny_chat_dir)]
-    main(args + ["--device", "cpu", "--dtype", dtype])
+    mod = importlib.import_module(module)
+    if module == "skip.kangaroo_train":
+        monkeypatch.setattr(mod, "CACHE", tmp_path / "cache")  # its answers and states: not into runs/
+    args = [a.format(tmp=tmp_path, adapter=chat_adapter) for a in {**CLIS, **SLOW_CLIS}[module]]
+    args += ["--model", str(tiny_chat_dir)]
+    mod.main(args + ["--device", "cpu", "--dtype", dtype])
     if module in ("model.__main__", "skip.trace"):  # the two that answer bad input with status 2
         with pytest.raises(SystemExit) as e:
-            main(args + ["--device", "cuda:99"])
+            mod.main(args + ["--device", "cuda:99"])
         assert e.value.code == 2 and "not available on this machine" in capsys.readouterr().err
 
 

@@ -8,11 +8,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from model import load_model
-from skip.trace import TraceError, trace
+from skip.adainfer import trace as adainfer_trace
+from skip.baselines import skipdecode_layer_sets
+from skip.kangaroo import save_adapter
+from skip.trace import TOP_K, TraceError, trace
 from skip.trace_compare import compare
 from skip.trace_port import write_transformers_trace
 
 from conftest import VARIANTS, build_hf
+from test_kangaroo import random_adapter
 
 PROMPT = [3, 14, 15, 92, 65, 35, 89, 79]
 
@@ -25,6 +29,7 @@ def traces(tmp_path_factory):
     ours = load_model(tmp / "model")
     ours.cfg.eos_token_id = []  # run the full length, as hf_trace does
     trace(ours, PROMPT, tmp / "ours", "full", max_new_tokens=12)
+    save_adapter(random_adapter(ours, 2, 0, lens_like=True), tmp / "adapter")  # drafts as good as the logit lens
     hf.generation_config.eos_token_id = None  # run the full length
     write_transformers_trace(hf, PROMPT, tmp / "hf", 12)
     return tmp, ours
@@ -123,12 +128,79 @@ def test_a_port_records_its_steps_with_fewer_keys(traces, tmp_path):
         write_transformers_trace(hf, PROMPT, tmp_path / "x", method="unified")
 
 
-@pytest.mark.parametrize("method,settings", [("unified", {"r": 2}), ("adainfer", {"tau": 0.5}), ("full", {})])
+def step_trace(ours, tmp, path, method, settings=None, n=8):
+    settings = {"adapter": str(tmp / "adapter")} if method == "kangaroo" and settings is None else settings
+    trace(ours, PROMPT, path, method, n, settings)
+    return json.loads((path / "trace.json").read_text())
+
+
+def test_kangaroo_steps_hold_the_full_models_top_k_at_every_verified_position(traces, tmp_path):
+    tmp, ours = traces
+    meta = step_trace(ours, tmp, tmp_path / "k", "kangaroo", n=12)
+    seq = PROMPT + meta["tokens"]
+    with torch.no_grad():  # the oracle: one full forward pass over the whole output
+        top = ours(torch.tensor([seq]))[0].float().softmax(-1).topk(TOP_K)  # (T, K)
+    assert sum(st["accepted"] for st in meta["steps"]) > 0
+    for st in meta["steps"]:
+        k, a = st["drafted"], st["accepted"]
+        n = st["cache_lengths"][0] - a - 1  # the slot of the round's x
+        assert len(st["exited_norms"]) == len(st["verify_top_ids"]) == k + 1 and len(st["draft_top_ids"]) == k
+        assert [d[0] for d in st["draft_top_ids"]] == st["drafts"]  # greedy drafts are the draft head's top-1
+        for i in range(a + 1):  # positions whose prefix M accepted: M's own distribution there
+            assert st["verify_top_ids"][i] == top.indices[n + i].tolist()
+            assert st["verify_top_probs"][i] == pytest.approx(top.values[n + i].tolist(), abs=1e-5)
+        assert all(st["verify_top_ids"][i][0] == st["drafts"][i] for i in range(a))
+        assert a == k or st["verify_top_ids"][a][0] != st["drafts"][a]
+
+
+def test_adainfer_steps_hold_the_features_of_a_full_pass_at_the_first_step(traces, tmp_path):
+    tmp, ours = traces
+    meta = step_trace(ours, tmp, tmp_path / "a", "adainfer", {"tau": 0.08})
+    full = adainfer_trace(ours, PROMPT + meta["tokens"][:1], answer=0)  # the first fed-back token, every layer
+    checks = meta["steps"][0]["checks"]
+    assert [layer for layer, _, _ in checks] == list(range(meta["steps"][0]["exit_layer"] + 1))[:len(checks)]
+    for layer, row, top1 in checks:
+        assert row == pytest.approx(full.feats[layer].tolist(), abs=1e-5) and top1 == full.top1[layer]
+    assert any(st["exit_layer"] < 3 for st in meta["steps"]), "tau 0.08 exits before the last layer"
+
+
+def test_skipdecode_runs_the_layers_its_recorded_schedule_gives(traces, tmp_path):
+    tmp, ours = traces
+    meta = step_trace(ours, tmp, tmp_path / "s", "skipdecode", {"r": 2})
+    ran = {}
+    for slot, layer, norms in meta["layer_runs"]:
+        for j in range(len(norms)):
+            ran.setdefault(slot + j, []).append(layer)
+    assert meta["steps"][0]["schedule"] == [len(s) for s in skipdecode_layer_sets(4, 2, 7)]
+    assert [ran[len(PROMPT) + t] for t in range(7)] == skipdecode_layer_sets(4, 2, 7)
+
+
+@pytest.mark.parametrize("key,index,delta,found", [
+    ("verify_top_probs", (0, 0), 1e-6, None), ("verify_top_probs", (0, 1), 1e-2, "verify_top_probs[0][1]"),
+    ("exited_norms", (1,), 1e-5, None), ("exited_norms", (1,), 1e-2, "exited_norms[1]"),
+    ("draft_top_ids", (0, 2), 1, "draft_top_ids[0][2]")])
+def test_compare_reads_steps_within_the_tolerances(traces, tmp_path, key, index, delta, found):
+    tmp, ours = traces
+    meta = step_trace(ours, tmp, tmp_path / "ref", "kangaroo")
+    shutil.copytree(tmp_path / "ref", tmp_path / "bad")
+    s = next(i for i, st in enumerate(meta["steps"]) if st["drafted"] >= 1)
+    target = meta["steps"][s][key]
+    for i in index[:-1]:
+        target = target[i]
+    target[index[-1]] += delta
+    (tmp_path / "bad" / "trace.json").write_text(json.dumps(meta))
+    out = compare(tmp_path / "ref", tmp_path / "bad")
+    assert out == ([] if found is None else [out[0]]) and (found is None or out[0].startswith(
+        f"step {s} of kangaroo differs at {found}: reference "))
+
+
+@pytest.mark.parametrize("method,settings", [("unified", {"r": 2}), ("skipdecode", {"r": 2}), ("adainfer", {"tau": 0.5}),
+                                             ("kangaroo", None), ("full", {})])
 @pytest.mark.parametrize("step,layer", [(0, 0), (3, 3)])
 def test_a_layer_perturbed_at_one_decode_step_is_found_at_that_step_and_layer(traces, tmp_path, method, settings,
                                                                               step, layer):
     tmp, ours = traces
-    trace(ours, PROMPT, tmp_path / "ref", method, 8, settings)
+    step_trace(ours, tmp, tmp_path / "ref", method, settings)
     slot = len(PROMPT) + step
     block = ours.blocks[layer]
     original = block.forward
@@ -138,7 +210,7 @@ def test_a_layer_perturbed_at_one_decode_step_is_found_at_that_step_and_layer(tr
         return (out * 1.01 if start == slot else out), a, m  # 1% larger there: its norm shows it
     block.forward = perturbed
     try:
-        trace(ours, PROMPT, tmp_path / "bad", method, 8, settings)
+        step_trace(ours, tmp, tmp_path / "bad", method, settings)
     finally:
         del block.forward
     found = compare(tmp_path / "ref", tmp_path / "bad")

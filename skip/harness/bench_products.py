@@ -32,13 +32,14 @@ from model.files import write_text_atomic
 from .. import DEFAULT_MODEL, RUNS
 from .bench_decoder import interleaved_ms
 
-_T = {}  # w -> w.T made contiguous once: the "stored transposed" layout
+_T = {}  # w -> w.T made contiguous once: the "stored transposed" layout (emptied per model)
 
 
 def transposed(w):
-    if w.data_ptr() not in _T:
-        _T[w.data_ptr()] = w.T.contiguous()  # (in, out)
-    return _T[w.data_ptr()]
+    key = (w.data_ptr(), w.dtype, w.shape)
+    if key not in _T:
+        _T[key] = w.T.contiguous()  # (in, out)
+    return _T[key]
 
 
 ROUTINES = {  # the routes of model.products, and the stored-transposed layout it does not use
@@ -116,6 +117,7 @@ def main(argv=None):
         ap.error("need --rows, --runs and --threads >= 1")
     torch.set_num_threads(a.threads)
     model = load_model(a.model, a.dtype, device=a.device)
+    _T.clear()  # a freed weight's address may come back holding another
     res = bench(model, a.rows, a.runs)
     md = table(res, a.rows)
     a.out.mkdir(parents=True, exist_ok=True)

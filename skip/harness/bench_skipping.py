@@ -35,9 +35,9 @@ from model import add_load_args, beam_search, flops, generate, load_model
 from model.files import write_text_atomic
 from tokenizer import encode_chat, load_tokenizer
 
-from .. import DEFAULT_MODEL, RUNS, WEIGHTS
+from .. import DEFAULT_MODEL, RUNS
 from ..baselines import calibrate_threshold, generate_early_exit
-from ..finetune import response_layer_sets
+from ..finetune import response_layer_sets, tuned_checkpoint
 from ..layerwise import layerwise_forward, prompt_then
 from .data import mtbench_references, specbench
 
@@ -208,8 +208,8 @@ def main(argv=None):
         methods.append(Method("early exit", r, base, False, L, tau=calibrate_threshold(base, calib, r, 24, 7)))
         for name in ("skipdecode", "unified"):
             methods.append(Method(name, r, base, False, L))
-            ck = WEIGHTS / f"{name}-{r}x"
-            if (ck / "finetune.json").exists():
+            ck = tuned_checkpoint(base.cfg, name, r)
+            if ck is not None:
                 methods.append(Method(name, r, load_model(ck, a.dtype, device=a.device), True, L))
 
     full_argmax = [full.forced_logits(p, resp).argmax(-1) for p, resp in texts]

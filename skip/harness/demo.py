@@ -23,6 +23,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -35,6 +36,7 @@ from tokenizer import encode_chat, load_tokenizer
 from .. import DEFAULT_MODEL, WEIGHTS
 from ..adainfer import SVM
 from ..adainfer_gen import generate_adainfer
+from ..finetune import tuned_checkpoint
 from ..kangaroo import generate_kangaroo, load_adapter
 from ..unified import generate_unified
 from .data import alpaca_instructions
@@ -71,6 +73,7 @@ def main(argv=None):
     ap.add_argument("--model", default=DEFAULT_MODEL)
     ap.add_argument("--max-new", type=int, default=32)
     ap.add_argument("--prompts", type=int, default=len(PROMPTS))
+    ap.add_argument("--adapter", type=Path, default=WEIGHTS / "kangaroo-l2", help="Kangaroo's adapter")
     ap.add_argument("--json", help="also write the table as JSON here")
     add_load_args(ap)
     a = ap.parse_args(argv)
@@ -88,9 +91,9 @@ def run(a):
     svm = SVM().fit(traces, "final")
     print(f"AdaInfer: SVM fitted on {len(traces)} token traces of 4 AlpacaEval answers "
           f"in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-    adapter = load_adapter(WEIGHTS / "kangaroo-l2", model)
-    tuned = (WEIGHTS / "unified-2x" / "finetune.json").exists()  # written last: the fine-tune completed
-    unified_model = load_model(WEIGHTS / "unified-2x", a.dtype, device=a.device) if tuned else model
+    adapter = load_adapter(a.adapter, model)
+    tuned = tuned_checkpoint(model.cfg, "unified", 2)
+    unified_model = load_model(tuned, a.dtype, device=a.device) if tuned else model
 
     methods = {
         "full": lambda ids: generate(model, [ids], max_new_tokens=N)[0],
