@@ -93,6 +93,7 @@ CLIS = {  # module: arguments of a small run on tiny_chat_dir ({adapter}: a Kang
     "skip.harness.bench_products": ["--rows", "1", "2", "--runs", "1", "--out", "{tmp}"],
 }
 SLOW_CLIS = {  # minutes in three dtypes: the CLI lane (make test-clis)
+    "skip.harness.bench": ["--quick", "--parts", "products", "--out", "{tmp}"],  # passes its options on
     "skip.harness.demo": ["--prompts", "1", "--max-new", "4", "--adapter", "{adapter}"],
     "skip.harness.eval_adainfer_gen": ["--n-train", "1", "--n-test", "1", "--max-new", "4", "--out", "{tmp}"],
     "skip.harness.bench_decoder": ["--runs", "1", "--out", "{tmp}/d.json"],

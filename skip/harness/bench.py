@@ -46,11 +46,12 @@ TITLES = {"decoder": "Decoder against transformers", "adainfer": "AdaInfer, next
           "products": "Matrix products of 1-16 rows"}
 
 
-def run_part(name, quick, out, device="cpu", dtype="float32"):
+def run_part(name, quick, out, device="cpu", dtype="float32", model=None):
     import importlib
     module, js, _, full, small = PARTS[name]
     argv = full + (small if quick else [])
     argv += ["--out", str(out / js if name == "decoder" else out), "--device", device, "--dtype", dtype]
+    argv += [] if model is None else ["--model", str(model)]
     print(f"\n=== {name}: python -m {module} {' '.join(argv)}", flush=True)
     t0 = time.perf_counter()
     importlib.import_module(module).main(argv)
@@ -125,7 +126,8 @@ def plot(pts, path):
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("quality kept (accuracy or next-token agreement vs the full model)")
-    axes[1].legend(fontsize=7, loc="lower left")
+    if axes[1].get_legend_handles_labels()[0]:  # a run of parts without a method has no points
+        axes[1].legend(fontsize=7, loc="lower left")
     fig.suptitle("SmolLM2-135M on 2 CPU cores: quality kept against compute saved")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -138,11 +140,12 @@ def main(argv=None):
     ap.add_argument("--parts", nargs="+", default=list(PARTS), choices=list(PARTS))
     ap.add_argument("--summary-only", action="store_true", help="only combine the parts' existing JSON")
     ap.add_argument("--out", type=Path, help="default: runs/quick with --quick, else runs")
-    add_load_args(ap)  # passed on to every part
+    ap.add_argument("--model", type=Path, help="default: each part's (SmolLM2)")
+    add_load_args(ap)  # passed on to every part, with --model
     a = ap.parse_args(argv)
     out = a.out or RUNS / ("quick" if a.quick else "")
     out.mkdir(parents=True, exist_ok=True)
-    timing = {name: run_part(name, a.quick, out, a.device, a.dtype) for name in ([] if a.summary_only else a.parts)}
+    timing = {name: run_part(name, a.quick, out, a.device, a.dtype, a.model) for name in ([] if a.summary_only else a.parts)}
     if (out / "bench.json").exists():  # keep the record of parts run before
         timing = {**json.loads((out / "bench.json").read_text())["timing"], **timing}
     results = {n: json.loads((out / PARTS[n][1]).read_text()) for n in a.parts if (out / PARTS[n][1]).exists()}
