@@ -98,8 +98,9 @@ class MixedPrecision:
             return True
         for m, p in zip(self.master, self.params):
             m.grad, p.grad = (None if p.grad is None else p.grad.float() / self.scale), None
-        grads = [m.grad.abs().max() for m in self.master if m.grad is not None]
-        return self.scale == 1.0 or bool(torch.isfinite(torch.stack(grads)).all())
+        if self.scale == 1.0:  # bf16 has fp32's range
+            return True
+        return bool(torch.isfinite(torch.stack([m.grad.abs().max() for m in self.master if m.grad is not None])).all())
 
     @torch.no_grad()
     def copy_back(self):
