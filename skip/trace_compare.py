@@ -134,22 +134,16 @@ def compare(ref_path, other_path, atol=None, rtol=None, notes=None):
     def pick(st):
         return {k: st[k] for k in sorted(shared)} if isinstance(st, dict) else st
     ref, oth = {**ref, "steps": [pick(st) for st in ref["steps"]]}, {**oth, "steps": [pick(st) for st in oth["steps"]]}
-    for s, (a, b) in enumerate(zip(ref["tokens"], oth["tokens"])):
-        if a != b:
-            out.append(f"generated token {s} differs: reference {a}, other {b}")
-            break
-    else:
-        if len(ref["tokens"]) != len(oth["tokens"]):
-            out.append(f"{len(oth['tokens'])} tokens, reference {len(ref['tokens'])}")
-    for s, (a, b) in enumerate(zip(ref["steps"], oth["steps"])):
-        found = first_difference(a, b, tol)
-        if found:
-            at = f" at {found[0].removeprefix('.')}" if found[0] else ""
-            out.append(f"step {s} of {ref['method']} differs{at}: reference {found[1]}, other {found[2]}")
-            break
-    else:
-        if len(ref["steps"]) != len(oth["steps"]):
-            out.append(f"{len(oth['steps'])} steps, reference {len(ref['steps'])}")
+    for what, label in (("tokens", "generated token {}"), ("steps", f"step {{}} of {ref['method']}")):
+        for s, (a, b) in enumerate(zip(ref[what], oth[what])):
+            found = first_difference(a, b, tol)
+            if found:
+                at = f" at {found[0].removeprefix('.')}" if found[0] else ""
+                out.append(f"{label.format(s)} differs{at}: reference {found[1]}, other {found[2]}")
+                break
+        else:
+            if len(ref[what]) != len(oth[what]):
+                out.append(f"{len(oth[what])} {what}, reference {len(ref[what])}")
     return out
 
 
