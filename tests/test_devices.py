@@ -97,7 +97,7 @@ SLOW_CLIS = {  # minutes in three dtypes: the CLI lane (make test-clis)
     "skip.harness.demo": ["--prompts", "1", "--max-new", "4", "--adapter", "{adapter}"],
     "skip.harness.eval_adainfer_gen": ["--n-train", "1", "--n-test", "1", "--max-new", "4", "--out", "{tmp}"],
     "skip.harness.bench_decoder": ["--runs", "1", "--out", "{tmp}/d.json"],
-    "skip.harness.bench_exit": ["--per-category", "1", "--max-new-tokens", "3", "--repeats", "1", "--top-k", "64",
+    "skip.harness.bench_cost": ["--per-category", "1", "--max-new-tokens", "3", "--repeats", "1", "--top-k", "64",
                                 "--out", "{tmp}"],
     "skip.harness.bench_kangaroo": ["--adapter", "{adapter}", "--per-category", "1", "--max-new-tokens", "4",
                                     "--repeats", "1", "--no-sweep", "--top-k", "64", "--out", "{tmp}"],
@@ -132,7 +132,7 @@ def test_clis_run_in_every_dtype(tiny_chat_dir, chat_adapter, data_dir, tmp_path
         assert e.value.code == 2 and "not available on this machine" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("module", ["skip.harness." + m for m in ("bench", "bench_decoder", "bench_exit", "bench_kangaroo",
+@pytest.mark.parametrize("module", ["skip.harness." + m for m in ("bench", "bench_decoder", "bench_cost", "bench_kangaroo",
                                     "bench_products", "bench_skipping", "demo", "eval_adainfer", "eval_adainfer_gen")]
                          + ["skip.finetune", "skip.kangaroo_train"])
 def test_every_other_cli_takes_device_and_dtype(module, capsys):

@@ -1,7 +1,7 @@
 """Every benchmark of the project in one run: the decoder against transformers, AdaInfer on
 the classification tasks and in generation, Unified Layer Skipping with its baselines,
-Kangaroo on Spec-Bench, the confidence early exit against its cost model, and the matrix
-products of few rows; then one combined JSON, one markdown report and one summary figure.
+Kangaroo on Spec-Bench, every layer-skipping and early-exit decoder against its cost model, and
+the matrix products of few rows; then one combined JSON, one markdown report and one summary figure.
 
 python -m skip.harness.bench [--quick] [--parts decoder adainfer ...] [--summary-only]
 --quick takes small samples (about 10 minutes on 2 CPU cores) and writes to runs/quick/; the
@@ -35,14 +35,14 @@ PARTS = {
                   "--runs", "1"]),
     "kangaroo": ("skip.harness.bench_kangaroo", "bench-kangaroo.json", "bench-kangaroo.md", [],
                  ["--per-category", "1", "--max-new-tokens", "48", "--repeats", "1", "--no-sweep"]),
-    "exit": ("skip.harness.bench_exit", "bench-exit.json", "bench-exit.md", [],
+    "cost": ("skip.harness.bench_cost", "bench-cost.json", "bench-cost.md", [],
              ["--per-category", "1", "--max-new-tokens", "24", "--repeats", "1"]),
     "products": ("skip.harness.bench_products", "bench-products.json", "bench-products.md", [],
                  ["--rows", "1", "2", "4", "8", "--runs", "3"]),
 }
 TITLES = {"decoder": "Decoder against transformers", "adainfer": "AdaInfer, next-token tasks",
           "adainfer-gen": "AdaInfer in generation", "skipping": "Unified Layer Skipping and its baselines",
-          "kangaroo": "Kangaroo on Spec-Bench", "exit": "Confidence early exit: full-head and cheap checks",
+          "kangaroo": "Kangaroo on Spec-Bench", "cost": "Layer skipping and early exits against their cost models",
           "products": "Matrix products of 1-16 rows"}
 
 

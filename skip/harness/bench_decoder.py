@@ -90,6 +90,49 @@ class Transformers:
         self.cache.crop(n - self.cache.get_seq_length())  # transformers 5 takes "tokens to remove" (<= 0)
 
 
+OP_GROUPS = {  # aten op -> what it is for, in the profile of a decode step
+    "matrix products": {"aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear"},
+    "attention kernel": {"aten::scaled_dot_product_attention", "aten::_scaled_dot_product_flash_attention_for_cpu"},
+    "copies, cat, allocation, views": {
+        "aten::cat", "aten::copy_", "aten::clone", "aten::contiguous", "aten::empty", "aten::empty_like",
+        "aten::empty_strided", "aten::as_strided", "aten::view", "aten::slice", "aten::permute", "aten::transpose",
+        "aten::reshape", "aten::narrow", "aten::numpy_T", "aten::t", "aten::expand", "aten::select", "aten::unsqueeze",
+        "aten::to", "aten::_to_copy", "aten::chunk", "aten::split", "aten::_unsafe_view", "aten::detach",
+        "aten::alias", "aten::index", "aten::index_put_", "aten::slice_scatter", "aten::resize_"},
+}
+
+
+@torch.inference_mode()
+def profile_decode(model, ctx, steps=8):
+    """Where a decode step's time goes, by torch.profiler: each op's own (self) CPU time summed
+    per group of OP_GROUPS, the rest as "norms, RoPE, elementwise"; what the profiled wall time
+    holds beyond every op's own time is Python and dispatch between ops (the profiler's own
+    cost included: the unprofiled step is given beside it). ms per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cache, tok = model.new_cache(1, ctx + 1), torch.zeros(1, 1, dtype=torch.long, device=model.device)
+    model(torch.zeros(1, ctx, dtype=torch.long, device=model.device), cache=cache)
+
+    def step():
+        model(tok, cache=cache, start=ctx, last_only=True)
+        cache.crop(ctx)
+    plain = interleaved_ms([step], steps)[0]
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        wall = (time.perf_counter() - t0) * 1000 / steps
+    groups, ops = {g: 0.0 for g in [*OP_GROUPS, "norms, RoPE, elementwise"]}, 0
+    for e in prof.key_averages():
+        if not e.key.startswith("aten::"):
+            continue
+        g = next((g for g, names in OP_GROUPS.items() if e.key in names), "norms, RoPE, elementwise")
+        groups[g] += e.self_cpu_time_total / 1000 / steps
+        ops += e.count / steps
+    groups["Python and dispatch between ops"] = wall - sum(groups.values())
+    return {"context": ctx, "step_ms": plain, "profiled_step_ms": wall, "aten_ops_per_step": ops, "groups_ms": groups}
+
+
 def matmul_floor_ms(model, runs, product):
     """Only the matrix products of one decode step, on the model's own weights."""
     mats = [m.weight for blk in model.blocks for m in
@@ -164,7 +207,8 @@ def bench(model_dir, runs, threads, dtype="float32", device="cpu"):
     floor, gemv = matmul_floor_ms(ours, runs, linear), matmul_floor_ms(ours, runs, F.linear)
     read = matmul_floor_ms(ours, runs, lambda x, w: w.sum())  # every weight read once: the bandwidth floor
     memory = [load_memory(model_dir, d) for d in ("float32", "bfloat16")]
-    return {"model": str(model_dir), "dtype": dtype, "device": str(ours.device), "threads": threads, "runs": runs, "decode_steps": DECODE_STEPS, "load_memory": memory,
+    return {"model": str(model_dir), "dtype": dtype, "device": str(ours.device), "threads": threads, "runs": runs,
+            "decode_steps": DECODE_STEPS, "load_memory": memory, "profile": profile_decode(ours, 128),
             "routes": routes, "matmul_floor_untuned_ms": floor_untuned,
             "torch": torch.__version__, "results": rows, "ratio_ours_over_transformers": ratios,
             "matmul_floor_ms": floor, "gemv_floor_ms": gemv, "read_floor_ms": read,
@@ -196,6 +240,12 @@ def speed_table(res) -> str:
     lines.append(f"| matmul floor before tuning the routes (ms) | {res['matmul_floor_untuned_ms']:.1f} | | |")
     lines.append(f"| streaming read of the same weights (ms) | {res['read_floor_ms']:.1f} | | ours at 128 / read: "
                  f"{res['ours_decode_128_over_read_floor']:.2f} |")
+    prof = res.get("profile")
+    if prof:
+        lines += ["", f"One decode step at context {prof['context']} under torch.profiler: {prof['profiled_step_ms']:.1f} ms "
+                  f"({prof['step_ms']:.1f} unprofiled), {prof['aten_ops_per_step']:.0f} aten ops", "",
+                  "| where the time goes | ms per step | share |", "|---|---:|---:|"]
+        lines += [f"| {g} | {ms:.1f} | {ms / prof['profiled_step_ms']:.0%} |" for g, ms in prof["groups_ms"].items()]
     return "\n".join(lines)
 
 

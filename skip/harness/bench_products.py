@@ -14,7 +14,14 @@ Routines, each computing x @ w.T for x (n, in) and w (out, in):
 Per shape (every distinct projection of a layer and the LM head) and row count: the median ms
 of --runs interleaved runs, and the weight-reading rate in GB/s. The floor is a streaming read
 of the same bytes (w.sum()). The totals weight each shape by how often one decode step runs it
-(every layer's projections once, the head once). Writes runs/bench-products.{json,md}.
+(every layer's projections once, the head once).
+
+Whole steps: alone, a layer's matrices stay in the L3 cache between repetitions, which flatters
+some routines; so every product of one decode step is also timed in sequence, the weights
+streaming from memory as in decoding, for 1, 2, 4 and 8 rows: each routine on the model's
+layout, on a fused layout (q/k/v in one matrix and gate/up in another, 4 products per layer
+instead of 7), and on one thread; beside a streaming read of the same weights. Writes
+runs/bench-products.{json,md}.
 """
 from __future__ import annotations
 
@@ -77,6 +84,49 @@ def bench(model, rows, runs):
     return res
 
 
+def layouts(model):
+    """The weights of one decode step as the model stores them, and fused per layer."""
+    sep = [m.weight for b in model.blocks for m in (b.attn.wq, b.attn.wk, b.attn.wv, b.attn.wo, b.mlp.gate,
+                                                     b.mlp.up, b.mlp.down)]
+    fused = [w for b in model.blocks for w in (torch.cat([b.attn.wq.weight, b.attn.wk.weight, b.attn.wv.weight]),
+                                                b.attn.wo.weight, torch.cat([b.mlp.gate.weight, b.mlp.up.weight]),
+                                                b.mlp.down.weight)]
+    return {"separate": sep + [model.head.weight], "fused q/k/v, gate/up": fused + [model.head.weight]}
+
+
+def whole_steps(model, rows, runs, threads):
+    """ms of every product of one decode step in sequence, per layout, routine and row count."""
+    lays, out = layouts(model), {}
+    gb = sum(w.numel() * w.element_size() for w in lays["separate"]) / 1e9
+    step = lambda ws, f, xs: [f(xs[w.shape[1]], w) for w in ws]
+    for n in rows:
+        xs = {k: torch.randn(n, k, dtype=model.dtype, device=model.device) for k in {w.shape[1] for w in lays["separate"]}}
+        cases = {(lay, r): (ws, ROUTINES[r], threads) for lay, ws in lays.items() for r in ("F.linear", "w @ x.T", "dup row")
+                 if r != "dup row" or n == 1}
+        cases[("separate", "decoder, 1 thread")] = (lays["separate"], ROUTINES["decoder"], 1)
+
+        def run(ws, f, t):
+            torch.set_num_threads(t)
+            step(ws, f, xs)
+            torch.set_num_threads(threads)
+        ms = interleaved_ms([lambda c=c: run(*c) for c in cases.values()], runs)
+        out[n] = {f"{lay}: {r}": m for (lay, r), m in zip(cases, ms)}
+    read = interleaved_ms([lambda: [w.sum() for w in lays["separate"]]], runs)[0]
+    return {"gb": gb, "read_ms": read, "rows": out}
+
+
+def whole_table(ws):
+    names = list(ws["rows"][min(ws["rows"])])
+    lines = [f"Every product of one decode step in sequence ({ws['gb'] * 1e3:.0f} MB of weights streaming from memory), "
+             f"ms (GB/s); a streaming read of the same weights: {ws['read_ms']:.1f} ms "
+             f"({ws['gb'] / ws['read_ms'] * 1e3:.1f} GB/s):", "", "| rows | " + " | ".join(names) + " |",
+             "|---|" + "---|" * len(names)]
+    for n, ms in ws["rows"].items():
+        lines.append(f"| {n} | " + " | ".join(f"{ms[k]:.1f} ({ws['gb'] / ms[k] * 1e3:.1f})" if k in ms else "" for k in names)
+                     + " |")
+    return "\n".join(lines)
+
+
 def totals(res, rows):
     """ms of one decode step's products (each shape times its uses) per routine and row count."""
     out = {"floor": sum(r["floor_ms"] * r["uses"] for r in res.values())}
@@ -119,10 +169,12 @@ def main(argv=None):
     model = load_model(a.model, a.dtype, device=a.device)
     _T.clear()  # a freed weight's address may come back holding another
     res = bench(model, a.rows, a.runs)
-    md = table(res, a.rows)
+    ws = whole_steps(model, [n for n in (1, 2, 4, 8) if n in a.rows] or a.rows[:1], a.runs, a.threads)
+    md = table(res, a.rows) + "\n\n" + whole_table(ws)
     a.out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(a.out / "bench-products.json", json.dumps({"threads": a.threads, "shapes": res,
-                                                                  "totals": totals(res, a.rows)}, indent=1))
+                                                                  "totals": totals(res, a.rows),
+                                                                  "whole_steps": ws}, indent=1))
     write_text_atomic(a.out / "bench-products.md", md + "\n")
     print(md)
 

@@ -1,0 +1,188 @@
+"""Every method that decodes through fewer layers, against plain decoding, each beside the
+speedup its own cost model predicts: Unified Layer Skipping and SkipDecode at target r, the
+confidence early exit with a full-head check at every layer and with the cheap check (a head
+over frequent tokens, stops confirmed by the full head), and AdaInfer for generation (the gap
+rule, full-head and cheap checks). Kangaroo's own account is in bench_kangaroo.
+
+python -m skip.harness.bench_cost [--r 2] [--per-category 2] [--max-new-tokens 48] [--repeats 3] [--top-k 4096]
+
+Prompts: the Spec-Bench mix, --per-category per category. tau of the early exit is calibrated
+for L / r layers per token on two math prompts, as in bench_skipping. The cheap heads hold the
+--top-k most frequent tokens of the model's own greedy answers to other Spec-Bench prompts (the
+next --per-category of each category). Per prompt the methods take turns, the median of
+--repeats runs each, the prompt pass timed alone and subtracted. Cost model: a plain step, a
+layer on one token and a layer's K/V fill (state propagation; both as 1/L of all L in a row), the
+full head, the cheap head and AdaInfer's features of one check, timed at the run's mean context; a
+method's predicted time per token is what its run recorded (layer runs, head calls, fills,
+checks) per token times those costs, plus the plain step's remainder (embedding, sampling); the
+predicted speedup is the plain step over that. Writes runs/bench-cost.{json,md}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from model import add_load_args, generate, load_model, positions
+from model.files import write_text_atomic
+from model.flops import HeadRun, KVRun, LayerRun
+from tokenizer import encode_chat, load_tokenizer
+
+from .. import DEFAULT_MODEL, RUNS
+from ..adainfer import Threshold, feature_row
+from ..adainfer_gen import generate_adainfer
+from ..baselines import calibrate_threshold, generate_early_exit, generate_skipdecode
+from ..exit_decode import frequent_vocab
+from ..unified import generate_unified
+from .bench_decoder import tune
+from .bench_kangaroo import median_ms, timed
+from .data import SPECBENCH, specbench
+
+
+@torch.inference_mode()
+def piece_costs(model, vocab, ctx):
+    """ms at context ctx: a plain decode step, one layer, the full head, the cheap head, a K/V
+    fill, and the features of one AdaInfer check (from cheap-head logits)."""
+    L = model.cfg.n_layers
+    cache, dev = model.new_cache(1, ctx + 2), model.device
+    model(torch.zeros(1, ctx, dtype=torch.long, device=dev), cache=cache)
+    pos, h = positions(None, ctx, 1, dev), torch.randn(1, 1, model.cfg.dim, dtype=model.dtype, device=dev)
+    tok = torch.zeros(1, 1, dtype=torch.long, device=dev)
+    lens = model.logits(h, last_only=True, vocab=vocab)[0, -1]  # (V',)
+    state = {"h": h[0, -1], "a": h[0, -1], "m": h[0, -1]}
+
+    def then_crop(fn):
+        def run():
+            fn()
+            cache.crop(ctx)
+        return run
+    # layers and fills are timed over all L in a row and divided by L: one layer timed alone keeps its
+    # weights in the CPU's cache from one repetition to the next, while decoding streams them from memory
+    return {"step": median_ms(then_crop(lambda: model(tok, cache=cache, start=ctx, last_only=True))),
+            "layer": median_ms(then_crop(lambda: model.run_layers(h, pos, range(L), cache, ctx))) / L,
+            "head": median_ms(lambda: model.logits(h, last_only=True)),
+            "cheap_head": median_ms(lambda: model.logits(h, last_only=True, vocab=vocab)),
+            "fill": median_ms(then_crop(lambda: [model.fill_kv(i, h, pos, cache, ctx) for i in range(L)])) / L,
+            "features": median_ms(lambda: feature_row(lens, state, state))}
+
+
+def counts(record, V, checks=0):
+    """Per-run totals of what a record spent after the prompt pass (the prompt pass is the
+    record's leading full-width entries, the same for every method); checks: AdaInfer's."""
+    first = next(i for i, r in enumerate(record) if isinstance(r, HeadRun))  # the prompt's head call
+    rest = record[first + 1:]
+    return {"layers": sum(isinstance(r, LayerRun) for r in rest),
+            "heads": sum(isinstance(r, HeadRun) and r.vocab == V for r in rest),
+            "cheap_heads": sum(isinstance(r, HeadRun) and r.vocab != V for r in rest),
+            "fills": sum(isinstance(r, KVRun) for r in rest), "checks": checks}
+
+
+PIECE = {"layers": "layer", "heads": "head", "cheap_heads": "cheap_head", "fills": "fill", "checks": "features"}
+
+
+def predicted_ms(c, costs, n_tok, L):
+    """Per decoded token: the plain step's remainder (embedding, sampling) plus every piece."""
+    other = costs["step"] - L * costs["layer"] - costs["head"]
+    return other + sum(c[k] * costs[PIECE[k]] for k in c) / n_tok
+
+
+def methods(model, a, tau, vocab):
+    """name -> prompt -> (new tokens, AdaInfer checks run)."""
+    N, gap = a.max_new_tokens, Threshold(0.8)
+
+    def ada(p, v):
+        res = generate_adainfer(model, p, gap, N, vocab=v)
+        return res.tokens, sum(len(c) for c in res.checks)
+    return {"plain": lambda p: (generate(model, [p], max_new_tokens=N)[0], 0),
+            f"Unified {a.r:g}x": lambda p: (generate_unified(model, [p], a.r, max_new_tokens=N)[0], 0),
+            f"SkipDecode {a.r:g}x": lambda p: (generate_skipdecode(model, [p], a.r, max_new_tokens=N)[0], 0),
+            "early exit, full-head checks": lambda p: (generate_early_exit(model, p, tau, N).tokens, 0),
+            f"early exit, top-{a.top_k} checks": lambda p: (generate_early_exit(model, p, tau, N, vocab=vocab).tokens, 0),
+            "AdaInfer gap>=0.8, full-head checks": lambda p: ada(p, None),
+            f"AdaInfer gap>=0.8, top-{a.top_k} checks": lambda p: ada(p, vocab)}
+
+
+@torch.no_grad()
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    ap.add_argument("--r", type=float, default=2.0, help="target speedup of Unified, SkipDecode and the early exit")
+    ap.add_argument("--per-category", type=int, default=2)
+    ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--top-k", type=int, default=4096, help="tokens in the cheap heads")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=RUNS)
+    add_load_args(ap)
+    a = ap.parse_args(argv)
+    if not (a.r >= 1 and a.per_category >= 1 and a.max_new_tokens >= 2 and a.repeats >= 1 and a.top_k >= 1):
+        ap.error("need --r >= 1, --per-category, --repeats, --top-k >= 1 and --max-new-tokens >= 2")
+    torch.set_num_threads(a.threads)
+    model, tok = load_model(a.model, a.dtype, device=a.device), load_tokenizer(a.model)
+    routes = tune(model)
+    L, V, N = model.cfg.n_layers, model.cfg.vocab_size, a.max_new_tokens
+    both = {c: [encode_chat(tok, q) for q, _ in specbench(c, 2 * a.per_category)] for c in SPECBENCH}
+    prompts = [p for ps in both.values() for p in ps[:a.per_category]]
+    vocab_prompts = [p for ps in both.values() for p in ps[a.per_category:]]
+    vocab = frequent_vocab(generate(model, vocab_prompts, max_new_tokens=N), n=a.top_k)
+    calib = [encode_chat(tok, q) for q, _ in specbench("math_reasoning", 2)]
+    tau = calibrate_threshold(model, calib, a.r, 24, 7)
+    fns = methods(model, a, tau, vocab)
+    prefill = lambda p: generate(model, [p], max_new_tokens=1)  # the prompt pass every method starts with
+    raw = {m: {"ms": [], "tokens": [], "counts": []} for m in fns}
+    for p in tqdm(prompts, desc="cost"):
+        times, last = {m: [] for m in ["prefill", *fns]}, {}
+        for _ in range(a.repeats):  # interleaved, so drifts of the machine hit every method
+            times["prefill"].append(timed(lambda: prefill(p))[1])
+            for m, fn in fns.items():
+                with model.recording() as rec:  # appending a record entry per layer costs all methods alike
+                    out, t = timed(lambda: fn(p))
+                times[m].append(t)
+                last[m] = (out, rec)
+        for m, ((out, checks), rec) in last.items():  # decode time: the prompt pass's time subtracted
+            raw[m]["ms"].append(1000 * (statistics.median(times[m]) - statistics.median(times["prefill"])))
+            raw[m]["tokens"].append(out)
+            raw[m]["counts"].append(counts(rec, V, checks))
+    ctx = int(statistics.mean(len(p) for p in prompts)) + N // 2
+    costs = piece_costs(model, vocab, ctx)
+    per_token = {m: (sum(d["ms"]) / sum(len(t) - 1 for t in d["tokens"]),  # per token fed back
+                     {k: sum(x[k] for x in d["counts"]) for k in d["counts"][0]}, sum(len(t) - 1 for t in d["tokens"]))
+                 for m, d in raw.items()}
+    plain_ms = per_token["plain"][0]
+    pred_plain = predicted_ms(per_token["plain"][1], costs, per_token["plain"][2], L)
+    rows = {}
+    for m, (ms, c, fed) in per_token.items():
+        measured, predicted = plain_ms / ms, pred_plain / predicted_ms(c, costs, fed, L)
+        rows[m] = {"ms_per_token": ms, "speedup": measured, "predicted": predicted, "ratio": measured / predicted,
+                   **{f"{k}_per_token": v / fed for k, v in c.items()},
+                   "equal_to_plain": raw[m]["tokens"] == raw["plain"]["tokens"]}
+    cheap = {f"{m}, top-{a.top_k} checks": raw[f"{m}, top-{a.top_k} checks"]["tokens"] == raw[f"{m}, full-head checks"]["tokens"]
+             for m in ("early exit", "AdaInfer gap>=0.8")}
+    res = {"settings": {k: str(v) for k, v in vars(a).items()}, "tau": tau, "context": ctx, "costs_ms": costs,
+           "routes": routes, "rows": rows, "cheap_equals_full_check": cheap}
+    write_report(res, a.out, L / a.r)
+
+
+def write_report(res, out, budget):
+    md = [f"Early exit: tau {res['tau']:.3f} ({budget:.1f} layers per token on the calibration prompts). "
+          f"Pieces at context {res['context']}, ms: " + ", ".join(f"{k} {v:.2f}" for k, v in res["costs_ms"].items()),
+          "", "| method | layers / token | full heads / token | cheap heads / token | K/V fills / token | speedup "
+          "| predicted | measured / predicted | = plain |", "|---|---|---|---|---|---|---|---|---|"]
+    for m, r in res["rows"].items():
+        md.append(f"| {m} | {r['layers_per_token']:.1f} | {r['heads_per_token']:.1f} | {r['cheap_heads_per_token']:.1f} "
+                  f"| {r['fills_per_token']:.1f} | {r['speedup']:.2f}x | {r['predicted']:.2f}x | {r['ratio']:.2f} "
+                  f"| {'yes' if r['equal_to_plain'] else 'no'} |")
+    md += ["", "Tokens of the cheap checks equal to the full-head checks': "
+           + ", ".join(f"{m}: {'yes' if same else 'no'}" for m, same in res["cheap_equals_full_check"].items())]
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "bench-cost.json", json.dumps(res, indent=1))
+    write_text_atomic(out / "bench-cost.md", "\n".join(md) + "\n")
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
