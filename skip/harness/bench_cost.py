@@ -12,7 +12,8 @@ for L / r layers per token on two math prompts, as in bench_skipping. The cheap 
 next --per-category of each category). Per prompt the methods take turns, the median of
 --repeats runs each, the prompt pass timed alone and subtracted. Cost model: a plain step, a
 layer on one token and a layer's K/V fill (state propagation; both as 1/L of all L in a row), the
-full head, the cheap head and AdaInfer's features of one check, timed at the run's mean context; a
+full head, the cheap head, AdaInfer's features of one check and the early exit's decision on
+full-head logits (a softmax over the vocabulary), timed at the run's mean context; a
 method's predicted time per token is what its run recorded (layer runs, head calls, fills,
 checks) per token times those costs, plus the plain step's remainder (embedding, sampling); the
 predicted speedup is the plain step over that. Writes runs/bench-cost.{json,md}.
@@ -35,7 +36,7 @@ from tokenizer import encode_chat, load_tokenizer
 from .. import DEFAULT_MODEL, RUNS
 from ..adainfer import Threshold, feature_row
 from ..adainfer_gen import generate_adainfer
-from ..baselines import calibrate_threshold, generate_early_exit, generate_skipdecode
+from ..baselines import ConfidenceCheck, calibrate_threshold, generate_early_exit, generate_skipdecode
 from ..exit_decode import frequent_vocab
 from ..unified import generate_unified
 from .bench_decoder import tune
@@ -46,13 +47,14 @@ from .data import SPECBENCH, specbench
 @torch.inference_mode()
 def piece_costs(model, vocab, ctx):
     """ms at context ctx: a plain decode step, one layer, the full head, the cheap head, a K/V
-    fill, and the features of one AdaInfer check (from cheap-head logits)."""
+    fill, the features of one AdaInfer check (from cheap-head logits), and the early exit's
+    decision on full-head logits."""
     L = model.cfg.n_layers
     cache, dev = model.new_cache(1, ctx + 2), model.device
     model(torch.zeros(1, ctx, dtype=torch.long, device=dev), cache=cache)
     pos, h = positions(None, ctx, 1, dev), torch.randn(1, 1, model.cfg.dim, dtype=model.dtype, device=dev)
     tok = torch.zeros(1, 1, dtype=torch.long, device=dev)
-    lens = model.logits(h, last_only=True, vocab=vocab)[0, -1]  # (V',)
+    lens, full = model.logits(h, last_only=True, vocab=vocab)[0, -1], model.logits(h, last_only=True)[0, -1]
     state = {"h": h[0, -1], "a": h[0, -1], "m": h[0, -1]}
 
     def then_crop(fn):
@@ -67,21 +69,25 @@ def piece_costs(model, vocab, ctx):
             "head": median_ms(lambda: model.logits(h, last_only=True)),
             "cheap_head": median_ms(lambda: model.logits(h, last_only=True, vocab=vocab)),
             "fill": median_ms(then_crop(lambda: [model.fill_kv(i, h, pos, cache, ctx) for i in range(L)])) / L,
-            "features": median_ms(lambda: feature_row(lens, state, state))}
+            "features": median_ms(lambda: feature_row(lens, state, state)),
+            "decision": median_ms(lambda: ConfidenceCheck(model, 0.5).confident(full))}
 
 
-def counts(record, V, checks=0):
+def counts(record, V, checks=0, exits=False):
     """Per-run totals of what a record spent after the prompt pass (the prompt pass is the
-    record's leading full-width entries, the same for every method); checks: AdaInfer's."""
+    record's leading full-width entries, the same for every method); checks: AdaInfer's; exits:
+    the early exit's, which decides on every full-head call."""
     first = next(i for i, r in enumerate(record) if isinstance(r, HeadRun))  # the prompt's head call
     rest = record[first + 1:]
     return {"layers": sum(isinstance(r, LayerRun) for r in rest),
             "heads": sum(isinstance(r, HeadRun) and r.vocab == V for r in rest),
             "cheap_heads": sum(isinstance(r, HeadRun) and r.vocab != V for r in rest),
-            "fills": sum(isinstance(r, KVRun) for r in rest), "checks": checks}
+            "fills": sum(isinstance(r, KVRun) for r in rest), "checks": checks,
+            "decisions": sum(isinstance(r, HeadRun) and r.vocab == V for r in rest) if exits else 0}
 
 
-PIECE = {"layers": "layer", "heads": "head", "cheap_heads": "cheap_head", "fills": "fill", "checks": "features"}
+PIECE = {"layers": "layer", "heads": "head", "cheap_heads": "cheap_head", "fills": "fill", "checks": "features",
+         "decisions": "decision"}
 
 
 def predicted_ms(c, costs, n_tok, L):
@@ -146,7 +152,7 @@ def main(argv=None):
         for m, ((out, checks), rec) in last.items():  # decode time: the prompt pass's time subtracted
             raw[m]["ms"].append(1000 * (statistics.median(times[m]) - statistics.median(times["prefill"])))
             raw[m]["tokens"].append(out)
-            raw[m]["counts"].append(counts(rec, V, checks))
+            raw[m]["counts"].append(counts(rec, V, checks, m.startswith("early exit")))
     ctx = int(statistics.mean(len(p) for p in prompts)) + N // 2
     costs = piece_costs(model, vocab, ctx)
     per_token = {m: (sum(d["ms"]) / sum(len(t) - 1 for t in d["tokens"]),  # per token fed back
