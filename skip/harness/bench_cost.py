@@ -79,11 +79,10 @@ def counts(record, V, checks=0, exits=False):
     the early exit's, which decides on every full-head call."""
     first = next(i for i, r in enumerate(record) if isinstance(r, HeadRun))  # the prompt's head call
     rest = record[first + 1:]
-    return {"layers": sum(isinstance(r, LayerRun) for r in rest),
-            "heads": sum(isinstance(r, HeadRun) and r.vocab == V for r in rest),
+    heads = sum(isinstance(r, HeadRun) and r.vocab == V for r in rest)
+    return {"layers": sum(isinstance(r, LayerRun) for r in rest), "heads": heads,
             "cheap_heads": sum(isinstance(r, HeadRun) and r.vocab != V for r in rest),
-            "fills": sum(isinstance(r, KVRun) for r in rest), "checks": checks,
-            "decisions": sum(isinstance(r, HeadRun) and r.vocab == V for r in rest) if exits else 0}
+            "fills": sum(isinstance(r, KVRun) for r in rest), "checks": checks, "decisions": heads if exits else 0}
 
 
 PIECE = {"layers": "layer", "heads": "head", "cheap_heads": "cheap_head", "fills": "fill", "checks": "features",

@@ -133,11 +133,15 @@ def profile_decode(model, ctx, steps=8):
     return {"context": ctx, "step_ms": plain, "profiled_step_ms": wall, "aten_ops_per_step": ops, "groups_ms": groups}
 
 
+def step_weights(model):
+    """The weights one decode step multiplies by, in order: every layer's projections, the head."""
+    return [m.weight for blk in model.blocks for m in
+            (blk.attn.wq, blk.attn.wk, blk.attn.wv, blk.attn.wo, blk.mlp.gate, blk.mlp.up, blk.mlp.down)] + [model.head.weight]
+
+
 def matmul_floor_ms(model, runs, product):
     """Only the matrix products of one decode step, on the model's own weights."""
-    mats = [m.weight for blk in model.blocks for m in
-            (blk.attn.wq, blk.attn.wk, blk.attn.wv, blk.attn.wo, blk.mlp.gate, blk.mlp.up, blk.mlp.down)]
-    mats.append(model.head.weight)
+    mats = step_weights(model)
     xs = {w.shape[1]: torch.randn(1, 1, w.shape[1], dtype=w.dtype, device=w.device) for w in mats}
 
     def step():

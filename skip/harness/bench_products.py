@@ -37,7 +37,7 @@ from model.products import PRODUCTS, linear
 from model.files import write_text_atomic
 
 from .. import DEFAULT_MODEL, RUNS
-from .bench_decoder import interleaved_ms
+from .bench_decoder import interleaved_ms, step_weights
 
 _T = {}  # w -> w.T made contiguous once: the "stored transposed" layout (emptied per model)
 
@@ -86,12 +86,10 @@ def bench(model, rows, runs):
 
 def layouts(model):
     """The weights of one decode step as the model stores them, and fused per layer."""
-    sep = [m.weight for b in model.blocks for m in (b.attn.wq, b.attn.wk, b.attn.wv, b.attn.wo, b.mlp.gate,
-                                                     b.mlp.up, b.mlp.down)]
     fused = [w for b in model.blocks for w in (torch.cat([b.attn.wq.weight, b.attn.wk.weight, b.attn.wv.weight]),
                                                 b.attn.wo.weight, torch.cat([b.mlp.gate.weight, b.mlp.up.weight]),
                                                 b.mlp.down.weight)]
-    return {"separate": sep + [model.head.weight], "fused q/k/v, gate/up": fused + [model.head.weight]}
+    return {"separate": step_weights(model), "fused q/k/v, gate/up": fused + [model.head.weight]}
 
 
 def whole_steps(model, rows, runs, threads):
