@@ -35,7 +35,8 @@ test-gpu: weights
 test-clis: weights
 	$(PY) -m pytest -q -m clis
 
-# The three methods side by side on four built-in prompts (under 5 minutes on 2 cores).
+# The three methods, each where its paper applies it: AdaInfer on SST-2 and CommonsenseQA, Kangaroo
+# and Unified Layer Skipping on Spec-Bench prompts (under 5 minutes on 2 cores).
 demo: weights
 	$(PY) -m skip.harness.demo
 

@@ -2,12 +2,17 @@
 
 The per-layer API that every method in skip/ uses:
     h = model.embed_tokens(ids, pos)                            # (B, T, d)
-    h = model.run_layers(h, pos, layers=range(0, l), cache=cache, start=s, mask=m,
+    h = model.run_layers(h, pos, layers=range(0, l), cache=cache, start=s, pad_mask=m,
                          callback=fn)                           # any subset, in order
     z = model.logits(h, last_only=True, vocab=ids_subset)       # the "logit lens"
-`start` is the cache slot of h's first token; `mask` (B, start+T) marks real tokens
-(False = left padding); `pos` are the rope/learned positions, from positions().
+`start` is the cache slot of h's first token; `pad_mask` (B, start+T) marks real tokens
+(False = left padding), from which attention_mask() builds the (B|1, 1, T, S) mask that
+Attention reads; `pos` are the rope/learned positions, from positions().
 callback(i, h, attn_out, mlp_out) sees every layer's output; returning True stops the loop.
+
+Instrumentation is one hook: every piece of work (embedding, layer, K/V fill, head, and a
+method's own pieces such as Kangaroo's adapter) is reported by emit(run, h); observing(fn)
+sees them all (method traces), recording() collects them (model/flops.py counts them).
 """
 from __future__ import annotations
 
@@ -67,36 +72,39 @@ def rotate(x, cos, sin):
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
-def positions(mask, start, T, device="cpu"):
+def positions(pad_mask, start, T, device="cpu"):
     """Positions of slots [start, start+T): count of real tokens before each, left pads at 0."""
-    if mask is None:
+    if pad_mask is None:
         return torch.arange(start, start + T, device=device)[None]  # (1, T)
-    return (mask.long().cumsum(-1) - 1).clamp(min=0)[:, start:start + T]  # (B, T)
+    return (pad_mask.long().cumsum(-1) - 1).clamp(min=0)[:, start:start + T]  # (B, T)
 
 
-def attention_mask(mask, start, T, device="cpu"):
-    """Boolean (B|1, 1, T, S) allowed-mask for queries at slots [start, start+T), or None.
+def attention_mask(pad_mask, start, T, device="cpu"):
+    """Boolean (B|1, 1, T, S) allowed-mask for queries at slots [start, start+T), or None,
+    from the (B, S) padding mask (True = a real token).
 
     A query may see real keys at or before its own slot. It always sees itself, so a pad
     query never has an empty row (which would make NaNs that leak through 0 * NaN)."""
     S = start + T
-    if mask is None and T == 1:
+    if pad_mask is None and T == 1:
         return None  # one new token, no padding: every cached key is visible
     q = torch.arange(start, S, device=device)[:, None]
     k = torch.arange(S, device=device)[None, :]
     allowed = k <= q  # (T, S)
-    if mask is not None:
-        allowed = (allowed & mask[:, None, :S]) | (k == q)  # (B, T, S)
+    if pad_mask is not None:
+        allowed = (allowed & pad_mask[:, None, :S]) | (k == q)  # (B, T, S)
     return allowed.reshape(-1, 1, T, S)
 
 
 class Linear(nn.Linear):
+    routes = None  # a tuned route table (skip/harness/tune.py) instead of model.products' rule
+
     def reset_parameters(self):  # the loader builds on meta and fills every tensor from the file, and
         if not self.weight.is_meta:  # a random init on meta would import torch._dynamo (seconds)
             super().reset_parameters()
 
     def forward(self, x):
-        return linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, self.routes)
 
 
 class Embedding(nn.Embedding):
@@ -122,7 +130,7 @@ class Attention(nn.Module):
         v = self.wv(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, n_kv, T, hd)
         return (k if rope is None else rotate(k, *rope)), v
 
-    def forward(self, x, rope, mask, cache, layer, start, impl):
+    def forward(self, x, rope, attn_mask, cache, layer, start, impl):  # attn_mask: (B|1, 1, T, S) or None
         B, T, _ = x.shape
         q = self.wq(x)
         if self.prescale:
@@ -135,9 +143,9 @@ class Attention(nn.Module):
             k, v = cache.write(layer, start, k, v)  # (B, n_kv, start+T, hd)
         elif start:
             raise CacheError("start > 0 needs a cache holding the earlier slots")
-        causal = mask is None and T > 1 and start == 0
+        causal = attn_mask is None and T > 1 and start == 0
         if impl == "sdpa":
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True,
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal, enable_gqa=True,
                                                scale=1.0 if self.prescale else None)
         else:  # explicit matmuls: slower, but FlopCounterMode sees them
             g = self.n_heads // self.n_kv
@@ -146,9 +154,9 @@ class Attention(nn.Module):
             if not self.prescale:
                 scores = scores / math.sqrt(self.hd)
             if causal:
-                mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-            if mask is not None:
-                scores = scores.masked_fill(~mask, float("-inf"))
+                attn_mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+            if attn_mask is not None:
+                scores = scores.masked_fill(~attn_mask, float("-inf"))
             y = torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v  # (B, n_h, T, hd)
         return self.wo(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))  # (B, T, d)
 
@@ -177,8 +185,8 @@ class Block(nn.Module):
     def attn_input(self, h):
         return self.norm1(h) if self.pre_norm else h
 
-    def forward(self, h, rope, mask, cache, layer, start, impl):
-        a = self.attn(self.attn_input(h), rope, mask, cache, layer, start, impl)
+    def forward(self, h, rope, attn_mask, cache, layer, start, impl):
+        a = self.attn(self.attn_input(h), rope, attn_mask, cache, layer, start, impl)
         if self.pre_norm:  # Llama, OPT: h + f(norm(h))
             h = h + a
             m = self.mlp(self.norm2(h))
@@ -205,8 +213,7 @@ class Decoder(nn.Module):
         # fp32 frequencies kept as a plain attribute, not a buffer, so model.to(bf16) never rounds them
         self.inv_freq = rope_inv_freq(cfg)
         self.attn_impl = "sdpa"  # "math" for explicit matmuls (FLOPs counting, debugging)
-        self.runs = None  # list of LayerRun / HeadRun while recording()
-        self.watch = None  # fn(layer, h, start) after every layer run, while watching(fn)
+        self.observers = []  # fn(run, h) for every piece of work, while observing(fn)
 
     @property
     def device(self):
@@ -220,28 +227,30 @@ class Decoder(nn.Module):
         """An empty KV cache for this model, on its device and in its dtype."""
         return KVCache.for_model(self.cfg, batch, max_len, self.dtype, self.device)
 
-    @contextlib.contextmanager
-    def recording(self):
-        """Collect what ran (layers, tokens, context, head size) for flops.total()."""
-        self.runs = []
-        try:
-            yield self.runs
-        finally:
-            self.runs = None
+    def emit(self, run, h=None):
+        """Report a piece of work (a model/flops.py record; h: a layer's output) to the observers."""
+        for fn in self.observers:
+            fn(run, h)
 
     @contextlib.contextmanager
-    def watching(self, fn):
-        """Call fn(layer, h, start) after every layer that runs, whoever runs it (method traces)."""
-        self.watch = fn
+    def observing(self, fn):
+        """Call fn(run, h) for every piece of work that runs, whoever runs it (method traces)."""
+        self.observers.append(fn)
         try:
             yield
         finally:
-            self.watch = None
+            self.observers.remove(fn)
+
+    @contextlib.contextmanager
+    def recording(self):
+        """Collect what ran (layers, tokens, context, head size) for flops.total()."""
+        runs = []
+        with self.observing(lambda run, h: runs.append(run)):
+            yield runs
 
     def embed_tokens(self, ids, pos):  # (B, T) -> (B, T, d)
         x = self.embed(ids)
-        if self.runs is not None:
-            self.runs.append(EmbedRun(*ids.shape))
+        self.emit(EmbedRun(*ids.shape))
         if self.proj_in is not None:
             x = self.proj_in(x)
         if self.pos_embed is not None:
@@ -257,16 +266,13 @@ class Decoder(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hd)
         return emb.cos(), emb.sin()
 
-    def run_layers(self, h, pos, layers=None, cache=None, start=0, mask=None, callback=None):
+    def run_layers(self, h, pos, layers=None, cache=None, start=0, pad_mask=None, callback=None):
         """Run the given layers, in the given order, on hidden states h (B, T, d)."""
         B, T, _ = h.shape
-        rope, amask = self.rope(pos), attention_mask(mask, start, T, h.device)
+        rope, attn_mask = self.rope(pos), attention_mask(pad_mask, start, T, h.device)
         for i in range(self.cfg.n_layers) if layers is None else layers:
-            h, a, m = self.blocks[i](h, rope, amask, cache, i, start, self.attn_impl)
-            if self.runs is not None:
-                self.runs.append(LayerRun(i, B, T, start))
-            if self.watch is not None:
-                self.watch(i, h, start)
+            h, a, m = self.blocks[i](h, rope, attn_mask, cache, i, start, self.attn_impl)
+            self.emit(LayerRun(i, B, T, start), h)
             if callback is not None and callback(i, h, a, m):
                 break
         return h
@@ -277,8 +283,7 @@ class Decoder(nn.Module):
         blk = self.blocks[layer]
         k, v = blk.attn.kv(blk.attn_input(h), self.rope(pos))
         cache.write(layer, start, k, v)
-        if self.runs is not None:
-            self.runs.append(KVRun(h.shape[0], h.shape[1]))
+        self.emit(KVRun(h.shape[0], h.shape[1]))
 
     def final(self, h):
         """What the LM head reads: final norm (and OPT's project_out) of a hidden state."""
@@ -290,12 +295,11 @@ class Decoder(nn.Module):
         """Final norm + LM head on any hidden state; vocab: 1-D ids to score only those."""
         h = self.final(h[:, -1:] if last_only else h)
         w = self.head.weight if vocab is None else self.head.weight[vocab]  # (V', d_e)
-        if self.runs is not None:
-            self.runs.append(HeadRun(h.shape[0], h.shape[1], w.shape[0]))
-        return linear(h, w)  # (B, T, V')
+        self.emit(HeadRun(h.shape[0], h.shape[1], w.shape[0]))
+        return linear(h, w, routes=self.head.routes)  # (B, T, V')
 
-    def forward(self, ids, cache=None, start=0, mask=None, last_only=False, layers=None):
+    def forward(self, ids, cache=None, start=0, pad_mask=None, last_only=False, layers=None):
         """All layers (or the given ones) on ids (B, T) at slots [start, start+T); returns logits."""
-        pos = positions(mask, start, ids.shape[1], ids.device)
-        h = self.run_layers(self.embed_tokens(ids, pos), pos, layers, cache=cache, start=start, mask=mask)
+        pos = positions(pad_mask, start, ids.shape[1], ids.device)
+        h = self.run_layers(self.embed_tokens(ids, pos), pos, layers, cache=cache, start=start, pad_mask=pad_mask)
         return self.logits(h, last_only=last_only)

@@ -75,7 +75,7 @@ def generate(model, prompts, max_new_tokens=32, temperature=0.0, top_k=0, top_p=
     full_mask = torch.cat([mask, mask.new_ones(B, max_new_tokens)], dim=1)  # (B, T + n)
     padded = any(len(p) < T for p in prompts)
 
-    logits = model(ids, cache=cache, mask=full_mask[:, :T] if padded else None, last_only=True)
+    logits = model(ids, cache=cache, pad_mask=full_mask[:, :T] if padded else None, last_only=True)
     out = [[] for _ in range(B)]
     done = [False] * B
     for step in range(max_new_tokens):
@@ -89,7 +89,7 @@ def generate(model, prompts, max_new_tokens=32, temperature=0.0, top_k=0, top_p=
         if all(done) or step == max_new_tokens - 1:
             break
         start = T + step
-        logits = model(tok[:, None], cache=cache, start=start, mask=full_mask[:, :start + 1] if padded else None,
+        logits = model(tok[:, None], cache=cache, start=start, pad_mask=full_mask[:, :start + 1] if padded else None,
                        last_only=True, layers=None if decode_layers is None else decode_layers(step))
     return out
 
@@ -134,7 +134,7 @@ def beam_search(model, prompts, num_beams=4, max_new_tokens=32, length_penalty=1
     full_mask = torch.cat([mask, mask.new_ones(B, max_new_tokens)], 1).repeat_interleave(K, 0)
     padded = any(len(p) < T for p in prompts)
 
-    logits = model(ids, cache=cache, mask=mask if padded else None, last_only=True)[:, -1]  # (B, V)
+    logits = model(ids, cache=cache, pad_mask=mask if padded else None, last_only=True)[:, -1]  # (B, V)
     cache.reorder(torch.arange(B, device=ids.device).repeat_interleave(K))  # every beam starts from its prompt's cache
     logits, seqs = logits.repeat_interleave(K, 0), ids.repeat_interleave(K, 0)  # (B*K, V), (B*K, T)
     scores = torch.zeros(B, K, device=ids.device)  # summed log-probabilities of the running beams
@@ -171,6 +171,6 @@ def beam_search(model, prompts, num_beams=4, max_new_tokens=32, length_penalty=1
             break
         cache.reorder(rows)
         start = T + step
-        logits = model(toks[:, None], cache=cache, start=start, mask=full_mask[:, :start + 1] if padded else None,
+        logits = model(toks[:, None], cache=cache, start=start, pad_mask=full_mask[:, :start + 1] if padded else None,
                        last_only=True, layers=None if decode_layers is None else decode_layers(step))[:, -1]
     return [f[0][1] for f in finished]

@@ -1,38 +1,43 @@
-"""AdaInfer (Fan et al., "Not all Layers of LLMs are Necessary during Inference", arXiv 2403.02181).
+"""AdaInfer (Fan et al., "Not all Layers of LLMs are Necessary during Inference", arXiv 2403.02181):
+one forward pass stops at an early layer when a classifier on cheap per-layer features says the
+answer is already there. The paper's method, its parts cited by their titles there:
+    "Feature Selection"  after each layer, statistics of the logit lens; the paper keeps gap and
+                         top prob, having also studied cosine similarities of consecutive layers
+    "Classifier"         SVM or CRF on those features, fitted on one labelled row per instance and
+                         layer; the simple variant is the rule gap >= tau (tau = 0.8 in the paper)
+    stop signal          the pass ends at the first layer the classifier marks "stop"; no stop:
+                         all layers, the model's own answer
 
-Notation (the paper's method: features, classifier, stop signal), for one prompt whose
-answer is its next token:
+Notation, for one prompt whose answer is its next token:
     l          layer index 0..L-1, h_l its output at the last prompt position
-    p_l        softmax(head(norm(h_l))): the logit lens, over the full vocabulary or the choices
+    p_l        softmax(head(norm(h_l))): the logit lens
     gap_l      p_l(top1) - p_l(top2)          (the paper's main feature)
-    top_l      p_l(top1)                      (its second feature)
+    top_l      p_l(top1)                      (top prob, its second)
     cos_*      cosine similarity of layer l and l-1 of the hidden state, the attention output and
-               the MLP output (the paper's feature study; 0 at layer 0 for attn and MLP)
-    classifier SVM or CRF on the chosen features, or "gap >= tau" (tau = 0.8 in the paper);
-               inference stops at the first layer marked "stop"; no stop: all layers.
-Labels (one row per instance and layer): "gold" = layer l's top-1 is the answer token;
-"final" = layer l's top-1 equals the full model's top-1; "settled" (ours) = it does, and so
-does every layer after l: the oracle's stop layer and all later ones (early layers that agree
-by chance, as with 2 choices, are not taught as stops).
+               the MLP output (the feature study; 0 at layer 0 for attn and MLP)
+    y_l        layer l's label, 1 = "stopping here is right": gold = layer l's top-1 is the answer
+               token; final = it is the full model's top-1 (the abstract's "match the final results")
 Every feature costs one LM-head call at one position per layer; flops.total counts them.
+
+Ours, after the divider at the end: the "settled" label and the oracle's stop layer. Also ours:
+p_l over a vocabulary restricted to some ids (`vocab`: a task's choices). Classifier files:
+skip/adainfer_files.py; a stop decision per generated token: skip/adainfer_gen.py.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from model import positions
-from model.files import write_text_atomic
 
 from .crf import CRF
 
 FEATURES = ("gap", "top_prob", "cos_hidden", "cos_attn", "cos_mlp")
-DEFAULT_FEATURES = ("gap", "top_prob")
+DEFAULT_FEATURES = ("gap", "top_prob")  # the paper's
+LABEL_RULES = ("gold", "final", "settled")
 
 
 def encode(tok, inst):
@@ -49,11 +54,26 @@ def encode(tok, inst):
     return ids, one_token(inst.answer, inst.first_token), choices
 
 
+# ---------------------------------------------------------------- features ("Feature Selection")
 @dataclass
 class Trace:
     feats: torch.Tensor  # (L, len(FEATURES))
     top1: list[int]  # per-layer predicted token id
     answer: int
+
+
+def feature_row(logits, cur, prev):
+    """FEATURES of one layer from its logit-lens logits (V',) and its outputs at the position,
+    cur = {"h": hidden state, "a": attention output, "m": MLP output} (each (d,)), against the
+    previous layer's prev (in fp32); also the top-1 index into logits. Computed on the model's
+    device and copied to the host once."""
+    top2 = logits.float().softmax(-1).topk(2)
+    gap, top = top2.values[0] - top2.values[1], top2.values[0]
+    zero = top2.values.new_zeros(())
+    cos = [zero if prev[k] is None else F.cosine_similarity(cur[k].float(), prev[k].float(), dim=0)
+           for k in ("h", "a", "m")]  # cos_hidden, cos_attn, cos_mlp
+    row = torch.stack([gap, top, *cos, top2.indices[0].float()]).tolist()
+    return row[:-1], int(row[-1])
 
 
 class LayerStream:
@@ -70,20 +90,10 @@ class LayerStream:
         return feature_row(logits, self.cur, self.prev)
 
 
-def feature_row(logits, cur, prev):
-    """FEATURES of one layer from its logit-lens logits (V',) and its (h, attn, mlp) outputs
-    at the position, against the previous layer's (in fp32); also the top-1 index into logits.
-    Computed on the model's device and copied to the host once."""
-    top2 = logits.float().softmax(-1).topk(2)
-    zero = top2.values.new_zeros(())
-    cos = [zero if prev[k] is None else F.cosine_similarity(cur[k].float(), prev[k].float(), dim=0) for k in "ham"]
-    row = torch.stack([top2.values[0] - top2.values[1], top2.values[0], *cos, top2.indices[0].float()]).tolist()
-    return row[:-1], int(row[-1])
-
-
+# ---------------------------------------------------------------- the pass and its stop signal
 def prompt_pass(model, ids, vocab, on_layer):
-    """The prompt through the layers; after each, on_layer(layer, feature row, predicted id) ->
-    True stops the pass there (run_layers' callback)."""
+    """The prompt through the layers; after layer l, the logit lens at the last position (over
+    `vocab` only, when given) and on_layer(l, FEATURES row, top-1 id) -> True ends the pass."""
     x = torch.tensor([ids], device=model.device)
     pos = positions(None, 0, x.shape[1], x.device)
     h = model.embed_tokens(x, pos)  # (1, T, d)
@@ -93,44 +103,48 @@ def prompt_pass(model, ids, vocab, on_layer):
 
     def callback(layer, h, attn_out, mlp_out):
         stream.step(h, attn_out, mlp_out)
-        row, idx = stream.row(model.logits(h, last_only=True, vocab=vocab)[0, -1])
+        row, idx = stream.row(model.logits(h, last_only=True, vocab=vocab)[0, -1])  # (V',) lens
         return on_layer(layer, row, idx if vocab is None else ids_of[idx])
     model.run_layers(h, pos, callback=callback)
 
 
 @torch.inference_mode()
+def predict(model, ids, clf, vocab=None):
+    """AdaInfer on one prompt: layers run until clf signals stop. Returns (token id, exit layer)."""
+    out = {"state": None}
+
+    def decide(layer, row, pred):
+        out["state"], stop = clf.decide(out["state"], row)
+        out.update(pred=pred, layer=layer)
+        return stop
+    prompt_pass(model, ids, vocab, decide)
+    return out["pred"], out["layer"]
+
+
+@torch.inference_mode()
 def trace(model, ids, answer, vocab=None) -> Trace:
-    """Features and predictions of every layer (one full pass), for training and analysis."""
+    """Features and predictions of every layer (one full pass): the classifiers' training rows."""
     rows, top1 = [], []
     prompt_pass(model, ids, vocab, lambda layer, row, pred: rows.append(row) or top1.append(pred))
     return Trace(torch.tensor(rows), top1, answer)
 
 
-def oracle_layer(tr: Trace):
-    """The earliest layer from which the prediction stays the final one (a perfect classifier)."""
-    l = len(tr.top1) - 1
-    while l > 0 and tr.top1[l - 1] == tr.top1[-1]:
-        l -= 1
-    return l
-
-
-LABEL_RULES = ("gold", "final", "settled")
-
-
+# ---------------------------------------------------------------- classifiers ("Classifier")
 def labels(tr: Trace, rule="gold"):
+    """y_l for every layer of a trace under a rule of LABEL_RULES."""
     if rule not in LABEL_RULES:
         raise ValueError(f"label rule {rule!r} ({', '.join(LABEL_RULES)})")
     if rule == "settled":
-        stop = oracle_layer(tr)
-        return [int(l >= stop) for l in range(len(tr.top1))]
+        return settled_labels(tr)
     target = tr.answer if rule == "gold" else tr.top1[-1]
     return [int(t == target) for t in tr.top1]
 
 
-# ---------------------------------------------------------------- stop classifiers
 class Classifier:
-    """Selects features and decides online: step(state, x) -> (state, stop) for one layer's
-    selected features x; stop_at(rows) -> the first stop layer or None."""
+    """A stop classifier on the selected features x of each layer: step(state, x) -> (state,
+    stop), where state is what a chain classifier carries from layer to layer (None at layer 0);
+    decide() does the same from a whole FEATURES row; stop_at(rows) is the first layer it stops
+    at, or None."""
     kind = ""
 
     def __init__(self, features=DEFAULT_FEATURES):
@@ -143,36 +157,36 @@ class Classifier:
     def pick(self, row):
         return np.asarray(row, dtype=np.float64)[self.cols]
 
+    def decide(self, state, row):
+        return self.step(state, self.pick(row))
+
     def stop_at(self, rows):
         state = None
         for layer, row in enumerate(rows):
-            state, stop = self.step(state, self.pick(row))
+            state, stop = self.decide(state, row)
             if stop:
                 return layer
         return None
 
-    def save(self, path, model_cfg, trained_on=None):
-        d = {"kind": self.kind, "features": self.features, "params": self.params(), "trained_on": trained_on,
-             "model": {"n_layers": model_cfg.n_layers, "dim": model_cfg.dim, "vocab_size": model_cfg.vocab_size}}
-        write_text_atomic(path, json.dumps(d))
-
 
 class Threshold(Classifier):
+    """The rule feature_l >= tau (the paper's gap threshold)."""
     kind = "threshold"
 
     def __init__(self, tau=0.8, feature="gap"):
         super().__init__((feature,))
         self.tau = tau
 
+    def score(self, state, x):
+        """The number step compares with tau: the feature itself."""
+        return float(x[0])
+
     def step(self, state, x):
         return None, bool(x[0] >= self.tau)
 
-    def params(self):
-        return {"tau": self.tau}
-
 
 class SVM(Classifier):
-    """Linear SVM (scikit-learn) on standardised features, classes balanced."""
+    """Linear SVM (scikit-learn) on standardised features, classes balanced; each layer alone."""
     kind = "svm"
 
     def fit(self, traces, rule="gold", C=1.0):
@@ -186,14 +200,17 @@ class SVM(Classifier):
         self.w, self.b = svm.coef_[0], float(svm.intercept_[0])
         return self
 
-    def step(self, state, x):
-        return None, bool((x - self.mean) / self.std @ self.w + self.b > 0)
+    def score(self, state, x):
+        """The decision function w . (x - mean) / std + b: step stops iff it is > 0."""
+        return float((x - self.mean) / self.std @ self.w + self.b)
 
-    def params(self):
-        return {"mean": self.mean.tolist(), "std": self.std.tolist(), "w": self.w.tolist(), "b": self.b}
+    def step(self, state, x):
+        return None, self.score(state, x) > 0
 
 
 class CRFClassifier(Classifier):
+    """A linear-chain CRF over the layers (skip/crf.py), fitted on whole traces; online, layer l
+    stops when the best label path over layers 0..l ends in "stop" (no feature past l is read)."""
     kind = "crf"
 
     def fit(self, traces, rule="gold"):
@@ -201,75 +218,26 @@ class CRFClassifier(Classifier):
         self.crf = CRF(len(self.cols)).fit(xs, [labels(t, rule) for t in traces])
         return self
 
+    def score(self, delta, x):
+        """The online Viterbi margin delta[1] - delta[0] after this layer: step stops iff it is > 0."""
+        delta, _ = self.step(delta, x)
+        return float(delta[1] - delta[0])
+
     def step(self, delta, x):
-        delta = self.crf.step(delta, x)
-        return delta, bool(delta[1] > delta[0])
-
-    def params(self):
-        return self.crf.to_json()
+        return self.crf.step(delta, x)
 
 
-class ClassifierError(ValueError):
-    pass
+# ---- extensions (ours)
+def oracle_layer(tr: Trace):
+    """The earliest layer from which the prediction stays the final one (a perfect classifier)."""
+    l = len(tr.top1) - 1
+    while l > 0 and tr.top1[l - 1] == tr.top1[-1]:
+        l -= 1
+    return l
 
 
-def _numbers(path, p, key, shape):
-    """p[key] as a float64 array of the given shape, every entry a finite JSON number."""
-    a = np.asarray(p.get(key), dtype=object)
-    if a.shape != shape or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in a.flat):
-        raise ClassifierError(f"{path}: params.{key} must be numbers of shape {shape}, got {p.get(key)!r:.80}")
-    a = a.astype(np.float64)
-    if not np.isfinite(a).all():
-        raise ClassifierError(f"{path}: params.{key} holds a non-finite value")
-    return a
-
-
-def load_classifier(path, model_cfg, other_model=False):
-    """Read a classifier written by Classifier.save, checking every field before it is used.
-    One fitted for a model of another shape is refused unless other_model=True: the features
-    (probabilities, cosines) do not depend on the shape, so it runs, but it was not fitted here."""
-    try:
-        d = json.loads(Path(path).read_text())
-        kind, features, p = d["kind"], d["features"], d["params"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ClassifierError(f"{path}: not a classifier file ({type(e).__name__}: {e})") from e
-    want = {"n_layers": model_cfg.n_layers, "dim": model_cfg.dim, "vocab_size": model_cfg.vocab_size}
-    if d.get("model") != want:
-        if not other_model:
-            raise ClassifierError(f"{path} was fitted for a model with {d.get('model')}, not {want} "
-                                  "(other_model=True applies it anyway)")
-        print(f"{path}: fitted on {d.get('trained_on') or 'an unnamed model'} {d.get('model')}; "
-              f"applied to a model with {want}")
-    if kind not in ("threshold", "svm", "crf") or not isinstance(p, dict):
-        raise ClassifierError(f"{path}: unknown kind {kind!r} (threshold, svm, crf)")
-    if not (isinstance(features, list) and features and set(features) <= set(FEATURES)
-            and (kind != "threshold" or len(features) == 1)):
-        raise ClassifierError(f"{path}: features {features!r} are not a list of {FEATURES}"
-                              + (" with one entry" if kind == "threshold" else ""))
-    n_feat = len(features)
-    if kind == "threshold":
-        return Threshold(float(_numbers(path, p, "tau", ())), features[0])
-    clf = {"svm": SVM, "crf": CRFClassifier}[kind](features)
-    if kind == "svm":
-        clf.mean, clf.std, clf.w = (_numbers(path, p, k, (n_feat,)) for k in ("mean", "std", "w"))
-        clf.b = float(_numbers(path, p, "b", ()))
-        if (clf.std <= 0).any():
-            raise ClassifierError(f"{path}: params.std must be positive, got {clf.std.tolist()}")
-    else:
-        clf.crf = CRF.from_json({"W": _numbers(path, p, "W", (2, n_feat)), "b": _numbers(path, p, "b", (2,)),
-                                 "T": _numbers(path, p, "T", (2, 2))})
-    return clf
-
-
-# ---------------------------------------------------------------- inference
-@torch.inference_mode()
-def predict(model, ids, clf, vocab=None):
-    """AdaInfer on one prompt: layers run until clf says stop. Returns (token id, exit layer)."""
-    out = {"state": None}
-
-    def decide(layer, row, pred):
-        out["state"], stop = clf.step(out["state"], clf.pick(row))
-        out.update(pred=pred, layer=layer)
-        return stop
-    prompt_pass(model, ids, vocab, decide)
-    return out["pred"], out["layer"]
+def settled_labels(tr: Trace):
+    """The "settled" rule: 1 from the oracle's stop layer on, where the prediction is the final
+    one and stays so; early layers that agree by chance (as with 2 choices) are not taught as stops."""
+    stop = oracle_layer(tr)
+    return [int(l >= stop) for l in range(len(tr.top1))]

@@ -1,17 +1,16 @@
-"""A linear-chain CRF over the sequence of layers, from scratch (AdaInfer's second stop classifier).
+"""A linear-chain CRF over the sequence of layers, from scratch: AdaInfer's second classifier
+(the paper's "Classifier": SVM and CRF; skip/adainfer.py).
 
 Notation: a sequence x_0..x_{L-1} of per-layer feature vectors (F,), labels y_l in {0, 1}
 (1 = "stopping here is right"). Emission score e_l(y) = W[y] . x_l + b[y], transition score
 T[y', y]. score(x, y) = sum_l e_l(y_l) + sum_{l>0} T[y_{l-1}, y_l];
 p(y | x) = exp(score(x, y)) / Z(x), log Z computed by the forward algorithm in log space.
 Training maximises the log-likelihood (minus an L2 penalty) with L-BFGS; decoding is Viterbi.
-Early exit needs a decision at layer l from layers 0..l only: stop_at() runs the Viterbi
-recursion online and stops at the first l whose best prefix path ends in label 1.
-Saved as JSON (no pickle).
+Early exit needs a decision at layer l from layers 0..l only: step() advances the Viterbi
+recursion by one layer and says "stop" when the best path over the prefix ends in label 1.
+Parameters go to and from JSON with to_json/from_json (no pickle).
 """
 from __future__ import annotations
-
-import json
 
 import torch
 
@@ -53,19 +52,11 @@ class CRF:
         return path[::-1], float(delta.max())
 
     def step(self, delta, x):
-        """One step of the Viterbi recursion: delta over labels after also seeing x (None at the start)."""
+        """The online decision at one layer: delta (2,) of the layers before (None at layer 0)
+        advanced by x (F,), and stop = the best label path over the prefix ends in 1."""
         e = self.emissions(torch.as_tensor(x)[None])[0]
-        return e if delta is None else e + (delta[:, None] + self.T).max(0).values
-
-    def stop_at(self, features):
-        """Online decision: feed x_0, x_1, ... (an iterator); return the first layer whose best
-        prefix path ends in "stop", or None. Reads no feature past the decision."""
-        delta = None
-        for l, x in enumerate(features):
-            delta = self.step(delta, x)
-            if delta[1] > delta[0]:
-                return l
-        return None
+        delta = e if delta is None else e + (delta[:, None] + self.T).max(0).values
+        return delta, bool(delta[1] > delta[0])
 
     def fit(self, xs, ys, l2=1e-2, iters=100):
         """Maximise sum log p(y | x) - l2 * |params|^2 over sequences xs (L, F) and labels ys (L,)."""
@@ -97,7 +88,3 @@ class CRF:
         crf = cls(len(d["W"][0]))
         crf.W, crf.b, crf.T = (torch.tensor(d[k], dtype=torch.float64) for k in ("W", "b", "T"))
         return crf
-
-    def save(self, path):
-        with open(path, "w") as f:
-            json.dump(self.to_json(), f)

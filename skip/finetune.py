@@ -9,6 +9,11 @@ are instruction/response pairs from AlpacaEval (instruction, output) and GSM8K t
 
 python -m skip.finetune --method unified --r 2 [--minutes 30] [--steps N] [--device cpu]
 writes weights/<method>-<r>x/ (config.json, model.safetensors, finetune.json).
+With --lora RANK (ours, not the paper's) it trains low-rank adapters (skip/lora.py) on the layers
+the response runs instead, and writes weights/<method>-<r>x-lora/ (adapter.safetensors,
+adapter.json): a few MB, committed for r = 2 so that `make demo` shows the fine-tuned method. The
+committed one: `--method unified --r 2 --lora 8 --max-tokens 128 --minutes 13` (267 steps, one
+CPU thread shared with other jobs; its adapter.json holds the settings and losses).
 """
 from __future__ import annotations
 
@@ -24,12 +29,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from model import add_load_args, load_config, load_model, save_model
-from model.files import OutputExists, atomic_dir, check_target
+from weights.files import OutputExists, atomic_dir, check_target
 from tokenizer import encode_chat, load_tokenizer
 
 from . import DATA, DEFAULT_MODEL, WEIGHTS
 from .baselines import skipdecode_layer_sets
 from .layerwise import layerwise_forward, prompt_then
+from .lora import attach, save_lora
 from .unified import kept_layers
 
 
@@ -109,14 +115,20 @@ class MixedPrecision:
                 p.copy_(m)
 
 
-def finetune(model, pairs, layer_sets, steps, minutes=None, lr=2e-5, warmup=20, clip=1.0, desc="fine-tune"):
-    """AdamW with linear warmup and cosine decay, gradient clipping; embeddings frozen; in half
-    precision with fp32 master weights (MixedPrecision). Stops after `steps` steps or `minutes`
-    minutes, whichever comes first. Returns the losses."""
+def finetune(model, pairs, layer_sets, steps, minutes=None, lr=2e-5, warmup=20, clip=1.0, desc="fine-tune",
+             params=None):
+    """AdamW with linear warmup and cosine decay, gradient clipping; in half precision with fp32
+    master weights (MixedPrecision). Trains `params` (default: every weight but the embeddings,
+    which stay frozen). Stops after `steps` steps or `minutes` minutes, whichever comes first.
+    Returns the losses."""
     model.train()
-    for name, p in model.named_parameters():
-        p.requires_grad_(not name.startswith(("embed.", "pos_embed.", "head.")))
-    mp = MixedPrecision([p for p in model.parameters() if p.requires_grad], model.dtype)
+    if params is None:
+        params = [p for name, p in model.named_parameters() if not name.startswith(("embed.", "pos_embed.", "head."))]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    mp = MixedPrecision(params, model.dtype)
     opt = torch.optim.AdamW(mp.master, lr=lr, weight_decay=0.0)
     bar, losses, t0 = tqdm(total=steps, desc=desc), [], time.perf_counter()
     for step in range(steps):
@@ -146,6 +158,11 @@ def tuned_checkpoint(cfg, method, r):
     return ck if (ck / "finetune.json").exists() and load_config(ck) == cfg else None
 
 
+def loss_record(losses):
+    return {"steps": len(losses), "first_loss_avg20": sum(losses[:20]) / len(losses[:20]),
+            "final_loss_avg20": sum(losses[-20:]) / len(losses[-20:])}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
@@ -153,19 +170,23 @@ def main(argv=None):
     ap.add_argument("--r", type=int, default=2, help="target speedup")
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--minutes", type=float, default=30.0, help="wall-clock budget (default about 30 minutes)")
-    ap.add_argument("--lr", type=float, default=3e-5)
+    ap.add_argument("--lr", type=float, help="default 3e-5, with --lora 1e-3")
+    ap.add_argument("--lora", type=int, metavar="RANK", help="train low-rank adapters of this rank (skip/lora.py)")
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
     add_load_args(ap)
     ap.add_argument("--out", type=Path)
     ap.add_argument("--force", action="store_true", help="replace an output folder this command did not write")
     a = ap.parse_args(argv)
-    if not (a.steps >= 1 and a.minutes > 0 and a.lr > 0 and a.r >= 1):
-        ap.error(f"need --steps >= 1, --minutes > 0, --lr > 0, --r >= 1 (got {a.steps}, {a.minutes}, {a.lr}, {a.r})")
+    a.lr = (1e-3 if a.lora else 3e-5) if a.lr is None else a.lr
+    if not (a.steps >= 1 and a.minutes > 0 and a.lr > 0 and a.r >= 1 and (a.lora is None or a.lora >= 1)):
+        ap.error(f"need --steps >= 1, --minutes > 0, --lr > 0, --r >= 1, --lora >= 1 (got {a.steps}, {a.minutes}, "
+                 f"{a.lr}, {a.r}, {a.lora})")
     torch.manual_seed(a.seed)
-    out = a.out or WEIGHTS / f"{a.method}-{a.r}x"
+    out = a.out or WEIGHTS / f"{a.method}-{a.r}x{'-lora' if a.lora else ''}"
+    marker = "adapter.json" if a.lora else "finetune.json"
     try:  # before the training, not after it
-        check_target(out, "finetune.json", a.force)
+        check_target(out, marker, a.force)
     except OutputExists as e:
         ap.error(str(e))
     model = load_model(a.model, a.dtype, device=a.device)
@@ -173,14 +194,21 @@ def main(argv=None):
     if not pairs:
         ap.error(f"no training prompt fits --max-tokens {a.max_tokens} with room for a response")
     layer_sets = response_layer_sets(a.method, model.cfg.n_layers, a.r)
+    record = {"base_model": a.model.name, "method": a.method, "r": a.r, "lr": a.lr, "minutes": a.minutes,
+              "max_tokens": a.max_tokens, "seed": a.seed, "data": ["alpaca/alpaca_eval.jsonl", "gsm8k/train.jsonl"]}
+    if a.lora:
+        layers = sorted(set().union(*map(set, layer_sets(a.max_tokens))))  # every layer a response position runs
+        mods = attach(model, layers, a.lora)
+        losses = finetune(model, pairs, layer_sets, a.steps, a.minutes, a.lr, desc=f"{a.method} {a.r}x lora {a.lora}",
+                          params=[p for m in mods.values() for p in m.parameters()])
+        save_lora(mods, out, model, a.force, **record, **loss_record(losses))
+        print(f"saved {out} after {len(losses)} steps; loss {losses[0]:.3f} -> "
+              f"{loss_record(losses)['final_loss_avg20']:.3f}")
+        return
     losses = finetune(model, pairs, layer_sets, a.steps, a.minutes, a.lr, desc=f"{a.method} {a.r}x")
     with atomic_dir(out, "finetune.json", a.force) as tmp:  # finetune.json last: the marker of a complete run
         save_model(model, tmp, a.model)
-        (tmp / "finetune.json").write_text(json.dumps({
-            "base_model": str(a.model), "method": a.method, "r": a.r, "steps": len(losses), "lr": a.lr,
-            "max_tokens": a.max_tokens, "seed": a.seed, "data": ["alpaca/alpaca_eval.jsonl", "gsm8k/train.jsonl"],
-            "first_loss_avg20": sum(losses[:20]) / len(losses[:20]),
-            "final_loss_avg20": sum(losses[-20:]) / len(losses[-20:])}, indent=2))
+        (tmp / "finetune.json").write_text(json.dumps({**record, **loss_record(losses)}, indent=2))
     print(f"saved {out} after {len(losses)} steps; loss {losses[0]:.3f} -> {sum(losses[-20:]) / len(losses[-20:]):.3f}")
 
 

@@ -1,7 +1,7 @@
 """Kangaroo: lossless self-speculative decoding via double early exiting
 (Liu et al. 2024, arXiv 2404.18911; official code github.com/Equationliu/Kangaroo).
 
-Notation (paper Sec. 3):
+Notation (the paper's method section):
     M        the full model, layers [0, L); M^s = layers [0, l), the shallow sub-network
     A        the adapter: RMSNorm -> attention (M's head layout, RoPE) -> + residual -> RMSNorm
     H        M's frozen LM head; the draft model is M^d = H . A . M^s        (layer early exit)
@@ -9,32 +9,32 @@ Notation (paper Sec. 3):
     eta      drafting stops after a draft whose top probability is below eta (draft early exit)
     p, q     target (M) and draft (M^d) distributions of the next token
 
-One round, starting from the last committed token x (its slot n is not cached yet):
-  1. draft: run M^s on x, A, H -> d_1; M^s on d_1, A, H -> d_2; ... (Sec. 3.2). M^s keeps its
-     keys/values, and the exited hidden states h_l of x, d_1, ..., d_k are kept too.
-  2. verify: layers [l, L) run once on those k+1 hidden states (M^s is never recomputed);
-     the longest prefix of drafts that M agrees with is accepted, plus M's own next token.
-  3. every cache (shallow, deep, adapter) is cropped to the accepted length.
-Greedy rounds accept d_i while d_i = argmax p_i, so the output equals plain greedy decoding.
-Sampled rounds use the speculative sampling rule (Leviathan et al. 2023, Alg. 1; Chen et al.
-2023): accept d_i with probability min(1, p_i(d_i) / q_i(d_i)), else draw from
-norm(max(0, p_i - q_i)), which keeps every token distributed exactly as p.
+Paper sections are cited by title: [SD] "Early Exiting as Self-Drafting Model" (M^d, A, the
+verification of the exited states) and [DD] "Dynamic Drafting Steps with Early-Exiting" (eta).
+One round, from the last committed token x at slot n (not cached yet):
+  1. draft [DD]: M^s on x, then A and H -> d_1; M^s on d_1, A, H -> d_2; ... M^s keeps its
+     keys/values, and the exited states h_l of x, d_1, ..., d_k are kept too.
+  2. verify [SD]: layers [l, L) run once on those k + 1 states (M^s never runs twice on a slot).
+  3. accept: the longest prefix of drafts that M agrees with, plus M's own next token.
+     Greedy: d_i while d_i = argmax p_i, so the output equals plain greedy decoding. Sampled:
+     the speculative sampling rule (Leviathan et al. 2023, Alg. 1; Chen et al. 2023): d_i with
+     probability min(1, p_i(d_i) / q_i(d_i)), else a draw from norm(max(0, p_i - q_i)), which
+     keeps every token distributed exactly as p.
+  4. crop every cache (shallow, deep, adapter) to the accepted length (as the official code does).
+After the divider, ours: the FLOPs bookkeeping, the top-K draft head, the adapter-free peer and
+the hook of traces. Adapter files: skip/kangaroo_files.py; training A: skip/kangaroo_train.py.
 """
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Callable
+from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from model import KVCache, attention_mask, check_length, check_sampling, filter_logits
-from model.decoder import Attention, Norm
-from model.files import atomic_dir
+from model.config import ConfigError, check
+from model.decoder import Attention, Norm, rope_inv_freq
 from model.flops import AttnRun, HeadRun
 
 
@@ -42,18 +42,32 @@ class AdapterError(ValueError):
     pass
 
 
-class Adapter(nn.Module):
-    """A = RMSNorm -> attention -> + residual -> RMSNorm, no MLP (Sec. 3.1, Fig. 2)."""
+OWN = ("rope_theta", "rope_type", "norm_eps")  # M's settings an adapter may hold a value of its own for
 
-    def __init__(self, cfg, l):
+
+class Adapter(nn.Module):
+    """A = RMSNorm -> attention -> + residual -> RMSNorm, no MLP ([SD]; official kangaroo/adapter.py).
+    own: A's own values of M's settings (OWN), where it was trained with others: the official code
+    builds A's RoPE with base 10000 and no scaling, whatever M's, and A's norms with its config's
+    eps. None or absent: M's (adapters trained here)."""
+
+    def __init__(self, cfg, l, own=None):
         super().__init__()
         if cfg.embed_dim != cfg.dim or cfg.pos != "rope":
             raise AdapterError("the adapter needs a RoPE model whose head reads the hidden size (Llama)")
         if not 0 < l < cfg.n_layers:
             raise AdapterError(f"exit layer l must be in [1, {cfg.n_layers - 1}], got {l}")
-        self.cfg, self.l = cfg, l
-        self.norm_in, self.attn, self.norm_out = Norm(cfg), Attention(cfg), Norm(cfg)
-        # token ids by frequency in the training text, for the cheaper draft head (extension)
+        self.cfg, self.l, self.own = cfg, l, dict(own or {})
+        if set(self.own) - set(OWN) or self.own.get("rope_type", "default") not in ("default", "linear", "llama3"):
+            raise AdapterError(f"an adapter's own settings are some of {OWN}, got {self.own}")
+        try:
+            acfg = check(replace(cfg, **self.own))  # M's config with A's own values
+        except (ConfigError, TypeError) as e:
+            raise AdapterError(f"bad adapter settings {self.own}: {e}") from None
+        # A's fp32 frequencies, a plain attribute as in the Decoder (never rounded by .to(dtype)); None: M's rope
+        self.inv_freq = rope_inv_freq(acfg) if {"rope_theta", "rope_type"} & set(self.own) else None
+        self.norm_in, self.attn, self.norm_out = Norm(acfg), Attention(acfg), Norm(acfg)
+        # ours: token ids by frequency in the training answers, for the top-K draft head (TopKDraft)
         self.register_buffer("frequent", torch.zeros(0, dtype=torch.long))
 
     @classmethod
@@ -69,50 +83,19 @@ class Adapter(nn.Module):
         w = self.attn.wq.weight
         return KVCache(1, 1, max_len, self.cfg.n_kv_heads, self.cfg.head_dim, w.dtype, w.device)
 
-    def forward(self, h, rope, cache=None, start=0, mask=None, impl="sdpa"):  # (B, T, d) -> (B, T, d)
-        a = self.attn(self.norm_in(h), rope, mask, cache, 0, start, impl)
+    def rope(self, model, pos):
+        """A's (cos, sin) at positions pos (B, T): M's, or from A's own frequencies as M computes its
+        own (fp32 angles; rotate() applies them in the activations' dtype)."""
+        if self.inv_freq is None:
+            return model.rope(pos)
+        self.inv_freq = self.inv_freq.to(pos.device)
+        freqs = pos[..., None].float() * self.inv_freq  # (B, T, hd/2)
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hd)
+        return emb.cos(), emb.sin()
+
+    def forward(self, h, rope, cache=None, start=0, attn_mask=None, impl="sdpa"):  # (B, T, d) -> (B, T, d)
+        a = self.attn(self.norm_in(h), rope, attn_mask, cache, 0, start, impl)
         return self.norm_out(h + a)  # already normalised: the head reads it directly
-
-
-# ---------------------------------------------------------------- save / load
-def save_adapter(adapter, path, force=False, **info):
-    """adapter.safetensors + adapter.json (settings and training record, written last) in
-    directory path, atomically; a folder that is not an adapter is refused unless force."""
-    meta = {"l": adapter.l, "dim": adapter.cfg.dim, "n_heads": adapter.cfg.n_heads,
-            "n_kv_heads": adapter.cfg.n_kv_heads, "vocab_size": adapter.cfg.vocab_size, **info}
-    with atomic_dir(path, "adapter.json", force) as tmp:
-        save_file({k: v.contiguous() for k, v in adapter.state_dict().items()}, str(tmp / "adapter.safetensors"))
-        (tmp / "adapter.json").write_text(json.dumps(meta, indent=1) + "\n")
-
-
-def load_adapter(path, model):
-    """Load an adapter saved by save_adapter for this model; any mismatch raises AdapterError."""
-    path = Path(path)
-    for name in ("adapter.json", "adapter.safetensors"):
-        if not (path / name).is_file():
-            raise AdapterError(f"no adapter in {path}: {name} is missing (train one: make kangaroo)")
-    try:
-        meta = json.loads((path / "adapter.json").read_text())
-        tensors = load_file(str(path / "adapter.safetensors"))
-    except (json.JSONDecodeError, SafetensorError, OSError) as e:
-        raise AdapterError(f"adapter in {path} is corrupted: {e}") from e
-    cfg = model.cfg
-    want = {"dim": cfg.dim, "n_heads": cfg.n_heads, "n_kv_heads": cfg.n_kv_heads, "vocab_size": cfg.vocab_size}
-    wrong = {k: (meta.get(k), v) for k, v in want.items() if meta.get(k) != v}
-    if wrong:
-        raise AdapterError(f"adapter in {path} was trained for another model: "
-                           + ", ".join(f"{k} {a} (model: {b})" for k, (a, b) in wrong.items()))
-    adapter = Adapter(cfg, meta["l"])
-    adapter.frequent = tensors.get("frequent", adapter.frequent)
-    own = adapter.state_dict()
-    missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
-    shapes = [f"{k} {tuple(tensors[k].shape)} (want {tuple(own[k].shape)})"
-              for k in set(own) & set(tensors) if tensors[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
-        raise AdapterError(f"adapter in {path} does not fit: missing {missing}, unexpected {unexpected}, "
-                           f"mis-shaped {shapes}")
-    adapter.load_state_dict(tensors)
-    return adapter.to(model.device, model.dtype).eval()  # dtype casts the weights, not the ids in `frequent`
 
 
 # ---------------------------------------------------------------- acceptance rules
@@ -145,6 +128,12 @@ def probs(logits, temperature, top_p):
 
 
 # ---------------------------------------------------------------- decoding
+class Sampling(NamedTuple):
+    temperature: float  # 0: greedy
+    top_p: float
+    generator: torch.Generator | None
+
+
 @dataclass
 class Round:
     drafted: int  # k: draft tokens proposed
@@ -158,102 +147,82 @@ class KangarooOutput:
     rounds: list = field(default_factory=list)
 
 
-@dataclass
-class Drafter:
-    """The draft model M^d = H . A . M^s of one decoding, with its sampling settings."""
-    model: nn.Module
-    adapter: Adapter | None  # None: M's own final norm and head read h_l (the adapter-free peer)
-    l: int
-    W: torch.Tensor  # (V', d) the draft head's rows: H, or its top-K rows (extension)
-    vocab: torch.Tensor | None  # (V',) token id of each row of W when it is a top-K head
-    vocab_ids: list[int] | None  # the same ids on the host, read per draft without a device sync
-    temperature: float
-    top_p: float
-    generator: torch.Generator | None
-    observe: Callable | None = None  # sees every draft and verification distribution (for traces)
+class Kangaroo:
+    """M split at A's exit layer l, for one decoding [SD]: M^d = H . A . M^s and M share M^s (its
+    layers and their KV cache) and H; A keeps a KV cache of its own."""
 
+    def __init__(self, model, adapter, max_len):
+        self.model, self.A, self.l, self.H = model, adapter, adapter.l, model.head.weight  # H: (V, d)
+        self.cache, self.acache = model.new_cache(1, max_len), adapter.new_cache(max_len)
+        self.last_h = None  # the last draft's h_l, which A has not read when every draft was accepted
 
-@dataclass
-class State:
-    """What a round hands the next: slots [0, n) are cached in every layer of M."""
-    cache: KVCache  # M's keys/values
-    acache: KVCache | None  # A's: slots [0, n), or [0, n - 1) after a fully accepted round
-    n: int  # the slot of x
-    x: int  # the last committed token (its slot is not cached yet)
-    last_h: torch.Tensor | None = None  # h_l at slot n - 1, which A has not read after a fully accepted round
+    def shallow(self, ids, start):
+        """M^s on ids (1, T) at slots [start, start + T): the exited states h_l (1, T, d)."""
+        pos = torch.arange(start, start + ids.shape[1], device=ids.device)[None]  # (1, T)
+        return self.model.run_layers(self.model.embed_tokens(ids, pos), pos, range(self.l), self.cache, start=start)
 
+    def deep(self, h_l, start):
+        """Layers [l, L) on exited states h_l (1, T, d) at slots [start, start + T)."""
+        pos = torch.arange(start, start + h_l.shape[1], device=h_l.device)[None]  # (1, T)
+        return self.model.run_layers(h_l, pos, range(self.l, self.model.cfg.n_layers), self.cache, start=start)
 
-def draft_logits(d: Drafter, st: State, h_l, slot):
-    """M^d on M^s's output h_l (1, 1, d) at slot: logits (V',) of the token after it."""
-    model = d.model
-    if d.adapter is None:
-        return model.logits(h_l)[0, -1]
-    if st.acache.lengths[0] < slot:  # every draft was accepted: A reads the last one now, with this one
-        h_l, slot = torch.cat([st.last_h, h_l], 1), slot - 1  # (1, 2, d)
-    t = h_l.shape[1]
-    z = d.adapter(h_l, model.rope(torch.arange(slot, slot + t, device=h_l.device)[None]), st.acache, slot,
-                  attention_mask(None, slot, t, h_l.device), model.attn_impl)[:, -1]  # (1, d)
-    if model.runs is not None:
-        model.runs += [AttnRun(1, t, slot), HeadRun(1, 1, d.W.shape[0])]
-    return (z @ d.W.T)[0]
+    def prefill(self, h_l):
+        """A reads the prompt's exited states (1, T, d) into its cache."""
+        adapt(self.model, self.A, h_l, self.acache, 0)
 
+    def draft_logits(self, h_l, slot):
+        """M^d's logits (V,) of the token after slot, from that slot's exited state h_l (1, 1, d)."""
+        if self.acache.lengths[0] < slot:  # every draft was accepted: A reads the last one now, with this one
+            h_l, slot = torch.cat([self.last_h, h_l], 1), slot - 1  # (1, 2, d)
+        return head(self.model, adapt(self.model, self.A, h_l, self.acache, slot)[:, -1], self.H)
 
-def draft(d: Drafter, st: State, budget, eta):
-    """Sec. 3.2: from x, M^s (first early exit, at layer l; its keys/values stay cached) and M^d
-    propose at most `budget` tokens; drafting stops after a draft whose top probability is below
-    eta (second early exit). Returns the drafts d_1..d_k, their draft distributions q (sampling
-    only) and the k + 1 exited states h_l of x, d_1, ..., d_k: the last draft is verified too,
-    since its h_l is computed anyway (as in the official code)."""
-    model, drafts, qs, hs, tok, conf = d.model, [], [], [], st.x, 1.0
-    for step in range(budget + 1):
-        slot = st.n + step
-        pos = torch.tensor([[slot]], device=model.device)
-        x = torch.tensor([[tok]], device=model.device)
-        h_l = model.run_layers(model.embed_tokens(x, pos), pos, range(d.l), st.cache, start=slot)
-        hs.append(h_l)
-        if step == budget or conf < eta:
-            break
-        z = draft_logits(d, st, h_l, slot)  # (V')
-        if d.observe is not None:
-            d.observe("draft", h_l, z, d.vocab)
-        if d.temperature == 0:
+    def pick(self, z, s: Sampling):
+        """M^d's token from its logits z, the token's probability (the confidence that the second
+        exit compares with eta) and q (sampling only)."""
+        if s.temperature == 0:
             j = int(z.argmax())
-            conf = float(z.float().softmax(-1)[j])
-        else:
-            qv = probs(z, d.temperature, d.top_p)  # (V')
-            j = int(torch.multinomial(qv, 1, generator=d.generator))
-            conf = float(qv.max())
-            qs.append(qv if d.vocab is None else qv.new_zeros(model.cfg.vocab_size).index_put_((d.vocab,), qv))
-        tok = j if d.vocab is None else d.vocab_ids[j]
-        drafts.append(tok)
+            return j, float(z.float().softmax(-1)[j]), None
+        q = probs(z, s.temperature, s.top_p)  # (V)
+        return int(torch.multinomial(q, 1, generator=s.generator)), float(q.max()), q
+
+    def verify(self, h_l, n):
+        """[SD]: M's logits (k + 1, V) at slots [n, n + k], from the exited states h_l (1, k + 1, d)."""
+        return self.model.logits(self.deep(h_l, n))[0]
+
+    def crop(self, n, last_h):
+        """Forget slots >= n in every cache; last_h is the round's last exited state."""
+        self.cache.crop(n)
+        self.acache.crop(n)
+        self.last_h = last_h
+
+
+def draft(kg: Kangaroo, x, n, k, eta, s: Sampling):
+    """[DD]: from x at slot n, M^s (the first exit; its keys/values stay cached) and M^d propose at
+    most k tokens; drafting stops after a draft whose probability is below eta (the second exit).
+    Returns d_1..d_k, their q (sampling) and the k + 1 exited states h_l of x, d_1, ..., d_k: the
+    last draft is verified too, since its h_l is computed anyway (as in the official code)."""
+    drafts, qs, hs, conf = [], [], [], 1.0
+    for i in range(k + 1):
+        hs.append(kg.shallow(torch.tensor([[x]], device=kg.model.device), n + i))  # (1, 1, d)
+        if i == k or conf < eta:
+            break
+        x, conf, q = kg.pick(kg.draft_logits(hs[-1], n + i), s)
+        drafts.append(x)
+        qs.append(q)
     return drafts, qs, hs
 
 
-def verify(d: Drafter, st: State, hs):
-    """Layers [l, L) once on the k + 1 exited states (M^s never runs twice on a slot): M's logits (k + 1, V)."""
-    model = d.model
-    pos = torch.arange(st.n, st.n + len(hs), device=hs[0].device)[None]  # (1, k + 1)
-    h_l = torch.cat(hs, 1)  # (1, k + 1, d)
-    logits = model.logits(model.run_layers(h_l, pos, range(d.l, model.cfg.n_layers), st.cache, start=st.n))[0]
-    if d.observe is not None:
-        d.observe("verify", h_l, logits, None)
-    return logits
-
-
-def kangaroo_round(d: Drafter, st: State, budget, eta):
-    """One round: draft, verify, accept, crop. Returns the Round and the a + 1 tokens it commits."""
-    drafts, qs, hs = draft(d, st, budget, eta)  # 1. draft
-    p_logits = verify(d, st, hs)  # 2. verify
-    if d.temperature == 0:  # the longest prefix that M's greedy choice agrees with, plus M's token
+def kangaroo_round(kg: Kangaroo, x, n, k, eta, s: Sampling):
+    """One round from x at slot n: draft, verify, accept, crop. Returns the Round and the a + 1
+    tokens it commits."""
+    drafts, qs, hs = draft(kg, x, n, k, eta, s)  # 1. draft
+    p_logits = kg.verify(torch.cat(hs, 1), n)  # 2. verify: (k + 1, V)
+    if s.temperature == 0:  # 3. accept: the longest prefix M's greedy choice agrees with, plus M's token
         a, nxt = accept_greedy(p_logits, drafts)
     else:
-        a, nxt = accept_sampled(probs(p_logits, d.temperature, d.top_p), torch.stack(qs) if qs else None,
-                                drafts, d.generator)
-    st.n += a + 1  # 3. keep x and the accepted drafts; drop the rest from every cache
-    st.cache.crop(st.n)
-    if st.acache is not None:
-        st.acache.crop(st.n)
-    st.last_h = hs[-1]
+        a, nxt = accept_sampled(probs(p_logits, s.temperature, s.top_p), torch.stack(qs) if qs else None, drafts,
+                                s.generator)
+    kg.crop(n + a + 1, hs[-1])  # 4. keep x and the accepted drafts; drop the rest from every cache
     return Round(len(drafts), a, drafts), drafts[:a] + [nxt]
 
 
@@ -261,61 +230,128 @@ def kangaroo_round(d: Drafter, st: State, budget, eta):
 def generate_kangaroo(model, prompt, adapter=None, l=None, max_new_tokens=64, gamma=6, eta=0.6,
                       draft_vocab=None, temperature=0.0, top_p=1.0, generator=None, eos=None, on_round=None,
                       observe=None):
-    """Kangaroo decoding of one prompt (a list of token ids).
+    """Kangaroo decoding of one prompt (a list of token ids) with adapter A: the tokens and rounds.
+    Ours (below the divider): adapter=None drafts with M's own final norm and head on h_l (the
+    adapter-free peer; then give l); draft_vocab=K restricts the draft head to A's K most frequent
+    tokens; on_round(tokens, (cache, adapter cache)) runs after each round's crop (for tests);
+    observe sees each draft's and each verification's logits (for traces; see `observed`)."""
+    check_settings(model.cfg, prompt, adapter, l, max_new_tokens, gamma, eta, temperature, top_p)
+    T, s = len(prompt), Sampling(temperature, top_p, generator)
+    kg = self_draft(model, adapter, l, draft_vocab, T + max_new_tokens + min(gamma, max_new_tokens) + 1, observe)
+    eos = set(model.cfg.eos_token_id if eos is None else eos)
 
-    adapter=None drafts with M's own final norm and head on h_l (self-speculation without an
-    adapter, the peer baseline; then give l). draft_vocab=K restricts the draft head to the
-    adapter's K most frequent tokens (the extension for models whose head dominates a draft
-    step); verification always uses the full head, so the output does not change (eta then
-    applies to the draft's probability renormalised over those K tokens).
-    on_round(tokens, caches) is called after each round's crop (for tests); observe(kind, h_l,
-    logits, ids) sees each draft ("draft": its exited state (1, 1, d), the draft head's logits (V'),
-    the token id of each of their rows or None for all V) and each verification ("verify": the
-    k + 1 exited states (1, k + 1, d), M's logits (k + 1, V), None), as skip/trace.py records them."""
-    cfg, L = model.cfg, model.cfg.n_layers
+    # prefill: M on the prompt, A on its exited states
+    h = kg.shallow(torch.tensor([prompt], device=model.device), 0)  # (1, T, d)
+    kg.prefill(h)
+    logits = model.logits(kg.deep(h, 0), last_only=True)[0, -1]  # (V)
+    x = int(logits.argmax()) if temperature == 0 else \
+        int(torch.multinomial(probs(logits, temperature, top_p), 1, generator=generator))
+    out, n = KangarooOutput([x]), T
+    while len(out.tokens) < max_new_tokens and x not in eos:
+        k = min(gamma, max_new_tokens - len(out.tokens) - 1)  # never draft past the end
+        rnd, new = kangaroo_round(kg, x, n, k, eta, s)
+        out.rounds.append(rnd)
+        n += rnd.accepted + 1
+        for t in new:
+            out.tokens.append(t)
+            if t in eos or len(out.tokens) == max_new_tokens:
+                break
+        x = out.tokens[-1]
+        if on_round is not None:
+            on_round(list(out.tokens), (kg.cache, kg.acache))
+    return out
+
+
+# ================================================================ ours: bookkeeping and extensions
+def adapt(model, A, h, cache, start):
+    """A's output (1, T, d) on exited states h (1, T, d) at slots [start, start + T), reading and
+    extending its cache; reported to M's observers as an attention block (FLOPs)."""
+    T = h.shape[1]
+    z = A(h, A.rope(model, torch.arange(start, start + T, device=h.device)[None]), cache, start,
+          attention_mask(None, start, T, h.device), model.attn_impl)
+    model.emit(AttnRun(1, T, start))
+    return z
+
+
+def head(model, z, H):
+    """The head's rows H (V', d) on z (1, d): logits (V',), reported to M's observers (FLOPs)."""
+    model.emit(HeadRun(1, 1, H.shape[0]))
+    return (z @ H.T)[0]
+
+
+class TopKDraft(Kangaroo):
+    """M^d's head restricted to A's K most frequent tokens, for models whose head dominates a draft
+    step. Verification keeps the full head, so the output does not change; eta then applies to the
+    draft's probability renormalised over those K tokens."""
+
+    def __init__(self, model, adapter, max_len, K):
+        if adapter is None or len(adapter.frequent) < K:
+            raise ValueError(f"draft_vocab={K} needs an adapter with that many frequent tokens")
+        super().__init__(model, adapter, max_len)
+        self.vocab = adapter.frequent[:K].to(model.device)  # (K,) the token id of each row
+        self.H = self.H[self.vocab].contiguous()  # (K, d), gathered once, not per step
+
+    def pick(self, z, s):  # row j is token vocab[j]; q is spread over all V tokens, as p is
+        j, conf, q = super().pick(z, s)
+        if q is not None:
+            q = q.new_zeros(self.model.cfg.vocab_size).index_put_((self.vocab,), q)  # (V)
+        return int(self.vocab[j]), conf, q
+
+
+class LensDraft(Kangaroo):
+    """The adapter-free peer: M's own final norm and head read h_l (the logit lens at layer l)."""
+
+    def __init__(self, model, l, max_len):  # no A, so no adapter cache
+        self.model, self.A, self.l, self.H = model, None, l, model.head.weight
+        self.cache, self.acache, self.last_h = model.new_cache(1, max_len), None, None
+
+    def prefill(self, h_l):
+        pass
+
+    def draft_logits(self, h_l, slot):
+        return self.model.logits(h_l)[0, -1]
+
+    def crop(self, n, last_h):
+        self.cache.crop(n)
+
+
+def self_draft(model, adapter, l, draft_vocab, max_len, observe):
+    """The Kangaroo of these settings: the paper's, or one of ours; observed when observe is given."""
+    if draft_vocab:
+        kg = TopKDraft(model, adapter, max_len, draft_vocab)
+    else:
+        kg = Kangaroo(model, adapter, max_len) if adapter is not None else LensDraft(model, l, max_len)
+    return kg if observe is None else observed(kg, observe)
+
+
+def observed(kg, observe):
+    """kg, with observe(kind, h_l, logits, ids) shown each draft ("draft": its exited state
+    (1, 1, d), M^d's logits (V'), the token id of each of their rows or None for all V) and each
+    verification ("verify": the k + 1 exited states (1, k + 1, d), M's logits (k + 1, V), None),
+    as skip/trace.py records them."""
+    draft_logits, verify, ids = kg.draft_logits, kg.verify, getattr(kg, "vocab", None)
+
+    def draft_seen(h_l, slot):
+        z = draft_logits(h_l, slot)
+        observe("draft", h_l, z, ids)
+        return z
+
+    def verify_seen(h_l, n):
+        logits = verify(h_l, n)
+        observe("verify", h_l, logits, None)
+        return logits
+    kg.draft_logits, kg.verify = draft_seen, verify_seen  # this instance only
+    return kg
+
+
+def check_settings(cfg, prompt, adapter, l, max_new_tokens, gamma, eta, temperature, top_p):
+    """Refuse bad settings before anything is allocated."""
     l = adapter.l if adapter is not None else l
-    if l is None or not 0 < l < L:
-        raise ValueError(f"need an exit layer 0 < l < {L} (or an adapter), got {l}")
+    if l is None or not 0 < l < cfg.n_layers:
+        raise ValueError(f"need an exit layer 0 < l < {cfg.n_layers} (or an adapter), got {l}")
     if not (isinstance(gamma, int) and gamma >= 0 and isinstance(eta, (int, float)) and 0 <= eta <= 1):
         raise ValueError(f"need an integer gamma >= 0 and 0 <= eta <= 1 (got {gamma!r}, {eta!r})")
     check_sampling(temperature, top_p)
     if not prompt or any(not 0 <= t < cfg.vocab_size for t in prompt):
         raise ValueError(f"prompt must be non-empty token ids in [0, {cfg.vocab_size})")
     check_length(cfg, len(prompt), max_new_tokens)
-    vocab, W = None, model.head.weight  # (V, d)
-    if draft_vocab:
-        if adapter is None or len(adapter.frequent) < draft_vocab:
-            raise ValueError(f"draft_vocab={draft_vocab} needs an adapter with that many frequent tokens")
-        vocab = adapter.frequent[:draft_vocab].to(model.device)
-        W = W[vocab].contiguous()  # (K, d), gathered once, not per step
-    d = Drafter(model, adapter, l, W, vocab, None if vocab is None else vocab.tolist(), temperature, top_p, generator,
-                observe)
-    eos = set(cfg.eos_token_id if eos is None else eos)
-    T = len(prompt)
-    max_len = T + max_new_tokens + min(gamma, max_new_tokens) + 1  # a round never drafts past the end
-    cache = model.new_cache(1, max_len)
-    acache = adapter.new_cache(max_len) if adapter is not None else None
-
-    # prefill: M on the prompt; A on the prompt's h_l fills the adapter cache
-    pos = torch.arange(T, device=model.device)[None]
-    h = model.run_layers(model.embed_tokens(torch.tensor([prompt], device=model.device), pos), pos, range(l), cache)
-    if adapter is not None:
-        adapter(h, model.rope(pos), acache, 0, None, model.attn_impl)
-        if model.runs is not None:
-            model.runs.append(AttnRun(1, T, 0))
-    logits = model.logits(model.run_layers(h, pos, range(l, L), cache), last_only=True)[0, -1]
-    x = int(logits.argmax()) if temperature == 0 else \
-        int(torch.multinomial(probs(logits, temperature, top_p), 1, generator=generator))
-    st, out = State(cache, acache, T, x), KangarooOutput([x])
-    while len(out.tokens) < max_new_tokens and st.x not in eos:
-        budget = min(gamma, max_new_tokens - len(out.tokens) - 1)  # never draft past the end
-        rnd, new = kangaroo_round(d, st, budget, eta)
-        out.rounds.append(rnd)
-        for t in new:
-            out.tokens.append(t)
-            if t in eos or len(out.tokens) == max_new_tokens:
-                break
-        st.x = out.tokens[-1]
-        if on_round is not None:
-            on_round(list(out.tokens), (st.cache, st.acache))
-    return out

@@ -1,10 +1,14 @@
-"""Training Kangaroo's adapter by self-distillation (paper Sec. 3.1; official train.py).
+"""Training Kangaroo's adapter by self-distillation (the paper's "Early Exiting as Self-Drafting
+Model"; the official train.py).
 
 1. The model answers prompts greedily (its own distribution, which is what the adapter will
    have to draft); the token sequences are cached as JSON. The prompts mix the kinds of request
-   a chat model meets, built from training splits only (`prompt_mix`): AlpacaEval instructions,
-   "Summarize:" over AlpacaEval reference answers, CommonsenseQA questions asked openly, and
-   GSM8K train problems.
+   a chat model meets (`prompt_mix`): AlpacaEval's instructions and "Summarize:" over its
+   reference answers (AlpacaEval is an evaluation set; only its prompts are used here, and no
+   evaluation here scores on it), CommonsenseQA train questions asked openly, and GSM8K train
+   problems. The evaluations here read other data (Spec-Bench, CommonsenseQA dev), with one
+   exception: AlpacaEval holds two MT-Bench questions, which Spec-Bench holds too, and the
+   committed adapter's training prompts include one of them (Spec-Bench's first MT-Bench one).
 2. One pass of the model over each sequence caches what training needs: h_l (the input of A)
    and h_L (the last layer's output, whose head gives the target p); not the 49k-wide p itself.
 3. A is trained with the soft cross-entropy  -sum_v p(v) log q(v),  p = softmax(H(norm(h_L))),
@@ -31,19 +35,20 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from model import add_load_args, generate, load_model
-from model.files import OutputExists, atomic_file, cache_key, check_target, device_tag, write_text_atomic
+from weights.files import OutputExists, atomic_file, cache_key, check_target, device_tag, write_text_atomic
 from tokenizer import encode_chat, load_tokenizer
 
 from . import DATA, DEFAULT_MODEL, RUNS, WEIGHTS
 from .finetune import MixedPrecision, set_lr
-from .kangaroo import Adapter, save_adapter
+from .kangaroo import Adapter
+from .kangaroo_files import save_adapter
 
 CACHE = RUNS / "kangaroo"
 
 
 MIX = {"chat": 0.35, "summarize": 0.25, "qa": 0.2, "math": 0.2}  # shares of the prompts
 SOURCES = {"alpaca/alpaca_eval.jsonl": ["chat", "summarize"], "csqa/train_rand_split.jsonl": ["qa"],
-           "gsm8k/train.jsonl": ["math"]}  # training splits only
+           "gsm8k/train.jsonl": ["math"]}  # AlpacaEval for its prompts; CSQA and GSM8K train splits
 
 
 def prompt_mix(n, data_dir=DATA, seed=0, max_words=150):

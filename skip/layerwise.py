@@ -15,15 +15,15 @@ import torch
 from model import positions
 
 
-def layerwise_forward(model, ids, runs, mask=None):
-    """ids (B, T); runs (L, T) bool; mask (B, T) for left padding. Returns logits (B, T, V)."""
+def layerwise_forward(model, ids, runs, pad_mask=None):
+    """ids (B, T); runs (L, T) bool; pad_mask (B, T) for left padding. Returns logits (B, T, V)."""
     T = ids.shape[1]
-    pos = positions(mask, 0, T, ids.device)
+    pos = positions(pad_mask, 0, T, ids.device)
     h = model.embed_tokens(ids, pos)  # (B, T, d)
     runs = runs.to(ids.device)
     for layer, used in enumerate(runs.any(1).tolist()):
         if used:
-            out = model.run_layers(h, pos, layers=[layer], mask=mask)  # (B, T, d)
+            out = model.run_layers(h, pos, layers=[layer], pad_mask=pad_mask)  # (B, T, d)
             h = torch.where(runs[layer][None, :, None], out, h)
     return model.logits(h)
 

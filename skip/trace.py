@@ -17,13 +17,18 @@ K = TOP_K). Kangaroo: steps[s] is round s: drafted, accepted, drafts, cache leng
 draft_top_ids/_probs (per draft, the draft head's top-k), exited_norms (||h_l|| of x, d_1..d_k,
 the states verification starts from) and verify_top_ids/_probs (per verified position, M's top-k).
 AdaInfer: steps[s] is the pass that fed back generated token s, producing token s + 1 (token 0
-comes from the prompt pass): exit_layer and checks, [layer, [FEATURES], top-1 id] per layer checked.
+comes from the prompt pass): exit_layer and checks, [layer, [FEATURES], top-1 id] per layer checked;
+with a stop classifier in place of tau (settings "classifier": its file's kind, features, params)
+also, per check, scores (threshold: the feature; svm: w . (x - mean) / std + b; crf: the online
+Viterbi margin delta[1] - delta[0] after that layer) and stops (score >= tau; score > 0).
 Unified: one step, the kept layers. SkipDecode: one step, n_t per decode step.
 "layer_runs": every layer the method ran, in order, [first slot, layer, ||h|| per slot].
 "flops": the decoder's record in total (model/flops.py).
 
 python -m skip.trace write --method full|kangaroo|unified|skipdecode|adainfer --prompt TEXT --out DIR
+python -m skip.trace write --method adainfer --classifier FILE.json --prompt TEXT --out DIR   (skip/adainfer_files.py)
 python -m skip.trace compare REFERENCE OTHER [--atol A] [--rtol R]   (defaults by dtype: TOLERANCES)
+python -m skip.trace show DIR [--against OTHER] [--out FILE.png] [--model MODEL_DIR]   (skip/trace_show.py)
 """
 from __future__ import annotations
 
@@ -37,13 +42,15 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from model import add_load_args, flops, generate, load_model, positions
-from model.files import OutputExists, atomic_dir
+from weights.files import OutputExists, atomic_dir
 
 from . import DEFAULT_MODEL, WEIGHTS
 from .adainfer import Threshold
+from .adainfer_files import load_classifier, params
 from .adainfer_gen import generate_adainfer
 from .baselines import generate_skipdecode, skipdecode_schedule
-from .kangaroo import generate_kangaroo, load_adapter
+from .kangaroo import generate_kangaroo
+from .kangaroo_files import load_adapter
 from .unified import generate_unified, kept_layers
 
 VERSION = 1
@@ -51,8 +58,6 @@ MODEL_FIELDS = ("n_layers", "dim", "n_heads", "n_kv_heads", "vocab_size")
 FILES = ("trace.json", "trace.safetensors")
 DTYPES = ("float32", "float16", "bfloat16")  # by increasing rounding error
 TOP_K = 5
-DEFAULTS = {"full": {}, "unified": {"r": 2}, "skipdecode": {"r": 2}, "adainfer": {"tau": 0.8},
-            "kangaroo": {"adapter": str(WEIGHTS / "kangaroo-l2"), "gamma": 6, "eta": 0.6, "draft_vocab": None}}
 
 
 class TraceError(ValueError):
@@ -87,53 +92,94 @@ def tensors(states, lens, n_pos, k):
 
 
 def settings_used(method, settings):
-    """The settings a method runs with: the given ones over its defaults; an unknown one raises."""
+    """The settings a method runs with: the given ones over its defaults; an unknown one raises.
+    AdaInfer given a "classifier" (a file's path) runs it in place of tau, with its own settings."""
     if method not in DEFAULTS:
         raise TraceError(f"unknown method {method!r} ({', '.join(DEFAULTS)})")
-    unknown = set(settings) - set(DEFAULTS[method])
+    name, defaults = method, DEFAULTS[method]
+    if method == "adainfer" and "classifier" in settings:
+        name, defaults = "adainfer with a classifier", ADAINFER_CLASSIFIER
+    unknown = set(settings) - set(defaults)
     if unknown:
-        raise TraceError(f"unknown setting(s) {sorted(unknown)} for {method} (known: {sorted(DEFAULTS[method])})")
-    return {**DEFAULTS[method], **{k: str(v) if isinstance(v, Path) else v for k, v in settings.items()}}
+        raise TraceError(f"unknown setting(s) {sorted(unknown)} for {name} (known: {sorted(defaults)})")
+    return {**defaults, **{k: str(v) if isinstance(v, Path) else v for k, v in settings.items()}}
 
 
-def run_method(model, ids, method, max_new_tokens, settings):
-    """Generated tokens and the per-step records of one method; settings as settings_used gives."""
-    if method == "full":
-        return generate(model, [ids], max_new_tokens=max_new_tokens)[0], []
-    if method == "unified":
-        r = settings["r"]
-        toks = generate_unified(model, [ids], r, max_new_tokens=max_new_tokens)[0]
-        return toks, [{"kept_layers": kept_layers(model.cfg.n_layers, r)}]
-    if method == "skipdecode":
-        toks = generate_skipdecode(model, [ids], settings["r"], max_new_tokens)[0]
-        return toks, [{"schedule": skipdecode_schedule(model.cfg.n_layers, settings["r"], max(1, max_new_tokens - 1))}]
-    if method == "adainfer":
+# ---------------------------------------------------------------- the methods
+# One function per method: (model, prompt ids, max_new_tokens, settings as settings_used gives)
+# -> (generated tokens, per-step records as the module docstring describes).
+def full_steps(model, ids, max_new_tokens, settings):
+    return generate(model, [ids], max_new_tokens=max_new_tokens)[0], []
+
+
+def unified_steps(model, ids, max_new_tokens, settings):
+    toks = generate_unified(model, [ids], settings["r"], max_new_tokens=max_new_tokens)[0]
+    return toks, [{"kept_layers": kept_layers(model.cfg.n_layers, settings["r"])}]
+
+
+def skipdecode_steps(model, ids, max_new_tokens, settings):
+    toks = generate_skipdecode(model, [ids], settings["r"], max_new_tokens)[0]
+    return toks, [{"schedule": skipdecode_schedule(model.cfg.n_layers, settings["r"], max(1, max_new_tokens - 1))}]
+
+
+def adainfer_steps(model, ids, max_new_tokens, settings):
+    if "classifier" not in settings:  # the paper's gap threshold
         out = generate_adainfer(model, ids, Threshold(settings["tau"]), max_new_tokens, collect=False)
         return out.tokens, [{"exit_layer": e, "checks": c} for e, c in zip(out.exit_layers, out.checks)]
-    if method == "kangaroo":
-        adapter = load_adapter(settings["adapter"], model)
-        steps, seen = [], {"draft_top_ids": [], "draft_top_probs": []}
+    clf = load_classifier(settings["classifier"], model.cfg)
+    # the trace holds the file's content, not its path, so that a port's trace compares wherever its copy lies
+    settings["classifier"] = {"kind": clf.kind, "features": list(clf.features), "params": params(clf)}
+    vocab = settings["vocab"]
+    if vocab is not None and not (isinstance(vocab, list) and len(vocab) >= 2 and
+                                  all(isinstance(i, int) and 0 <= i < model.cfg.vocab_size for i in vocab)):
+        raise TraceError(f"vocab must be null or a list of at least 2 token ids below {model.cfg.vocab_size}")
+    out = generate_adainfer(model, ids, clf, max_new_tokens, settings["check_every"],
+                            None if vocab is None else torch.tensor(vocab))
+    steps = []
+    for e, checks in zip(out.exit_layers, out.checks):
+        state, scores, stops = None, [], []
+        for _, row, _ in checks:  # the classifier again on the rows it decided on: its decisions are a function of them
+            x = clf.pick(row)
+            scores.append(clf.score(state, x))
+            state, stop = clf.step(state, x)
+            stops.append(stop)
+        steps.append({"exit_layer": e, "checks": checks, "scores": scores, "stops": stops})
+    return out.tokens, steps
 
-        def observe(kind, h_l, logits, ids):  # one round's drafts, then its verification
-            top = logits.float().softmax(-1).topk(TOP_K)
-            top_ids = (top.indices if ids is None else ids[top.indices]).tolist()
-            if kind == "draft":
-                seen["draft_top_ids"].append(top_ids)
-                seen["draft_top_probs"].append(top.values.tolist())
-            else:
-                seen.update(exited_norms=h_l[0].float().norm(dim=-1).tolist(), verify_top_ids=top_ids,
-                            verify_top_probs=top.values.tolist())
 
-        def on_round(tokens, caches):
-            steps.append({"cache_lengths": caches[0].lengths[:], "adapter_cache_length": caches[1].lengths[0],
-                          **seen})
-            seen.update(draft_top_ids=[], draft_top_probs=[])
-        out = generate_kangaroo(model, ids, adapter, max_new_tokens=max_new_tokens, gamma=settings["gamma"],
-                                eta=settings["eta"], draft_vocab=settings["draft_vocab"], on_round=on_round,
-                                observe=observe)
-        for s, r in zip(steps, out.rounds):
-            s.update(drafted=r.drafted, accepted=r.accepted, drafts=r.drafts)
-        return out.tokens, steps
+def kangaroo_steps(model, ids, max_new_tokens, settings):
+    adapter = load_adapter(settings["adapter"], model)
+    steps, seen = [], {"draft_top_ids": [], "draft_top_probs": []}
+
+    def observe(kind, h_l, logits, ids):  # one round's drafts, then its verification
+        top = logits.float().softmax(-1).topk(TOP_K)
+        top_ids = (top.indices if ids is None else ids[top.indices]).tolist()
+        if kind == "draft":
+            seen["draft_top_ids"].append(top_ids)
+            seen["draft_top_probs"].append(top.values.tolist())
+        else:
+            seen.update(exited_norms=h_l[0].float().norm(dim=-1).tolist(), verify_top_ids=top_ids,
+                        verify_top_probs=top.values.tolist())
+
+    def on_round(tokens, caches):
+        steps.append({"cache_lengths": caches[0].lengths[:], "adapter_cache_length": caches[1].lengths[0],
+                      **seen})
+        seen.update(draft_top_ids=[], draft_top_probs=[])
+    out = generate_kangaroo(model, ids, adapter, max_new_tokens=max_new_tokens, gamma=settings["gamma"],
+                            eta=settings["eta"], draft_vocab=settings["draft_vocab"], on_round=on_round,
+                            observe=observe)
+    for s, r in zip(steps, out.rounds):
+        s.update(drafted=r.drafted, accepted=r.accepted, drafts=r.drafts)
+    return out.tokens, steps
+
+
+# the settings of each method, with their defaults, and the function that runs it
+DEFAULTS = {"full": {}, "unified": {"r": 2}, "skipdecode": {"r": 2}, "adainfer": {"tau": 0.8},
+            "kangaroo": {"adapter": str(WEIGHTS / "kangaroo-l2"), "gamma": 6, "eta": 0.6, "draft_vocab": None}}
+# AdaInfer with a stop classifier file (skip/adainfer_files.py) in place of tau; vocab: the cheap head's ids
+ADAINFER_CLASSIFIER = {"classifier": None, "check_every": 1, "vocab": None}
+METHODS = {"full": full_steps, "unified": unified_steps, "skipdecode": skipdecode_steps, "adainfer": adainfer_steps,
+           "kangaroo": kangaroo_steps}
 
 
 def write(path, model_cfg, prompt, tokens, tensor_dict, method="full", settings=None, steps=(), flops_total=None,
@@ -158,10 +204,11 @@ def trace(model, ids, path, method="full", max_new_tokens=16, settings=None, for
     settings = settings_used(method, settings or {})
     layer_runs = []
 
-    def watch(layer, h, start):  # every layer the method runs: the slots it ran at and their norms
-        layer_runs.append([start, layer, h[0].float().norm(dim=-1).tolist()])
-    with model.recording() as runs, model.watching(watch):
-        tokens, steps = run_method(model, ids, method, max_new_tokens, settings)
+    def watch(run, h):  # every layer the method runs: the slots it ran at and their norms
+        if isinstance(run, flops.LayerRun):
+            layer_runs.append([run.ctx, run.layer, h[0].float().norm(dim=-1).tolist()])
+    with model.recording() as runs, model.observing(watch):
+        tokens, steps = METHODS[method](model, ids, max_new_tokens, settings)
     write(path, model.cfg, ids, tokens, prompt_pass(model, ids), method, settings, steps, flops.total(model.cfg, runs),
           str(model.dtype).removeprefix("torch."), layer_runs, force)
 
@@ -181,6 +228,24 @@ def read(path):
     return meta, t
 
 
+def write_trace(a):
+    """`write`: the trace of --method on the chat-templated --prompt."""
+    from tokenizer import encode_chat, load_tokenizer
+    try:
+        settings = json.loads(a.settings)
+    except json.JSONDecodeError as e:
+        raise TraceError(f"--settings is not JSON: {e}") from e
+    if not isinstance(settings, dict):
+        raise TraceError(f"--settings must be a JSON object, got {a.settings!r}")
+    if a.classifier is not None:
+        if a.method != "adainfer":
+            raise TraceError(f"--classifier is AdaInfer's stop classifier, not {a.method}'s")
+        settings["classifier"] = a.classifier
+    model = load_model(a.model, a.dtype, device=a.device)
+    ids = encode_chat(load_tokenizer(a.model), a.prompt)
+    trace(model, ids, a.out, a.method, a.max_new_tokens, settings, a.force)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -190,6 +255,8 @@ def main(argv=None):
     w.add_argument("--prompt", required=True)
     w.add_argument("--max-new-tokens", type=int, default=16)
     w.add_argument("--settings", default="{}", help='JSON, e.g. \'{"gamma": 6, "eta": 0.6}\' or \'{"r": 2}\'')
+    w.add_argument("--classifier", type=Path, help="adainfer: a stop classifier file (skip/adainfer_files.py) "
+                   "in place of tau; the trace records its content")
     w.add_argument("--out", type=Path, required=True)
     w.add_argument("--force", action="store_true", help="replace an output folder that is not a trace")
     add_load_args(w)
@@ -198,25 +265,25 @@ def main(argv=None):
     c.add_argument("other", type=Path)
     c.add_argument("--atol", type=float, help="default: by the traces' dtypes (TOLERANCES)")
     c.add_argument("--rtol", type=float, help="default: by the traces' dtypes (TOLERANCES)")
+    s = sub.add_parser("show", help="draw what the method ran (skip/trace_show.py)")
+    s.add_argument("trace", type=Path)
+    s.add_argument("--against", type=Path, help="a second trace: its first divergence is marked")
+    s.add_argument("--out", type=Path, help="the PNG to write (default: TRACE/trace.png)")
+    s.add_argument("--model", type=Path, help="a model directory: its tokenizer labels the tokens (default: ids)")
     a = ap.parse_args(argv)
     try:
-        if a.cmd == "compare":
+        if a.cmd == "show":
+            from .trace_show import show
+            a.out = show(a.trace, a.against, a.out, a.model)
+        elif a.cmd == "compare":
             from .trace_compare import compare, tolerances
             notes = [tolerances(read(a.reference)[0], read(a.other)[0], a.atol, a.rtol)[2]]
             found = compare(a.reference, a.other, a.atol, a.rtol, notes)
             print("\n".join(notes))
             print("\n".join(found) if found else "the traces agree within the tolerances")
             sys.exit(1 if found else 0)
-        from tokenizer import encode_chat, load_tokenizer
-        try:
-            settings = json.loads(a.settings)
-        except json.JSONDecodeError as e:
-            raise TraceError(f"--settings is not JSON: {e}") from e
-        if not isinstance(settings, dict):
-            raise TraceError(f"--settings must be a JSON object, got {a.settings!r}")
-        model = load_model(a.model, a.dtype, device=a.device)
-        ids = encode_chat(load_tokenizer(a.model), a.prompt)
-        trace(model, ids, a.out, a.method, a.max_new_tokens, settings, a.force)
+        else:
+            write_trace(a)
     except (ValueError, OutputExists) as e:  # TraceError, LoadError, bad input: one line, status 2
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -1,13 +1,17 @@
 """`compare`: where two traces (skip/trace.py) part, in words, the first divergence first.
 
 Tensors are compared within tolerances chosen by the traces' dtypes (TOLERANCES), tokens exactly,
-the method's steps on the keys both traces record (integers exactly, real numbers within the
-tolerance of the hidden-state norms for keys ending in _norms and of the lens probabilities for
-the others: probabilities and features), and the layer runs of a method
+the method's steps on the keys both traces record (integers and booleans exactly, real numbers
+within the tolerance of the hidden-state norms for keys ending in _norms and of the lens
+probabilities for the others: probabilities, features, AdaInfer's classifier scores), and the
+layer runs of a method
 (every layer each token ran, with its hidden-state norms) in order, so that a divergence inside
-a method is named by its slot and layer.
+a method is named by its slot and layer. `findings` gives the same as data (Finding: the words and
+where they point), for the viewer (skip/trace_show.py).
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -28,6 +32,18 @@ TOLERANCES = {
 TENSORS = {"hidden": "hidden state", "hidden_norms": "hidden-state norm", "lens_probs": "logit-lens probability"}
 
 
+@dataclass
+class Finding:
+    """One line of compare and the place it names, where it names one."""
+    words: str
+    layer: int | None = None  # the layer whose output diverges (None: the embeddings, or no layer)
+    prompt: bool = False  # in the prompt pass (the trace's tensors)
+    run: tuple[int, int] | None = None  # (index into layer_runs, slot offset in that run)
+    slot: int | None = None  # the slot of `run`
+    token: int | None = None  # the generated token that differs
+    step: int | None = None  # the method's step that differs
+
+
 def where(name, index, n_states):
     """Words for an index into a (L+1, ...) trace tensor."""
     i = index[0]
@@ -38,14 +54,14 @@ def where(name, index, n_states):
 
 
 def compare_tensor(name, ref, other, atol, rtol, per_vector=False):
-    """The first divergence of one tensor, in words, or None. Non-finite values diverge (NaN never
+    """The first divergence of one tensor, a Finding in the prompt pass, or None. Non-finite values diverge (NaN never
     passes a comparison, so the test is written as 'not within tolerance'). per_vector: compare the
     L2 norms of the difference and of ref along the last dimension."""
     if ref.shape != other.shape:
-        return f"{name} has shape {tuple(other.shape)}, reference {tuple(ref.shape)}"
+        return Finding(f"{name} has shape {tuple(other.shape)}, reference {tuple(ref.shape)}", prompt=True)
     if not bool(torch.isfinite(ref).all()):
         i = tuple(int(x) for x in (~torch.isfinite(ref)).nonzero()[0])
-        return f"the reference's {name} is not finite first at {where(name, i, ref.shape[0])}"
+        return at_state(f"the reference's {name} is not finite first at {where(name, i, ref.shape[0])}", i)
     diff, size = (ref - other).abs(), ref.abs()
     if per_vector:
         diff, size = diff.norm(dim=-1), size.norm(dim=-1)
@@ -55,12 +71,17 @@ def compare_tensor(name, ref, other, atol, rtol, per_vector=False):
     i = tuple(int(x) for x in bad.nonzero()[0])
     if not bool(torch.isfinite(other[i]).all()):
         value = "not finite" if per_vector else float(other[i])
-        return f"{TENSORS[name]} is {value} first at {where(name, i, ref.shape[0])}"
+        return at_state(f"{TENSORS[name]} is {value} first at {where(name, i, ref.shape[0])}", i)
     if per_vector:
-        return (f"{TENSORS[name]} diverges first at {where(name, i, ref.shape[0])}: "
-                f"||diff|| {float(diff[i]):.3g} > atol {atol} + rtol {rtol} * ||ref|| ({float(size[i]):.3g})")
-    return (f"{TENSORS[name]} diverges first at {where(name, i, ref.shape[0])}: "
-            f"max |diff| {float(diff[i[0]].max()):.3g} > atol {atol} + rtol {rtol} * |ref|")
+        return at_state(f"{TENSORS[name]} diverges first at {where(name, i, ref.shape[0])}: ||diff|| "
+                        f"{float(diff[i]):.3g} > atol {atol} + rtol {rtol} * ||ref|| ({float(size[i]):.3g})", i)
+    return at_state(f"{TENSORS[name]} diverges first at {where(name, i, ref.shape[0])}: "
+                    f"max |diff| {float(diff[i[0]].max()):.3g} > atol {atol} + rtol {rtol} * |ref|", i)
+
+
+def at_state(words, index):
+    """A prompt-pass finding at hidden index index[0]: 0 = the embeddings, i = layer i - 1's output."""
+    return Finding(words, index[0] - 1 if index[0] > 0 else None, prompt=True)
 
 
 def tolerances(ref, oth, atol=None, rtol=None):
@@ -76,20 +97,21 @@ def tolerances(ref, oth, atol=None, rtol=None):
 
 
 def compare_layer_runs(ref_runs, oth_runs, T, atol, rtol):
-    """The first layer run (slot, layer) where two methods' runs part, in words, or None: one ran
+    """The first layer run (slot, layer) where two methods' runs part, a Finding, or None: one ran
     another layer or other slots, or the hidden-state norm there leaves atol + rtol |ref|."""
     def at(slot):
         return f"prompt position {slot}" if slot < T else f"slot {slot} (decode step {slot - T})"
-    for (sa, la, na), (sb, lb, nb) in zip(ref_runs, oth_runs):
+    for r, ((sa, la, na), (sb, lb, nb)) in enumerate(zip(ref_runs, oth_runs)):
         if (sa, la, len(na)) != (sb, lb, len(nb)):
-            return (f"the method runs other layers first at {at(sa)}: reference layer {la} on slots "
-                    f"{sa}..{sa + len(na) - 1}, other layer {lb} on slots {sb}..{sb + len(nb) - 1}")
+            return Finding(f"the method runs other layers first at {at(sa)}: reference layer {la} on slots "
+                           f"{sa}..{sa + len(na) - 1}, other layer {lb} on slots {sb}..{sb + len(nb) - 1}",
+                           la, run=(r, 0), slot=sa)
         for j, (a, b) in enumerate(zip(na, nb)):
             if not abs(a - b) <= atol + rtol * abs(a):
-                return (f"inside the method, the hidden state diverges first at {at(sa + j)}, layer {la}: "
-                        f"norm {b:.6g}, reference {a:.6g}")
+                return Finding(f"inside the method, the hidden state diverges first at {at(sa + j)}, layer {la}: "
+                               f"norm {b:.6g}, reference {a:.6g}", la, run=(r, j), slot=sa + j)
     if len(ref_runs) != len(oth_runs):
-        return f"the method ran {len(oth_runs)} layer runs, reference {len(ref_runs)}"
+        return Finding(f"the method ran {len(oth_runs)} layer runs, reference {len(ref_runs)}")
     return None
 
 
@@ -97,18 +119,23 @@ def compare(ref_path, other_path, atol=None, rtol=None, notes=None):
     """Check other against ref; returns [] or plain-words findings, the first divergence first.
     Tolerances default to those of the lower precision of the two runs (tolerances()). notes, a
     list, receives what was not compared (step keys only one trace records)."""
+    return [f.words for f in findings(ref_path, other_path, atol, rtol, notes)]
+
+
+def findings(ref_path, other_path, atol=None, rtol=None, notes=None):
+    """compare's findings as Findings: the words and the place each names."""
     (ref, rt), (oth, ot) = read(ref_path), read(other_path)
     tol, per_vector, _ = tolerances(ref, oth, atol, rtol)
     if ref["model"] != oth["model"]:
         raise TraceError(f"traces are of different models: {ref['model']} vs {oth['model']}")
     if ref["prompt"] != oth["prompt"]:
-        return ["the prompts differ: nothing else is comparable"]
+        return [Finding("the prompts differ: nothing else is comparable")]
     out = []
     if (ref["method"], ref["settings"]) != (oth["method"], oth["settings"]):
-        out.append(f"the runs differ: reference {ref['method']} {ref['settings']}, "
-                   f"other {oth['method']} {oth['settings']}")
+        out.append(Finding(f"the runs differ: reference {ref['method']} {ref['settings']}, "
+                           f"other {oth['method']} {oth['settings']}"))
     for name in sorted(set(rt) ^ set(ot)):
-        out.append(f"tensor {name} is only in the {'reference' if name in rt else 'other'} trace")
+        out.append(Finding(f"tensor {name} is only in the {'reference' if name in rt else 'other'} trace"))
     for name in TENSORS:
         if name in rt and name in ot:
             found = compare_tensor(name, rt[name].float(), ot[name].float(), *tol[name], per_vector and name == "hidden")
@@ -117,8 +144,9 @@ def compare(ref_path, other_path, atol=None, rtol=None, notes=None):
     if "lens_ids" in rt and "lens_ids" in ot:
         lens = (rt["lens_ids"][:, 0] != ot["lens_ids"][:, 0]).nonzero()
         if len(lens):
-            out.append(f"logit-lens top-1 differs first at hidden index {int(lens[0])}: "
-                       f"{int(rt['lens_ids'][lens[0], 0])} vs {int(ot['lens_ids'][lens[0], 0])}")
+            i = int(lens[0])
+            out.append(at_state(f"logit-lens top-1 differs first at hidden index {i}: "
+                                f"{int(rt['lens_ids'][i, 0])} vs {int(ot['lens_ids'][i, 0])}", [i]))
     if "layer_runs" in ref and "layer_runs" in oth:
         found = compare_layer_runs(ref["layer_runs"], oth["layer_runs"], len(ref["prompt"]), *tol["hidden_norms"])
         if found:
@@ -139,18 +167,19 @@ def compare(ref_path, other_path, atol=None, rtol=None, notes=None):
             found = first_difference(a, b, tol)
             if found:
                 at = f" at {found[0].removeprefix('.')}" if found[0] else ""
-                out.append(f"{label.format(s)} differs{at}: reference {found[1]}, other {found[2]}")
+                out.append(Finding(f"{label.format(s)} differs{at}: reference {found[1]}, other {found[2]}",
+                                   **{what.removesuffix("s"): s}))
                 break
         else:
             if len(ref[what]) != len(oth[what]):
-                out.append(f"{len(oth[what])} {what}, reference {len(ref[what])}")
+                out.append(Finding(f"{len(oth[what])} {what}, reference {len(ref[what])}"))
     return out
 
 
 def first_difference(a, b, tol, key=""):
     """The first place two step records part, as (path, reference value, other value), or None:
-    integers and strings exactly, real numbers within the tolerance of hidden-state norms (under a
-    key ending in _norms) or of lens probabilities (the rest)."""
+    integers, booleans (decisions) and strings exactly, real numbers within the tolerance of
+    hidden-state norms (under a key ending in _norms) or of lens probabilities (the rest)."""
     if isinstance(a, dict) and isinstance(b, dict) and a.keys() == b.keys():
         parts = ((f".{k}", a[k], b[k], k) for k in a)
     elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):

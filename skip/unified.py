@@ -1,16 +1,21 @@
 """Unified Layer Skipping (Liu et al., "Accelerating Inference in Large Language Models with a
-Unified Layer Skipping Strategy", arXiv 2404.06954).
+Unified Layer Skipping Strategy", arXiv 2404.06954; official code github.com/Adaxry/Unified_Layer_Skipping).
 
 Notation (the paper's method section):
     L   number of decoder layers
-    r   target speedup ratio (an integer in the official code)
+    r   target speedup ratio (an integer in the official code's --target_speedup)
     n   number of layers kept: n = int(L / r)
     K   the kept set: the first and last layer, and every `interval`-th layer in between
-The set depends on r only, never on the input (the paper's central point), so every token of every sequence
-runs the same layers: batches stay batches and the KV cache stays valid, because a skipped
-layer is skipped for every generated token and nobody ever reads its keys/values there.
-The prompt runs through all layers and only generated tokens skip; fine-tuning with the same
-pattern, as the paper does, is in skip/finetune.py.
+The method in the paper's words (abstract and method section): "selects the number of layers to
+skip computation based solely on the target speedup ratio" (step 1: n from r), "and then skips
+the corresponding number of intermediate layer computations in a balanced manner" (step 2: K
+spread evenly, the bottom and top layers kept). The exact rule is the official code's
+(train/modeling_bloom.py), which kept_layers reproduces. K depends on r only, never on the
+input (the paper's central point), so every token of every sequence runs the same layers:
+batches stay batches and the KV cache stays valid, because a skipped layer is skipped for every
+generated token and nobody ever reads its keys/values there (step 3: decoding). The prompt
+runs through all layers and only generated tokens skip; fine-tuning with the same pattern, as
+the paper does, is in skip/finetune.py.
 """
 from __future__ import annotations
 
@@ -42,10 +47,10 @@ def kept_layers(L: int, r: float, real_valued: bool = False) -> list[int]:
     if r != int(r):
         raise ValueError(f"target speedup r={r} is not an integer; pass real_valued=True for the "
                          "evenly spaced extension (not in the paper)")
-    n = int(L / r)  # the number of layers to keep follows from the target speedup alone
+    n = int(L / r)  # step 1: the number of layers to keep follows from the target speedup alone
     if n < 2:
         raise ValueError(f"r={r} keeps n={n} layer of L={L}; the rule needs n >= 2 (first and last layer)")
-    interval = int(L / (n - 1))
+    interval = int(L / (n - 1))  # step 2: the kept layers spread evenly, the first one kept
     K = [0]
     layer = interval
     while layer < L - 1 and len(K) < n - 1:
@@ -55,7 +60,7 @@ def kept_layers(L: int, r: float, real_valued: bool = False) -> list[int]:
 
 
 def generate_unified(model, prompts, r, real_valued=False, **kw):
-    """Decode with the kept set K: the prompt through all layers, each new token through K.
+    """Step 3: decode with the kept set K: the prompt through all layers, each new token through K.
     Batched with left padding, greedy or sampled (kw as for model.generate)."""
     K = kept_layers(model.cfg.n_layers, r, real_valued)
     return generate(model, prompts, decode_layers=lambda i: K, **kw)

@@ -1,11 +1,14 @@
 """Oracles of the golden tests: tiny random transformers models saved as safetensors, and the
-real SmolLM2-135M-Instruct GGUF (fetched and converted by `make weights`)."""
+real SmolLM2-135M-Instruct GGUF (fetched and converted by `make weights`); the cache-free
+decoding reference and random Kangaroo adapters that several test files share."""
 
 import pytest
 import torch
 
-from model import load_model
+from model import left_pad, load_model
 from skip import DATA
+from skip.kangaroo import Adapter
+from skip.layerwise import layerwise_forward, prompt_then
 
 transformers = pytest.importorskip("transformers")
 
@@ -40,18 +43,54 @@ def build_hf(kind, kw, seed=0):
     return hf.eval()
 
 
-def hf_beam(hf, prompts, eos, **kw):
-    """transformers' beam search on left-padded prompts: the new tokens of each row, without the
-    fill after a finished hypothesis (the pad id, or EOS when the pad id is 0)."""
+def hf_generate(hf, prompts, eos, **kw):
+    """transformers' greedy decoding or beam search (num_beams) on left-padded prompts: the new
+    tokens of each row. eos None: the model's own EOS ids."""
     pad, T = hf.config.pad_token_id, max(map(len, prompts))
     ids = torch.tensor([[pad] * (T - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts])
     out = hf.generate(ids, attention_mask=mask, do_sample=False, eos_token_id=eos, pad_token_id=pad, **kw)
-    return [row[T:].tolist() for row in out], pad or eos[0]
+    return [row[T:].tolist() for row in out]
+
+
+def hf_beam(hf, prompts, eos, **kw):
+    """hf_generate's rows and the fill after a finished hypothesis (the pad id, or EOS when the
+    pad id is 0)."""
+    return hf_generate(hf, prompts, eos, **kw), hf.config.pad_token_id or eos[0]
 
 
 def same_as_hf(ours, ref, fill):
-    return all(r[:len(o)] == o and set(r[len(o):]) <= {fill} for o, r in zip(ours, ref))
+    return len(ours) == len(ref) and all(r[:len(o)] == o and set(r[len(o):]) <= {fill} for o, r in zip(ours, ref))
+
+
+def reference_decode(model, prompts, layer_sets_for, n_new):
+    """Greedy decoding without any cache: recompute the whole sequence for every token, token i
+    running the layers layer_sets_for(i)."""
+    outs = [[] for _ in prompts]
+    for _ in range(n_new):
+        seqs = [p + o for p, o in zip(prompts, outs)]
+        ids, mask = left_pad(seqs, 0, model.device)
+        T_prompt = ids.shape[1] - len(outs[0])
+        runs = prompt_then(model.cfg.n_layers, T_prompt, [layer_sets_for(i) for i in range(len(outs[0]))])
+        nxt = layerwise_forward(model, ids, runs, mask)[:, -1].argmax(-1)
+        for o, t in zip(outs, nxt.tolist()):
+            o.append(t)
+    return outs
+
+
+def random_adapter(model, l, seed, lens_like):
+    """A random Kangaroo adapter over layer l; lens_like: A = the final norm, so its drafts are
+    as good as the logit lens."""
+    torch.manual_seed(seed)
+    a = Adapter(model.cfg, l)
+    with torch.no_grad():
+        for p in a.parameters():
+            p.normal_(1.0 if p.dim() == 1 else 0.0, 0.15 if p.dim() > 1 else 0.1)
+        if lens_like:
+            a.attn.wo.weight.zero_()
+            a.norm_out.load_state_dict(model.norm.state_dict())
+    a.frequent = torch.randperm(model.cfg.vocab_size)
+    return a.eval()
 
 
 @pytest.fixture(scope="session", params=list(VARIANTS))

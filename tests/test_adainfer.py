@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from model import flops
-from skip.adainfer import (SVM, CRFClassifier, Threshold, encode, labels, load_classifier, oracle_layer, predict,
-                           trace)
+from skip.adainfer import SVM, CRFClassifier, Threshold, encode, labels, oracle_layer, predict, trace
+from skip.adainfer_files import load_classifier, save_classifier
 from skip.harness.tasks import Instance, from_jsonl, load_task
 from tokenizer import load_tokenizer
 
@@ -67,7 +67,7 @@ def test_live_decisions_equal_decisions_on_traced_features_and_save_load(llama_d
     traces, classifiers = fitted(model)
     test = prompts(model, 10, seed=2)
     for clf in classifiers:
-        clf.save(tmp_path / f"{clf.kind}.json", model.cfg)
+        save_classifier(clf, tmp_path / f"{clf.kind}.json", model.cfg)
         again = load_classifier(tmp_path / f"{clf.kind}.json", model.cfg)
         for ids in test:
             tr = trace(model, ids, answer=0)
@@ -102,7 +102,7 @@ def test_labels_and_oracle():
         labels(tr, "best")
 
 
-def test_bad_inputs_raise_clearly(smollm2_dir, llama_dir, tmp_path, capsys):
+def test_bad_inputs_raise_clearly(smollm2_dir, llama_dir, tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
     with pytest.raises(ValueError, match="no instances"):
@@ -113,12 +113,12 @@ def test_bad_inputs_raise_clearly(smollm2_dir, llama_dir, tmp_path, capsys):
     assert len(encode(tok, Instance("Review: great\nSentiment:", " positive", [" positive", " negative"]))[2]) == 2
     from model import load_config, load_model
     path = tmp_path / "svm.json"
-    Threshold(0.5).save(path, load_config(smollm2_dir), trained_on="smollm2")
+    save_classifier(Threshold(0.5), path, load_config(smollm2_dir), trained_on="smollm2")
     with pytest.raises(ValueError, match="fitted for a model with"):
         load_classifier(path, load_model(llama_dir).cfg)
     # another model's classifier only on request, and then it says where it came from
-    assert load_classifier(path, load_model(llama_dir).cfg, other_model=True).tau == 0.5
-    assert "fitted on smollm2" in capsys.readouterr().out
+    with pytest.warns(UserWarning, match="fitted on smollm2"):
+        assert load_classifier(path, load_model(llama_dir).cfg, other_model=True).tau == 0.5
     with pytest.raises(ValueError, match="unknown features"):
         SVM(("gap", "entropy"))
 
@@ -171,7 +171,7 @@ def test_settings_whose_prompts_exceed_the_context_are_reported_not_run(smollm2_
 
 def test_grid_traces_are_cached_by_model_content_and_inputs(llama_dir, tmp_path, monkeypatch):
     from model import load_model
-    from model.files import cache_key
+    from weights.files import cache_key
     from skip.harness import eval_adainfer
     monkeypatch.setattr(eval_adainfer, "CACHE", tmp_path)
     model = load_model(llama_dir)

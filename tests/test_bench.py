@@ -1,5 +1,6 @@
 """`make bench`'s summary: every method's point is computed from its part's JSON as stated
-(checked against numbers worked out by hand), and --summary-only writes the three outputs."""
+(checked against numbers worked out by hand) and names its quality metric, and --summary-only
+writes the three outputs."""
 import json
 
 import pytest
@@ -8,18 +9,22 @@ from skip.harness import bench
 
 
 def parts():
-    def rule(acc, fl, wall):
-        return {"accuracy": acc, "flops_ratio": fl, "wall_clock_ratio": wall}
+    def rule(acc, fl, wall, exit_layer=0.0):
+        return {"accuracy": acc, "flops_ratio": fl, "wall_clock_ratio": wall, "avg_exit_layer": exit_layer}
     adainfer = {"args": {"tau": "0.8"}, "results": [
-        {"full_accuracy": 0.8, "svm": rule(0.6, 0.5, 0.5), "crf": rule(0.8, 1.0, 1.0), "threshold": rule(0.4, 0.1, 0.2)},
-        {"full_accuracy": 0.2, "svm": rule(0.2, 0.3, 0.5), "crf": rule(0.1, 1.0, 1.0), "threshold": rule(0.0, 0.1, 0.2)},
-        {"full_accuracy": 0.0, "svm": rule(0.0, 9.0, 9.0)},  # no signal to keep: left out
+        {"full_accuracy": 0.8, "svm": rule(0.6, 0.5, 0.5, 4.0), "crf": rule(0.8, 1.0, 1.0, 29.0),
+         "threshold": rule(0.4, 0.1, 0.2)},
+        {"full_accuracy": 0.2, "svm": rule(0.2, 0.3, 0.5, 8.0), "crf": rule(0.1, 1.0, 1.0, 29.0),
+         "threshold": rule(0.0, 0.1, 0.2, 2.0)},
+        {"full_accuracy": 0.0, "svm": rule(0.0, 9.0, 9.0, 99.0)},  # no signal to keep: left out
     ]}
     gen = {"results": [{"rule": "svm", "check_every": 4, "head": "full", "fill": "propagate", "token_match": 0.25,
-                        "flops_ratio": 0.5, "wall_clock_ratio": 0.8}]}
+                        "avg_layers": 7.5, "flops_ratio": 0.5, "wall_clock_ratio": 0.8}]}
     tp = lambda speedup, ceiling: {"1": {"speedup": speedup, "flops_ceiling": ceiling}}  # noqa: E731
-    skipping = {"rows": [{"name": "full", "r": 1, "fine_tuned": False, "agreement": 1.0, "throughput": tp(1.0, 1.0)},
-                         {"name": "unified", "r": 2, "fine_tuned": True, "agreement": 0.3, "throughput": tp(1.6, 1.25)}]}
+    skipping = {"rows": [{"name": "full", "r": 1, "fine_tuned": False, "agreement": 1.0, "layers_per_token": 30.0,
+                          "throughput": tp(1.0, 1.0)},
+                         {"name": "unified", "r": 2, "fine_tuned": True, "agreement": 0.3, "layers_per_token": 15.0,
+                          "throughput": tp(1.6, 1.25)}]}
     kangaroo = {"categories": {"overall": {
         "plain": {"flops_per_token": 100.0, "speedup": 1.0, "lossless": True},
         "kangaroo": {"flops_per_token": 200.0, "speedup": 1.2, "lossless": True},
@@ -29,7 +34,8 @@ def parts():
 
 
 def test_summary_points_follow_their_definitions():
-    got = {(m, s): (q, f, w) for m, s, q, f, w in bench.points(parts())}
+    pts = bench.points(parts())
+    got = {(p.method, p.setting): (p.quality, p.flops_ratio, p.speedup) for p in pts}
     expect = {
         ("AdaInfer (tasks)", "SVM"): ((0.6 + 0.2) / 1.0, (0.5 + 0.3) / 2, 2 / (0.5 + 0.5)),
         ("AdaInfer (tasks)", "CRF"): (0.9, 1.0, 1.0),
@@ -43,6 +49,16 @@ def test_summary_points_follow_their_definitions():
     assert got.keys() == expect.keys()
     for key, values in expect.items():
         assert got[key] == pytest.approx(values), key
+    # each quality named by its metric; layers per token where the part measures them (exit layer + 1 on the tasks)
+    layers = {(p.method, p.setting): (p.metric, p.layers) for p in pts}
+    assert layers == {("AdaInfer (tasks)", "SVM"): (bench.ACCURACY, (5 + 9) / 2),
+                      ("AdaInfer (tasks)", "CRF"): (bench.ACCURACY, 30.0),
+                      ("AdaInfer (tasks)", "gap>=0.8"): (bench.ACCURACY, (1 + 3) / 2),
+                      ("AdaInfer (generation)", "svm every 4, full, propagate"): (bench.TOKEN_MATCH, 7.5),
+                      ("unified (fine-tuned)", "2x"): (bench.AGREEMENT, 15.0),
+                      ("Kangaroo", "kangaroo"): (bench.LOSSLESS, None),
+                      ("Kangaroo", "kangaroo-4096"): (bench.LOSSLESS, None),
+                      ("lens draft (no adapter)", "lens"): (bench.LOSSLESS, None)}
 
 
 def test_summary_only_combines_existing_parts(tmp_path):
@@ -53,8 +69,12 @@ def test_summary_only_combines_existing_parts(tmp_path):
     bench.main(["--summary-only", "--out", str(tmp_path), "--parts", "adainfer", "adainfer-gen", "skipping", "kangaroo"])
     combined = json.loads((tmp_path / "bench.json").read_text())
     assert len(combined["summary"]) == 8 and combined["parts"]["kangaroo"] == parts()["kangaroo"]
+    assert combined["summary"][0] == {"method": "AdaInfer (tasks)", "setting": "SVM", "quality_metric": bench.ACCURACY,
+                                      "quality_kept": 0.8, "layers_per_token": 7.0, "flops_ratio": 0.4, "speedup": 2.0}
     report = (tmp_path / "bench.md").read_text()
     assert all(f"| table of {name} |" in report for name in parts())
+    assert f"| AdaInfer (tasks) | SVM | {bench.ACCURACY} | 0.800 | 7.0 | 0.40 | 2.00x |" in report
+    assert f"| Kangaroo | kangaroo | {bench.LOSSLESS} | 1.000 |  | 2.00 | 1.20x |" in report
     assert (tmp_path / "summary.png").stat().st_size > 10_000
 
 

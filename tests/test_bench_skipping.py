@@ -36,3 +36,9 @@ def test_unified_is_paired_with_its_own_target_and_the_full_model():
 def test_one_summary_is_refused():
     with pytest.raises(SystemExit):
         main(["--n-quality", "1"])
+
+
+def test_a_throughput_run_without_a_token_fed_back_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        main(["--tok-new", "1"])
+    assert "--tok-new must be at least 2" in capsys.readouterr().err

@@ -1,8 +1,10 @@
 """The CRF against brute-force enumeration of every label sequence."""
 import itertools
+import json
 
 import torch
 
+from skip.adainfer import FEATURES, CRFClassifier
 from skip.crf import CRF
 
 
@@ -15,12 +17,16 @@ def random_crf(F, seed):
     return crf
 
 
+def all_scores(crf, x):
+    return {y: float(crf.score(x, list(y))) for y in itertools.product([0, 1], repeat=len(x))}
+
+
 def test_viterbi_and_log_partition_equal_brute_force():
     for seed in range(20):
         L, F = 1 + seed % 7, 3
         crf = random_crf(F, seed)
         x = torch.randn(L, F, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-        scores = {y: float(crf.score(x, list(y))) for y in itertools.product([0, 1], repeat=L)}
+        scores = all_scores(crf, x)
         best = max(scores, key=scores.get)
         path, value = crf.viterbi(x)
         assert tuple(path) == best and abs(value - scores[best]) < 1e-9
@@ -28,11 +34,23 @@ def test_viterbi_and_log_partition_equal_brute_force():
 
 
 def test_online_stop_is_the_first_prefix_whose_best_path_ends_in_stop():
+    """Through the classifier that AdaInfer runs: its features picked from whole FEATURES rows."""
+    stops = []
     for seed in range(20):
-        L, crf = 6, random_crf(2, seed)
+        L, clf = 6, CRFClassifier(("gap", "cos_attn"))
+        clf.crf = random_crf(2, seed)
         x = torch.randn(L, 2, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-        expected = next((l for l in range(L) if crf.viterbi(x[:l + 1])[0][-1] == 1), None)
-        assert crf.stop_at(iter(x)) == expected
+        rows = torch.zeros(L, len(FEATURES), dtype=torch.float64)
+        rows[:, clf.cols] = x
+        expected = None
+        for l in range(L):  # the best of all 2^(l+1) label sequences of the prefix
+            scores = all_scores(clf.crf, x[:l + 1])
+            if max(scores, key=scores.get)[-1] == 1:
+                expected = l
+                break
+        assert clf.stop_at(rows.tolist()) == expected
+        stops.append(expected)
+    assert None in stops and len(set(stops)) > 2  # the seeds stop at several layers and not at all
 
 
 def test_training_raises_the_likelihood_and_json_round_trips(tmp_path):
@@ -48,7 +66,6 @@ def test_training_raises_the_likelihood_and_json_round_trips(tmp_path):
     before = crf.log_likelihood(xs, ys)
     crf.fit(xs, ys)
     assert crf.log_likelihood(xs, ys) > before + 50
-    crf.save(tmp_path / "crf.json")
-    import json
+    (tmp_path / "crf.json").write_text(json.dumps(crf.to_json()))
     again = CRF.from_json(json.loads((tmp_path / "crf.json").read_text()))
-    assert [again.stop_at(iter(x)) for x in xs] == [crf.stop_at(iter(x)) for x in xs]
+    assert all(torch.equal(getattr(again, k), getattr(crf, k)) for k in ("W", "b", "T"))

@@ -68,7 +68,7 @@ def test_left_padded_batch_equals_each_prompt_alone(pair):
     g = torch.Generator().manual_seed(4)
     prompts = [torch.randint(3, ours.cfg.vocab_size, (n,), generator=g).tolist() for n in (5, 13, 9)]
     ids, mask = left_pad(prompts, pad_id=0)
-    batched = ours(ids, mask=mask)  # (3, 13, V)
+    batched = ours(ids, pad_mask=mask)  # (3, 13, V)
     for b, p in enumerate(prompts):
         alone = ours(torch.tensor([p]))
         assert (batched[b, -len(p):] - alone[0]).abs().max() <= TOL

@@ -1,9 +1,10 @@
-"""Every method on any device and in any dtype. On the CPU (always): every method runs in float32,
-bfloat16 and float16, every CLI takes --device and --dtype and runs in the three dtypes (the
-benchmarks, minutes in all, in the CLI lane: `make test-clis`, the tests marked clis), and a
-device that this machine lacks is a clear error. The GPU lane (`make test-gpu`, the tests marked gpu; skipped without a
-GPU): the golden test and every method's equivalence test on the GPU in fp32, and every
-method's tokens in bf16 equal to the same method's on the CPU in bf16."""
+"""Every method on any device and in any dtype. On the CPU (always): every method gives its
+oracle's tokens in float32, bfloat16 and float16 (the oracle run in the same dtype), every CLI
+takes --device and --dtype and runs in the three dtypes (the benchmarks, minutes in all, in the
+CLI lane: `make test-clis`, the tests marked clis), and a device that this machine lacks is a
+clear error. The GPU lane (`make test-gpu`, the tests marked gpu; skipped without a GPU): the
+golden test and every method's equivalence test on the GPU in fp32, and every method's tokens
+in bf16 equal to the same method's on the CPU in bf16."""
 import pytest
 import torch
 
@@ -11,12 +12,10 @@ from model import beam_search, generate, load_model
 from model.loader import LoadError
 from skip.adainfer import Threshold
 from skip.adainfer_gen import generate_adainfer
-from skip.baselines import generate_early_exit, generate_skipdecode
+from skip.baselines import generate_early_exit, generate_skipdecode, skipdecode_layers, skipdecode_schedule
 from skip.kangaroo import generate_kangaroo
 from skip.unified import generate_unified, kept_layers
-from conftest import VARIANTS, build_hf, transformers
-from test_kangaroo import random_adapter
-from test_unified import reference_decode
+from conftest import VARIANTS, build_hf, hf_generate, random_adapter, reference_decode, transformers
 
 GPUS = [pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
                                                                            reason="no CUDA device")]),
@@ -45,15 +44,31 @@ def every_method(model, vocab_size):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_every_method_runs_in_every_dtype_on_the_cpu(llama_dir, dtype):
+@torch.no_grad()
+def test_every_method_gives_its_oracles_tokens_in_every_dtype_on_the_cpu(llama_dir, dtype):
+    """Each oracle run in the same dtype: greedy decoding (batched, left-padded) and beam search give
+    transformers' tokens; Unified and SkipDecode the cache-free reference's over their layer sets;
+    the early exit and AdaInfer the reference's over the layers each token ran (at tau 0.1 some
+    tokens stop after the first layer, some run every layer); Kangaroo, lossless, greedy decoding's."""
     model = load_model(llama_dir, dtype)
     assert model.dtype == getattr(torch, dtype) and model.new_cache(1, 4).k.dtype == model.dtype
-    out = every_method(model, model.cfg.vocab_size)
-    for name, tokens in out.items():
-        rows = tokens if isinstance(tokens[0], list) else [tokens]
-        assert all(len(r) == 8 and all(0 <= t < model.cfg.vocab_size for t in r) for r in rows), name
-    plain = generate(model, PROMPTS[:1], max_new_tokens=8, eos=[])[0]
-    assert out["kangaroo, lens"] == plain or dtype != "float32"  # lossless is exact in fp32 (bf16 may round a tie)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(llama_dir, dtype=model.dtype).eval()
+    hf.generation_config.eos_token_id = None  # the full length, as eos=[]
+    L, V, n = model.cfg.n_layers, model.cfg.vocab_size, 8
+    out = every_method(model, V)
+    plain = out["generate (batched, padded)"]
+    assert plain == hf_generate(hf, PROMPTS, None, max_new_tokens=n)
+    assert out["beam search"] == hf_generate(hf, PROMPTS, None, num_beams=2, no_repeat_ngram_size=2, max_new_tokens=n)
+    K, schedule = kept_layers(L, 2), skipdecode_schedule(L, 2, n)
+    assert out["unified"] == reference_decode(model, PROMPTS, lambda i: K, n)
+    assert out["skipdecode"] == reference_decode(model, PROMPTS, lambda i: skipdecode_layers(L, schedule, i), n)
+    for name in ("early exit", "adainfer", "kangaroo", "kangaroo, lens"):  # tau 0.3 never stops on this model
+        assert out[name] == plain[0], name
+    cheap = torch.arange(0, V, 2)
+    for res in (generate_early_exit(model, PROMPTS[0], 0.1, n, eos=[], vocab=cheap),
+                generate_adainfer(model, PROMPTS[0], Threshold(0.1), n, vocab=cheap, eos=[])):
+        assert {0, L - 1} <= set(res.exit_layers)
+        assert res.tokens == reference_decode(model, PROMPTS[:1], lambda i: range(res.exit_layers[i] + 1), n)[0]
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -111,7 +126,7 @@ LANES = [(m, d) for m in CLIS for d in DTYPES] + [pytest.param(m, d, marks=pytes
 
 @pytest.fixture(scope="module")
 def chat_adapter(tiny_chat_dir, tmp_path_factory):
-    from skip.kangaroo import save_adapter
+    from skip.kangaroo_files import save_adapter
     path = tmp_path_factory.mktemp("chat_adapter")
     save_adapter(random_adapter(load_model(tiny_chat_dir), 2, 0, lens_like=True), path, force=True)
     return path

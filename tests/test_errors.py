@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from model import LoadError, generate, load_config, load_model
 from model.config import ConfigError
-from model.files import OutputExists, atomic_dir
+from weights.files import OutputExists, atomic_dir
 from skip.trace import TraceError, trace, write
 from skip.trace_compare import compare
 from weights.convert import ConvertError, convert
@@ -59,7 +59,7 @@ def test_an_output_without_its_marker_is_not_moved_into_place(tmp_path):
 WRITER = """
 import sys, time
 from pathlib import Path
-from model.files import atomic_dir
+from weights.files import atomic_dir
 with atomic_dir(Path(sys.argv[1]), "done.json") as tmp:
     (tmp / "part.bin").write_bytes(b"x" * 1000)
     print("writing", flush=True)
@@ -292,9 +292,10 @@ def test_the_cross_task_table_says_when_there_is_nothing_to_transfer():
 @pytest.fixture
 def svm_file(llama_dir, tmp_path):
     from skip.adainfer import SVM
+    from skip.adainfer_files import save_classifier
     clf = SVM(("gap", "top_prob"))
     clf.mean, clf.std, clf.w, clf.b = np.zeros(2), np.ones(2), np.array([1.0, -1.0]), 0.5
-    clf.save(tmp_path / "svm.json", load_model(llama_dir).cfg)
+    save_classifier(clf, tmp_path / "svm.json", load_model(llama_dir).cfg)
     return tmp_path / "svm.json", load_model(llama_dir).cfg
 
 
@@ -309,7 +310,7 @@ def svm_file(llama_dir, tmp_path):
     (lambda d: d.pop("params"), "not a classifier file"),
 ])
 def test_a_classifier_file_is_checked_when_it_is_loaded_not_when_it_is_used(svm_file, edit, match):
-    from skip.adainfer import ClassifierError, load_classifier
+    from skip.adainfer_files import ClassifierError, load_classifier
     path, cfg = svm_file
     d = json.loads(path.read_text())
     edit(d)

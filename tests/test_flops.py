@@ -68,4 +68,5 @@ def test_plain_case_reduces_to_the_familiar_form():
                  ffn_dim=4 * d, max_seq_len=128, gated_mlp=False)
     assert L * flops.layer_flops(cfg, S, 0) == 4 * L * S * d * (6 * d + S)
     assert flops.layer_flops(cfg, 1, S) == 24 * d * d + 4 * (S + 1) * d
-    assert Decoder(cfg)  # the config builds
+    weights = sum(p.numel() for p in Decoder(cfg).blocks[0].parameters() if p.dim() == 2)
+    assert 2 * weights == 24 * d * d  # the products: two FLOPs per weight of the built layer

@@ -10,12 +10,14 @@ from safetensors.torch import save_file
 from scipy.stats import chisquare
 
 from model import generate, load_model
-from skip.kangaroo import (Adapter, AdapterError, accept_sampled, generate_kangaroo, load_adapter, probs,
-                           save_adapter)
+from skip.kangaroo import Adapter, AdapterError, accept_sampled, generate_kangaroo, probs
+from skip.kangaroo_files import load_adapter, save_adapter
 from skip.kangaroo_train import RECIPES, distill_loss, linear_lr, tokens_by_frequency
 from tokenizer import encode_chat, load_tokenizer
 
 from skip import WEIGHTS
+
+from conftest import random_adapter
 
 PROMPT = [5, 6, 7, 8, 9, 10]
 
@@ -29,19 +31,6 @@ def tiny(llama_dir, deep_scale):
             b.attn.wo.weight.mul_(deep_scale)
             b.mlp.down.weight.mul_(deep_scale)
     return m
-
-
-def random_adapter(model, l, seed, lens_like):
-    torch.manual_seed(seed)
-    a = Adapter(model.cfg, l)
-    with torch.no_grad():
-        for p in a.parameters():
-            p.normal_(1.0 if p.dim() == 1 else 0.0, 0.15 if p.dim() > 1 else 0.1)
-        if lens_like:  # A = final norm: drafts as good as the logit lens
-            a.attn.wo.weight.zero_()
-            a.norm_out.load_state_dict(model.norm.state_dict())
-    a.frequent = torch.randperm(model.cfg.vocab_size)
-    return a.eval()
 
 
 @pytest.mark.parametrize("deep_scale", [0.0, 0.3, 1.0])

@@ -1,10 +1,13 @@
-"""Routed matrix products: every route is the same product, and tuning only picks among them."""
+"""Routed matrix products: every route is the same product, the model takes them by a fixed rule,
+and tuning (a benchmark's choice) only picks among them, on that model alone."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-from model import load_model, tune_products
+from model import load_model
 from model import products
+from model.decoder import Linear
+from skip.harness.tune import set_routes, tune_products
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 9, 16])
@@ -21,16 +24,27 @@ def test_every_route_computes_x_times_w_transposed(rows):
     torch.testing.assert_close(products.linear(x, w, b), ref, rtol=1e-5, atol=1e-5)
 
 
+def test_the_fixed_rule():
+    w = torch.zeros(8, 4)
+    assert [products.route(n, w) for n in (1, 2, 8, 9)] == ["dup", "transposed", "transposed", "linear"]
+    assert products.route(1, w.bfloat16()) == products.route(1, w.half()) == "linear"
+
+
 @torch.no_grad()
-def test_tuning_keeps_the_fastest_route_per_row_count_and_leaves_the_output(llama_dir, monkeypatch):
-    monkeypatch.setattr(products, "ROUTES", {})
-    model = load_model(llama_dir)
+def test_tuning_keeps_the_fastest_route_per_row_count_and_leaves_the_output(llama_dir):
+    model, other = load_model(llama_dir), load_model(llama_dir)
     ids = torch.randint(0, 97, (1, 5))
     before = model(ids)
     res = tune_products(model, rows=range(1, 6), reps=2, ctx=8)
     shapes = {(*m.weight.shape, m.weight.dtype) for m in model.modules() if isinstance(m, torch.nn.Linear)}
-    assert set(products.ROUTES) == {(n, *s) for n in range(1, 6) for s in shapes}
+    tables = {id(m.routes) for m in model.modules() if isinstance(m, Linear)}
+    assert len(tables) == 1  # one table, set on every Linear of the tuned model
+    table = next(m.routes for m in model.modules() if isinstance(m, Linear))
+    assert set(table) == {(n, *s) for n in range(1, 6) for s in shapes} and set(res) == set(range(1, 6))
     for n, (route, ms) in res.items():
         assert ms[route] == min(ms.values()) and set(ms) == set(products.PRODUCTS) - ({"dup"} if n > 1 else set())
-        assert all(products.ROUTES[(n, *s)] == route for s in shapes)
+        assert all(table[(n, *s)] == route for s in shapes)
     torch.testing.assert_close(model(ids), before, rtol=1e-5, atol=1e-5)
+    assert all(m.routes is None for m in other.modules() if isinstance(m, Linear))  # no process-wide state
+    set_routes(model, None)
+    assert torch.equal(model(ids), other(ids))  # back on the rule: bit for bit the untuned model

@@ -66,14 +66,15 @@ def test_greedy_chat_answer_identical_to_transformers(hf, ours):
 
 
 @torch.no_grad()
-def test_bf16_logits_bit_identical_and_answer_identical_to_transformers_bf16(smollm2_dir):
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_logits_bit_identical_and_answer_identical_to_transformers(smollm2_dir, dtype):
     from transformers import AutoModelForCausalLM
-    hf = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.bfloat16).eval()
-    model, tok = load_model(smollm2_dir, "bfloat16"), load_tokenizer(smollm2_dir)
+    hf = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=getattr(torch, dtype)).eval()
+    model, tok = load_model(smollm2_dir, dtype), load_tokenizer(smollm2_dir)
     ids = encode_chat(tok, PROMPTS[1])
     assert torch.equal(model(torch.tensor([ids])), hf(torch.tensor([ids])).logits)
     ref = hf.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False, pad_token_id=2)[0, len(ids):]
-    assert generate(model, [ids], max_new_tokens=16)[0] == ref.tolist()
+    assert len(ref) == 16 and generate(model, [ids], max_new_tokens=16)[0] == ref.tolist()  # no EOS on the way
 
 
 @torch.no_grad()

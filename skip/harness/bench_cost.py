@@ -10,13 +10,15 @@ Prompts: the Spec-Bench mix, --per-category per category. tau of the early exit 
 for L / r layers per token on two math prompts, as in bench_skipping. The cheap heads hold the
 --top-k most frequent tokens of the model's own greedy answers to other Spec-Bench prompts (the
 next --per-category of each category). Per prompt the methods take turns, the median of
---repeats runs each, the prompt pass timed alone and subtracted. Cost model: a plain step, a
-layer on one token and a layer's K/V fill (state propagation; both as 1/L of all L in a row), the
-full head, the cheap head, AdaInfer's features of one check and the early exit's decision on
-full-head logits (a softmax over the vocabulary), timed at the run's mean context; a
-method's predicted time per token is what its run recorded (layer runs, head calls, fills,
-checks) per token times those costs, plus the plain step's remainder (embedding, sampling); the
-predicted speedup is the plain step over that. Writes runs/bench-cost.{json,md}.
+--repeats runs each, timing the decode alone (from the first token fed back: timing.DecodeClock).
+Cost model: a plain step, a layer on one token and a layer's K/V fill (state propagation; both
+as 1/L of all L in a row), the full head, the cheap head, AdaInfer's features of one check and
+the early exit's decision on full-head logits (a softmax over the vocabulary), timed at the
+run's mean context; a method's predicted time per token is what its run recorded (layer runs,
+head calls, fills, checks) per token times those costs, plus the plain step's remainder
+(embedding, sampling); the predicted speedup is the plain step over that. Quality beside it:
+the share of generated tokens equal to plain decoding's, position by position, and whether
+all are. Writes runs/bench-cost.{json,md}.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ import torch
 from tqdm import tqdm
 
 from model import add_load_args, generate, load_model, positions
-from model.files import write_text_atomic
+from weights.files import write_text_atomic
 from model.flops import HeadRun, KVRun, LayerRun
 from tokenizer import encode_chat, load_tokenizer
 
@@ -39,9 +41,10 @@ from ..adainfer_gen import generate_adainfer
 from ..baselines import ConfidenceCheck, calibrate_threshold, generate_early_exit, generate_skipdecode
 from ..exit_decode import frequent_vocab
 from ..unified import generate_unified
-from .bench_decoder import tune
-from .bench_kangaroo import median_ms, timed
 from .data import SPECBENCH, specbench
+from .report import markdown_table
+from .timing import interleaved_ms, median_ms
+from .tune import tune
 
 
 @torch.inference_mode()
@@ -137,19 +140,20 @@ def main(argv=None):
     calib = [encode_chat(tok, q) for q, _ in specbench("math_reasoning", 2)]
     tau = calibrate_threshold(model, calib, a.r, 24, 7)
     fns = methods(model, a, tau, vocab)
-    prefill = lambda p: generate(model, [p], max_new_tokens=1)  # the prompt pass every method starts with
     raw = {m: {"ms": [], "tokens": [], "counts": []} for m in fns}
     for p in tqdm(prompts, desc="cost"):
-        times, last = {m: [] for m in ["prefill", *fns]}, {}
-        for _ in range(a.repeats):  # interleaved, so drifts of the machine hit every method
-            times["prefill"].append(timed(lambda: prefill(p))[1])
-            for m, fn in fns.items():
+        last = {}
+
+        def call(m, fn, p=p):
+            def run():
                 with model.recording() as rec:  # appending a record entry per layer costs all methods alike
-                    out, t = timed(lambda: fn(p))
-                times[m].append(t)
-                last[m] = (out, rec)
-        for m, ((out, checks), rec) in last.items():  # decode time: the prompt pass's time subtracted
-            raw[m]["ms"].append(1000 * (statistics.median(times[m]) - statistics.median(times["prefill"])))
+                    last[m] = (fn(p), rec)
+            return run
+        # interleaved, so drifts of the machine hit every method; the decode alone, from the first token fed back
+        ms = interleaved_ms([call(m, fn) for m, fn in fns.items()], a.repeats, warmup=0, models=[model] * len(fns))
+        for m, t in zip(fns, ms):
+            (out, checks), rec = last[m]
+            raw[m]["ms"].append(t)
             raw[m]["tokens"].append(out)
             raw[m]["counts"].append(counts(rec, V, checks, m.startswith("early exit")))
     ctx = int(statistics.mean(len(p) for p in prompts)) + N // 2
@@ -164,6 +168,8 @@ def main(argv=None):
         measured, predicted = plain_ms / ms, pred_plain / predicted_ms(c, costs, fed, L)
         rows[m] = {"ms_per_token": ms, "speedup": measured, "predicted": predicted, "ratio": measured / predicted,
                    **{f"{k}_per_token": v / fed for k, v in c.items()},
+                   "token_match": statistics.mean(sum(x == y for x, y in zip(o, f)) / len(f)
+                                                  for o, f in zip(raw[m]["tokens"], raw["plain"]["tokens"])),
                    "equal_to_plain": raw[m]["tokens"] == raw["plain"]["tokens"]}
     cheap = {f"{m}, top-{a.top_k} checks": raw[f"{m}, top-{a.top_k} checks"]["tokens"] == raw[f"{m}, full-head checks"]["tokens"]
              for m in ("early exit", "AdaInfer gap>=0.8")}
@@ -173,14 +179,15 @@ def main(argv=None):
 
 
 def write_report(res, out, budget):
+    rows = [[m, r["layers_per_token"], r["heads_per_token"], r["cheap_heads_per_token"], r["fills_per_token"],
+             f"{r['speedup']:.2f}x", f"{r['predicted']:.2f}x", r["ratio"], r["token_match"],
+             "yes" if r["equal_to_plain"] else "no"] for m, r in res["rows"].items()]
     md = [f"Early exit: tau {res['tau']:.3f} ({budget:.1f} layers per token on the calibration prompts). "
           f"Pieces at context {res['context']}, ms: " + ", ".join(f"{k} {v:.2f}" for k, v in res["costs_ms"].items()),
-          "", "| method | layers / token | full heads / token | cheap heads / token | K/V fills / token | speedup "
-          "| predicted | measured / predicted | = plain |", "|---|---|---|---|---|---|---|---|---|"]
-    for m, r in res["rows"].items():
-        md.append(f"| {m} | {r['layers_per_token']:.1f} | {r['heads_per_token']:.1f} | {r['cheap_heads_per_token']:.1f} "
-                  f"| {r['fills_per_token']:.1f} | {r['speedup']:.2f}x | {r['predicted']:.2f}x | {r['ratio']:.2f} "
-                  f"| {'yes' if r['equal_to_plain'] else 'no'} |")
+          "", markdown_table(rows, ["method", "layers / token", "full heads / token", "cheap heads / token",
+                                    "K/V fills / token", "speedup", "predicted", "measured / predicted",
+                                    "token match", "= plain"],
+                             floatfmt=("", ".1f", ".1f", ".1f", ".1f", "", "", ".2f", ".3f", ""))]
     md += ["", "Tokens of the cheap checks equal to the full-head checks': "
            + ", ".join(f"{m}: {'yes' if same else 'no'}" for m, same in res["cheap_equals_full_check"].items())]
     out.mkdir(parents=True, exist_ok=True)

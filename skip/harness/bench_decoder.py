@@ -15,45 +15,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from model import add_load_args, load_model, tune_products
-from model.products import linear, sync
-from model.files import write_text_atomic
+from model import add_load_args, load_model
+from model.products import linear
+from weights.files import write_text_atomic
 
 from .. import DEFAULT_MODEL, RUNS
+from .report import markdown_table
+from .timing import interleaved_ms, timed
+from .tune import tune
 
 DECODE_STEPS = 16
-
-
-def interleaved_ms(fns, runs, setup=lambda i: None):
-    """Median ms of each fn, the fns taking turns in every run so that drifts in the
-    machine's speed hit all of them alike. The first round warms up and is dropped."""
-    times = [[] for _ in fns]
-    for r in range(runs + 1):
-        for i, fn in enumerate(fns):
-            setup(i)
-            sync()
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            if r:
-                times[i].append(time.perf_counter() - t0)
-    return [statistics.median(t) * 1000 for t in times]
-
-
-def tune(model):
-    """tune_products on this machine, as every speed benchmark does first; returns and prints the
-    route chosen per row count with the ms of a whole pass for each route."""
-    res = tune_products(model)
-    print("product routes tuned on this machine (rows: route; ms of a pass per route): " + "; ".join(
-        f"{n}: {r} (" + ", ".join(f"{k} {v:.1f}" for k, v in ms.items()) + ")" for n, (r, ms) in res.items()), flush=True)
-    return {n: {"route": r, "ms": ms} for n, (r, ms) in res.items()}
 
 
 class Ours:
@@ -118,10 +94,7 @@ def profile_decode(model, ctx, steps=8):
         cache.crop(ctx)
     plain = interleaved_ms([step], steps)[0]
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            step()
-        wall = (time.perf_counter() - t0) * 1000 / steps
+        wall = timed(lambda: [step() for _ in range(steps)])[1] / steps  # the mean, as the op times below
     groups, ops = {g: 0.0 for g in [*OP_GROUPS, "norms, RoPE, elementwise"]}, 0
     for e in prof.key_averages():
         if not e.key.startswith("aten::"):
@@ -221,36 +194,36 @@ def bench(model_dir, runs, threads, dtype="float32", device="cpu"):
 
 
 def table(res) -> str:
-    lines = []
-    if res["results"]:
-        lines = speed_table(res).split("\n")
-    lines += ["", "| load_model | weights (MB) | before loading (MB) | peak (MB) | (peak - before) / weights |",
-              "|---|---:|---:|---:|---:|"]
-    for m in res.get("load_memory", []):
-        lines.append(f"| {m['dtype']} | {m['weights'] / 1e6:.0f} | {m['before'] / 1e6:.0f} | {m['peak'] / 1e6:.0f} | "
-                     f"{m['peak_over_weights']:.2f} |")
-    return "\n".join(lines).strip()
+    memory = markdown_table(
+        [[m["dtype"], m["weights"] / 1e6, m["before"] / 1e6, m["peak"] / 1e6, m["peak_over_weights"]]
+         for m in res.get("load_memory", [])],
+        ["load_model", "weights (MB)", "before loading (MB)", "peak (MB)", "(peak - before) / weights"],
+        floatfmt=("", ".0f", ".0f", ".0f", ".2f"), right=(1, 2, 3, 4))
+    return ((speed_table(res) + "\n\n" if res["results"] else "") + memory).strip()
 
 
 def speed_table(res) -> str:
     ours, hf = res["results"]
-    lines = ["| measure | ours | transformers | ours / transformers |", "|---|---:|---:|---:|"]
-    for k, label in (("prefill_128_ms", "prefill, 128 tokens (ms)"), ("prefill_512_ms", "prefill, 512 tokens (ms)"),
-                     ("decode_128_ms_per_token", "decode at context 128 (ms/token)"),
-                     ("decode_1024_ms_per_token", "decode at context 1024 (ms/token)")):
-        lines.append(f"| {label} | {ours[k]:.1f} | {hf[k]:.1f} | {res['ratio_ours_over_transformers'][k]:.2f} |")
-    lines.append(f"| matmul floor of one decode step (ms) | {res['matmul_floor_ms']:.1f} | {res['gemv_floor_ms']:.1f} "
-                 f"(one-row GEMV) | ours at 128 / floor: {res['ours_decode_128_over_matmul_floor']:.2f} |")
-    lines.append(f"| matmul floor before tuning the routes (ms) | {res['matmul_floor_untuned_ms']:.1f} | | |")
-    lines.append(f"| streaming read of the same weights (ms) | {res['read_floor_ms']:.1f} | | ours at 128 / read: "
-                 f"{res['ours_decode_128_over_read_floor']:.2f} |")
+    rows = [[label, ours[k], hf[k], res["ratio_ours_over_transformers"][k]] for k, label in (
+        ("prefill_128_ms", "prefill, 128 tokens (ms)"), ("prefill_512_ms", "prefill, 512 tokens (ms)"),
+        ("decode_128_ms_per_token", "decode at context 128 (ms/token)"),
+        ("decode_1024_ms_per_token", "decode at context 1024 (ms/token)"))]
+    rows += [["matmul floor of one decode step (ms)", res["matmul_floor_ms"],
+              f"{res['gemv_floor_ms']:.1f} (one-row GEMV)",
+              f"ours at 128 / floor: {res['ours_decode_128_over_matmul_floor']:.2f}"],
+             ["matmul floor before tuning the routes (ms)", res["matmul_floor_untuned_ms"], None, None],
+             ["streaming read of the same weights (ms)", res["read_floor_ms"], None,
+              f"ours at 128 / read: {res['ours_decode_128_over_read_floor']:.2f}"]]
+    text = markdown_table(rows, ["measure", "ours", "transformers", "ours / transformers"],
+                          floatfmt=("", ".1f", ".1f", ".2f"), right=(1, 2, 3))
     prof = res.get("profile")
     if prof:
-        lines += ["", f"One decode step at context {prof['context']} under torch.profiler: {prof['profiled_step_ms']:.1f} ms "
-                  f"({prof['step_ms']:.1f} unprofiled), {prof['aten_ops_per_step']:.0f} aten ops", "",
-                  "| where the time goes | ms per step | share |", "|---|---:|---:|"]
-        lines += [f"| {g} | {ms:.1f} | {ms / prof['profiled_step_ms']:.0%} |" for g, ms in prof["groups_ms"].items()]
-    return "\n".join(lines)
+        text += (f"\n\nOne decode step at context {prof['context']} under torch.profiler: "
+                 f"{prof['profiled_step_ms']:.1f} ms ({prof['step_ms']:.1f} unprofiled), "
+                 f"{prof['aten_ops_per_step']:.0f} aten ops\n\n")
+        text += markdown_table([[g, ms, f"{ms / prof['profiled_step_ms']:.0%}"] for g, ms in prof["groups_ms"].items()],
+                               ["where the time goes", "ms per step", "share"], floatfmt=".1f", right=(1, 2))
+    return text
 
 
 def main(argv=None):

@@ -9,12 +9,13 @@ lens (self-speculation from layer l with the model's own norm and head, no adapt
 hf early-exit (transformers' generate, and with assistant_early_exit=l, drafting gamma tokens
 with its confidence threshold at eta: the same budget as Kangaroo).
 Per category: speedup = (tokens/s) / (plain tokens/s) over the category's prompts (as Spec-Bench
-computes it; per prompt the median of --repeats runs), tokens per verification pass, acceptance
-by draft position (P(d_i accepted | d_i drafted)), decode FLOPs per token from the decoder's
-record (all FLOPs but the plain prefill's, so Kangaroo's adapter pass over the prompt counts),
-whether the tokens equal plain greedy decoding; and the speedup that the measured rounds and
-the measured cost of each piece predict. The sweep varies l (lens and any trained
-weights/kangaroo-l<l>), eta and gamma on one prompt per category.
+computes it; per prompt the median of --repeats runs, the methods taking turns), tokens per
+verification pass, acceptance by draft position (P(d_i accepted | d_i drafted)), decode FLOPs
+per token from the decoder's record (all FLOPs but the plain prefill's, so Kangaroo's adapter
+pass over the prompt counts), whether the tokens equal plain greedy decoding; and the speedup
+that the measured rounds and the measured cost of each piece predict. The sweep varies l (lens
+and any trained weights/kangaroo-l<l>), eta and gamma on one prompt per category, each point
+beside whether its tokens equal plain greedy decoding's.
 Writes runs/bench-kangaroo.json, runs/bench-kangaroo.md and runs/kangaroo.png.
 """
 from __future__ import annotations
@@ -22,34 +23,22 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from model import add_load_args, flops, generate, load_model
-from model.products import sync
-from model.files import write_text_atomic
+from weights.files import write_text_atomic
 from tokenizer import encode_chat, load_tokenizer
 
 from .. import DEFAULT_MODEL, RUNS, WEIGHTS
-from ..kangaroo import generate_kangaroo, load_adapter
-from .bench_decoder import tune
+from ..kangaroo import generate_kangaroo
+from ..kangaroo_files import load_adapter
 from .data import SPECBENCH, specbench
-
-
-def timed(fn):
-    sync()
-    t0 = time.perf_counter()
-    out = fn()
-    sync()
-    return out, time.perf_counter() - t0
-
-
-def median_ms(fn, reps=15):
-    times = [timed(fn)[1] for _ in range(reps)]
-    return 1000 * statistics.median(times)
+from .report import markdown_table
+from .timing import interleaved_ms, median_ms, timed
+from .tune import tune
 
 
 @torch.inference_mode()
@@ -155,25 +144,29 @@ def main(argv=None):
                                              num_assistant_tokens_schedule="constant",
                                              assistant_confidence_threshold=a.eta)}
 
-    def measure(fn, p, ref):
-        times, out = [], None
-        for _ in range(a.repeats):
-            with model.recording() as rec:
-                out, t = timed(lambda: fn(p))
-            times.append(t)
-        toks = out if isinstance(out, list) else out.tokens
-        decode_flops = flops.total(model.cfg, rec) - flops.prefill_flops(model.cfg, len(p)) if rec else None
-        return toks, statistics.median(times), getattr(out, "rounds", None), decode_flops, ref is None or toks == ref
+    def measure(p):
+        """Per method: (tokens, median seconds of --repeats runs, rounds, decode FLOPs, = plain's
+        tokens); the methods take turns, so drifts of the machine hit every method."""
+        last = {}
 
-    n_prompts = sum(len(v) for v in prompts.values())
-    bar, raw = tqdm(total=n_prompts * len(methods), desc="spec-bench"), {c: {m: [] for m in methods} for c in prompts}
+        def call(m, fn):
+            def run():
+                with model.recording() as rec:
+                    last[m] = (fn(p), rec)
+            return run
+        ms = interleaved_ms([call(m, fn) for m, fn in methods.items()], a.repeats, warmup=0)
+        toks = {m: out if isinstance(out, list) else out.tokens for m, (out, _) in last.items()}
+        return {m: (toks[m], t / 1000, getattr(last[m][0], "rounds", None),
+                    flops.total(model.cfg, last[m][1]) - flops.prefill_flops(model.cfg, len(p)) if last[m][1] else None,
+                    toks[m] == toks["plain"]) for m, t in zip(methods, ms)}
+
+    raw = {c: {m: [] for m in methods} for c in prompts}
+    bar = tqdm(total=sum(map(len, prompts.values())), desc="spec-bench")
     for c, ps in prompts.items():
         for p in ps:
-            ref = None
-            for m, fn in methods.items():  # interleaved, so drifts of the machine hit every method
-                raw[c][m].append(measure(fn, p, ref))
-                ref = ref or raw[c][m][-1][0]
-                bar.update()
+            for m, r in measure(p).items():
+                raw[c][m].append(r)
+            bar.update()
     bar.close()
     ctx = int(statistics.mean(len(p) for ps in prompts.values() for p in ps)) + N // 2
     costs = piece_costs(model, adapter, l, a.top_k, ctx, a.gamma)
@@ -198,12 +191,15 @@ def main(argv=None):
 
 def sweep(model, adapter, prompts, a, plain):
     """Speedup against l, eta and gamma on the first prompt of each category (best of --sweep-repeats;
-    plain decoding timed before and after the sweep, the mean of the two is the baseline)."""
+    plain decoding timed before and after the sweep, the mean of the two is the baseline), and
+    whether every output equals plain greedy decoding's."""
     ps, N = [v[0] for v in prompts.values()], a.max_new_tokens
 
     def best(**kw):
-        fn = (lambda p: generate_kangaroo(model, p, max_new_tokens=N, **kw)) if kw else plain
-        return sum(min(timed(lambda: fn(p))[1] for _ in range(a.sweep_repeats)) for p in ps)
+        """Summed over the prompts, the fastest of --sweep-repeats runs (ms); and the tokens."""
+        fn = (lambda p: generate_kangaroo(model, p, max_new_tokens=N, **kw).tokens) if kw else plain
+        runs = [[timed(lambda: fn(p)) for _ in range(a.sweep_repeats)] for p in ps]
+        return sum(min(ms for _, ms in r) for r in runs), [r[0][0] for r in runs]
 
     others = {l: load_adapter(p, model) for l, p in
               ((int(p.name.split("-l")[1]), p) for p in WEIGHTS.glob("kangaroo-l*")) if p.is_dir()}
@@ -212,40 +208,46 @@ def sweep(model, adapter, prompts, a, plain):
     points += [("l (lens)", l, dict(l=l, eta=a.eta, gamma=a.gamma)) for l in (1, 2, 4, 8, 16)]
     points += [("l (kangaroo-K)", l, dict(adapter=ad, draft_vocab=a.top_k, eta=a.eta, gamma=a.gamma))
                for l, ad in sorted(others.items())]
-    bar, t_plain, times = tqdm(total=len(points) + 2, desc="sweep"), best(), []
+    bar, (t_plain, ref), runs = tqdm(total=len(points) + 2, desc="sweep"), best(), []
     for axis, value, kw in points:
-        times.append(best(**kw))
+        runs.append(best(**kw))
         bar.update()
-    t_plain = (t_plain + best()) / 2
+    t_plain = (t_plain + best()[0]) / 2
     bar.update(2)
     bar.close()
-    return [{"axis": axis, "value": value, "speedup": t_plain / t} for (axis, value, _), t in zip(points, times)]
+    return [{"axis": axis, "value": value, "speedup": t_plain / t, "lossless": toks == ref}
+            for (axis, value, _), (t, toks) in zip(points, runs)]
+
+
+def yes_no(same):
+    return "yes" if same else "NO"
 
 
 def table(result):
     cats = result["categories"]
     methods = list(cats["overall"])
-    lines = ["Speedup over plain decoding (tokens/s ratio):", "",
-             "| method | " + " | ".join(cats) + " |", "|---" * (len(cats) + 1) + "|"]
-    lines += [f"| {m} | " + " | ".join(f"{cats[c][m]['speedup']:.2f}x" for c in cats) + " |" for m in methods]
-    lines += ["", "All prompts:", "",
-              "| method | speedup | predicted | tokens/pass | drafts/round | accept by position | "
-              "decode MFLOPs/token | = plain greedy |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["Speedup over plain decoding (tokens/s ratio), beside whether every output equals plain greedy "
+             "decoding's:", "",
+             markdown_table([[m, *(f"{cats[c][m]['speedup']:.2f}x" for c in cats), yes_no(cats["overall"][m]["lossless"])]
+                             for m in methods], ["method", *cats, "= plain greedy"])]
+    rows = []
     for m, r in cats["overall"].items():
-        acc = " ".join(f"{x:.2f}" for x in r.get("accept_by_position", []))
-        pred = f"{r['predicted_speedup']:.2f}x" if r.get("predicted_speedup") else ""
-        fl = f"{r['flops_per_token'] / 1e6:.0f}" if r["flops_per_token"] else ""
-        tpp, dpr = (f"{r['tokens_per_pass']:.2f}", f"{r['drafts_per_round']:.2f}") if "tokens_per_pass" in r else ("", "")
-        lines.append(f"| {m} | {r['speedup']:.2f}x | {pred} | {tpp} | {dpr} | {acc} | {fl} | "
-                     f"{'yes' if r['lossless'] else 'NO'} |")
+        pred = f"{r['predicted_speedup']:.2f}x" if r.get("predicted_speedup") else None
+        fl = r["flops_per_token"] / 1e6 if r["flops_per_token"] else None
+        rows.append([m, f"{r['speedup']:.2f}x", pred, r.get("tokens_per_pass"), r.get("drafts_per_round"),
+                     " ".join(f"{x:.2f}" for x in r.get("accept_by_position", [])), fl, yes_no(r["lossless"])])
+    lines += ["", "All prompts:", "", markdown_table(
+        rows, ["method", "speedup", "predicted", "tokens/pass", "drafts/round", "accept by position",
+               "decode MFLOPs/token", "= plain greedy"], floatfmt=("", "", "", ".2f", ".2f", "", ".0f", ""))]
     c = result["costs_ms"]
     lines += ["", f"Measured cost (ms): plain step {c['step']:.1f}, layers [0, l) {c['shallow']:.1f}, adapter + full head "
               f"{c['draft_full']:.1f}, adapter + top-K head {c['draft_topk']:.1f}, lens head {c['lens_head']:.1f}, "
               f"layers [l, L) + head on n = 1..{len(c['verify'])} tokens: " + " ".join(f"{v:.1f}" for v in c["verify"])
               + " (over the plain step: " + " ".join(f"{v / c['step']:.2f}" for v in c["verify"]) + ")"]
     if "sweep" in result:
-        lines += ["", "| sweep | value | speedup |", "|---|---|---|"]
-        lines += [f"| {s['axis']} | {s['value']} | {s['speedup']:.2f}x |" for s in result["sweep"]]
+        lines += ["", markdown_table([[s["axis"], str(s["value"]), f"{s['speedup']:.2f}x",
+                                       yes_no(s["lossless"])] for s in result["sweep"]],
+                                     ["sweep", "value", "speedup", "= plain greedy"])]
     return "\n".join(lines) + "\n"
 
 

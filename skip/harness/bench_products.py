@@ -34,10 +34,12 @@ import torch.nn.functional as F
 
 from model import add_load_args, load_model
 from model.products import PRODUCTS, linear
-from model.files import write_text_atomic
+from weights.files import write_text_atomic
 
 from .. import DEFAULT_MODEL, RUNS
-from .bench_decoder import interleaved_ms, step_weights
+from .bench_decoder import step_weights
+from .report import markdown_table
+from .timing import interleaved_ms
 
 _T = {}  # w -> w.T made contiguous once: the "stored transposed" layout (emptied per model)
 
@@ -115,14 +117,11 @@ def whole_steps(model, rows, runs, threads):
 
 def whole_table(ws):
     names = list(ws["rows"][min(ws["rows"])])
-    lines = [f"Every product of one decode step in sequence ({ws['gb'] * 1e3:.0f} MB of weights streaming from memory), "
-             f"ms (GB/s); a streaming read of the same weights: {ws['read_ms']:.1f} ms "
-             f"({ws['gb'] / ws['read_ms'] * 1e3:.1f} GB/s):", "", "| rows | " + " | ".join(names) + " |",
-             "|---|" + "---|" * len(names)]
-    for n, ms in ws["rows"].items():
-        lines.append(f"| {n} | " + " | ".join(f"{ms[k]:.1f} ({ws['gb'] / ms[k] * 1e3:.1f})" if k in ms else "" for k in names)
-                     + " |")
-    return "\n".join(lines)
+    rows = [[n, *(f"{ms[k]:.1f} ({ws['gb'] / ms[k] * 1e3:.1f})" if k in ms else None for k in names)]
+            for n, ms in ws["rows"].items()]
+    return (f"Every product of one decode step in sequence ({ws['gb'] * 1e3:.0f} MB of weights streaming from memory), "
+            f"ms (GB/s); a streaming read of the same weights: {ws['read_ms']:.1f} ms "
+            f"({ws['gb'] / ws['read_ms'] * 1e3:.1f} GB/s):\n\n" + markdown_table(rows, ["rows", *names]))
 
 
 def totals(res, rows):
@@ -135,20 +134,14 @@ def totals(res, rows):
 
 def table(res, rows):
     tot = totals(res, rows)
-    lines = ["| shape | rows | " + " | ".join(f"{k} ms (GB/s)" for k in ROUTINES) + " | floor ms (GB/s) |",
-             "|---|---|" + "---|" * (len(ROUTINES) + 1)]
-    for name, r in res.items():
-        for n in rows:
-            cells = [f"{ms:.3f} ({r['gb'] / ms * 1e3:.1f})" for ms in r["rows"][n].values()]
-            lines.append(f"| {name} {r['shape'][0]}x{r['shape'][1]} | {n} | " + " | ".join(cells)
-                         + f" | {r['floor_ms']:.3f} ({r['gb'] / r['floor_ms'] * 1e3:.1f}) |")
-    lines += ["", "One decode step's products (every shape times its uses), ms; ratio to 1 row in brackets:", "",
-              "| rows | " + " | ".join(ROUTINES) + " |", "|---|" + "---|" * len(ROUTINES)]
-    for n in rows:
-        lines.append(f"| {n} | " + " | ".join(f"{tot[n][k]:.1f} ({tot[n][k] / tot[rows[0]][k]:.2f})" for k in ROUTINES)
-                     + " |")
-    lines.append(f"\nStreaming read of the same weights: {tot['floor']:.1f} ms.")
-    return "\n".join(lines)
+    rate = lambda ms, gb: f"{ms:.3f} ({gb / ms * 1e3:.1f})"
+    per_shape = [[f"{name} {r['shape'][0]}x{r['shape'][1]}", n, *(rate(ms, r["gb"]) for ms in r["rows"][n].values()),
+                  rate(r["floor_ms"], r["gb"])] for name, r in res.items() for n in rows]
+    per_step = [[n, *(f"{tot[n][k]:.1f} ({tot[n][k] / tot[rows[0]][k]:.2f})" for k in ROUTINES)] for n in rows]
+    return "\n".join([
+        markdown_table(per_shape, ["shape", "rows", *(f"{k} ms (GB/s)" for k in ROUTINES), "floor ms (GB/s)"]), "",
+        "One decode step's products (every shape times its uses), ms; ratio to 1 row in brackets:", "",
+        markdown_table(per_step, ["rows", *ROUTINES]), f"\nStreaming read of the same weights: {tot['floor']:.1f} ms."])
 
 
 @torch.no_grad()

@@ -12,8 +12,8 @@ per-summary ROUGE-L against every other method at that r (are 30 short summaries
 rank them?); next-token agreement with the full model and perplexity on
 held-out text (MT-Bench questions with their GPT-4 reference answers, teacher-forced: the
 question through all layers, the answer through the method's layers). Throughput: decode
-tokens/s at each batch size over `--tok-new` new tokens per prompt (the prefill, identical for
-every method, is timed alone and subtracted), median of `--runs`, the methods taking turns
+tokens/s at each batch size over `--tok-new` new tokens per prompt (the decode alone, from the
+first token fed back: timing.DecodeClock), median of `--runs`, the methods taking turns
 within each run; speedup against the full model, and beside it the ceiling its FLOPs allow
 (full decode FLOPs / method decode FLOPs, from the decoder's record of what ran).
 Fine-tuned rows appear for checkpoints weights/<method>-<r>x made by skip.finetune.
@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +31,7 @@ import torch
 from tqdm import tqdm
 
 from model import add_load_args, beam_search, flops, generate, load_model
-from model.files import write_text_atomic
+from weights.files import write_text_atomic
 from tokenizer import encode_chat, load_tokenizer
 
 from .. import DEFAULT_MODEL, RUNS
@@ -40,6 +39,8 @@ from ..baselines import calibrate_threshold, generate_early_exit
 from ..finetune import response_layer_sets, tuned_checkpoint
 from ..layerwise import layerwise_forward, prompt_then
 from .data import mtbench_references, specbench
+from .report import markdown_table
+from .timing import interleaved_ms
 
 
 class Method:
@@ -146,34 +147,24 @@ def unified_leads(rows):
 
 
 def throughputs(methods, prompts, batch, n_new, runs):
-    """Decode tokens/s of every method: (n_new - 1) fed-back tokens per prompt over the time
-    after the prefill (the prefill, the same full pass for every method, timed alone and
-    subtracted); the decode FLOPs likewise: the recorded total minus the prefill's. The methods
-    take turns within every run, so drifts in the machine's speed hit all of them alike."""
+    """Decode tokens/s of every method: (n_new - 1) fed-back tokens per prompt over the time of
+    the decode alone (timing.DecodeClock: from the first token fed back, so the prefill, the same
+    full pass for every method, is outside); the decode FLOPs: the recorded total minus the
+    prefill's. The methods take turns within every run, so drifts in the machine's speed hit
+    all of them alike."""
     chunk = prompts[:batch]
     T = max(len(p) for p in chunk)  # left-padded prompt length; the prompt pass is the same for all
     timed = [m for m in methods if m.batchable or batch == 1]
-    decode_flops, totals, prefills = {}, {m: [] for m in timed}, {m: [] for m in timed}
+    decode_flops = {}
     for m in timed:  # the recorded run also warms up
         with m.model.recording() as record:
             m.decode(chunk, n_new, eos=[])
         decode_flops[m] = flops.total(m.model.cfg, record) - batch * flops.prefill_flops(m.model.cfg, T)
-    for _ in range(runs):
-        for m in timed:
-            t0 = time.perf_counter()
-            m.decode(chunk, 1, eos=[])  # the prefill and nothing else
-            t1 = time.perf_counter()
-            m.decode(chunk, n_new, eos=[])
-            totals[m].append(time.perf_counter() - t1)
-            prefills[m].append(t1 - t0)
-    out = []
-    for m in methods:
-        if m not in decode_flops:
-            out.append(None)
-            continue
-        decode_s = statistics.median(totals[m]) - statistics.median(prefills[m])
-        out.append({"tokens_per_s": batch * (n_new - 1) / decode_s, "flops": decode_flops[m]})
-    return out
+    ms = interleaved_ms([lambda m=m: m.decode(chunk, n_new, eos=[]) for m in timed], runs, warmup=0,
+                        models=[m.model for m in timed])
+    decode_ms = dict(zip(timed, ms))
+    return [None if m not in decode_ms else
+            {"tokens_per_s": batch * (n_new - 1) / (decode_ms[m] / 1000), "flops": decode_flops[m]} for m in methods]
 
 
 @torch.no_grad()  # restores the grad mode on return: main may run inside a test
@@ -194,6 +185,8 @@ def main(argv=None):
     a = ap.parse_args(argv)
     if a.n_quality < 2:
         ap.error("--n-quality must be at least 2: the paired bootstrap resamples the summaries")
+    if a.tok_new < 2:
+        ap.error("--tok-new must be at least 2: the decode timed is that of the tokens fed back")
     base, tok = load_model(a.model, a.dtype, device=a.device), load_tokenizer(a.model)
     L = base.cfg.n_layers
     summ, trans = specbench("summarization", a.n_quality), specbench("translation", a.n_quality)
@@ -247,28 +240,23 @@ def table(rows, batches):
     """Quality beside what each row spent: measured layers per decoded token and decode FLOPs per
     token against the full model's, so equal compute is visible."""
     full = rows[0]["flops_per_token"]
-    head = ("| method | layers / token | FLOPs / token vs full | ROUGE-L | BLEU | ROUGE-L / BLEU, beam | agreement | "
-            "perplexity | " + " | ".join(f"tok/s b={b} (speedup / FLOPs ceiling)" for b in batches) + " |")
-    lines = [head, "|" + "---|" * (8 + len(batches))]
-    for r in rows:
-        cells = []
-        for b in batches:
-            t = r["throughput"][b]
-            cells.append("N/A" if t is None else f"{t['tokens_per_s']:.1f} ({t['speedup']:.2f}x / {t['flops_ceiling']:.2f}x)")
-        beam = "N/A" if r["beam"] is None else f"{r['beam']['rougeL']:.1f} / {r['beam']['bleu']:.1f}"
-        lines.append(f"| {r['method']} | {r['layers_per_token']:.1f} | {r['flops_per_token'] / full:.2f} | "
-                     f"{r['rougeL']:.1f} | {r['bleu']:.1f} | {beam} | {r['agreement']:.3f} | "
-                     f"{r['perplexity']:.1f} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+
+    def speed(t):
+        return "N/A" if t is None else f"{t['tokens_per_s']:.1f} ({t['speedup']:.2f}x / {t['flops_ceiling']:.2f}x)"
+    cells = [[r["method"], r["layers_per_token"], r["flops_per_token"] / full, r["rougeL"], r["bleu"],
+              "N/A" if r["beam"] is None else f"{r['beam']['rougeL']:.1f} / {r['beam']['bleu']:.1f}", r["agreement"],
+              r["perplexity"], *(speed(r["throughput"][b]) for b in batches)] for r in rows]
+    return markdown_table(cells, ["method", "layers / token", "FLOPs / token vs full", "ROUGE-L", "BLEU",
+                                  "ROUGE-L / BLEU, beam", "agreement", "perplexity",
+                                  *(f"tok/s b={b} (speedup / FLOPs ceiling)" for b in batches)],
+                          floatfmt=("", ".1f", ".2f", ".1f", ".1f", "", ".3f", ".1f", *[""] * len(batches)))
 
 
 def paired_table(pairs):
-    lines = ["| r | Unified | against | ROUGE-L difference (95% bootstrap) | summaries where Unified is higher |",
-             "|---|---|---|---|---|"]
-    for p in pairs:
-        lines.append(f"| {p['r']}x | {p['unified']} | {p['against']} | {p['mean']:+.1f} ({p['low']:+.1f} to "
-                     f"{p['high']:+.1f}) | {p['higher']} / {p['n']} |")
-    return "\n".join(lines)
+    return markdown_table([[f"{p['r']}x", p["unified"], p["against"],
+                            f"{p['mean']:+.1f} ({p['low']:+.1f} to {p['high']:+.1f})", f"{p['higher']} / {p['n']}"]
+                           for p in pairs], ["r", "Unified", "against", "ROUGE-L difference (95% bootstrap)",
+                                             "summaries where Unified is higher"])
 
 
 def plot(rows, batch, path):

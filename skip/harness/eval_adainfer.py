@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -33,14 +32,15 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from model import add_load_args, flops, load_model
-from model.files import atomic_file, cache_key, device_tag, write_text_atomic
-from model.products import sync
+from weights.files import atomic_file, cache_key, device_tag, write_text_atomic
 from tokenizer import load_tokenizer
 
 from .. import DEFAULT_MODEL, RUNS
 from ..adainfer import (DEFAULT_FEATURES, FEATURES, LABEL_RULES, SVM, CRFClassifier, Threshold, Trace, encode,
                         oracle_layer, predict, trace)
+from .report import markdown_table
 from .tasks import TASKS, load_task
+from .timing import timed
 
 CACHE = RUNS / "adainfer-cache"
 
@@ -83,17 +83,14 @@ def traces_of(model, tag, encoded, vocab_of):
 
 
 def wall_clock(model, encoded, clf, vocab_of):
-    if not encoded:  # --time-n 0
+    """AdaInfer's time over the full forward's, summed over the prompts; the two take turns
+    on each prompt, one run each. None when there is nothing to time (--time-n 0)."""
+    if not encoded:
         return None
     t_full = t_ada = 0.0
     for ids, _, choices in encoded:
-        t0 = time.perf_counter()
-        model(torch.tensor([ids], device=model.device), last_only=True)
-        sync()
-        t1 = time.perf_counter()
-        predict(model, ids, clf, vocab_of(choices))
-        t_ada += time.perf_counter() - t1
-        t_full += t1 - t0
+        t_full += timed(lambda: model(torch.tensor([ids], device=model.device), last_only=True))[1]
+        t_ada += timed(lambda: predict(model, ids, clf, vocab_of(choices)))[1]
     return t_ada / t_full
 
 
@@ -217,33 +214,30 @@ def cross_task(store, cfg, k, features, rule):
     return out
 
 
+def acc_flops(s):
+    """A rule's accuracy (%) / FLOPs ratio, one cell."""
+    return f"{100 * s['accuracy']:.1f} / {s['flops_ratio']:.2f}"
+
+
 def transfer_table(results):
-    lines = ["Cross-model: the SVM fitted on this model's traces, applied to the other model's "
-             "(accuracy / FLOPs ratio)", "", "| task | shots | scoring | other model full acc | SVM from this model | "
-             "oracle |", "|---|---|---|---|---|---|"]
-    for r in results:
-        if "transfer" in r:
-            t = r["transfer"]
-            lines.append(f"| {r['task']} | {r['shots']} | {r['mode']} | {100 * t['full_accuracy']:.1f} | "
-                         f"{100 * t['svm']['accuracy']:.1f} / {t['svm']['flops_ratio']:.2f} | "
-                         f"{100 * t['oracle']['accuracy']:.1f} / {t['oracle']['flops_ratio']:.2f} |")
-    return "\n".join(lines)
+    rows = [[r["task"], r["shots"], r["mode"], 100 * r["transfer"]["full_accuracy"], acc_flops(r["transfer"]["svm"]),
+             acc_flops(r["transfer"]["oracle"])] for r in results if "transfer" in r]
+    return ("Cross-model: the SVM fitted on this model's traces, applied to the other model's (accuracy / FLOPs ratio)"
+            "\n\n" + markdown_table(rows, ["task", "shots", "scoring", "other model full acc", "SVM from this model",
+                                           "oracle"], floatfmt=".1f"))
 
 
 def table(results, tau):
-    lines = ["| task | shots | scoring | full acc | SVM acc / FLOPs / layers / wall | CRF acc / FLOPs / layers / wall | "
-             f"gap>={tau} acc / FLOPs / layers / wall | oracle acc / FLOPs |", "|---|---|---|---|---|---|---|---|"]
-    for r in results:
-        cells = []
-        for rule in ("svm", "crf", "threshold"):
-            s = r.get(rule)
-            wall = "-" if s is None or s["wall_clock_ratio"] is None else f"{s['wall_clock_ratio']:.2f}"
-            cells.append("not fitted" if s is None else f"{100 * s['accuracy']:.1f} / {s['flops_ratio']:.2f} / "
-                         f"{s['layers_ratio']:.2f} / {wall}")
-        o = r["oracle"]
-        lines.append(f"| {r['task']} | {r['shots']} | {r['mode']} | {100 * r['full_accuracy']:.1f} | " + " | ".join(cells)
-                     + f" | {100 * o['accuracy']:.1f} / {o['flops_ratio']:.2f} |")
-    return "\n".join(lines)
+    def cell(s):  # accuracy / FLOPs / layers / wall-clock ratio of one stop rule
+        if s is None:
+            return "not fitted"
+        wall = "-" if s["wall_clock_ratio"] is None else f"{s['wall_clock_ratio']:.2f}"
+        return f"{acc_flops(s)} / {s['layers_ratio']:.2f} / {wall}"
+    rows = [[r["task"], r["shots"], r["mode"], 100 * r["full_accuracy"],
+             *(cell(r.get(k)) for k in ("svm", "crf", "threshold")), acc_flops(r["oracle"])] for r in results]
+    return markdown_table(rows, ["task", "shots", "scoring", "full acc", "SVM acc / FLOPs / layers / wall",
+                                 "CRF acc / FLOPs / layers / wall", f"gap>={tau} acc / FLOPs / layers / wall",
+                                 "oracle acc / FLOPs"], floatfmt=".1f")
 
 
 def cross_table(cross, k):
@@ -251,12 +245,9 @@ def cross_table(cross, k):
         return f"Cross-task: no SVM was fitted at {k} shots, so there is nothing to transfer."
     sources = list(dict.fromkeys(key.split("->")[0] for key in cross))
     tasks = list(dict.fromkeys(key.split("->")[1] for key in cross))
-    lines = ["SVM trained on (row) applied to (column): accuracy / FLOPs ratio", "",
-             "| trained on | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
-    for s in sources:
-        lines.append(f"| {s} | " + " | ".join(f"{100 * cross[f'{s}->{d}']['accuracy']:.1f} / "
-                                               f"{cross[f'{s}->{d}']['flops_ratio']:.2f}" for d in tasks) + " |")
-    return "\n".join(lines)
+    rows = [[s, *(acc_flops(cross[f"{s}->{d}"]) for d in tasks)] for s in sources]
+    return ("SVM trained on (row) applied to (column): accuracy / FLOPs ratio\n\n"
+            + markdown_table(rows, ["trained on", *tasks]))
 
 
 def plots(results, out, n_layers):

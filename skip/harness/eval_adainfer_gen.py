@@ -10,22 +10,20 @@ most frequent output tokens make the cheap head. Test: Spec-Bench prompts from e
 category; each setting (stop rule x check schedule x head x fill) against the full model:
 token match rate (position by position), ROUGE-L of the decoded texts, FLOPs ratio of the
 decode steps from the decoder's record, wall-clock ratio of the decode steps in the same run
-(the prompt pass, identical for all, timed alone and subtracted). Writes runs/adainfer-gen.json and .md.
+(the decode alone, from the first token fed back: timing.DecodeClock). Writes runs/adainfer-gen.json and .md.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from model import add_load_args, flops, load_model
-from model.files import write_text_atomic
-from model.products import sync
+from weights.files import write_text_atomic
 from tokenizer import encode_chat, load_tokenizer
 
 from .. import DEFAULT_MODEL, RUNS
@@ -33,23 +31,22 @@ from ..adainfer import SVM, Threshold
 from ..adainfer_gen import generate_adainfer
 from ..exit_decode import frequent_vocab
 from .data import alpaca_instructions, specbench
+from .report import markdown_table
+from .timing import timed_decode
 
 CATEGORIES = ("translation", "summarization", "qa", "math_reasoning", "rag")
 
 
 def run(model, prompts, max_new, **kw):
-    """Outputs, decode FLOPs and seconds: the prompt pass, the same for every setting, is
-    subtracted from both (timed alone; its FLOPs from the formula, twice: timed run and generate)."""
+    """Outputs, decode FLOPs and decode seconds, summed over the prompts: the FLOPs recorded
+    less the prompt pass's (the same for every setting), the time from the first token fed back."""
     outs, secs = [], 0.0
     with model.recording() as runs:
         for p in prompts:
-            t0 = time.perf_counter()
-            model(torch.tensor([p], device=model.device), last_only=True)
-            sync()
-            t1 = time.perf_counter()
-            outs.append(generate_adainfer(model, p, max_new_tokens=max_new, eos=[], **kw))
-            secs += time.perf_counter() - t1 - (t1 - t0)
-    prefill = sum(2 * flops.prefill_flops(model.cfg, len(p)) for p in prompts)
+            out, ms = timed_decode(model, lambda: generate_adainfer(model, p, max_new_tokens=max_new, eos=[], **kw))
+            outs.append(out)
+            secs += ms / 1000
+    prefill = sum(flops.prefill_flops(model.cfg, len(p)) for p in prompts)
     return outs, flops.total(model.cfg, runs) - prefill, secs
 
 
@@ -64,6 +61,8 @@ def main(argv=None):
     ap.add_argument("--out", type=Path, default=RUNS)
     add_load_args(ap)
     a = ap.parse_args(argv)
+    if a.max_new < 2:
+        ap.error("--max-new must be at least 2: the decode timed is that of the tokens fed back")
     from rouge_score import rouge_scorer  # the bench extra, needed past --help only
 
     model, tok = load_model(a.model, a.dtype, device=a.device), load_tokenizer(a.model)
@@ -86,16 +85,16 @@ def main(argv=None):
         layers = [e + 1 for o in outs for e in o.exit_layers]
         results.append({"rule": name, "check_every": every, "head": "full" if vocab is None else f"cheap {len(cheap)}",
                         "fill": fill, "token_match": match, "rougeL": 100 * rouge,
-                        "avg_layers": statistics.mean(layers), "flops_ratio": fl / full_flops,
+                        "avg_layers": statistics.fmean(layers), "flops_ratio": fl / full_flops,
                         "wall_clock_ratio": secs / full_s})
         bar.set_postfix(rule=name, every=every, refresh=False)
         bar.update()
     bar.close()
-    lines = ["| stop rule | checks every | head for checks | fill | token match | ROUGE-L | avg layers | FLOPs ratio | "
-             "wall-clock ratio |", "|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['rule']} | {r['check_every']} | {r['head']} | {r['fill']} | {r['token_match']:.3f} | "
-              f"{r['rougeL']:.1f} | {r['avg_layers']:.1f} | {r['flops_ratio']:.2f} | {r['wall_clock_ratio']:.2f} |"
-              for r in results]
+    keys = ("rule", "check_every", "head", "fill", "token_match", "rougeL", "avg_layers", "flops_ratio", "wall_clock_ratio")
+    lines = [markdown_table([[r[k] for k in keys] for r in results],
+                            ["stop rule", "checks every", "head for checks", "fill", "token match", "ROUGE-L",
+                             "avg layers", "FLOPs ratio", "wall-clock ratio"],
+                            floatfmt=("", "", "", "", ".3f", ".1f", ".1f", ".2f", ".2f"))]
     a.out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(a.out / "adainfer-gen.json",
                       json.dumps({"args": {k: str(v) for k, v in vars(a).items()}, "results": results}, indent=1))

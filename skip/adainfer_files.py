@@ -1,0 +1,90 @@
+"""AdaInfer's stop classifiers (skip/adainfer.py) on disk: one JSON file each (no pickle),
+every field checked when it is read, before anything uses it.
+
+    {"kind": "threshold" | "svm" | "crf", "features": [names from FEATURES],
+     "params": threshold {"tau"}; svm {"mean", "std", "w", "b"}; crf {"kind", "W", "b", "T"},
+     "trained_on": a free-text name or null, "model": {"n_layers", "dim", "vocab_size"}}
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from weights.files import write_text_atomic
+
+from .adainfer import FEATURES, SVM, CRFClassifier, Threshold
+from .crf import CRF
+
+
+class ClassifierError(ValueError):
+    pass
+
+
+def model_shape(cfg):
+    return {"n_layers": cfg.n_layers, "dim": cfg.dim, "vocab_size": cfg.vocab_size}
+
+
+def params(clf):
+    if clf.kind == "threshold":
+        return {"tau": clf.tau}
+    if clf.kind == "svm":
+        return {"mean": clf.mean.tolist(), "std": clf.std.tolist(), "w": clf.w.tolist(), "b": clf.b}
+    return clf.crf.to_json()
+
+
+def save_classifier(clf, path, model_cfg, trained_on=None):
+    d = {"kind": clf.kind, "features": clf.features, "params": params(clf), "trained_on": trained_on,
+         "model": model_shape(model_cfg)}
+    write_text_atomic(path, json.dumps(d))
+
+
+def _numbers(path, p, key, shape):
+    """p[key] as a float64 array of the given shape, every entry a finite JSON number."""
+    a = np.asarray(p.get(key), dtype=object)
+    if a.shape != shape or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in a.flat):
+        raise ClassifierError(f"{path}: params.{key} must be numbers of shape {shape}, got {p.get(key)!r:.80}")
+    a = a.astype(np.float64)
+    if not np.isfinite(a).all():
+        raise ClassifierError(f"{path}: params.{key} holds a non-finite value")
+    return a
+
+
+def load_classifier(path, model_cfg, other_model=False):
+    """Read a classifier written by save_classifier. One fitted for a model of another shape is
+    refused unless other_model=True, and then applied with a warning: the features
+    (probabilities, cosines) do not depend on the shape, so it runs, but it was not fitted here."""
+    try:
+        d = json.loads(Path(path).read_text())
+        kind, features, p = d["kind"], d["features"], d["params"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ClassifierError(f"{path}: not a classifier file ({type(e).__name__}: {e})") from e
+    want = model_shape(model_cfg)
+    if d.get("model") != want:
+        if not other_model:
+            raise ClassifierError(f"{path} was fitted for a model with {d.get('model')}, not {want} "
+                                  "(other_model=True applies it anyway)")
+        warnings.warn(f"{path}: fitted on {d.get('trained_on') or 'an unnamed model'} {d.get('model')}; "
+                      f"applied to a model with {want}", stacklevel=2)
+    if kind not in ("threshold", "svm", "crf") or not isinstance(p, dict):
+        raise ClassifierError(f"{path}: unknown kind {kind!r} (threshold, svm, crf)")
+    if not (isinstance(features, list) and features and set(features) <= set(FEATURES)
+            and (kind != "threshold" or len(features) == 1)):
+        raise ClassifierError(f"{path}: features {features!r} are not a list of {FEATURES}"
+                              + (" with one entry" if kind == "threshold" else ""))
+    n_feat = len(features)
+    if kind == "threshold":
+        return Threshold(float(_numbers(path, p, "tau", ())), features[0])
+    if kind == "svm":
+        clf = SVM(features)
+        clf.mean, clf.std, clf.w = (_numbers(path, p, k, (n_feat,)) for k in ("mean", "std", "w"))
+        clf.b = float(_numbers(path, p, "b", ()))
+        if (clf.std <= 0).any():
+            raise ClassifierError(f"{path}: params.std must be positive, got {clf.std.tolist()}")
+        return clf
+    clf = CRFClassifier(features)
+    clf.crf = CRF.from_json({"W": _numbers(path, p, "W", (2, n_feat)), "b": _numbers(path, p, "b", (2,)),
+                             "T": _numbers(path, p, "T", (2, 2))})
+    return clf
