@@ -64,6 +64,13 @@ def rope_inv_freq(cfg: Config) -> torch.Tensor:
     return inv
 
 
+def rope_tables(inv_freq, pos):
+    """(cos, sin), each (B, 1, T, hd), at positions pos (B, T) for fp32 frequencies inv_freq (hd/2,)."""
+    freqs = pos[..., None].float() * inv_freq  # (B, T, hd/2)
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hd)
+    return emb.cos(), emb.sin()
+
+
 def rotate(x, cos, sin):
     # (B, n, T, hd) with the "rotate_half" pairing (i, i + hd/2) of HF Llama; the angles are fp32,
     # the rotation runs in x's dtype, as transformers does it (so bf16 runs round alike)
@@ -262,9 +269,7 @@ class Decoder(nn.Module):
             return None
         if self.inv_freq.device != pos.device:  # moved once, kept in fp32
             self.inv_freq = self.inv_freq.to(pos.device)
-        freqs = pos[..., None].float() * self.inv_freq  # (B, T, hd/2)
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hd)
-        return emb.cos(), emb.sin()
+        return rope_tables(self.inv_freq, pos)
 
     def run_layers(self, h, pos, layers=None, cache=None, start=0, pad_mask=None, callback=None):
         """Run the given layers, in the given order, on hidden states h (B, T, d)."""

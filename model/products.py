@@ -40,8 +40,3 @@ def linear(x, w, b=None, routes=None):
     y = PRODUCTS[name](x.reshape(rows, -1), w).contiguous().view(*x.shape[:-1], w.shape[0])  # (..., out)
     return y if b is None else y + b
 
-
-def sync():
-    """Wait for queued GPU work, so that a timer sees it (a no-op without CUDA)."""
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()

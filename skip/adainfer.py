@@ -12,16 +12,18 @@ Notation, for one prompt whose answer is its next token:
     l          layer index 0..L-1, h_l its output at the last prompt position
     p_l        softmax(head(norm(h_l))): the logit lens
     gap_l      p_l(top1) - p_l(top2)          (the paper's main feature)
-    top_l      p_l(top1)                      (top prob, its second)
+    top_l      p_l(top1)                      ("top prob", the paper's second feature)
     cos_*      cosine similarity of layer l and l-1 of the hidden state, the attention output and
                the MLP output (the feature study; 0 at layer 0 for attn and MLP)
     y_l        layer l's label, 1 = "stopping here is right": gold = layer l's top-1 is the answer
                token; final = it is the full model's top-1 (the abstract's "match the final results")
 Every feature costs one LM-head call at one position per layer; flops.total counts them.
 
-Ours, after the divider at the end: the "settled" label and the oracle's stop layer. Also ours:
-p_l over a vocabulary restricted to some ids (`vocab`: a task's choices). Classifier files:
-skip/adainfer_files.py; a stop decision per generated token: skip/adainfer_gen.py.
+Ours, after the divider at the end: the "settled" label and the oracle's stop layer. Also ours,
+marked where they appear: p_l over a vocabulary restricted to some ids (`vocab`: a task's choices)
+and each classifier's `score` (what its decision compares, for traces). Classifier files:
+skip/adainfer_files.py; task data and encode(): skip/harness/tasks.py; a stop decision per
+generated token: skip/adainfer_gen.py.
 """
 from __future__ import annotations
 
@@ -38,20 +40,6 @@ from .crf import CRF
 FEATURES = ("gap", "top_prob", "cos_hidden", "cos_attn", "cos_mlp")
 DEFAULT_FEATURES = ("gap", "top_prob")  # the paper's
 LABEL_RULES = ("gold", "final", "settled")
-
-
-def encode(tok, inst):
-    """(prompt ids, answer id, choice ids or None); the answer and choices must be one token
-    (or, with inst.first_token, the answer is the first token of its text)."""
-    ids = tok.encode(inst.prompt)
-
-    def one_token(cont, first=False):
-        full = tok.encode(inst.prompt + cont)
-        if len(full) <= len(ids) or full[:len(ids)] != ids or (len(full) != len(ids) + 1 and not first):
-            raise ValueError(f"answer {cont!r} is not a single token after the prompt {inst.prompt[-40:]!r}")
-        return full[len(ids)]
-    choices = None if inst.choices is None else [one_token(c) for c in inst.choices]
-    return ids, one_token(inst.answer, inst.first_token), choices
 
 
 # ---------------------------------------------------------------- features ("Feature Selection")
@@ -178,7 +166,7 @@ class Threshold(Classifier):
         self.tau = tau
 
     def score(self, state, x):
-        """The number step compares with tau: the feature itself."""
+        """Ours (traces): the number step compares with tau, the feature itself."""
         return float(x[0])
 
     def step(self, state, x):
@@ -201,7 +189,7 @@ class SVM(Classifier):
         return self
 
     def score(self, state, x):
-        """The decision function w . (x - mean) / std + b: step stops iff it is > 0."""
+        """Ours (traces): the decision function w . (x - mean) / std + b; step stops iff it is > 0."""
         return float((x - self.mean) / self.std @ self.w + self.b)
 
     def step(self, state, x):
@@ -219,7 +207,7 @@ class CRFClassifier(Classifier):
         return self
 
     def score(self, delta, x):
-        """The online Viterbi margin delta[1] - delta[0] after this layer: step stops iff it is > 0."""
+        """Ours (traces): the online Viterbi margin delta[1] - delta[0] after this layer; stop iff > 0."""
         delta, _ = self.step(delta, x)
         return float(delta[1] - delta[0])
 

@@ -37,7 +37,7 @@ def skipdecode_schedule(L: int, r: float, n_new: int) -> list[int]:
     """n_t for t = 0..n_new-1: non-increasing, linear from n_max = 1.5 B to n_min = 0.5 B (clipped
     to [WARMUP + 1, L]), rounded so that the sum is exactly n_new * B, B = |K| of Unified at r."""
     B = len(kept_layers(L, r))
-    n_max = min(L, B + B // 2)
+    n_max = min(L, B + B // 2)  # ours: the paper gives no n_max; 1.5 B keeps the decay gentle
     n_min = 2 * B - n_max  # symmetric around B, so the linear decay has mean B
     if n_min < WARMUP + 1:
         n_min, n_max = WARMUP + 1, 2 * B - WARMUP - 1

@@ -15,14 +15,15 @@ One round, from the last committed token x at slot n (not cached yet):
   1. draft [DD]: M^s on x, then A and H -> d_1; M^s on d_1, A, H -> d_2; ... M^s keeps its
      keys/values, and the exited states h_l of x, d_1, ..., d_k are kept too.
   2. verify [SD]: layers [l, L) run once on those k + 1 states (M^s never runs twice on a slot).
-  3. accept: the longest prefix of drafts that M agrees with, plus M's own next token.
-     Greedy: d_i while d_i = argmax p_i, so the output equals plain greedy decoding. Sampled:
-     the speculative sampling rule (Leviathan et al. 2023, Alg. 1; Chen et al. 2023): d_i with
-     probability min(1, p_i(d_i) / q_i(d_i)), else a draw from norm(max(0, p_i - q_i)), which
-     keeps every token distributed exactly as p.
+  3. accept: the longest prefix of drafts that M agrees with, plus M's own next token:
+     d_i while d_i = argmax p_i, so the output equals plain greedy decoding (the official code
+     decodes greedily). Sampled decoding, added here, takes the speculative sampling rule
+     (Leviathan et al. 2023, Alg. 1; Chen et al. 2023): d_i with probability
+     min(1, p_i(d_i) / q_i(d_i)), else a draw from norm(max(0, p_i - q_i)), which keeps every
+     token distributed exactly as p.
   4. crop every cache (shallow, deep, adapter) to the accepted length (as the official code does).
-After the divider, ours: the FLOPs bookkeeping, the top-K draft head, the adapter-free peer and
-the hook of traces. Adapter files: skip/kangaroo_files.py; training A: skip/kangaroo_train.py.
+After the divider, ours: an imported adapter's own settings, the top-K draft head, the
+adapter-free peer and the hook of traces. Adapter files: skip/kangaroo_files.py; training A: skip/kangaroo_train.py.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ import torch.nn as nn
 
 from model import KVCache, attention_mask, check_length, check_sampling, filter_logits
 from model.config import ConfigError, check
-from model.decoder import Attention, Norm, rope_inv_freq
+from model.decoder import Attention, Norm, rope_inv_freq, rope_tables
 from model.flops import AttnRun, HeadRun
 
 
@@ -42,14 +43,10 @@ class AdapterError(ValueError):
     pass
 
 
-OWN = ("rope_theta", "rope_type", "norm_eps")  # M's settings an adapter may hold a value of its own for
-
-
 class Adapter(nn.Module):
-    """A = RMSNorm -> attention -> + residual -> RMSNorm, no MLP ([SD]; official kangaroo/adapter.py).
-    own: A's own values of M's settings (OWN), where it was trained with others: the official code
-    builds A's RoPE with base 10000 and no scaling, whatever M's, and A's norms with its config's
-    eps. None or absent: M's (adapters trained here)."""
+    """A = RMSNorm -> attention -> + residual -> RMSNorm, no MLP ([SD]; official kangaroo/adapter.py),
+    in M's head layout, RoPE and norm eps; own: an imported adapter's own values of some of those
+    (ours, own_settings below; None for adapters trained here)."""
 
     def __init__(self, cfg, l, own=None):
         super().__init__()
@@ -57,15 +54,8 @@ class Adapter(nn.Module):
             raise AdapterError("the adapter needs a RoPE model whose head reads the hidden size (Llama)")
         if not 0 < l < cfg.n_layers:
             raise AdapterError(f"exit layer l must be in [1, {cfg.n_layers - 1}], got {l}")
-        self.cfg, self.l, self.own = cfg, l, dict(own or {})
-        if set(self.own) - set(OWN) or self.own.get("rope_type", "default") not in ("default", "linear", "llama3"):
-            raise AdapterError(f"an adapter's own settings are some of {OWN}, got {self.own}")
-        try:
-            acfg = check(replace(cfg, **self.own))  # M's config with A's own values
-        except (ConfigError, TypeError) as e:
-            raise AdapterError(f"bad adapter settings {self.own}: {e}") from None
-        # A's fp32 frequencies, a plain attribute as in the Decoder (never rounded by .to(dtype)); None: M's rope
-        self.inv_freq = rope_inv_freq(acfg) if {"rope_theta", "rope_type"} & set(self.own) else None
+        self.cfg, self.l = cfg, l
+        acfg, self.own, self.inv_freq = own_settings(cfg, own)  # ours; M's config and RoPE when own is None
         self.norm_in, self.attn, self.norm_out = Norm(acfg), Attention(acfg), Norm(acfg)
         # ours: token ids by frequency in the training answers, for the top-K draft head (TopKDraft)
         self.register_buffer("frequent", torch.zeros(0, dtype=torch.long))
@@ -84,14 +74,8 @@ class Adapter(nn.Module):
         return KVCache(1, 1, max_len, self.cfg.n_kv_heads, self.cfg.head_dim, w.dtype, w.device)
 
     def rope(self, model, pos):
-        """A's (cos, sin) at positions pos (B, T): M's, or from A's own frequencies as M computes its
-        own (fp32 angles; rotate() applies them in the activations' dtype)."""
-        if self.inv_freq is None:
-            return model.rope(pos)
-        self.inv_freq = self.inv_freq.to(pos.device)
-        freqs = pos[..., None].float() * self.inv_freq  # (B, T, hd/2)
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hd)
-        return emb.cos(), emb.sin()
+        """A's (cos, sin) at positions pos (B, T): M's, unless A has frequencies of its own."""
+        return model.rope(pos) if self.inv_freq is None else rope_tables(self.inv_freq.to(pos.device), pos)
 
     def forward(self, h, rope, cache=None, start=0, attn_mask=None, impl="sdpa"):  # (B, T, d) -> (B, T, d)
         a = self.attn(self.norm_in(h), rope, attn_mask, cache, 0, start, impl)
@@ -125,6 +109,23 @@ def accept_sampled(p, q, drafts, generator=None):
 def probs(logits, temperature, top_p):
     """The sampling distribution; the same transform for p and q keeps the rule lossless."""
     return filter_logits(logits.float() / temperature, top_p=top_p).softmax(-1)
+
+
+# ---------------------------------------------------------------- the draft model's two pieces
+def adapt(model, A, h, cache, start):
+    """A's output (1, T, d) on exited states h (1, T, d) at slots [start, start + T), reading and
+    extending its cache (M's observers are told: FLOPs)."""
+    T = h.shape[1]
+    z = A(h, A.rope(model, torch.arange(start, start + T, device=h.device)[None]), cache, start,
+          attention_mask(None, start, T, h.device), model.attn_impl)
+    model.emit(AttnRun(1, T, start))
+    return z
+
+
+def head(model, z, H):
+    """The head's rows H (V', d) on z (1, d): logits (V',) (M's observers are told: FLOPs)."""
+    model.emit(HeadRun(1, 1, H.shape[0]))
+    return (z @ H.T)[0]
 
 
 # ---------------------------------------------------------------- decoding
@@ -172,13 +173,15 @@ class Kangaroo:
 
     def draft_logits(self, h_l, slot):
         """M^d's logits (V,) of the token after slot, from that slot's exited state h_l (1, 1, d)."""
-        if self.acache.lengths[0] < slot:  # every draft was accepted: A reads the last one now, with this one
+        if self.acache.lengths[0] < slot:  # the last round accepted every draft, so A never read the
+            # last draft's state (it verified, not drafted, after it): A reads it now, with this one
+            # (the official evaluation/inference_kangaroo.py fills that missing adapter KV the same way)
             h_l, slot = torch.cat([self.last_h, h_l], 1), slot - 1  # (1, 2, d)
         return head(self.model, adapt(self.model, self.A, h_l, self.acache, slot)[:, -1], self.H)
 
     def pick(self, z, s: Sampling):
-        """M^d's token from its logits z, the token's probability (the confidence that the second
-        exit compares with eta) and q (sampling only)."""
+        """M^d's token from its logits z, the confidence that the second exit compares with eta (the
+        token's probability when greedy, q's top probability when sampling) and q (sampling only)."""
         if s.temperature == 0:
             j = int(z.argmax())
             return j, float(z.float().softmax(-1)[j]), None
@@ -262,23 +265,7 @@ def generate_kangaroo(model, prompt, adapter=None, l=None, max_new_tokens=64, ga
     return out
 
 
-# ================================================================ ours: bookkeeping and extensions
-def adapt(model, A, h, cache, start):
-    """A's output (1, T, d) on exited states h (1, T, d) at slots [start, start + T), reading and
-    extending its cache; reported to M's observers as an attention block (FLOPs)."""
-    T = h.shape[1]
-    z = A(h, A.rope(model, torch.arange(start, start + T, device=h.device)[None]), cache, start,
-          attention_mask(None, start, T, h.device), model.attn_impl)
-    model.emit(AttnRun(1, T, start))
-    return z
-
-
-def head(model, z, H):
-    """The head's rows H (V', d) on z (1, d): logits (V',), reported to M's observers (FLOPs)."""
-    model.emit(HeadRun(1, 1, H.shape[0]))
-    return (z @ H.T)[0]
-
-
+# ================================================================ ours: extensions
 class TopKDraft(Kangaroo):
     """M^d's head restricted to A's K most frequent tokens, for models whose head dominates a draft
     step. Verification keeps the full head, so the output does not change; eta then applies to the
@@ -355,3 +342,21 @@ def check_settings(cfg, prompt, adapter, l, max_new_tokens, gamma, eta, temperat
     if not prompt or any(not 0 <= t < cfg.vocab_size for t in prompt):
         raise ValueError(f"prompt must be non-empty token ids in [0, {cfg.vocab_size})")
     check_length(cfg, len(prompt), max_new_tokens)
+
+
+OWN = ("rope_theta", "rope_type", "norm_eps")  # M's settings an imported adapter may have its own value of
+
+
+def own_settings(cfg, own):
+    """(A's config, own, A's fp32 RoPE frequencies or None for M's). The official code builds A's
+    RoPE with base 10000 and no scaling, whatever M's, and its norms with its own config's eps
+    (weights/kangaroo_official.py records those); the frequencies are a plain attribute, as in
+    the Decoder, so .to(dtype) never rounds them."""
+    own = dict(own or {})
+    if set(own) - set(OWN) or own.get("rope_type", "default") not in ("default", "linear", "llama3"):
+        raise AdapterError(f"an adapter's own settings are some of {OWN}, got {own}")
+    try:
+        acfg = check(replace(cfg, **own))  # M's config with A's own values
+    except (ConfigError, TypeError) as e:
+        raise AdapterError(f"bad adapter settings {own}: {e}") from None
+    return acfg, own, (rope_inv_freq(acfg) if {"rope_theta", "rope_type"} & set(own) else None)

@@ -6,12 +6,10 @@ does not fit."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from weights.files import atomic_dir
+from weights.files import atomic_dir, read_folder
 
 from .kangaroo import Adapter, AdapterError
 
@@ -30,15 +28,8 @@ def save_adapter(adapter, path, force=False, **info):
 
 def load_adapter(path, model):
     """Load an adapter saved by save_adapter for this model; any mismatch raises AdapterError."""
-    path = Path(path)
-    for name in ("adapter.json", "adapter.safetensors"):
-        if not (path / name).is_file():
-            raise AdapterError(f"no adapter in {path}: {name} is missing (train one: make kangaroo)")
-    try:
-        meta = json.loads((path / "adapter.json").read_text())
-        tensors = load_file(str(path / "adapter.safetensors"))
-    except (json.JSONDecodeError, SafetensorError, OSError) as e:
-        raise AdapterError(f"adapter in {path} is corrupted: {e}") from e
+    meta, tensors = read_folder(path, "adapter.json", "adapter.safetensors", AdapterError, "adapter",
+                                " (train one: make kangaroo)")
     cfg = model.cfg
     want = {"dim": cfg.dim, "n_heads": cfg.n_heads, "n_kv_heads": cfg.n_kv_heads, "vocab_size": cfg.vocab_size}
     wrong = {k: (meta.get(k), v) for k, v in want.items() if meta.get(k) != v}

@@ -127,7 +127,7 @@ def distill_loss(model, adapter, h_l, h_L, mask):
     with torch.no_grad():
         p = model.logits(h_L[mask][None])[0].float().softmax(-1)  # (N, V)
     # right padding never reaches a real position under the causal mask
-    z = adapter(h_l, model.rope(pos))[mask]  # (N, d)
+    z = adapter(h_l, adapter.rope(model, pos))[mask]  # (N, d)
     log_q = (z @ model.head.weight.T).float().log_softmax(-1)  # (N, V)
     loss = -(p * log_q).sum(-1).mean()
     return loss, (log_q.argmax(-1) == p.argmax(-1)).float().mean()

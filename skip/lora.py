@@ -18,15 +18,13 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch.nn.utils import parametrize
 
-from weights.files import atomic_dir
+from weights.files import atomic_dir, read_folder
 
 TARGETS = ("attn.wq", "attn.wk", "attn.wv", "attn.wo", "mlp.gate", "mlp.up", "mlp.down")
 
@@ -95,15 +93,7 @@ def shape_of(cfg):
 
 def read_lora(path, cfg):
     """(meta, tensors) of an adapter saved by save_lora, checked against a model config."""
-    path = Path(path)
-    for name in ("adapter.json", "adapter.safetensors"):
-        if not (path / name).is_file():
-            raise LoRAError(f"no low-rank adapter in {path}: {name} is missing")
-    try:
-        meta = json.loads((path / "adapter.json").read_text())
-        tensors = load_file(str(path / "adapter.safetensors"))
-    except (json.JSONDecodeError, SafetensorError, OSError) as e:
-        raise LoRAError(f"low-rank adapter in {path} is corrupted: {e}") from e
+    meta, tensors = read_folder(path, "adapter.json", "adapter.safetensors", LoRAError, "low-rank adapter")
     wrong = {k: (meta.get(k), v) for k, v in shape_of(cfg).items() if meta.get(k) != v}
     if wrong:
         raise LoRAError(f"low-rank adapter in {path} was trained for another model: "

@@ -38,11 +38,10 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from model import add_load_args, flops, generate, load_model, positions
-from weights.files import OutputExists, atomic_dir
+from weights.files import OutputExists, atomic_dir, read_folder
 
 from . import DEFAULT_MODEL, WEIGHTS
 from .adainfer import Threshold
@@ -69,7 +68,7 @@ def model_info(cfg):
 
 
 @torch.inference_mode()
-def prompt_pass(model, ids, n_pos=4, k=5):
+def prompt_pass(model, ids, n_pos=4, k=TOP_K):
     """The tensors of a trace from our decoder's per-layer API."""
     x = torch.tensor([ids], device=model.device)
     pos = positions(None, 0, x.shape[1], x.device)
@@ -151,9 +150,9 @@ def kangaroo_steps(model, ids, max_new_tokens, settings):
     adapter = load_adapter(settings["adapter"], model)
     steps, seen = [], {"draft_top_ids": [], "draft_top_probs": []}
 
-    def observe(kind, h_l, logits, ids):  # one round's drafts, then its verification
+    def observe(kind, h_l, logits, rows):  # one round's drafts, then its verification
         top = logits.float().softmax(-1).topk(TOP_K)
-        top_ids = (top.indices if ids is None else ids[top.indices]).tolist()
+        top_ids = (top.indices if rows is None else rows[top.indices]).tolist()
         if kind == "draft":
             seen["draft_top_ids"].append(top_ids)
             seen["draft_top_probs"].append(top.values.tolist())
@@ -214,15 +213,7 @@ def trace(model, ids, path, method="full", max_new_tokens=16, settings=None, for
 
 
 def read(path):
-    path = Path(path)
-    for name in FILES:
-        if not (path / name).is_file():
-            raise TraceError(f"no trace in {path}: {name} is missing")
-    try:
-        meta = json.loads((path / "trace.json").read_text())
-        t = load_file(str(path / "trace.safetensors"))
-    except (json.JSONDecodeError, SafetensorError, OSError) as e:
-        raise TraceError(f"trace in {path} is truncated or corrupted: {e}") from e
+    meta, t = read_folder(path, *FILES, TraceError, "trace")
     if meta.get("version") != VERSION:
         raise TraceError(f"trace in {path} has version {meta.get('version')}; this reader understands {VERSION}")
     return meta, t

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from model import flops
-from skip.adainfer import SVM, CRFClassifier, Threshold, encode, labels, oracle_layer, predict, trace
+from skip.adainfer import SVM, CRFClassifier, Threshold, labels, oracle_layer, predict, trace
 from skip.adainfer_files import load_classifier, save_classifier
-from skip.harness.tasks import Instance, from_jsonl, load_task
+from skip.harness.tasks import Instance, encode, from_jsonl, load_task
 from tokenizer import load_tokenizer
 
 

@@ -7,10 +7,10 @@ import math
 import torch
 
 from model import generate, load_model
-from skip.adainfer import encode, predict
+from skip.adainfer import predict
 from skip.harness import demo
 from skip.harness.data import specbench
-from skip.harness.tasks import load_task
+from skip.harness.tasks import encode, load_task
 from skip.lora import attach, load_lora, save_lora
 from skip.unified import generate_unified, kept_layers
 from tokenizer import encode_chat, load_tokenizer

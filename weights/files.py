@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -20,6 +21,8 @@ import threading
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 
 class OutputExists(FileExistsError):
@@ -132,3 +135,16 @@ def device_tag(model):
     """What besides the weights changes a model's outputs, for cache keys: nothing for fp32 on the
     CPU (so keys made before other devices and dtypes existed stay valid), else dtype and device."""
     return [] if (model.dtype, model.device.type) == (torch.float32, "cpu") else [str(model.dtype), model.device.type]
+
+
+def read_folder(path, json_name, tensors_name, error, what, hint=""):
+    """(the JSON, the tensors) of a folder that a command here wrote (an adapter, a trace); a
+    missing or unreadable file raises error with one line that names the folder."""
+    path = Path(path)
+    for name in (json_name, tensors_name):
+        if not (path / name).is_file():
+            raise error(f"no {what} in {path}: {name} is missing{hint}")
+    try:
+        return json.loads((path / json_name).read_text()), load_file(str(path / tensors_name))
+    except (json.JSONDecodeError, SafetensorError, OSError) as e:
+        raise error(f"{what} in {path} is truncated or corrupted: {e}") from e

@@ -100,7 +100,8 @@ def convert_official(path, model, l, out, force=False):
     adapter = Adapter(model.cfg, l, official_settings(path, model.cfg))
     ours = read_official(path)
     want = {k: v for k, v in adapter.state_dict().items() if k != "frequent"}
-    shapes = [f"{k} {tuple(ours[k].shape)} (want {tuple(v.shape)})" for k, v in want.items() if ours[k].shape != v.shape]
+    shapes = [f"{k} {tuple(ours[k].shape)} (want {tuple(v.shape)})" for k, v in want.items()
+              if k in ours and ours[k].shape != v.shape]
     if shapes or set(want) != set(ours):
         raise OfficialAdapterError(f"{path} does not fit this model: {shapes or sorted(set(want) ^ set(ours))}")
     adapter.load_state_dict({**ours, "frequent": adapter.frequent})

@@ -29,12 +29,13 @@ import torch
 from tqdm import tqdm
 
 from model import add_load_args, flops, generate, load_model
-from weights.files import write_text_atomic
 from tokenizer import encode_chat, load_tokenizer
+from weights.files import write_text_atomic
 
 from .. import DEFAULT_MODEL, RUNS, WEIGHTS
 from ..kangaroo import generate_kangaroo
 from ..kangaroo_files import load_adapter
+from ..peer_layerskip import drafter_settings
 from .data import SPECBENCH, specbench
 from .report import markdown_table
 from .timing import interleaved_ms, median_ms, timed
@@ -59,11 +60,11 @@ def piece_costs(model, adapter, l, K, ctx, gamma):
         return out
 
     acache = adapter.new_cache(ctx + 2)
-    adapter(randn(1, ctx, d), model.rope(torch.arange(ctx, device=dev)[None]), acache)
+    adapter(randn(1, ctx, d), adapter.rope(model, torch.arange(ctx, device=dev)[None]), acache)
     W = model.head.weight[adapter.frequent[:K].to(dev)].contiguous()
 
     def draft(w):
-        z = adapter(h, model.rope(pos), acache, ctx)
+        z = adapter(h, adapter.rope(model, pos), acache, ctx)
         acache.crop(ctx)
         return z @ w.T
 
@@ -129,9 +130,9 @@ def main(argv=None):
     def ours(**kw):
         return lambda p: generate_kangaroo(model, p, max_new_tokens=N, gamma=a.gamma, eta=a.eta, **kw)
 
-    def hf_run(**kw):
+    def hf_run(**kw):  # the drafter reads gamma and eta from hf.generation_config, not from generate's arguments
         def fn(p):
-            with torch.inference_mode():
+            with torch.inference_mode(), drafter_settings(hf, a.gamma, a.eta):
                 ids = hf.generate(torch.tensor([p], device=model.device), attention_mask=torch.ones(
                                   1, len(p), dtype=torch.long, device=model.device),
                                   max_new_tokens=N, do_sample=False, **kw)
@@ -140,9 +141,7 @@ def main(argv=None):
 
     methods = {"plain": lambda p: generate(model, [p], max_new_tokens=N)[0],
                "kangaroo": ours(adapter=adapter), f"kangaroo-{a.top_k}": ours(adapter=adapter, draft_vocab=a.top_k),
-               "lens": ours(l=l), "hf plain": hf_run(), "hf early-exit": hf_run(assistant_early_exit=l, num_assistant_tokens=a.gamma,
-                                             num_assistant_tokens_schedule="constant",
-                                             assistant_confidence_threshold=a.eta)}
+               "lens": ours(l=l), "hf plain": hf_run(), "hf early-exit": hf_run(assistant_early_exit=l)}
 
     def measure(p):
         """Per method: (tokens, median seconds of --repeats runs, rounds, decode FLOPs, = plain's

@@ -18,10 +18,10 @@ import torch
 
 from weights.files import cache_key, device_tag
 
-from ..adainfer import SVM, Threshold, encode, predict
+from ..adainfer import SVM, Threshold, predict
 from .eval_adainfer import simulate, traces_of
 from .report import markdown_table
-from .tasks import load_task
+from .tasks import encode, load_task
 from .timing import interleaved_ms
 
 N_EXAMPLES = 3  # eval prompts shown one by one per task

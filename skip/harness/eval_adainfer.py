@@ -36,10 +36,10 @@ from weights.files import atomic_file, cache_key, device_tag, write_text_atomic
 from tokenizer import load_tokenizer
 
 from .. import DEFAULT_MODEL, RUNS
-from ..adainfer import (DEFAULT_FEATURES, FEATURES, LABEL_RULES, SVM, CRFClassifier, Threshold, Trace, encode,
+from ..adainfer import (DEFAULT_FEATURES, FEATURES, LABEL_RULES, SVM, CRFClassifier, Threshold, Trace,
                         oracle_layer, predict, trace)
 from .report import markdown_table
-from .tasks import TASKS, load_task
+from .tasks import TASKS, encode, load_task
 from .timing import timed
 
 CACHE = RUNS / "adainfer-cache"

@@ -171,3 +171,17 @@ def load_task(name, n_train=None, n_test=None):
     if name.endswith(".jsonl"):
         return from_jsonl(name, n_train, n_test)
     raise ValueError(f"unknown task {name!r}")
+
+
+def encode(tok, inst):
+    """(prompt ids, answer id, choice ids or None); the answer and choices must be one token
+    (or, with inst.first_token, the answer is the first token of its text)."""
+    ids = tok.encode(inst.prompt)
+
+    def one_token(cont, first=False):
+        full = tok.encode(inst.prompt + cont)
+        if len(full) <= len(ids) or full[:len(ids)] != ids or (len(full) != len(ids) + 1 and not first):
+            raise ValueError(f"answer {cont!r} is not a single token after the prompt {inst.prompt[-40:]!r}")
+        return full[len(ids)]
+    choices = None if inst.choices is None else [one_token(c) for c in inst.choices]
+    return ids, one_token(inst.answer, inst.first_token), choices
