@@ -156,6 +156,16 @@ class Classifier:
                 return layer
         return None
 
+    def decisions(self, rows):
+        """Ours (traces): (score, stop) of each row in turn, the state carried as stop_at carries it."""
+        state, out = None, []
+        for row in rows:
+            x = self.pick(row)
+            score = self.score(state, x)
+            state, stop = self.step(state, x)
+            out.append((score, stop))
+        return out
+
 
 class Threshold(Classifier):
     """The rule feature_l >= tau (the paper's gap threshold)."""

@@ -62,10 +62,16 @@ def skipdecode_layer_sets(L, r, n):
     return [skipdecode_layers(L, schedule, t) for t in range(n)]
 
 
+def generation_schedule(L, r, max_new_tokens):
+    """n_t of a generation: the first new token comes from the prompt pass; the other
+    max_new_tokens - 1 are fed back, and the schedule is built over those positions."""
+    return skipdecode_schedule(L, r, max(1, max_new_tokens - 1))
+
+
 def generate_skipdecode(model, prompts, r, max_new_tokens=32, **kw):
-    """The first new token comes from the prompt pass; the other max_new_tokens - 1 are fed
-    back, and the schedule is built over those positions."""
-    sets = skipdecode_layer_sets(model.cfg.n_layers, r, max(1, max_new_tokens - 1))
+    L = model.cfg.n_layers
+    schedule = generation_schedule(L, r, max_new_tokens)
+    sets = [skipdecode_layers(L, schedule, t) for t in range(len(schedule))]
     return generate(model, prompts, max_new_tokens=max_new_tokens, decode_layers=lambda i: sets[i], **kw)
 
 

@@ -47,7 +47,7 @@ from . import DEFAULT_MODEL, WEIGHTS
 from .adainfer import Threshold
 from .adainfer_files import load_classifier, params
 from .adainfer_gen import generate_adainfer
-from .baselines import generate_skipdecode, skipdecode_schedule
+from .baselines import generate_skipdecode, generation_schedule
 from .kangaroo import generate_kangaroo
 from .kangaroo_files import load_adapter
 from .unified import generate_unified, kept_layers
@@ -118,7 +118,7 @@ def unified_steps(model, ids, max_new_tokens, settings):
 
 def skipdecode_steps(model, ids, max_new_tokens, settings):
     toks = generate_skipdecode(model, [ids], settings["r"], max_new_tokens)[0]
-    return toks, [{"schedule": skipdecode_schedule(model.cfg.n_layers, settings["r"], max(1, max_new_tokens - 1))}]
+    return toks, [{"schedule": generation_schedule(model.cfg.n_layers, settings["r"], max_new_tokens)}]
 
 
 def adainfer_steps(model, ids, max_new_tokens, settings):
@@ -135,14 +135,9 @@ def adainfer_steps(model, ids, max_new_tokens, settings):
     out = generate_adainfer(model, ids, clf, max_new_tokens, settings["check_every"],
                             None if vocab is None else torch.tensor(vocab))
     steps = []
-    for e, checks in zip(out.exit_layers, out.checks):
-        state, scores, stops = None, [], []
-        for _, row, _ in checks:  # the classifier again on the rows it decided on: its decisions are a function of them
-            x = clf.pick(row)
-            scores.append(clf.score(state, x))
-            state, stop = clf.step(state, x)
-            stops.append(stop)
-        steps.append({"exit_layer": e, "checks": checks, "scores": scores, "stops": stops})
+    for e, checks in zip(out.exit_layers, out.checks):  # its decisions are a function of the rows it decided on
+        scores, stops = zip(*clf.decisions([row for _, row, _ in checks])) if checks else ((), ())
+        steps.append({"exit_layer": e, "checks": checks, "scores": list(scores), "stops": list(stops)})
     return out.tokens, steps
 
 

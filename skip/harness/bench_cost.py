@@ -42,7 +42,7 @@ from ..baselines import ConfidenceCheck, calibrate_threshold, generate_early_exi
 from ..exit_decode import frequent_vocab
 from ..unified import generate_unified
 from .data import SPECBENCH, specbench
-from .report import markdown_table
+from .report import markdown_table, token_match
 from .timing import interleaved_ms, median_ms
 from .tune import tune
 
@@ -168,8 +168,7 @@ def main(argv=None):
         measured, predicted = plain_ms / ms, pred_plain / predicted_ms(c, costs, fed, L)
         rows[m] = {"ms_per_token": ms, "speedup": measured, "predicted": predicted, "ratio": measured / predicted,
                    **{f"{k}_per_token": v / fed for k, v in c.items()},
-                   "token_match": statistics.mean(sum(x == y for x, y in zip(o, f)) / len(f)
-                                                  for o, f in zip(raw[m]["tokens"], raw["plain"]["tokens"])),
+                   "token_match": statistics.mean(token_match(o, f) for o, f in zip(raw[m]["tokens"], raw["plain"]["tokens"])),
                    "equal_to_plain": raw[m]["tokens"] == raw["plain"]["tokens"]}
     cheap = {f"{m}, top-{a.top_k} checks": raw[f"{m}, top-{a.top_k} checks"]["tokens"] == raw[f"{m}, full-head checks"]["tokens"]
              for m in ("early exit", "AdaInfer gap>=0.8")}

@@ -35,7 +35,6 @@ import torch
 from tqdm import tqdm
 
 from model import add_load_args, flops, generate, load_model
-from model.flops import EmbedRun, LayerRun
 from tokenizer import encode_chat, load_tokenizer
 from weights.files import write_text_atomic
 
@@ -49,7 +48,7 @@ from ..lora import LoRAError, load_lora
 from ..unified import generate_unified
 from .data import alpaca_instructions, specbench
 from .demo_adainfer import adainfer_task, short
-from .report import markdown_table
+from .report import markdown_table, token_match
 from .timing import DecodeClock
 
 DRAFT_VOCAB = 4096  # Kangaroo's draft head: the adapter's K most frequent tokens
@@ -96,14 +95,6 @@ def run(a):
 
 
 # ---------------------------------------------------------------- 2. generation
-def decode_cost(cfg, runs):
-    """(layer-token evaluations, FLOPs) of a generation record from the first token fed back on:
-    the prompt pass and the first token are every method's same work (DecodeClock's span too)."""
-    embeds = [i for i, r in enumerate(runs) if isinstance(r, EmbedRun)]
-    decode = runs[embeds[1]:] if len(embeds) > 1 else []
-    return sum(r.batch * r.n for r in decode if isinstance(r, LayerRun)), flops.total(cfg, decode)
-
-
 def methods_for(model, tok, a):
     """{label: (the model it runs on, fn(ids) -> (tokens, Kangaroo's round counts or {}))}."""
     N, cfg = a.max_new, model.cfg
@@ -159,11 +150,11 @@ def generation(model, tok, a):
         full_text = clean(tok.decode(full["tokens"]))
         for label, g in got.items():
             fed = max(1, len(g["tokens"]) - 1)  # tokens fed back: what the decode span runs
-            layer_tokens, fl = decode_cost(model.cfg, g["runs"])
+            _, layer_tokens, fl = flops.per_decode_token(model.cfg, g["runs"])  # from the first token fed back
             answer = clean(tok.decode(g["tokens"]))
             rows.append({"prompt": text, "method": label, "tokens": g["tokens"], "answer": answer, "fed": fed,
                          "layer_tokens": layer_tokens, "decode_flops": fl, "decode_ms": statistics.median(g["ms"]),
-                         "agreement": sum(x == y for x, y in zip(g["tokens"], full["tokens"])) / len(full["tokens"]),
+                         "agreement": token_match(g["tokens"], full["tokens"]),
                          "rougeL_vs_full": scorer.score(full_text, answer)["rougeL"].fmeasure,
                          **{k: g.get(k) for k in ("rounds", "drafted", "accepted")}})
     bar.close()

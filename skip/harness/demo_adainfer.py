@@ -18,11 +18,10 @@ import torch
 
 from weights.files import cache_key, device_tag
 
-from ..adainfer import SVM, Threshold, predict
-from .eval_adainfer import simulate, traces_of
+from ..adainfer import SVM, Threshold
+from .eval_adainfer import simulate, traces_of, wall_clock_ratios
 from .report import markdown_table
 from .tasks import encode, load_task
-from .timing import interleaved_ms
 
 N_EXAMPLES = 3  # eval prompts shown one by one per task
 TAU = 0.8  # the paper's gap threshold
@@ -47,7 +46,7 @@ def adainfer_task(model, tok, a, name):
     rules[f"AdaInfer, gap >= {tau:.2f}: tau fitted on the train split (ours)"] = Threshold(tau)
     lengths = [len(ids) for ids, _, _ in enc["test"]]
     full_top1 = [t.top1[-1] for t in traces["test"]]
-    wall = wall_clock(model, enc["test"][:a.time_n], rules)
+    wall = wall_clock_ratios(model, enc["test"][:a.time_n], rules, torch.tensor, runs=3)
     rows = [{"rule": "full model", "layers_per_prompt": float(L), "flops_ratio": 1.0, "wall_clock_ratio": 1.0,
              "accuracy": float(np.mean([t.top1[-1] == t.answer for t in traces["test"]])), "agreement": 1.0}]
     stops = {"full model": [L - 1] * len(lengths)}
@@ -82,20 +81,6 @@ def calibrated_tau(traces, encoded, cfg, V, target=0.95):
         if np.mean([t.top1[e] == t.top1[-1] for t, e in zip(traces, exits)]) >= target:
             return float(tau)
     return 1.0
-
-
-def wall_clock(model, timed, rules):
-    """{rule: AdaInfer's live time over the timed prompts / the full forward's}: medians of 3
-    interleaved runs, the full model and each rule taking turns on each prompt."""
-    if not timed:
-        return {}
-    fns = []
-    for ids, _, choices in timed:
-        x, vocab = torch.tensor([ids], device=model.device), torch.tensor(choices)
-        fns.append(lambda x=x: model(x, last_only=True))
-        fns += [lambda ids=ids, clf=clf, vocab=vocab: predict(model, ids, clf, vocab) for clf in rules.values()]
-    ms = np.array(interleaved_ms(fns, 3)).reshape(len(timed), 1 + len(rules)).sum(0)
-    return {label: float(ms[1 + i] / ms[0]) for i, label in enumerate(rules)}
 
 
 def print_adainfer(res, L):

@@ -32,15 +32,15 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from model import add_load_args, flops, load_model
-from weights.files import atomic_file, cache_key, device_tag, write_text_atomic
 from tokenizer import load_tokenizer
+from weights.files import atomic_file, cache_key, device_tag, write_text_atomic
 
 from .. import DEFAULT_MODEL, RUNS
 from ..adainfer import (DEFAULT_FEATURES, FEATURES, LABEL_RULES, SVM, CRFClassifier, Threshold, Trace,
                         oracle_layer, predict, trace)
 from .report import markdown_table
 from .tasks import TASKS, encode, load_task
-from .timing import timed
+from .timing import interleaved_ms
 
 CACHE = RUNS / "adainfer-cache"
 
@@ -85,13 +85,21 @@ def traces_of(model, tag, encoded, vocab_of):
 def wall_clock(model, encoded, clf, vocab_of):
     """AdaInfer's time over the full forward's, summed over the prompts; the two take turns
     on each prompt, one run each. None when there is nothing to time (--time-n 0)."""
+    return wall_clock_ratios(model, encoded, {"clf": clf}, vocab_of, runs=1, warmup=0).get("clf")
+
+
+def wall_clock_ratios(model, encoded, rules, vocab_of, runs, warmup=1):
+    """{rule: AdaInfer's time over the full forward's, summed over the prompts}: on each prompt the
+    full forward and every rule take turns (medians of `runs`); {} when there is nothing to time."""
     if not encoded:
-        return None
-    t_full = t_ada = 0.0
+        return {}
+    fns = []
     for ids, _, choices in encoded:
-        t_full += timed(lambda: model(torch.tensor([ids], device=model.device), last_only=True))[1]
-        t_ada += timed(lambda: predict(model, ids, clf, vocab_of(choices)))[1]
-    return t_ada / t_full
+        fns.append(lambda ids=ids: model(torch.tensor([ids], device=model.device), last_only=True))
+        fns += [lambda ids=ids, clf=clf, choices=choices: predict(model, ids, clf, vocab_of(choices))
+                for clf in rules.values()]
+    ms = np.array(interleaved_ms(fns, runs, warmup=warmup)).reshape(len(encoded), 1 + len(rules)).sum(0)
+    return {label: float(ms[1 + i] / ms[0]) for i, label in enumerate(rules)}
 
 
 @torch.no_grad()  # restores the grad mode on return: main may run inside a test

@@ -31,7 +31,7 @@ from ..adainfer import SVM, Threshold
 from ..adainfer_gen import generate_adainfer
 from ..exit_decode import frequent_vocab
 from .data import alpaca_instructions, specbench
-from .report import markdown_table
+from .report import markdown_table, token_match
 from .timing import timed_decode
 
 CATEGORIES = ("translation", "summarization", "qa", "math_reasoning", "rag")
@@ -79,7 +79,7 @@ def main(argv=None):
     results, bar = [], tqdm(total=len(settings), desc="settings")
     for name, clf, every, vocab, fill in settings:
         outs, fl, secs = run(model, test, a.max_new, clf=clf, check_every=every, vocab=vocab, fill=fill)
-        match = statistics.mean(sum(x == y for x, y in zip(o.tokens, f.tokens)) / len(f.tokens) for o, f in zip(outs, full))
+        match = statistics.mean(token_match(o.tokens, f.tokens) for o, f in zip(outs, full))
         rouge = statistics.mean(scorer.score(tok.decode(f.tokens), tok.decode(o.tokens))["rougeL"].fmeasure
                                 for o, f in zip(outs, full))
         layers = [e + 1 for o in outs for e in o.exit_layers]

@@ -1,4 +1,5 @@
-"""The harness's one table writer: rows to a GitHub markdown table, laid out by tabulate.
+"""The harness's one table writer (rows to a GitHub markdown table, laid out by tabulate) and
+its one quality measure of generated tokens (token_match).
 
 A float cell is formatted by its column's floatfmt (one format, or one per column), also in a
 column that holds text too (where tabulate would print it unformatted); any other cell is
@@ -20,3 +21,8 @@ def markdown_table(rows, headers, floatfmt="g", right=()):
     fmt = TableFormat(lineabove=None, linebelowheader=lambda *_: rule, linebetweenrows=None, linebelow=None,
                       headerrow=row, datarow=row, padding=1, with_header_hide=None)
     return tabulate(cells, headers, tablefmt=fmt, stralign=None, numalign=None, disable_numparse=True)
+
+
+def token_match(tokens, ref):
+    """The share of ref's positions at which tokens holds the same id (position by position)."""
+    return sum(x == y for x, y in zip(tokens, ref)) / len(ref)

@@ -11,7 +11,6 @@ fastest when the weights stream from memory.
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 
 from model.decoder import Linear
 from model.products import MAX_ROUTED, PRODUCTS
@@ -30,7 +29,7 @@ def set_routes(model, routes):
 def tune_products(model, rows=range(1, MAX_ROUTED + 1), reps=9, ctx=128):
     """Time every route for each row count (median of reps, the routes taking turns), set the
     fastest on the model, and return {rows: (route, {route: ms})}."""
-    shapes = {(*m.weight.shape, m.weight.dtype) for m in model.modules() if isinstance(m, nn.Linear)}
+    shapes = {(*m.weight.shape, m.weight.dtype) for m in model.modules() if isinstance(m, Linear)}
     dev, cache = model.device, model.new_cache(1, ctx + max(rows) + 1)
     model(torch.zeros(1, ctx, dtype=torch.long, device=dev), cache=cache, last_only=True)
     table, out = {}, {}
