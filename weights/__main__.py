@@ -44,11 +44,12 @@ def main(argv=None):
             convert(smollm2_gguf(), DEFAULT_MODEL)
         elif args.cmd == "kangaroo-official":
             from model import load_model
-            from weights.files import OutputExists
+            from weights.files import OutputExists, check_not_reading
             from skip.kangaroo import AdapterError
 
             from .kangaroo_official import OfficialAdapterError, convert_official
             try:
+                check_not_reading(args.out, args.path, args.model)  # before the model loads, --force or not
                 adapter = convert_official(args.path, load_model(args.model), args.l, args.out, args.force)
             except (OfficialAdapterError, AdapterError, OutputExists) as e:
                 raise ConvertError(str(e)) from e

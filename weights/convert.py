@@ -3,8 +3,9 @@
 Dequantization uses the `gguf` package of the llama.cpp project (Q4_1, Q8_0, F16, F32 and
 the rest it knows). llama.cpp's converter permutes the rows of the Q and K projections
 (per head, from HF's "rotate_half" pairing to interleaved pairs); we undo that here so the
-tensors are in HF layout. The output is written to a temporary directory beside the target
-and renamed at the end, so a failure never leaves a half-written model behind.
+tensors are in HF layout. The output is written by weights.files.atomic_dir (a temporary
+directory beside the target, moved in at the end), so a failure never leaves a half-written model
+behind nor loses the one it replaces; an output that is or holds the GGUF is refused.
 """
 from __future__ import annotations
 
@@ -125,6 +126,10 @@ def convert(gguf_path, out_dir, log=print, force=False) -> bool:
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     if not gguf_path.is_file():
         raise ConvertError(f"{gguf_path} does not exist")
+    try:  # first: an output that is, or holds, the GGUF is refused, --force or not
+        check_target(out_dir, DONE, force, reads=(gguf_path,))
+    except OutputExists as e:
+        raise ConvertError(str(e)) from e
     src = source_id(gguf_path)
     if (out_dir / DONE).exists():
         if json.loads((out_dir / DONE).read_text()).get("sha256") == src["sha256"]:
@@ -132,10 +137,6 @@ def convert(gguf_path, out_dir, log=print, force=False) -> bool:
             return False
         if not force:
             raise ConvertError(f"{out_dir} holds a different conversion; pass --force to replace it")
-    try:
-        check_target(out_dir, DONE, force)
-    except OutputExists as e:
-        raise ConvertError(str(e)) from e
     reader = read_gguf(gguf_path)
     names = {t.name for t in reader.tensors}
     cfg = hf_config(reader, has_output="output.weight" in names)
@@ -152,7 +153,7 @@ def convert(gguf_path, out_dir, log=print, force=False) -> bool:
         tensors[hf_tensor_name(t.name)] = torch.from_numpy(np.ascontiguousarray(w))
         log(f"  {t.name:28s} {t.tensor_type.name:5s} -> {hf_tensor_name(t.name)} {tuple(w.shape)}")
 
-    with atomic_dir(out_dir, DONE, force=True) as tmp:  # checked above, before the slow part
+    with atomic_dir(out_dir, DONE, force=True, reads=(gguf_path,)) as tmp:  # checked above, before the slow part
         save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
         for name, content in tokenizer_files(reader, gguf_path).items():
