@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from skip.cli import command, seed_number  # the one bad-input handler (this entry point's, not the library's)
 from tokenizer import encode_chat, load_tokenizer
 from weights import DEFAULT_MODEL
 
@@ -23,7 +24,7 @@ def open_model(path, dtype="float32", device="cpu"):
     path = Path(path)
     if not (path / "config.json").exists():
         hint = " (run `make weights` first)" if path == DEFAULT_MODEL else ""
-        sys.exit(f"error: no model at {path}{hint}")
+        raise ValueError(f"no model at {path}{hint}")
     tok = load_tokenizer(path)
     return load_model(path, dtype, device=device), tok, bool(tok.chat_template)
 
@@ -93,6 +94,7 @@ def cmd_demo(a):
         print(f"  {i:5d}  {t!r:15s}  {p:7.3f}  {g:5.3f}")
 
 
+@command
 @torch.no_grad()  # restores the grad mode on return: main may run inside a test
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m model", description=__doc__,
@@ -105,18 +107,14 @@ def main(argv=None):
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=seed_number, default=0)
     g.add_argument("--no-chat", action="store_true", help="send the prompt as raw text, no chat template")
     add_load_args(g)
     d = sub.add_parser("demo", help="a chat answer and the logit lens on a real model")
     d.add_argument("--model", default=DEFAULT_MODEL, type=Path)
     add_load_args(d)
     a = ap.parse_args(argv)
-    try:
-        {"generate": cmd_generate, "demo": cmd_demo}[a.cmd](a)
-    except ValueError as e:  # bad input (config, weights, prompt, numbers): one line, status 2
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    {"generate": cmd_generate, "demo": cmd_demo}[a.cmd](a)  # numbers are checked by generate: one line, status 2
 
 
 if __name__ == "__main__":

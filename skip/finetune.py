@@ -34,6 +34,7 @@ from tokenizer import encode_chat, load_tokenizer
 
 from . import DATA, DEFAULT_MODEL, WEIGHTS
 from .baselines import skipdecode_layer_sets
+from .cli import command, float_in, positive, seed_number
 from .layerwise import layerwise_forward, prompt_then
 from .lora import attach, save_lora
 from .unified import kept_layers
@@ -79,11 +80,12 @@ def response_loss(model, prompt, response, layer_sets):
 
 def set_lr(opt, lr, step, steps, warmup, t0, minutes=None):
     """Linear warmup, then cosine decay over the run's progress: the larger of the steps and the
-    time budget used, so the decay ends with the run whichever limit stops it. False once spent."""
+    time budget used, so the decay ends with the run whichever limit stops it. False once spent,
+    except at step 0: a run takes at least one step, however small its budget."""
     done = max(step / steps, 0.0 if minutes is None else (time.perf_counter() - t0) / (60 * minutes))
     for group in opt.param_groups:
-        group["lr"] = lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * done))
-    return done < 1.0
+        group["lr"] = lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(done, 1.0)))
+    return done < 1.0 or step == 0
 
 
 class MixedPrecision:
@@ -163,37 +165,45 @@ def loss_record(losses):
             "final_loss_avg20": sum(losses[-20:]) / len(losses[-20:])}
 
 
+@command
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     ap.add_argument("--method", choices=["unified", "skipdecode"], default="unified")
-    ap.add_argument("--r", type=int, default=2, help="target speedup")
-    ap.add_argument("--steps", type=int, default=2000)
-    ap.add_argument("--minutes", type=float, default=30.0, help="wall-clock budget (default about 30 minutes)")
-    ap.add_argument("--lr", type=float, help="default 3e-5, with --lora 1e-3")
-    ap.add_argument("--lora", type=int, metavar="RANK", help="train low-rank adapters of this rank (skip/lora.py)")
-    ap.add_argument("--max-tokens", type=int, default=256)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--r", type=positive, default=2, help="target speedup")
+    ap.add_argument("--steps", type=positive, default=2000)
+    ap.add_argument("--minutes", type=float_in(0, lo_open=True), default=30.0,
+                    help="wall-clock budget (default about 30 minutes; at least one step runs)")
+    ap.add_argument("--lr", type=float_in(0, lo_open=True), help="default 3e-5, with --lora 1e-3")
+    ap.add_argument("--lora", type=positive, metavar="RANK", help="train low-rank adapters of this rank (skip/lora.py)")
+    ap.add_argument("--max-tokens", type=positive, default=256)
+    ap.add_argument("--seed", type=seed_number, default=0)
     add_load_args(ap)
     ap.add_argument("--out", type=Path)
     ap.add_argument("--force", action="store_true", help="replace an output folder this command did not write")
     a = ap.parse_args(argv)
     a.lr = (1e-3 if a.lora else 3e-5) if a.lr is None else a.lr
-    if not (a.steps >= 1 and a.minutes > 0 and a.lr > 0 and a.r >= 1 and (a.lora is None or a.lora >= 1)):
-        ap.error(f"need --steps >= 1, --minutes > 0, --lr > 0, --r >= 1, --lora >= 1 (got {a.steps}, {a.minutes}, "
-                 f"{a.lr}, {a.r}, {a.lora})")
     torch.manual_seed(a.seed)
     out = a.out or WEIGHTS / f"{a.method}-{a.r}x{'-lora' if a.lora else ''}"
     marker = "adapter.json" if a.lora else "finetune.json"
     try:  # before the training, not after it
-        check_target(out, marker, a.force)
+        check_target(out, marker, a.force, reads=(a.model, DATA))
     except OutputExists as e:
         ap.error(str(e))
+    cfg, tok = load_config(a.model), load_tokenizer(a.model)  # the checks that need them before the slow work
+    try:
+        layer_sets = response_layer_sets(a.method, cfg.n_layers, a.r)
+        layer_sets(a.max_tokens)
+    except ValueError as e:  # r above the layer count
+        ap.error(f"--r {a.r}: {e}")
+    shortest = len(encode_chat(tok, "")) + 8  # a chat prompt, and room for a response
+    if not shortest <= a.max_tokens <= cfg.max_seq_len:
+        ap.error(f"--max-tokens {a.max_tokens}: need {shortest} (the shortest chat prompt and 8 response tokens) "
+                 f"to {cfg.max_seq_len} (the model's context)")
     model = load_model(a.model, a.dtype, device=a.device)
-    pairs = training_pairs(load_tokenizer(a.model), max_tokens=a.max_tokens, seed=a.seed, n=a.steps)
+    pairs = training_pairs(tok, max_tokens=a.max_tokens, seed=a.seed, n=a.steps)
     if not pairs:
         ap.error(f"no training prompt fits --max-tokens {a.max_tokens} with room for a response")
-    layer_sets = response_layer_sets(a.method, model.cfg.n_layers, a.r)
     record = {"base_model": a.model.name, "method": a.method, "r": a.r, "lr": a.lr, "minutes": a.minutes,
               "max_tokens": a.max_tokens, "seed": a.seed, "data": ["alpaca/alpaca_eval.jsonl", "gsm8k/train.jsonl"]}
     if a.lora:
@@ -206,7 +216,7 @@ def main(argv=None):
               f"{loss_record(losses)['final_loss_avg20']:.3f}")
         return
     losses = finetune(model, pairs, layer_sets, a.steps, a.minutes, a.lr, desc=f"{a.method} {a.r}x")
-    with atomic_dir(out, "finetune.json", a.force) as tmp:  # finetune.json last: the marker of a complete run
+    with atomic_dir(out, "finetune.json", a.force, reads=(a.model, DATA)) as tmp:  # finetune.json last: the marker
         save_model(model, tmp, a.model)
         (tmp / "finetune.json").write_text(json.dumps({**record, **loss_record(losses)}, indent=2))
     print(f"saved {out} after {len(losses)} steps; loss {losses[0]:.3f} -> {sum(losses[-20:]) / len(losses[-20:]):.3f}")

@@ -27,18 +27,21 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import sys
 import time
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from model import add_load_args, generate, load_model
+from model import add_load_args, generate, load_config, load_model
 from weights.files import OutputExists, atomic_file, cache_key, check_target, device_tag, write_text_atomic
 from tokenizer import encode_chat, load_tokenizer
 
 from . import DATA, DEFAULT_MODEL, RUNS, WEIGHTS
+from .cli import command, float_in, positive, seed_number
 from .finetune import MixedPrecision, set_lr
 from .kangaroo import Adapter
 from .kangaroo_files import save_adapter
@@ -71,10 +74,23 @@ def prompt_mix(n, data_dir=DATA, seed=0, max_words=150):
     return texts
 
 
+def stale(path, e):
+    """A cache file that is cut short or not what this run needs is rebuilt, with a warning."""
+    print(f"warning: rebuilding the unreadable cache file {path} ({type(e).__name__}: {e})", file=sys.stderr)
+
+
 def self_distill(model, prompts, new_tokens, batch=16, path=None):
     """Prompt + the model's greedy answer, per prompt; cached in path (JSON) when given."""
     if path is not None and path.exists():
-        return json.loads(path.read_text())
+        try:
+            seqs = json.loads(path.read_text())
+            if not (isinstance(seqs, list) and len(seqs) == len(prompts) and all(
+                    isinstance(s, dict) and s.get("prompt") == len(p) and isinstance(s.get("ids"), list)
+                    and s["ids"][:len(p)] == p and all(type(t) is int for t in s["ids"]) for s, p in zip(seqs, prompts))):
+                raise ValueError(f"not the {len(prompts)} answers to this run's prompts")
+            return seqs
+        except (UnicodeDecodeError, ValueError) as e:  # JSONDecodeError is a ValueError
+            stale(path, e)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths: less padding
     seqs, bar = [None] * len(prompts), tqdm(total=len(prompts), desc="self-distillation answers")
     for s in range(0, len(order), batch):
@@ -92,8 +108,15 @@ def self_distill(model, prompts, new_tokens, batch=16, path=None):
 def exit_states(model, seqs, l, path=None):
     """(h_l, h_L) per sequence, each (T, d), from one pass; cached in path (safetensors)."""
     if path is not None and path.exists():
-        t = load_file(str(path))
-        return [(t[f"{i}.l"], t[f"{i}.L"]) for i in range(len(seqs))]
+        try:
+            t = load_file(str(path))
+            out = [(t[f"{i}.l"], t[f"{i}.L"]) for i in range(len(seqs))]
+            if len(t) != 2 * len(seqs) or any(x.shape != (len(s["ids"]), model.cfg.dim)
+                                               for s, pair in zip(seqs, out) for x in pair):
+                raise ValueError(f"not the states of these {len(seqs)} sequences")
+            return out
+        except (SafetensorError, KeyError, ValueError) as e:
+            stale(path, e)
     out, bar = [], tqdm(total=len(seqs), desc=f"caching h_{l} and h_L")
     for s in seqs:
         ids = torch.tensor([s["ids"]], device=model.device)
@@ -176,7 +199,7 @@ def train(model, adapter, states, seqs, idx, steps, minutes=None, batch=4, seed=
             running = set_lr(opt, lr, step, steps, rc["warmup"], t0, minutes)
         else:
             linear_lr(opt, lr, step, rc["warmup"], rc["total"])
-            running = minutes is None or time.perf_counter() - t0 < 60 * minutes
+            running = minutes is None or time.perf_counter() - t0 < 60 * minutes or step == 0  # one step at least
         if not running:
             break
         loss, agree = distill_loss(model, adapter, *batch_of(states, seqs, rng.sample(idx, batch), device))
@@ -204,33 +227,44 @@ def tokens_by_frequency(seqs, vocab_size):
     return sorted(range(vocab_size), key=lambda v: (-int(counts[v]), v))
 
 
+@command
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
-    ap.add_argument("--l", type=int, default=2, help="exit layer: A reads the output of layers [0, l)")
-    ap.add_argument("--prompts", type=int, default=480, help="prompts answered for self-distillation")
-    ap.add_argument("--new-tokens", type=int, default=128, help="length of each greedy answer")
-    ap.add_argument("--held-out", type=int, default=24, help="sequences kept out to measure agreement")
-    ap.add_argument("--steps", type=int, default=1100, help="about 13 minutes on 2 CPU cores")
-    ap.add_argument("--minutes", type=float, help="also stop after this many minutes (not reproducible)")
+    ap.add_argument("--l", type=positive, default=2, help="exit layer: A reads the output of layers [0, l)")
+    ap.add_argument("--prompts", type=positive, default=480, help="prompts answered for self-distillation")
+    ap.add_argument("--new-tokens", type=positive, default=128, help="length of each greedy answer")
+    ap.add_argument("--held-out", type=positive, default=24, help="sequences kept out to measure agreement")
+    ap.add_argument("--steps", type=positive, default=1100, help="about 13 minutes on 2 CPU cores")
+    ap.add_argument("--minutes", type=float_in(0, lo_open=True),
+                    help="also stop after this many minutes (not reproducible; at least one step runs)")
     ap.add_argument("--recipe", choices=list(RECIPES), default="project",
                     help="project: initialised from the model, lr 1e-3, cosine; official: the official train.py")
-    ap.add_argument("--lr", type=float, help="default: the recipe's (project 1e-3, official 3e-5)")
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--lr", type=float_in(0, lo_open=True), help="default: the recipe's (project 1e-3, official 3e-5)")
+    ap.add_argument("--batch", type=positive, default=4)
+    ap.add_argument("--seed", type=seed_number, default=0)
     add_load_args(ap)
     ap.add_argument("--out", type=Path)
     ap.add_argument("--force", action="store_true", help="replace an output folder that is not an adapter")
     a = ap.parse_args(argv)
+    if a.batch > a.prompts - a.held_out:
+        ap.error(f"--prompts {a.prompts} less --held-out {a.held_out} leaves {a.prompts - a.held_out} training "
+                 f"sequences; a batch of --batch {a.batch} needs at least that many")
     out = a.out or WEIGHTS / (f"kangaroo-l{a.l}" + ("" if a.recipe == "project" else f"-{a.recipe}"))
     try:  # before the training, not after it
-        check_target(out, "adapter.json", a.force)
+        check_target(out, "adapter.json", a.force, reads=(a.model, DATA, CACHE))
     except OutputExists as e:
         ap.error(str(e))
-    torch.manual_seed(a.seed)
-    model = load_model(a.model, a.dtype, device=a.device).requires_grad_(False)
+    cfg = load_config(a.model)  # the checks that need the model's shape, before the slow work
+    if not a.l < cfg.n_layers:
+        ap.error(f"--l {a.l}: the exit layer must be in 1..{cfg.n_layers - 1} for this {cfg.n_layers}-layer model")
     tok = load_tokenizer(a.model)
     prompts = [encode_chat(tok, t) for t in prompt_mix(a.prompts, seed=a.seed)]
+    if max(map(len, prompts)) + a.new_tokens > cfg.max_seq_len:
+        ap.error(f"--new-tokens {a.new_tokens}: the longest prompt ({max(map(len, prompts))} tokens) and its answer "
+                 f"exceed the model's context ({cfg.max_seq_len})")
+    torch.manual_seed(a.seed)
+    model = load_model(a.model, a.dtype, device=a.device).requires_grad_(False)
     tag = cache_key(a.model, [DATA / f for f in SOURCES], a.prompts, a.new_tokens, a.seed, *device_tag(model))
     seqs = self_distill(model, prompts, a.new_tokens, path=CACHE / f"answers-{tag}.json")
     states = exit_states(model, seqs, a.l, path=CACHE / f"states-{tag}-l{a.l}.safetensors")

@@ -78,6 +78,7 @@ def test_summary_only_combines_existing_parts(tmp_path):
     assert (tmp_path / "summary.png").stat().st_size > 10_000
 
 
-def test_summary_only_without_results_says_so(tmp_path):
-    with pytest.raises(SystemExit, match="no benchmark results"):
+def test_summary_only_without_results_says_so(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
         bench.main(["--summary-only", "--out", str(tmp_path)])
+    assert e.value.code == 2 and "error: no benchmark results" in capsys.readouterr().err

@@ -22,6 +22,7 @@ from model import add_load_args
 from weights.files import write_text_atomic
 
 from .. import RUNS
+from ..cli import command, writable_folder
 from .bench_decoder import table as decoder_table
 from .report import markdown_table
 from .timing import timed
@@ -49,6 +50,17 @@ TITLES = {"decoder": "Decoder against transformers", "adainfer": "AdaInfer, next
           "adainfer-gen": "AdaInfer in generation", "skipping": "Unified Layer Skipping and its baselines",
           "kangaroo": "Kangaroo on Spec-Bench", "cost": "Layer skipping and early exits against their cost models",
           "products": "Matrix products of 1-16 rows"}
+
+
+def read_object(path):
+    """A JSON file that must hold an object (a part's results, the combined record)."""
+    try:
+        d = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(d).__name__}")
+    return d
 
 
 def run_part(name, quick, out, device="cpu", dtype="float32", model=None):
@@ -161,6 +173,7 @@ def plot(pts, path):
     plt.close(fig)
 
 
+@command
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small samples, about 10 minutes")
@@ -170,24 +183,26 @@ def main(argv=None):
     ap.add_argument("--model", type=Path, help="default: each part's (SmolLM2)")
     add_load_args(ap)  # passed on to every part, with --model
     a = ap.parse_args(argv)
-    out = a.out or RUNS / ("quick" if a.quick else "")
-    out.mkdir(parents=True, exist_ok=True)
+    out = writable_folder(a.out or RUNS / ("quick" if a.quick else ""))
     timing = {name: run_part(name, a.quick, out, a.device, a.dtype, a.model) for name in ([] if a.summary_only else a.parts)}
-    if (out / "bench.json").exists():  # keep the record of parts run before
-        timing = {**json.loads((out / "bench.json").read_text())["timing"], **timing}
-    results = {n: json.loads((out / PARTS[n][1]).read_text()) for n in a.parts if (out / PARTS[n][1]).exists()}
-    if not results:
-        raise SystemExit(f"no benchmark results in {out}; run without --summary-only first")
-    pts = points(results)
+    try:  # the JSON read back: a file from another version of this command, or edited, is bad input
+        if (out / "bench.json").exists():  # keep the record of parts run before
+            timing = {**read_object(out / "bench.json")["timing"], **timing}
+        results = {n: read_object(out / PARTS[n][1]) for n in a.parts if (out / PARTS[n][1]).exists()}
+        if not results:
+            raise ValueError(f"no benchmark results in {out}; run without --summary-only first")
+        pts = points(results)
+        md = [f"# Benchmarks ({'quick' if a.quick else 'full'} run)", "", "## Summary", "", summary_table(pts)]
+        for name in results:
+            text = decoder_table(results[name]) if name == "decoder" else (out / PARTS[name][2]).read_text()
+            secs = f" ({timing[name]['seconds'] / 60:.1f} min)" if name in timing else ""
+            md += ["", f"## {TITLES[name]}{secs}", "", text.strip()]
+    except (KeyError, TypeError, IndexError) as e:
+        raise ValueError(f"the JSON in {out} is not what this version writes ({type(e).__name__}: {e})") from e
     summary = [{"method": p.method, "setting": p.setting, "quality_metric": p.metric, "quality_kept": p.quality,
                 "layers_per_token": p.layers, "flops_ratio": p.flops_ratio, "speedup": p.speedup} for p in pts]
-    combined = {"quick": a.quick, "timing": timing, "summary": summary, "parts": results}
-    write_text_atomic(out / "bench.json", json.dumps(combined, indent=1))
-    md = [f"# Benchmarks ({'quick' if a.quick else 'full'} run)", "", "## Summary", "", summary_table(pts)]
-    for name in results:
-        text = decoder_table(results[name]) if name == "decoder" else (out / PARTS[name][2]).read_text()
-        secs = f" ({timing[name]['seconds'] / 60:.1f} min)" if name in timing else ""
-        md += ["", f"## {TITLES[name]}{secs}", "", text.strip()]
+    write_text_atomic(out / "bench.json", json.dumps({"quick": a.quick, "timing": timing, "summary": summary,
+                                                      "parts": results}, indent=1))
     write_text_atomic(out / "bench.md", "\n".join(md) + "\n")
     plot(pts, out / "summary.png")
     print("\n".join(md))

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from model import add_load_args, generate, load_model, positions
+from model import add_load_args, generate, load_config, load_model, positions
 from weights.files import write_text_atomic
 from model.flops import HeadRun, KVRun, LayerRun
 from tokenizer import encode_chat, load_tokenizer
@@ -39,6 +39,7 @@ from .. import DEFAULT_MODEL, RUNS
 from ..adainfer import Threshold, feature_row
 from ..adainfer_gen import generate_adainfer
 from ..baselines import ConfidenceCheck, calibrate_threshold, generate_early_exit, generate_skipdecode
+from ..cli import command, float_in, int_in, positive, threads, writable_folder
 from ..exit_decode import frequent_vocab
 from ..unified import generate_unified
 from .data import SPECBENCH, specbench
@@ -114,21 +115,24 @@ def methods(model, a, tau, vocab):
             f"AdaInfer gap>=0.8, top-{a.top_k} checks": lambda p: ada(p, vocab)}
 
 
+@command
 @torch.no_grad()
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
-    ap.add_argument("--r", type=float, default=2.0, help="target speedup of Unified, SkipDecode and the early exit")
-    ap.add_argument("--per-category", type=int, default=2)
-    ap.add_argument("--max-new-tokens", type=int, default=48)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--top-k", type=int, default=4096, help="tokens in the cheap heads")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--r", type=float_in(1), default=2.0, help="target speedup of Unified, SkipDecode and the early exit")
+    ap.add_argument("--per-category", type=positive, default=2)
+    ap.add_argument("--max-new-tokens", type=int_in(2), default=48)
+    ap.add_argument("--repeats", type=positive, default=3)
+    ap.add_argument("--top-k", type=positive, default=4096, help="tokens in the cheap heads")
+    ap.add_argument("--threads", type=threads, default=2)
     ap.add_argument("--out", type=Path, default=RUNS)
     add_load_args(ap)
     a = ap.parse_args(argv)
-    if not (a.r >= 1 and a.per_category >= 1 and a.max_new_tokens >= 2 and a.repeats >= 1 and a.top_k >= 1):
-        ap.error("need --r >= 1, --per-category, --repeats, --top-k >= 1 and --max-new-tokens >= 2")
+    cfg = load_config(a.model)
+    if a.r > cfg.n_layers or a.top_k > cfg.vocab_size:
+        ap.error(f"need --r <= {cfg.n_layers} (the layers) and --top-k <= {cfg.vocab_size} (the vocabulary)")
+    writable_folder(a.out)
     torch.set_num_threads(a.threads)
     model, tok = load_model(a.model, a.dtype, device=a.device), load_tokenizer(a.model)
     routes = tune(model)

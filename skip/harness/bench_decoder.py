@@ -25,6 +25,7 @@ from model.products import linear
 from weights.files import write_text_atomic
 
 from .. import DEFAULT_MODEL, RUNS
+from ..cli import command, positive, threads, writable_file
 from .report import markdown_table
 from .timing import interleaved_ms, timed
 from .tune import tune
@@ -146,8 +147,11 @@ def load_memory(model_dir, dtype):
     import subprocess
     import sys
     from .. import ROOT
-    out = subprocess.run([sys.executable, "-c", LOAD_PROBE, str(model_dir), dtype], capture_output=True, text=True,
-                         check=True, cwd=ROOT).stdout.split()
+    p = subprocess.run([sys.executable, "-c", LOAD_PROBE, str(model_dir), dtype], capture_output=True, text=True,
+                       cwd=ROOT)
+    if p.returncode:  # the model's own error, as the child reported it
+        raise ValueError(f"loading {model_dir} in the memory probe failed: {(p.stderr.strip() or '?').splitlines()[-1]}")
+    out = p.stdout.split()
     before, after, weights = map(int, out[-3:])
     return {"dtype": dtype, "before": before, "peak": after, "weights": weights,
             "peak_over_weights": (after - before) / weights}
@@ -226,11 +230,12 @@ def speed_table(res) -> str:
     return text
 
 
+@command
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
-    ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--runs", type=positive, default=5)
+    ap.add_argument("--threads", type=threads, default=torch.get_num_threads())
     ap.add_argument("--out", type=Path, default=RUNS / "bench-decoder.json")
     ap.add_argument("--memory-only", action="store_true", help="only the peak memory of load_model")
     add_load_args(ap)
@@ -239,6 +244,7 @@ def main(argv=None):
         res = {"results": None, "load_memory": [load_memory(a.model, d) for d in ("float32", "bfloat16")]}
         print(table(res))
         return
+    writable_file(a.out)
     res = bench(a.model, a.runs, a.threads, a.dtype, a.device)
     write_text_atomic(a.out, json.dumps(res, indent=2))
     print(json.dumps(res, indent=2))

@@ -33,6 +33,7 @@ from tokenizer import encode_chat, load_tokenizer
 from weights.files import write_text_atomic
 
 from .. import DEFAULT_MODEL, RUNS, WEIGHTS
+from ..cli import command, float_in, non_negative, positive, threads, writable_folder
 from ..kangaroo import generate_kangaroo
 from ..kangaroo_files import load_adapter
 from ..peer_layerskip import drafter_settings
@@ -102,26 +103,30 @@ def summarize(runs, plain_tps, costs=None, draft_ms=None):
     return out
 
 
+@command
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     ap.add_argument("--adapter", type=Path, default=WEIGHTS / "kangaroo-l2")
-    ap.add_argument("--per-category", type=int, default=3)
-    ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--gamma", type=int, default=6)
-    ap.add_argument("--eta", type=float, default=0.6)
-    ap.add_argument("--top-k", type=int, default=4096, help="K of the restricted draft head")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--per-category", type=positive, default=3)
+    ap.add_argument("--max-new-tokens", type=positive, default=64)
+    ap.add_argument("--repeats", type=positive, default=2)
+    ap.add_argument("--gamma", type=non_negative, default=6)
+    ap.add_argument("--eta", type=float_in(0, 1), default=0.6)
+    ap.add_argument("--top-k", type=positive, default=4096, help="K of the restricted draft head")
+    ap.add_argument("--threads", type=threads, default=2)
     ap.add_argument("--no-sweep", action="store_true")
-    ap.add_argument("--sweep-repeats", type=int, default=1)
+    ap.add_argument("--sweep-repeats", type=positive, default=1)
     ap.add_argument("--out", type=Path, default=RUNS)
     add_load_args(ap)
     a = ap.parse_args(argv)
+    writable_folder(a.out)
     torch.set_num_threads(a.threads)
     model, tok = load_model(a.model, a.dtype, device=a.device), load_tokenizer(a.model)
-    routes = tune(model)
     adapter = load_adapter(a.adapter, model)
+    if a.top_k > len(adapter.frequent):
+        ap.error(f"--top-k {a.top_k}: the adapter in {a.adapter} ranks {len(adapter.frequent)} tokens")
+    routes = tune(model)
     l, N = adapter.l, a.max_new_tokens
     from transformers import AutoModelForCausalLM
     hf = AutoModelForCausalLM.from_pretrained(a.model, dtype=model.dtype).to(model.device).eval()

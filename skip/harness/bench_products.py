@@ -37,6 +37,7 @@ from model.products import PRODUCTS, linear
 from weights.files import write_text_atomic
 
 from .. import DEFAULT_MODEL, RUNS
+from ..cli import command, int_in, positive, threads, writable_folder
 from .bench_decoder import step_weights
 from .report import markdown_table
 from .timing import interleaved_ms
@@ -144,18 +145,19 @@ def table(res, rows):
         markdown_table(per_step, ["rows", *ROUTINES]), f"\nStreaming read of the same weights: {tot['floor']:.1f} ms."])
 
 
+@command
 @torch.no_grad()
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
-    ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6, 7, 8, 12, 16])
-    ap.add_argument("--runs", type=int, default=7)
-    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--rows", type=int_in(1, 64), nargs="+", default=[1, 2, 3, 4, 5, 6, 7, 8, 12, 16],
+                    help="row counts, 1..64: products of few rows (more is a GEMM, not what this measures)")
+    ap.add_argument("--runs", type=positive, default=7)
+    ap.add_argument("--threads", type=threads, default=torch.get_num_threads())
     ap.add_argument("--out", type=Path, default=RUNS)
     add_load_args(ap)
     a = ap.parse_args(argv)
-    if min(a.rows) < 1 or a.runs < 1 or a.threads < 1:
-        ap.error("need --rows, --runs and --threads >= 1")
+    writable_folder(a.out)
     torch.set_num_threads(a.threads)
     model = load_model(a.model, a.dtype, device=a.device)
     _T.clear()  # a freed weight's address may come back holding another

@@ -36,6 +36,7 @@ from tokenizer import encode_chat, load_tokenizer
 
 from .. import DEFAULT_MODEL, RUNS
 from ..baselines import calibrate_threshold, generate_early_exit
+from ..cli import command, non_negative, positive, writable_folder
 from ..finetune import response_layer_sets, tuned_checkpoint
 from ..layerwise import layerwise_forward, prompt_then
 from .data import mtbench_references, specbench
@@ -167,19 +168,20 @@ def throughputs(methods, prompts, batch, n_new, runs):
             {"tokens_per_s": batch * (n_new - 1) / (decode_ms[m] / 1000), "flops": decode_flops[m]} for m in methods]
 
 
+@command
 @torch.no_grad()  # restores the grad mode on return: main may run inside a test
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
-    ap.add_argument("--r", type=int, nargs="+", default=[2, 3, 5])
+    ap.add_argument("--r", type=positive, nargs="+", default=[2, 3, 5])
     ap.add_argument("--n-quality", type=int, default=30, help="Spec-Bench prompts per category")
-    ap.add_argument("--n-heldout", type=int, default=10, help="MT-Bench reference answers")
-    ap.add_argument("--heldout-tokens", type=int, default=64, help="reference-answer tokens scored per text")
-    ap.add_argument("--max-new", type=int, default=40)
-    ap.add_argument("--beams", type=int, default=4, help="beam width of the official decoding (0: greedy only)")
-    ap.add_argument("--batches", type=int, nargs="+", default=[1, 2, 8])
+    ap.add_argument("--n-heldout", type=positive, default=10, help="MT-Bench reference answers")
+    ap.add_argument("--heldout-tokens", type=positive, default=64, help="reference-answer tokens scored per text")
+    ap.add_argument("--max-new", type=positive, default=40)
+    ap.add_argument("--beams", type=non_negative, default=4, help="beam width of the official decoding (0: greedy only)")
+    ap.add_argument("--batches", type=positive, nargs="+", default=[1, 2, 8])
     ap.add_argument("--tok-new", type=int, default=24, help="new tokens per prompt in the throughput runs")
-    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--runs", type=positive, default=3)
     ap.add_argument("--out", type=Path, default=RUNS)
     add_load_args(ap)
     a = ap.parse_args(argv)
@@ -187,12 +189,15 @@ def main(argv=None):
         ap.error("--n-quality must be at least 2: the paired bootstrap resamples the summaries")
     if a.tok_new < 2:
         ap.error("--tok-new must be at least 2: the decode timed is that of the tokens fed back")
+    writable_folder(a.out)
     base, tok = load_model(a.model, a.dtype, device=a.device), load_tokenizer(a.model)
     L = base.cfg.n_layers
     summ, trans = specbench("summarization", a.n_quality), specbench("translation", a.n_quality)
     texts = [(encode_chat(tok, q), tok.encode(ans)[:a.heldout_tokens])
              for q, ans in mtbench_references(a.n_heldout)]
     tp_prompts = [encode_chat(tok, q) for q, _ in specbench("qa", max(a.batches))]
+    if max(a.r) > L or max(a.batches) > len(tp_prompts):
+        ap.error(f"need --r <= {L} (the layers) and --batches <= {len(tp_prompts)} (Spec-Bench's QA prompts)")
     calib = [encode_chat(tok, q) for q, _ in specbench("math_reasoning", 2)]
 
     full = Method("full", 1, base, False, L)

@@ -40,6 +40,7 @@ from weights.files import write_text_atomic
 
 from .. import DEFAULT_MODEL, WEIGHTS
 from ..adainfer import SVM
+from ..cli import command, threads, writable_file
 from ..adainfer_gen import generate_adainfer
 from ..finetune import tuned_checkpoint
 from ..kangaroo import generate_kangaroo
@@ -48,6 +49,7 @@ from ..lora import LoRAError, load_lora
 from ..unified import generate_unified
 from .data import alpaca_instructions, specbench
 from .demo_adainfer import adainfer_task, short
+from .tasks import load_task
 from .report import markdown_table, token_match
 from .timing import DecodeClock
 
@@ -58,9 +60,10 @@ UNTUNED = "Unified 2x, NOT fine-tuned (the paper fine-tunes)"
 EXTENSION = "AdaInfer per generated token (ours, not the paper's)"
 
 
+@command
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=DEFAULT_MODEL)
+    ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     ap.add_argument("--tasks", nargs="+", default=["sst2", "csqa"], help="AdaInfer's tasks (skip/harness/tasks.py)")
     ap.add_argument("--n-train", type=int, default=40, help="train prompts the SVM is fitted on, per task")
     ap.add_argument("--n-test", type=int, default=60, help="eval prompts scored, per task")
@@ -70,13 +73,18 @@ def main(argv=None):
     ap.add_argument("--runs", type=int, default=2, help="timed runs of each generation (median)")
     ap.add_argument("--adapter", type=Path, default=WEIGHTS / "kangaroo-l2", help="Kangaroo's adapter")
     ap.add_argument("--lora", type=Path, default=WEIGHTS / "unified-2x-lora", help="Unified 2x's low-rank fine-tune")
-    ap.add_argument("--json", help="also write the results as JSON here")
-    ap.add_argument("--threads", type=int, default=1, help="CPU threads (default 1: on 2 cores that other jobs "
+    ap.add_argument("--json", type=Path, help="also write the results as JSON here")
+    ap.add_argument("--threads", type=threads, default=1, help="CPU threads (default 1: on 2 cores that other jobs "
                     "share, 2 threads ran this demo several times slower; on an idle machine more are faster)")
     add_load_args(ap)
     a = ap.parse_args(argv)
     if min(a.n_train, a.n_test, a.prompts, a.max_new, a.runs, a.threads) < 1 or a.time_n < 0:
         ap.error("need --n-train, --n-test, --prompts, --max-new, --runs, --threads >= 1 and --time-n >= 0")
+    if a.json:
+        writable_file(a.json, "--json")
+    for name in a.tasks:  # read before the model loads: AdaInfer here scores over a task's answer choices
+        if load_task(name, a.n_train, a.n_test).test[0].choices is None:
+            ap.error(f"--tasks {name}: the demo scores over answer choices, and this task has none")
     torch.set_num_threads(a.threads)
     with torch.no_grad():
         return run(a)
@@ -85,6 +93,7 @@ def main(argv=None):
 def run(a):
     t0 = time.perf_counter()
     model, tok = load_model(a.model, a.dtype, device=a.device), load_tokenizer(a.model)
+    load_adapter(a.adapter, model)  # part 2's adapter checked before part 1, not after it
     out = {"adainfer": [adainfer_task(model, tok, a, name) for name in a.tasks]}
     t1 = time.perf_counter()
     out["generation"] = generation(model, tok, a)

@@ -24,10 +24,12 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
@@ -38,6 +40,7 @@ from weights.files import atomic_file, cache_key, device_tag, write_text_atomic
 from .. import DEFAULT_MODEL, RUNS
 from ..adainfer import (DEFAULT_FEATURES, FEATURES, LABEL_RULES, SVM, CRFClassifier, Threshold, Trace,
                         oracle_layer, predict, trace)
+from ..cli import command, threads, writable_folder
 from .report import markdown_table
 from .tasks import TASKS, encode, load_task
 from .timing import interleaved_ms
@@ -68,13 +71,20 @@ def simulate(rule, traces, lengths, cfg, vocab):
 
 def traces_of(model, tag, encoded, vocab_of):
     """trace() of every (ids, answer, choices), cached in runs/adainfer-cache under a key of the
-    model's content (tag), the inputs and the scored vocabularies, so an interrupted grid resumes."""
+    model's content (tag), the inputs and the scored vocabularies, so an interrupted grid resumes;
+    a cache file that is cut short or not what this run needs is rebuilt, with a warning."""
     vocabs = [vocab_of(ch) for _, _, ch in encoded]
     key = hashlib.sha256(repr((tag, encoded, [None if v is None else v.tolist() for v in vocabs])).encode())
     path = CACHE / f"{key.hexdigest()[:20]}.safetensors"
     if path.exists():
-        t = load_file(str(path))
-        return [Trace(f, top1.tolist(), int(ans)) for f, top1, ans in zip(t["feats"], t["top1"], t["answer"])]
+        try:
+            t = load_file(str(path))
+            n, L = len(encoded), t["top1"].shape[-1]
+            if t["feats"].shape != (n, L, len(FEATURES)) or t["top1"].shape != (n, L) or t["answer"].shape != (n,):
+                raise ValueError(f"shapes {[tuple(x.shape) for x in t.values()]} are not of {n} traces")
+            return [Trace(f, top1.tolist(), int(ans)) for f, top1, ans in zip(t["feats"], t["top1"], t["answer"])]
+        except (SafetensorError, KeyError, ValueError) as e:
+            print(f"warning: rebuilding the unreadable cache file {path} ({type(e).__name__}: {e})", file=sys.stderr)
     out = [trace(model, ids, ans, v) for (ids, ans, _), v in zip(encoded, vocabs)]
     with atomic_file(path) as tmp:
         save_file({"feats": torch.stack([t.feats for t in out]), "top1": torch.tensor([t.top1 for t in out]),
@@ -102,6 +112,7 @@ def wall_clock_ratios(model, encoded, rules, vocab_of, runs, warmup=1):
     return {label: float(ms[1 + i] / ms[0]) for i, label in enumerate(rules)}
 
 
+@command
 @torch.no_grad()  # restores the grad mode on return: main may run inside a test
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -115,7 +126,7 @@ def main(argv=None):
     ap.add_argument("--rule", default="gold", choices=LABEL_RULES)
     ap.add_argument("--features", nargs="+", default=list(DEFAULT_FEATURES), choices=FEATURES)
     ap.add_argument("--tau", type=float, default=0.8, help="the gap threshold baseline (paper: 0.8)")
-    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--threads", type=threads, default=torch.get_num_threads())
     ap.add_argument("--transfer-model", type=Path,
                     help="also apply each SVM fitted here to this model's traces of the same test prompts")
     ap.add_argument("--out", type=Path, default=RUNS)
@@ -133,22 +144,32 @@ def main(argv=None):
             ap.error(f"--tasks {t!r}: need one of {', '.join(TASKS)} or an existing .jsonl file, "
                      "optionally :SHOTS[,SHOTS]")
         configs += [(name, shots, m) for shots in ([int(x) for x in k.split(",")] if k else a.shots) for m in a.modes]
+    writable_folder(a.out)
+    # every task read and encoded before the model loads, so that bad input ends the run at once
+    tok = load_tokenizer(a.model)
+    tasks = {name: load_task(name, a.n_train, a.n_test) for name in dict.fromkeys(c[0] for c in configs)}
+    encoded = {}
+    for name, k, _ in configs:
+        task = tasks[name]
+        if k > len(task.train):
+            raise ValueError(f"--tasks {name}: {k} shots need {k} train instances, it has {len(task.train)}")
+        if (name, k) not in encoded:
+            encoded[name, k] = {s: [encode(tok, task.with_shots(i, k, seed=j)) for j, i in enumerate(getattr(task, s))]
+                                for s in ("train", "test")}
     torch.set_num_threads(a.threads)
-    model, tok = load_model(a.model, a.dtype, device=a.device), load_tokenizer(a.model)
+    model = load_model(a.model, a.dtype, device=a.device)
     other = load_model(a.transfer_model, a.dtype, device=a.device) if a.transfer_model else None
     tag = cache_key(a.model, [], *device_tag(model))
     other_tag = a.transfer_model and cache_key(a.transfer_model, [], *device_tag(model))
     cfg = model.cfg
     results, skipped, store, bar = [], [], {}, tqdm(total=len(configs), desc="adainfer")
     for name, k, mode in configs:
-        task = load_task(name, a.n_train, a.n_test)
+        task, enc = tasks[name], encoded[name, k]
         if mode == "choices" and task.test[0].choices is None:  # scored over the full vocabulary, once
             if "full" in a.modes:
                 bar.update()
                 continue
             mode = "full"
-        enc = {s: [encode(tok, task.with_shots(i, k, seed=j)) for j, i in enumerate(getattr(task, s))]
-               for s in ("train", "test")}
         longest = max(len(ids) for split in enc.values() for ids, _, _ in split)
         if longest > cfg.max_seq_len:
             skipped.append(f"{name} k={k} {mode}: a prompt of {longest} tokens exceeds the context of {cfg.max_seq_len}")

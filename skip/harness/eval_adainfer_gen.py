@@ -28,6 +28,7 @@ from tokenizer import encode_chat, load_tokenizer
 
 from .. import DEFAULT_MODEL, RUNS
 from ..adainfer import SVM, Threshold
+from ..cli import command, float_in, positive, writable_folder
 from ..adainfer_gen import generate_adainfer
 from ..exit_decode import frequent_vocab
 from .data import alpaca_instructions, specbench
@@ -50,19 +51,21 @@ def run(model, prompts, max_new, **kw):
     return outs, flops.total(model.cfg, runs) - prefill, secs
 
 
+@command
 @torch.no_grad()  # restores the grad mode on return: main may run inside a test
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
-    ap.add_argument("--n-train", type=int, default=12)
-    ap.add_argument("--n-test", type=int, default=12)
+    ap.add_argument("--n-train", type=positive, default=12)
+    ap.add_argument("--n-test", type=positive, default=12)
     ap.add_argument("--max-new", type=int, default=32)
-    ap.add_argument("--tau", type=float, default=0.8, help="the gap threshold rule (paper: 0.8)")
+    ap.add_argument("--tau", type=float_in(0, 1), default=0.8, help="the gap threshold rule (paper: 0.8)")
     ap.add_argument("--out", type=Path, default=RUNS)
     add_load_args(ap)
     a = ap.parse_args(argv)
     if a.max_new < 2:
         ap.error("--max-new must be at least 2: the decode timed is that of the tokens fed back")
+    writable_folder(a.out)
     from rouge_score import rouge_scorer  # the bench extra, needed past --help only
 
     model, tok = load_model(a.model, a.dtype, device=a.device), load_tokenizer(a.model)

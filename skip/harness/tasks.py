@@ -128,7 +128,10 @@ def _instance(path, n, line):
         r = json.loads(line)
     except json.JSONDecodeError as e:
         raise ValueError(f"{where}: not JSON ({e.msg})") from None
-    if not isinstance(r, dict) or not {"prompt", "answer"} <= set(r):
+    if not isinstance(r, dict):
+        kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(r), "a number")
+        raise ValueError(f"{where}: expected a JSON object, got {kind}")
+    if not {"prompt", "answer"} <= set(r):
         raise ValueError(f"{where}: lacks 'prompt' or 'answer'")
     if not isinstance(r["prompt"], str) or not isinstance(r["answer"], str):
         raise ValueError(f"{where}: 'prompt' and 'answer' must be strings")
@@ -145,8 +148,14 @@ def _instance(path, n, line):
 
 def from_jsonl(path, n_train=None, n_test=None, seed=0):
     """A task file, one {"prompt", "answer", "choices"?, "first_token"?} per line, shuffled with
-    a seed; n_train / n_test instances (default: half each), refused if the file has too few."""
-    rows = [(n, line) for n, line in enumerate(Path(path).read_text().splitlines(), 1) if line.strip()]
+    a seed; n_train / n_test instances (default: half each), refused if the file has too few.
+    Lines end at "\n" only: JSON strings may hold U+2028, U+0085 and the other characters that
+    str.splitlines() also splits at."""
+    try:
+        text = Path(path).read_text(encoding="utf-8-sig")  # a leading byte-order mark is allowed
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    rows = [(n, line) for n, line in enumerate(text.split("\n"), 1) if line.strip()]
     if not rows:
         raise ValueError(f"{path}: no instances (expected one JSON object per line)")
     insts = [_instance(path, n, line) for n, line in rows]
