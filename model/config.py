@@ -153,6 +153,15 @@ class ConfigError(UnsupportedConfig):
 
 POSITIVE = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "max_seq_len",
             "rope_original_max_len", "embed_dim")
+# Absolute caps, where no weights are at hand to bound a size (load_model also checks the
+# parameter count against the weights present): far above any released model (Llama 3.1 405B
+# has 126 layers, d 16384, ffn 53248, 128 heads of 128; Gemma's vocabulary is 256000; contexts
+# reach 10M), and low enough that nothing a config describes is built or allocated for long.
+LIMITS = {"vocab_size": 1 << 22, "dim": 1 << 16, "embed_dim": 1 << 16, "n_layers": 1 << 10, "n_heads": 1 << 10,
+          "n_kv_heads": 1 << 10, "head_dim": 1 << 12, "ffn_dim": 1 << 18, "max_seq_len": 1 << 24,
+          "rope_original_max_len": 1 << 24}
+MAX_PARAMS = 1 << 41  # about 2.2 trillion
+MAX_CONFIG_BYTES = 1 << 20  # a model's config.json is a few kB
 FLAGS = ("norm_affine", "pre_norm", "final_norm", "attn_bias", "out_bias", "mlp_bias", "tie_embeddings")
 
 
@@ -172,6 +181,8 @@ def check(cfg: Config) -> Config:
     for name in POSITIVE:
         if not _is_int(getattr(cfg, name)) or getattr(cfg, name) <= 0:
             bad(name, "must be a positive integer")
+        if getattr(cfg, name) > LIMITS[name]:
+            bad(name, f"is above this project's limit {LIMITS[name]} (far above any released model)")
     for name in FLAGS:
         if not isinstance(getattr(cfg, name), bool):
             bad(name, "must be true or false")
@@ -186,7 +197,25 @@ def check(cfg: Config) -> Config:
             bad(name, f"must be null or a token id in [0, {cfg.vocab_size})")
     if not all(_is_int(t) and 0 <= t < cfg.vocab_size for t in cfg.eos_token_id):
         bad("eos_token_id", f"must be token ids in [0, {cfg.vocab_size})")
+    if n_params(cfg) > MAX_PARAMS:
+        raise ConfigError(f"config describes {n_params(cfg):,} parameters, above this project's limit "
+                          f"{MAX_PARAMS:,} (far above any released model)")
     return cfg
+
+
+def n_params(cfg: Config) -> int:
+    """The parameter count of Decoder(cfg), by arithmetic: what a config implies, known before
+    anything is built (tests/test_bounds.py checks it against the built model)."""
+    d, e, hd, f = cfg.dim, cfg.embed_dim, cfg.head_dim, cfg.ffn_dim
+    q, kv = cfg.n_heads * hd, cfg.n_kv_heads * hd
+    norm = (d if cfg.norm_affine else 0) * (2 if cfg.norm == "layer" and cfg.norm_affine else 1)
+    attn = 2 * d * q + 2 * d * kv + (q + 2 * kv if cfg.attn_bias else 0) + (d if cfg.out_bias else 0)
+    mats = 3 if cfg.gated_mlp else 2
+    mlp = mats * d * f + ((mats - 1) * f + d if cfg.mlp_bias else 0)
+    block = 2 * norm + attn + mlp
+    edges = cfg.vocab_size * e * (1 if cfg.tie_embeddings else 2) + (2 * e * d if e != d else 0) \
+        + ((cfg.max_seq_len + cfg.pos_offset) * d if cfg.pos == "learned" else 0) + (norm if cfg.final_norm else 0)
+    return cfg.n_layers * block + edges
 
 
 def from_hf(c: dict) -> Config:
@@ -204,11 +233,19 @@ def from_hf(c: dict) -> Config:
 
 
 def load_config(path: str | Path) -> Config:
+    """The config.json at path (a file or its folder), checked (check): every size at most its
+    LIMITS entry (layers 1024, hidden and embedding width 65536, heads 1024, head_dim 4096, ffn
+    262144, vocabulary 4194304, positions 16777216), MAX_PARAMS parameters in all, and the file
+    at most MAX_CONFIG_BYTES; load_model also bounds the parameter count by the weights present."""
     path = Path(path)
     file = path / "config.json" if path.is_dir() else path
     try:
+        if file.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{file} is {file.stat().st_size:,} bytes; a config.json is at most {MAX_CONFIG_BYTES:,}")
         return from_hf(json.loads(file.read_text()))
     except FileNotFoundError:
         raise ConfigError(f"no config at {file}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{file} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"{file} nests too deep to be a config") from None

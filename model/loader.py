@@ -3,6 +3,9 @@
 Every tensor of our model must be in the checkpoint with the right shape, and every
 tensor of the checkpoint must be used; otherwise one LoadError lists all the problems.
 Pickle checkpoints (.bin, .pt) are refused: loading them can run arbitrary code.
+Sizes are bounded before anything is allocated: the parameter count config.json implies
+(model.config.n_params) may not exceed twice what the safetensors headers hold, and every shape
+is checked on the meta device first.
 Memory stays bounded: the model is built on the meta device, given storage in the target
 dtype and device, and each tensor is read from the file straight into it (a tensor stored in
 another precision passes through one reused CHUNK-byte buffer), so loading needs the loaded
@@ -11,6 +14,7 @@ weights plus that buffer, not an fp32 copy of the model and not a memory map.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import sys
 from pathlib import Path
@@ -20,7 +24,7 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .config import load_config
+from .config import load_config, n_params
 from .decoder import Decoder
 
 
@@ -157,22 +161,29 @@ def load_model(path, dtype="float32", allow_nonfinite=False, device="cpu") -> De
         stored = {"model." + k: k for k in where}  # OPT checkpoints saved from the base model
         where = {"model." + k: f for k, f in where.items()}
 
-    with torch.device("meta"):  # shapes only: no fp32 copy of the weights is ever made
-        model = Decoder(cfg)
-    for module in model.modules():  # uninitialised, in dtype on device (module.to_empty would take
-        for name, p in module.named_parameters(recurse=False):  # seconds: on meta it imports sympy)
-            setattr(module, name, nn.Parameter(torch.empty(p.shape, dtype=DTYPES[dtype], device=device)))
-    if cfg.tie_embeddings:  # each module got its own tensor
-        model.head.weight = model.embed.weight
-    ours = {hf_name(cfg.arch, k): t for k, t in model.state_dict().items()}
-    if cfg.tie_embeddings:
-        ours.pop("lm_head.weight")  # shared with the embedding
-    shapes, dtypes, handles = {}, {}, {}
+    shapes, dtypes, handles = {}, {}, {}  # from the files' headers: no tensor data is read
     for name, file in where.items():
         if file not in handles:
             handles[file] = safe_open(file, "pt")
         sl = handles[file].get_slice(stored[name])
         shapes[name], dtypes[name] = tuple(sl.get_shape()), sl.get_dtype()
+    # A config's sizes are bounded by its weights, in milliseconds, before anything is built. Up to
+    # twice the weights, the shape check below lists what differs, after a meta build that the
+    # config's limits keep short, and still before anything is allocated.
+    held = sum(math.prod(s) for s in shapes.values())
+    if n_params(cfg) > 2 * held:
+        raise LoadError(f"cannot load {path}: its config.json describes {n_params(cfg):,} parameters, "
+                        f"more than twice the {held:,} its weights hold")
+
+    def tensors(model):  # HF name -> our tensor
+        ours = {hf_name(cfg.arch, k): t for k, t in model.state_dict().items()}
+        if cfg.tie_embeddings:
+            ours.pop("lm_head.weight")  # shared with the embedding
+        return ours
+
+    with torch.device("meta"):  # shapes only: nothing is allocated until every shape is checked
+        model = Decoder(cfg)
+    ours = tensors(model)
 
     missing = sorted(set(ours) - set(where))
     unexpected = sorted(k for k in set(where) - set(ours) if not k.endswith(IGNORED_SUFFIXES))
@@ -191,6 +202,13 @@ def load_model(path, dtype="float32", allow_nonfinite=False, device="cpu") -> De
             if items:
                 lines.append(f"  {title} ({len(items)}): " + summary(items))
         raise LoadError("\n".join(lines))
+
+    for module in model.modules():  # uninitialised, in dtype on device (module.to_empty would take
+        for name, p in module.named_parameters(recurse=False):  # seconds: on meta it imports sympy)
+            setattr(module, name, nn.Parameter(torch.empty(p.shape, dtype=DTYPES[dtype], device=device)))
+    if cfg.tie_embeddings:  # each module got its own tensor
+        model.head.weight = model.embed.weight
+    ours = tensors(model)
     cast = sorted({dtypes[k] for k in ours} - {"F32"})
     if cast and dtype == "float32":  # the default: say that the stored precision is not what runs
         print(f"note: {path} stores {', '.join(cast)} tensors; loading them as float32", file=sys.stderr)

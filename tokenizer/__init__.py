@@ -15,6 +15,7 @@ def load_tokenizer(model_dir):
     else:
         raise FileNotFoundError(f"{d} has neither tokenizer.json nor tokenizer.model")
     tok.chat_template, tok.chat_tokens = read_chat_template(d)  # what encode_chat renders, if any
+    tok.chat_source = f"the chat template of {d / 'tokenizer_config.json'}"
     return tok
 
 

@@ -11,11 +11,17 @@ unicodedata, with whitespace as Unicode's White_Space property (what Rust's \\s 
 from __future__ import annotations
 
 import functools
+import heapq
 import json
 import re
 import unicodedata
 import warnings
+from array import array
 from pathlib import Path
+
+
+CACHE_CHUNK, CACHE_SIZE = 256, 10_000  # pre-tokens cached: shorter than this, this many (the library's)
+MAX_RUNS = 16  # sorted runs of one rank's positions before they are merged into one
 
 
 @functools.lru_cache(maxsize=1)
@@ -78,6 +84,12 @@ class BPETokenizer:
         self.vocab = vocab
         self.id_to_token = {i: t for t, i in vocab.items()}
         self.ranks = {pair: r for r, pair in enumerate(merges)}
+        # the merges over token ids: (left << 32 | right) -> rank -> the pair and the merged id
+        self.pair_rank, self.rank_pair, self.rank_new = {}, [-1] * len(merges), [-1] * len(merges)
+        for (a, b), r in self.ranks.items():
+            if a in vocab and b in vocab and a + b in vocab:  # else it can never apply
+                self.pair_rank[vocab[a] << 32 | vocab[b]] = r
+                self.rank_pair[r], self.rank_new[r] = vocab[a] << 32 | vocab[b], vocab[a + b]
         self.specials = {t: vocab[t] for t in specials}
         self.special_ids = set(self.specials.values())
         by_length = sorted(specials, key=len, reverse=True)  # leftmost-longest match
@@ -86,6 +98,9 @@ class BPETokenizer:
         self.prefix = list(prefix)  # ids the post-processor puts before the text (a BOS)
         self.byte_char = bytes_to_unicode()
         self.char_byte = {c: b for b, c in self.byte_char.items()}
+        self.byte_id = [vocab.get(self.byte_char[b], -1) for b in range(256)]
+        self.longest = max(map(len, vocab), default=0)
+        self.id_int = list(range(max(vocab.values(), default=-1) + 1))
         self._cache: dict[str, list[int]] = {}
         self.dropped: set[int] = set()  # bytes without a token met so far, each announced once
 
@@ -147,36 +162,83 @@ class BPETokenizer:
         return [chunk for part in parts if part for chunk in pattern.findall(part)]
 
     def _bpe(self, chunk: str) -> list[int]:
+        """The ids of one pre-token: merges applied lowest rank first, leftmost first among equal
+        ranks (the order of the tokenizers library's heap, word.rs merge_all), on int arrays."""
         if chunk in self._cache:
             return self._cache[chunk]
         # A byte with no token (SmolLM2 lacks e.g. 0x16) is dropped before merging, as the
         # tokenizers library does: its neighbours may then merge ('"', 0x16, ':' -> '":').
         data = chunk.encode("utf-8")
-        new = {b for b in data if self.byte_char[b] not in self.vocab} - self.dropped
+        new = {b for b in set(data) if self.byte_id[b] < 0} - self.dropped
         if new:
             self.dropped |= new
-            warnings.warn(f"byte(s) {', '.join(f'0x{b:02x}' for b in sorted(new))} of {chunk!r} have no token in "
-                          "this vocabulary and are dropped (as the tokenizers library does)", stacklevel=3)
-        word = [c for c in (self.byte_char[b] for b in data) if c in self.vocab]
-        if self.ignore_merges and "".join(word) in self.vocab:  # Llama 3: a chunk that is a token stays whole
-            word = ["".join(word)]
-        while len(word) > 1:
-            pairs = [(self.ranks.get(p, float("inf")), p) for p in zip(word, word[1:])]
-            rank, best = min(pairs, key=lambda rp: rp[0])
-            if rank == float("inf"):
-                break
-            merged, i = [], 0
-            while i < len(word):  # merge every occurrence of the best pair, left to right
-                if i + 1 < len(word) and (word[i], word[i + 1]) == best:
-                    merged.append(word[i] + word[i + 1])
-                    i += 2
-                else:
-                    merged.append(word[i])
-                    i += 1
-            word = merged
-        ids = [self.vocab[s] for s in word]
-        self._cache[chunk] = ids
+            warnings.warn(f"byte(s) {', '.join(f'0x{b:02x}' for b in sorted(new))} of {chunk[:40]!r}"
+                          f"{'...' if len(chunk) > 40 else ''} have no token in this vocabulary and are dropped "
+                          "(as the tokenizers library does)", stacklevel=3)
+        syms = array("i", (self.byte_id[b] for b in data if self.byte_id[b] >= 0))  # token id per symbol
+        whole = self.vocab.get("".join(self.byte_char[b] for b in data if self.byte_id[b] >= 0)) \
+            if self.ignore_merges and len(syms) <= self.longest else None
+        ids = [whole] if whole is not None else self._merge(syms)
+        if len(chunk) < CACHE_CHUNK and len(self._cache) < CACHE_SIZE:
+            self._cache[chunk] = ids
         return ids
+
+    def _merge(self, syms: array) -> list[int]:
+        """Merge in place: symbol p's right neighbour is nxt[p] (-1: none), a merged-away symbol
+        is -1 in syms. pending[rank] holds the left positions of that rank's pairs as ascending
+        int arrays (runs, merged lazily): 4 bytes an entry, not a Python object."""
+        n = len(syms)
+        nxt, prv = array("i", range(1, n + 1)), array("i", range(-1, n - 1))
+        if n:
+            nxt[-1] = -1
+        pending: dict[int, list[array]] = {}
+        heap: list[int] = []  # the ranks in pending
+
+        def push(rank, pos):
+            runs = pending.get(rank)
+            if runs is None:
+                pending[rank] = [array("i", (pos,))]
+                heapq.heappush(heap, rank)
+            elif pos > runs[-1][-1]:
+                runs[-1].append(pos)
+            elif pos < runs[-1][-1]:  # out of order: a new run (compacted when they pile up)
+                runs.append(array("i", (pos,)))
+                if len(runs) > MAX_RUNS:
+                    runs[:] = [array("i", heapq.merge(*runs))]
+
+        for i in range(n - 1):
+            rank = self.pair_rank.get(syms[i] << 32 | syms[i + 1])
+            if rank is not None:
+                push(rank, i)
+        while heap:
+            r = heapq.heappop(heap)
+            runs = pending.pop(r)
+            key, merged = self.rank_pair[r], self.rank_new[r]
+            todo = heapq.merge(*runs) if len(runs) > 1 else iter(runs[0])
+            for p in todo:
+                q = nxt[p] if syms[p] >= 0 else -1
+                if q < 0 or (syms[p] << 32 | syms[q]) != key:
+                    continue  # stale: p merged away, or its pair changed since it was pushed
+                syms[p], syms[q] = merged, -1
+                nq = nxt[q]
+                nxt[p] = nq
+                if nq >= 0:
+                    prv[nq] = p
+                early = False  # a new pair of rank <= r goes before the rest of r, as in a heap
+                for a, b in ((prv[p], p), (p, nq)):
+                    rank = self.pair_rank.get(syms[a] << 32 | syms[b]) if a >= 0 and b >= 0 else None
+                    if rank is not None:
+                        push(rank, a)
+                        early = early or rank <= r
+                if early:  # only with merges listed before the merges that make their parts
+                    rest = array("i", todo)
+                    if rest:
+                        if r not in pending:
+                            pending[r] = []
+                            heapq.heappush(heap, r)
+                        pending[r].append(rest)
+                    break
+        return [self.id_int[s] for s in syms if s >= 0]  # shared int objects: 8 bytes a token
 
     def encode(self, text: str, add_special_tokens=True) -> list[int]:
         lone = re.search("[\ud800-\udfff]", text)

@@ -10,7 +10,6 @@ import functools
 import importlib.util
 import json
 import warnings
-from datetime import datetime
 from pathlib import Path
 
 DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
@@ -44,29 +43,13 @@ def read_chat_template(model_dir):
     return template, tokens
 
 
-def _raise(message):
-    from jinja2.exceptions import TemplateError
-    raise TemplateError(message)
-
-
-@functools.lru_cache(maxsize=8)
-def _compiled(template):
-    # the environment of transformers' apply_chat_template: sandboxed, trim_blocks, lstrip_blocks,
-    # loop controls, raise_exception, strftime_now, and a tojson that keeps non-ASCII
-    from jinja2.ext import loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
-    env.filters["tojson"] = lambda x, indent=None, separators=None, sort_keys=False: json.dumps(
-        x, ensure_ascii=False, indent=indent, separators=separators, sort_keys=sort_keys)
-    env.globals.update(raise_exception=_raise, strftime_now=lambda fmt: datetime.now().strftime(fmt))
-    return env.from_string(template)
-
-
-def render_chat(template, messages, add_generation_prompt=True, **tokens) -> str:
-    """A chat template rendered as transformers renders it (tokens: bos_token, eos_token, ...)."""
+def render_chat(template, messages, add_generation_prompt=True, source="chat template", **tokens) -> str:
+    """A chat template rendered as transformers renders it (tokens: bos_token, eos_token, ...),
+    with bounded work and memory (tokenizer/template.py); source names the template in errors."""
+    from .template import render
     if not messages:
         raise ValueError("a chat needs at least one message")
-    return _compiled(template).render(messages=messages, add_generation_prompt=add_generation_prompt, **tokens)
+    return render(template, source, messages=messages, add_generation_prompt=add_generation_prompt, **tokens)
 
 
 @functools.lru_cache(maxsize=1)
@@ -80,7 +63,8 @@ def encode_chat(tok, user_message) -> list[int]:
     messages = [{"role": "user", "content": user_message}]
     template = getattr(tok, "chat_template", None)
     if template and _have_jinja2():  # the template writes its own BOS: no special tokens added
-        return tok.encode(render_chat(template, messages, **tok.chat_tokens), add_special_tokens=False)
+        source = getattr(tok, "chat_source", "chat template")
+        return tok.encode(render_chat(template, messages, source=source, **tok.chat_tokens), add_special_tokens=False)
     if template and not getattr(tok, "warned_chat", False):
         tok.warned_chat = True
         warnings.warn("the model's chat template needs jinja2 (pip install jinja2); using ChatML instead",

@@ -19,11 +19,15 @@ the adapter keeps them as its own (Adapter.own), so it drafts here as it does th
     model with attention bias has no official adapter (its bias keys would be missing).
 
 A pickle file is read with torch.load(weights_only=True), which builds tensors and executes no
-code; any other key, a missing one or a wrong shape is an error that names it.
+code; any other key, a missing one or a wrong shape is an error that names it. Before anything
+is read, the file's size, and for a .bin (torch.save's zip archive) the size its members inflate
+to (from the zip's directory), must fit an adapter of this model: its parameter count x 4 bytes
+(fp32) x SLACK + OVERHEAD; a small file that inflates to gigabytes is refused unread.
 """
 from __future__ import annotations
 
 import json
+import zipfile
 from pathlib import Path
 
 import torch
@@ -33,6 +37,7 @@ KEYS = {"layers.0.input_layernorm.weight": "norm_in.weight", "norm.weight": "nor
         **{f"layers.0.self_attn.{p}_proj.weight": f"attn.w{p}.weight" for p in "qkvo"}}
 IGNORED = ("layers.0.self_attn.rotary_emb.",)  # buffers of older transformers versions, recomputed here
 OFFICIAL_ROPE = {"rope_theta": 10000.0, "rope_type": "default"}
+SLACK, OVERHEAD = 2, 1 << 20  # fp64 fits; the pickle, zip records and rotary buffers fit in OVERHEAD
 
 
 class OfficialAdapterError(ValueError):
@@ -49,9 +54,33 @@ def checkpoint_file(path):
     return path
 
 
-def read_official(path):
-    """The official state dict, renamed to ours (a dict of tensors)."""
+def check_size(path: Path, numel: int):
+    """Refuse a file larger, or a zip whose members inflate larger, than an adapter of numel
+    parameters can be, reading only the file's size and the zip's directory."""
+    limit = numel * 4 * SLACK + OVERHEAD
+    size = path.stat().st_size
+    if size > limit:
+        raise OfficialAdapterError(f"{path} is {size:,} bytes; an adapter of this model ({numel:,} parameters) "
+                                   f"is at most {limit:,}")
+    if path.suffix == ".safetensors":
+        return
+    if not zipfile.is_zipfile(path):
+        raise OfficialAdapterError(f"{path} is not a zip archive, the format torch.save has written since torch 1.6")
+    try:
+        with zipfile.ZipFile(path) as z:
+            inflated = sum(i.file_size for i in z.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError) as e:
+        raise OfficialAdapterError(f"cannot read {path}: {e}") from None
+    if inflated > limit:
+        raise OfficialAdapterError(f"{path} inflates to {inflated:,} bytes; an adapter of this model "
+                                   f"({numel:,} parameters) is at most {limit:,}")
+
+
+def read_official(path, numel):
+    """The official state dict, renamed to ours (a dict of tensors), of an adapter with numel
+    parameters (check_size)."""
     path = checkpoint_file(path)
+    check_size(path, numel)
     try:
         if path.suffix == ".safetensors":
             state = load_file(str(path))
@@ -98,8 +127,8 @@ def convert_official(path, model, l, out, force=False):
     from skip.kangaroo_files import save_adapter
 
     adapter = Adapter(model.cfg, l, official_settings(path, model.cfg))
-    ours = read_official(path)
     want = {k: v for k, v in adapter.state_dict().items() if k != "frequent"}
+    ours = read_official(path, sum(v.numel() for v in want.values()))
     shapes = [f"{k} {tuple(ours[k].shape)} (want {tuple(v.shape)})" for k, v in want.items()
               if k in ours and ours[k].shape != v.shape]
     if shapes or set(want) != set(ours):
