@@ -101,6 +101,18 @@ def test_the_generate_cli_ends_bad_input_in_one_line_with_status_2(smollm2_dir, 
     assert p.returncode == 2 and p.stderr.startswith("error: ") and "Traceback" not in p.stderr
 
 
+@pytest.mark.parametrize("name, text", [("tokenizer.json", "[1, 2]"), ("tokenizer.json", '{"model": []}'),
+                                        ("tokenizer_config.json", "[]"), ("tokenizer_config.json", '{"chat_template": 3}')])
+def test_tokenizer_files_of_the_wrong_shape_end_in_one_line(tiny_chat_dir, tmp_path, name, text):
+    d = tmp_path / "m"
+    shutil.copytree(tiny_chat_dir, d)
+    (d / name).write_text(text)
+    p = subprocess.run([sys.executable, "-m", "model", "generate", "--model", str(d), "--prompt", "hi",
+                        "--max-new-tokens", "2"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and p.stderr.startswith("error: ") and "Traceback" not in p.stderr, p.stderr
+    assert str(d) in p.stderr
+
+
 # ---------------------------------------------------------------- traces
 @pytest.fixture
 def ours(llama_dir, tmp_path):

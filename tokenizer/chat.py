@@ -39,6 +39,8 @@ def read_chat_template(model_dir):
     template = cfg.get("chat_template")
     if isinstance(template, list):
         template = {t["name"]: t["template"] for t in template}.get("default")
+    if template is not None and not isinstance(template, str):
+        raise ValueError(f"{path}: chat_template must be text or a list of named templates, got {template!r:.40}")
     tokens = {k: v if isinstance(v, str) else (v or {}).get("content") for k, v in cfg.items() if k in SPECIAL_KEYS}
     return template, tokens
 
