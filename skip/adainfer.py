@@ -20,8 +20,9 @@ Notation, for one prompt whose answer is its next token:
 Every feature costs one LM-head call at one position per layer; flops.total counts them.
 
 Ours, after the divider at the end: the "settled" label and the oracle's stop layer. Also ours,
-marked where they appear: p_l over a vocabulary restricted to some ids (`vocab`: a task's choices)
-and each classifier's `score` (what its decision compares, for traces). Classifier files:
+marked where they appear: p_l over a vocabulary restricted to some ids (`vocab`: a task's choices),
+each classifier's `score` (what its decision compares, for traces) and a batch of prompts in one
+pass, each row stopping at its own layer (prompt_pass). Classifier files:
 skip/adainfer_files.py; task data and encode(): skip/harness/tasks.py; a stop decision per
 generated token: skip/adainfer_gen.py.
 """
@@ -33,9 +34,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model import positions
+from model import left_pad, positions
 
 from .crf import CRF
+from .exit_decode import as_batch
 
 FEATURES = ("gap", "top_prob", "cos_hidden", "cos_attn", "cos_mlp")
 DEFAULT_FEATURES = ("gap", "top_prob")  # the paper's
@@ -79,42 +81,61 @@ class LayerStream:
 
 
 # ---------------------------------------------------------------- the pass and its stop signal
-def prompt_pass(model, ids, vocab, on_layer):
-    """The prompt through the layers; after layer l, the logit lens at the last position (over
-    `vocab` only, when given) and on_layer(l, FEATURES row, top-1 id) -> True ends the pass."""
-    x = torch.tensor([ids], device=model.device)
-    pos = positions(None, 0, x.shape[1], x.device)
-    h = model.embed_tokens(x, pos)  # (1, T, d)
-    stream = LayerStream(h)
+def prompt_pass(model, prompts, vocab, on_layer):
+    """The prompts, a batch (left-padded: each row's last token in the last slot), through the
+    layers; after layer l, for each row still going, the logit lens at its last position (over
+    `vocab` only, when given) and on_layer(row, l, FEATURES row, top-1 id) -> True ends that
+    row's pass. The batch runs until its deepest row's end (ours: the paper decides one prompt at
+    a time; a row's outputs past its end are not looked at, and rows do not attend to each other)."""
+    x, mask = left_pad(prompts, model.cfg.pad_token_id or 0, model.device)  # (B, T)
+    pad_mask = mask if len(set(map(len, prompts))) > 1 else None
+    pos = positions(pad_mask, 0, x.shape[1], x.device)
+    h = model.embed_tokens(x, pos)  # (B, T, d)
+    streams, going = [LayerStream(h[b:b + 1]) for b in range(len(prompts))], list(range(len(prompts)))
     ids_of = None if vocab is None else torch.as_tensor(vocab).tolist()  # row index -> token id, on the host
     vocab = None if vocab is None else torch.as_tensor(vocab, device=x.device)
 
     def callback(layer, h, attn_out, mlp_out):
-        stream.step(h, attn_out, mlp_out)
-        row, idx = stream.row(model.logits(h, last_only=True, vocab=vocab)[0, -1])  # (V',) lens
-        return on_layer(layer, row, idx if vocab is None else ids_of[idx])
-    model.run_layers(h, pos, callback=callback)
+        nonlocal going
+        if len(going) < len(prompts):
+            rows = torch.tensor(going, device=h.device)
+            h, attn_out, mlp_out = h[rows], attn_out[rows], mlp_out[rows]  # (b, T, d) each
+        lens = model.logits(h, last_only=True, vocab=vocab)[:, -1]  # (b, V')
+        ended = []
+        for i, b in enumerate(going):
+            streams[b].step(h[i:i + 1], attn_out[i:i + 1], mlp_out[i:i + 1])
+            row, idx = streams[b].row(lens[i])
+            ended.append(on_layer(b, layer, row, idx if vocab is None else ids_of[idx]))
+        going = [b for b, e in zip(going, ended) if not e]
+        return not going
+    model.run_layers(h, pos, pad_mask=pad_mask, callback=callback)
 
 
 @torch.inference_mode()
 def predict(model, ids, clf, vocab=None):
-    """AdaInfer on one prompt: layers run until clf signals stop. Returns (token id, exit layer)."""
-    out = {"state": None}
+    """AdaInfer on one prompt: layers run until clf signals stop. Returns (token id, exit layer).
+    A list of prompts: one batch, each row stopping at its own layer; a list of those pairs."""
+    prompts, one = as_batch(ids)
+    out = [{"state": None} for _ in prompts]
 
-    def decide(layer, row, pred):
-        out["state"], stop = clf.decide(out["state"], row)
-        out.update(pred=pred, layer=layer)
+    def decide(b, layer, row, pred):
+        out[b]["state"], stop = clf.decide(out[b]["state"], row)
+        out[b].update(pred=pred, layer=layer)
         return stop
-    prompt_pass(model, ids, vocab, decide)
-    return out["pred"], out["layer"]
+    prompt_pass(model, prompts, vocab, decide)
+    pairs = [(o["pred"], o["layer"]) for o in out]
+    return pairs[0] if one else pairs
 
 
 @torch.inference_mode()
-def trace(model, ids, answer, vocab=None) -> Trace:
-    """Features and predictions of every layer (one full pass): the classifiers' training rows."""
-    rows, top1 = [], []
-    prompt_pass(model, ids, vocab, lambda layer, row, pred: rows.append(row) or top1.append(pred))
-    return Trace(torch.tensor(rows), top1, answer)
+def trace(model, ids, answer, vocab=None):
+    """Features and predictions of every layer (one full pass): the classifiers' training rows.
+    A list of prompts (and one answer each): one batch, a list of Traces."""
+    prompts, one = as_batch(ids)
+    rows, top1 = [[] for _ in prompts], [[] for _ in prompts]
+    prompt_pass(model, prompts, vocab, lambda b, layer, row, pred: rows[b].append(row) or top1[b].append(pred))
+    traces = [Trace(torch.tensor(r), t, a) for r, t, a in zip(rows, top1, [answer] if one else answer)]
+    return traces[0] if one else traces
 
 
 # ---------------------------------------------------------------- classifiers ("Classifier")

@@ -2,8 +2,9 @@
 and leaves generation to future work; here every generated token gets its own stop decision,
 with the paper's features and classifiers (skip/adainfer.py).
 
-Each fed-back token runs the layers in order (the loop of skip/exit_decode.py); at the check
-layers C its features (FEATURES) go to the stop classifier, and the first "stop" ends its pass.
+Each fed-back token runs the layers in order (the loop of skip/exit_decode.py; in a batch each
+row stops at its own layer, the pass ends with the deepest row's stop); at the check layers C
+its features (FEATURES) go to the stop classifier, and the first "stop" ends its pass.
 Three costs that a one-token answer does not have:
 - a check is an LM-head call; for SmolLM2 the head holds as many weights as 8 layers, so C can
   be every k-th layer (check_every), and the features can come from a cheap head restricted to
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .adainfer import CRFClassifier, LayerStream, Trace
-from .exit_decode import ExitDecode, decode_with_exit
+from .exit_decode import ExitDecode, as_batch, decode_with_exit
 
 
 @dataclass
@@ -32,68 +33,101 @@ class GenResult(ExitDecode):
 
 
 class StopCheck:
-    """One fed-back token's stop decision: run_layers' callback after each layer l, True ends the
-    token's pass; then .layer is the last layer run and .logits (V,) what the next token is chosen
-    from. At l = L-1 (no stop) those are the model's own logits. At a check layer the features
-    go to clf, and a stop is taken (its logits: the full head's at l) when verify() agrees.
-    collect=True computes the features of every layer, checked or not, and a pass that reaches
-    the last layer leaves them in .trace (a training Trace; answer -1, no gold answer here)."""
+    """One step's stop decisions, over its live rows (exit_decode's protocol): called after each
+    layer l with the rows still going, it answers per row None (go on) or the logits (V,) its
+    next token is chosen from. At l = L-1 (no stop) those are the model's own logits. At a check
+    layer each row's features go to clf, and a stop is taken (its logits: the full head's at l)
+    when verify() agrees. The head calls are shared by the rows, the features and decisions are
+    each row's own. collect=True computes the features of every layer, checked or not, and a
+    row that reaches the last layer leaves them in .traces[row] (a training Trace; answer -1, no
+    gold answer here)."""
 
-    def __init__(self, model, h0, clf, checks, cheap, collect):
+    def __init__(self, model, h0, clf, checks, cheap, collect):  # h0 (B, 1, d): the rows' embeddings
         self.model, self.clf, self.checks, self.collect = model, clf, checks, collect
         self.vocab, self.ids_of = cheap  # the cheap head's ids on the model's device and on the host, or None, None
-        self.stream, self.state, self.trace = LayerStream(h0), None, None
-        self.layers, self.rows, self.top1 = [], [], []  # per layer whose features were computed
+        B = h0.shape[0]
+        self.streams, self.states = [LayerStream(h0[b:b + 1]) for b in range(B)], [None] * B
+        self.traces, self.going = [None] * B, list(range(B))
+        self.layers, self.rows, self.top1 = ([[] for _ in range(B)] for _ in range(3))  # per layer with features
 
-    def __call__(self, layer, h, attn_out, mlp_out):
-        self.layer = layer
-        self.stream.step(h, attn_out, mlp_out)
+    def __call__(self, layer, h, attn_out, mlp_out):  # (b, 1, d) each: the rows in self.going
+        for i, b in enumerate(self.going):
+            self.streams[b].step(h[i:i + 1], attn_out[i:i + 1], mlp_out[i:i + 1])
         if layer == self.model.cfg.n_layers - 1:
-            return self.no_stop(h)
+            out = self.no_stop(h)
+        else:
+            out = self.decide(layer, h)
+        self.going = [b for b, o in zip(self.going, out) if o is None]
+        return out
+
+    def decide(self, layer, h):
         checked = self.clf is not None and layer in self.checks
         if not (checked or self.collect):
-            return False
-        lens = self.model.logits(h, last_only=True, vocab=self.vocab)[0, -1]  # (V',) the cheap head, or the full one
-        row, idx = self.stream.row(lens)
-        self.layers.append(layer)
-        self.rows.append(row)
-        self.top1.append(idx if self.vocab is None else self.ids_of[idx])
-        if not checked:
-            return False
-        self.state, stop = self.clf.decide(self.state, row)
-        return stop and self.verify(h, lens)
+            return [None] * len(self.going)
+        lens = self.model.logits(h, last_only=True, vocab=self.vocab)[:, -1]  # (b, V') the cheap head, or the full one
+        stopping = []
+        for i, b in enumerate(self.going):
+            row, idx = self.streams[b].row(lens[i])
+            self.layers[b].append(layer)
+            self.rows[b].append(row)
+            self.top1[b].append(idx if self.vocab is None else self.ids_of[idx])
+            if checked:
+                self.states[b], stop = self.clf.decide(self.states[b], row)
+                if stop:
+                    stopping.append(i)
+        return self.verify(h, lens, stopping)
 
     def no_stop(self, h):
-        self.logits = self.model.logits(h, last_only=True)[0, -1]  # (V,)
+        logits = self.model.logits(h, last_only=True)[:, -1]  # (b, V)
         if self.collect:
-            self.trace = Trace(torch.tensor(self.rows + [self.stream.row(self.logits)[0]]),
-                               self.top1 + [int(self.logits.argmax())], -1)
-        return True
+            for i, b in enumerate(self.going):
+                self.traces[b] = Trace(torch.tensor(self.rows[b] + [self.streams[b].row(logits[i])[0]]),
+                                       self.top1[b] + [int(logits[i].argmax())], -1)
+        return list(logits)
 
-    def verify(self, h, lens):
+    def verify(self, h, lens, stopping):
         """A stop seen through the cheap head stands only if the full head's top-1 is the same token."""
-        full = lens if self.vocab is None else self.model.logits(h, last_only=True)[0, -1]  # (V,)
-        if self.vocab is not None and int(full.argmax()) != self.top1[-1]:
-            return False
-        self.logits = full
-        return True
+        out = [None] * len(self.going)
+        if not stopping:
+            return out
+        if self.vocab is None:
+            for i in stopping:
+                out[i] = lens[i]
+            return out
+        full = self.model.logits(h if len(stopping) == h.shape[0] else h[stopping], last_only=True)[:, -1]  # (s, V)
+        for j, (i, top) in enumerate(zip(stopping, full.argmax(-1).tolist())):
+            if top == self.top1[self.going[i]][-1]:
+                out[i] = full[j]
+        return out
+
+    def records(self, b):
+        """Row b's [layer, FEATURES row, top-1 id] at each layer whose features were computed."""
+        return [list(x) for x in zip(self.layers[b], self.rows[b], self.top1[b])]
 
 
-def generate_adainfer(model, prompt, clf=None, max_new_tokens=32, check_every=1, vocab=None, fill="propagate",
+def generate_adainfer(model, prompts, clf=None, max_new_tokens=32, check_every=1, vocab=None, fill="propagate",
                       eos=None, collect=False):
-    """Greedy, batch 1; prompt: token ids. Checks after layers k-1, 2k-1, ... below the last
-    (k = check_every); vocab: the cheap head's ids (V',) or None for the full head; clf=None never
-    stops (the full model, optionally collecting traces)."""
+    """Greedy; prompts: a list of ids (-> a GenResult) or a list of such lists (-> one GenResult
+    per prompt, decoded as one batch, each row stopping at its own layer: exit_decode.py).
+    Checks after layers k-1, 2k-1, ... below the last (k = check_every); vocab: the cheap head's
+    ids (V',) or None for the full head; clf=None never stops (the full model, optionally
+    collecting traces)."""
     L = model.cfg.n_layers
     checks = set(range(check_every - 1, L - 1, check_every))
     if isinstance(clf, CRFClassifier) and check_every != 1:
         raise ValueError("the CRF is a chain over consecutive layers; use check_every=1 with it")
-    passes = []  # one StopCheck per fed-back token: it keeps the token's features
+    passes = []  # one StopCheck per step: it keeps the features of the step's live rows
     cheap = (None, None) if vocab is None else (vocab.to(model.device), vocab.tolist())
 
     def new_check(h):
         passes.append(StopCheck(model, h, clf, checks, cheap, collect))
         return passes[-1]
-    res = decode_with_exit(model, prompt, new_check, max_new_tokens, eos, fill=fill)
-    return GenResult(**vars(res), traces=[c.trace for c in passes if c.trace is not None],
-                     checks=[[list(x) for x in zip(c.layers, c.rows, c.top1)] for c in passes])
+    batch, one = as_batch(prompts)
+    res = decode_with_exit(model, batch, new_check, max_new_tokens, eos, fill=fill)
+    out = [GenResult(**vars(r)) for r in res]
+    for step, c in enumerate(passes):  # a step's live rows: the prompts still decoding then, in order
+        for i, r in enumerate(r for r in out if len(r.exit_layers) > step):
+            r.checks.append(c.records(i))
+            if c.traces[i] is not None:
+                r.traces.append(c.traces[i])
+    return out[0] if one else out

@@ -1,13 +1,15 @@
 """The two baselines that Unified Layer Skipping is compared with in its paper, at the
 same target speedup r, i.e. the same average number of layers per generated token L / r.
 
-Early exit (confidence-based, per token, batch size 1): run the layers in order; after each
+Early exit (confidence-based, per token): run the layers in order; after each
 one, apply the logit lens (final norm + LM head) and stop when the top probability reaches
 a threshold tau, chosen by calibrate_threshold() so that the average layer count matches
 L / r. The skipped upper layers get keys/values for this position from the exited hidden
 state (state propagation, as in CALM and in AdaInfer's generation extension), so later
 tokens that run those layers find no hole in the cache. Every check is an LM-head call, and
-the FLOPs record counts each one.
+the FLOPs record counts each one. In a batch each row exits at its own layer and the batch
+runs until its deepest row exits (skip/exit_decode.py): the per-token exit's cost that the
+Unified paper's introduction points at, measured by skip/harness/bench_exits.py.
 
 SkipDecode (Del Corro et al. 2023, arXiv 2307.02628, section 3): a position-dependent layer count
 n_t that only decreases along the generated sequence, the same for the whole batch, decaying
@@ -83,30 +85,41 @@ class ConfidenceCheck:
     the top probability can only rise when the full top-1 is among them, so "go on" there is
     the full head's answer too, and a possible stop is confirmed with the full head. The
     decisions equal the full-head check's unless a token outside vocab is the full top-1 at a
-    confident layer (then that stop is missed)."""
+    confident layer (then that stop is missed). One check serves a step's rows (exit_decode's
+    protocol): each row is decided alone, the head calls are shared."""
 
     def __init__(self, model, tau, vocab=None):
         self.model, self.tau, self.vocab = model, tau, vocab
 
     def confident(self, logits):
-        return bool(logits.float().softmax(-1).max() >= self.tau)
+        """logits (V,) -> bool, or (b, V) -> one bool per row."""
+        return (logits.float().softmax(-1).max(-1).values >= self.tau).tolist()
 
-    def __call__(self, layer, h, attn_out, mlp_out):
-        self.layer, last = layer, layer == self.model.cfg.n_layers - 1
-        if self.vocab is not None and not last:
-            if not self.confident(self.model.logits(h, last_only=True, vocab=self.vocab)[0, -1]):  # (V',)
-                return False
-        self.logits = self.model.logits(h, last_only=True)[0, -1]  # (V,)
-        return self.confident(self.logits)
+    def __call__(self, layer, h, attn_out, mlp_out):  # h (b, 1, d): the rows still going
+        last, rows = layer == self.model.cfg.n_layers - 1, list(range(h.shape[0]))
+        if self.vocab is not None and not last:  # only the rows confident through the cheap head go on to the full one
+            cheap = self.model.logits(h, last_only=True, vocab=self.vocab)[:, -1]  # (b, V')
+            rows = [i for i, c in enumerate(self.confident(cheap)) if c]
+            if not rows:
+                return [None] * h.shape[0]
+        self.logits = self.model.logits(h if len(rows) == h.shape[0] else h[rows], last_only=True)[:, -1]  # (b', V)
+        stops = [True] * len(rows) if last else self.confident(self.logits)
+        out = [None] * h.shape[0]
+        for j, (i, stop) in enumerate(zip(rows, stops)):
+            out[i] = self.logits[j] if stop else None
+        return out
 
 
-def generate_early_exit(model, prompt, tau, max_new_tokens=32, eos=None, forced=None, vocab=None, **sampling):
-    """Batch size 1; prompt: list of ids. Returns an ExitDecode (tokens, exit_layers, logits).
-    forced: feed these tokens instead of the model's own (teacher forcing, for perplexity);
-    vocab: 1-D ids of the cheap head that screens each check (exit_decode.frequent_vocab)."""
+def generate_early_exit(model, prompts, tau, max_new_tokens=32, eos=None, forced=None, vocab=None, fill="propagate",
+                        **sampling):
+    """prompts: a list of ids (-> an ExitDecode: tokens, exit_layers, logits, layers_run) or a
+    list of such lists (-> one ExitDecode per prompt, decoded as one batch; exit_decode.py).
+    forced: feed these tokens instead of the model's own (teacher forcing, for perplexity; one
+    list per prompt with a batch); vocab: 1-D ids of the cheap head that screens each check
+    (exit_decode.frequent_vocab); fill: how the layers above an exit get their keys/values."""
     vocab = None if vocab is None else vocab.to(model.device)
-    return decode_with_exit(model, prompt, lambda h: ConfidenceCheck(model, tau, vocab), max_new_tokens, eos, forced,
-                            **sampling)
+    return decode_with_exit(model, prompts, lambda h: ConfidenceCheck(model, tau, vocab), max_new_tokens, eos, forced,
+                            fill, **sampling)
 
 
 def calibrate_threshold(model, prompts, r, max_new_tokens=32, iters=8):

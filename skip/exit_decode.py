@@ -1,22 +1,36 @@
-"""Decoding with a per-token early exit: the loop that the confidence baseline (skip/baselines.py)
-and AdaInfer for generation (skip/adainfer_gen.py) share; only the exit decision differs.
+"""Decoding with a per-token early exit, over a batch: the loop that the confidence baseline
+(skip/baselines.py) and AdaInfer for generation (skip/adainfer_gen.py) share; only the exit
+decision differs.
 
 Each generated token runs the layers in order through `run_layers`, whose callback is a fresh
-per-token check: check(layer, h, attn_out, mlp_out) returns True to stop after that layer. When
-the pass ends (at the exit or after the last layer), check.layer is where it ended and
-check.logits (V,) what the next token is chosen from. The layers above an exit have no keys or
-values for this position; `fill` says how they get them:
+per-step check over the step's live rows. It is called after each layer with the outputs of the
+rows still going (in row order) and answers, per row, None (go on) or the logits (V,) that the
+row's next token is chosen from (it stops after that layer); after the last layer every row
+stops. The layers above a row's exit have no keys or values for this position; `fill` says how
+they get them:
     "propagate"  from the exited hidden state (CALM's state propagation: one K/V projection per layer)
     "recompute"  by running those layers for the token anyway (an exact cache, no saving there)
+
+A batch (ours): every row stops at its own layer, and the pass runs until its deepest row stops,
+because the rows share each layer's matrix products. A row that has exited keeps its exited
+hidden state: fed into the deeper layers that still run for the other rows, that frozen state
+yields exactly the keys/values that "propagate" fills (a layer's K/V with the exited state as
+its input), and the row's outputs there are discarded; with "recompute" the row just runs on.
+When every row has exited the pass stops, and the layers no row ran are filled as at batch 1.
+Prompts of different lengths are left-padded (pad_mask and positions() as model/generate.py);
+a row that ends (EOS or its budget) leaves the batch (KVCache.reorder), so the depth is that of
+the rows still decoding. One prompt is the same code at B = 1, with no pad mask, so its numerics
+are those of the unbatched loop. Per token, `layers_run` is what the batch ran (the deepest
+row's exit + 1) against what the row wanted (its own exit + 1), the cost of keeping a batch in step.
 """
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from model import check_length, next_token, positions
+from model import check_length, left_pad, next_token, positions
 
 
 @dataclass
@@ -24,6 +38,19 @@ class ExitDecode:
     tokens: list[int]
     exit_layers: list[int]  # per generated token fed back: the last layer it ran (L - 1 = no exit)
     logits: list[torch.Tensor]  # (V,) float32, the logits each token was chosen from
+    # per generated token fed back: the layers its batch's pass ran (the deepest live row's exit + 1)
+    layers_run: list[int] = field(default_factory=list)
+
+    @property
+    def layers_wanted(self):
+        """Per generated token fed back: the layers this row alone would have run."""
+        return [e + 1 for e in self.exit_layers]
+
+
+def as_batch(prompts):
+    """(a list of prompts, whether one prompt was given): a list of ids is one prompt."""
+    one = len(prompts) > 0 and not isinstance(prompts[0], (list, tuple))
+    return ([prompts] if one else list(prompts)), one
 
 
 def frequent_vocab(token_lists, n=2048):
@@ -38,37 +65,86 @@ def propagate(model, h, pos, cache, start, layers):
         model.fill_kv(layer, h, pos, cache, start)
 
 
+def exit_pass(model, h, pos, cache, start, pad_mask, check, fill):
+    """One fed-back token per row (h (B, 1, d), its embeddings) through the layers until every
+    row's check has stopped it; then the layers above the deepest exit are filled. Returns each
+    row's exit layer and the logits (V,) it stopped with."""
+    B, L = h.shape[0], model.cfg.n_layers
+    exits, logits, going = [None] * B, [None] * B, list(range(B))
+    frozen = h.new_empty(h.shape) if fill == "propagate" and B > 1 else None  # (B, 1, d) the exited states
+
+    def callback(layer, h, attn_out, mlp_out):
+        nonlocal going
+        if len(going) < B:
+            if frozen is not None:  # the exited rows' input to the next layer: their exit state
+                done = torch.tensor([b for b in range(B) if exits[b] is not None], device=h.device)
+                h[done] = frozen[done]
+            rows = torch.tensor(going, device=h.device)
+            h, attn_out, mlp_out = h[rows], attn_out[rows], mlp_out[rows]  # (b, 1, d) each
+        stopped = []
+        for i, (b, out) in enumerate(zip(going, check(layer, h, attn_out, mlp_out))):
+            if out is not None:
+                exits[b], logits[b] = layer, out
+                stopped.append(i)
+        if frozen is not None and stopped:
+            frozen[[going[i] for i in stopped]] = h[stopped]
+        going = [b for b in going if exits[b] is None]
+        return not going
+    h = model.run_layers(h, pos, cache=cache, start=start, pad_mask=pad_mask, callback=callback)
+    skipped = range(max(exits) + 1, L)
+    if fill == "propagate":  # h: every row's exit state
+        propagate(model, h, pos, cache, start, skipped)
+    else:  # the tokens stay the early ones; only the cache is completed
+        model.run_layers(h, pos, layers=skipped, cache=cache, start=start, pad_mask=pad_mask)
+    return exits, logits
+
+
 @torch.inference_mode()
-def decode_with_exit(model, prompt, new_check, max_new_tokens=32, eos=None, forced=None, fill="propagate",
+def decode_with_exit(model, prompts, new_check, max_new_tokens=32, eos=None, forced=None, fill="propagate",
                      **sampling):
-    """Batch 1 (a per-token exit cannot keep a batch in step); prompt: token ids.
-    new_check(h) -> the check of one token, given its embedding h (1, 1, d).
-    forced: feed these tokens instead of the model's own (teacher forcing, for perplexity)."""
+    """prompts: one prompt (token ids) -> an ExitDecode, or a list of them -> one per prompt.
+    new_check(h) -> the check of one step, given the embeddings h (b, 1, d) of its live rows
+    (the rows still decoding, in prompt order).
+    forced: feed these tokens instead of the model's own (teacher forcing, for perplexity); with a
+    batch, one list per prompt (each row's budget is its length)."""
     if fill not in ("propagate", "recompute"):
         raise ValueError(f"fill={fill!r}: 'propagate' or 'recompute'")
-    L = model.cfg.n_layers
+    prompts, one = as_batch(prompts)
+    if forced is not None and one:
+        forced = [forced]
     eos = set(model.cfg.eos_token_id if eos is None else eos)
-    n = max_new_tokens if forced is None else len(forced)
-    check_length(model.cfg, len(prompt), n)
-    cache, dev = model.new_cache(1, len(prompt) + n), model.device
-    logits = model(torch.tensor([prompt], device=dev), cache=cache, last_only=True)[0, -1]  # the prompt: all layers
-    res = ExitDecode([], [], [])
+    dev = model.device
+    ids, mask = left_pad(prompts, model.cfg.pad_token_id or 0, dev)  # (B, T)
+    budget = [max_new_tokens] * len(prompts) if forced is None else [len(f) for f in forced]
+    (B, T), n = ids.shape, max(budget)
+    check_length(model.cfg, T, n)
+    full_mask = torch.cat([mask, mask.new_ones(B, n)], dim=1)  # (B, T + n)
+    padded = lambda rows: any(len(prompts[b]) < T for b in rows)
+    cache = model.new_cache(B, T + n)
+    logits = model(ids, cache=cache, pad_mask=mask if padded(range(B)) else None, last_only=True)[:, -1]  # (B, V)
+    res = [ExitDecode([], [], []) for _ in prompts]
+    live = list(range(B))  # the prompt of each cache row
+    logits = list(logits)
     for step in range(n):
-        res.logits.append(logits.float())
-        tok = int(next_token(logits[None].float(), **sampling)[0]) if forced is None else forced[step]
-        res.tokens.append(tok)
-        if (forced is None and tok in eos) or step == n - 1:
+        toks = next_token(torch.stack(logits).float(), **sampling).tolist() if forced is None else \
+            [forced[b][step] for b in live]
+        for b, lg, tok in zip(live, logits, toks):
+            res[b].logits.append(lg.float())
+            res[b].tokens.append(tok)
+        keep = [i for i, (b, tok) in enumerate(zip(live, toks))
+                if not ((forced is None and tok in eos) or step == budget[b] - 1)]
+        if not keep:
             break
-        start = len(prompt) + step
-        pos = positions(None, start, 1, dev)
-        h = model.embed_tokens(torch.tensor([[tok]], device=dev), pos)  # (1, 1, d)
-        check = new_check(h)
-        h = model.run_layers(h, pos, cache=cache, start=start, callback=check)  # stops at the exit
-        skipped = range(check.layer + 1, L)
-        if fill == "propagate":
-            propagate(model, h, pos, cache, start, skipped)
-        else:  # the token stays the early one; only the cache is completed
-            model.run_layers(h, pos, layers=skipped, cache=cache, start=start)
-        logits = check.logits
-        res.exit_layers.append(check.layer)
-    return res
+        if len(keep) < len(live):  # finished rows leave the batch
+            rows = torch.tensor(keep, device=dev)
+            cache.reorder(rows)
+            full_mask, live, toks = full_mask[rows], [live[i] for i in keep], [toks[i] for i in keep]
+        start = T + step
+        pad_mask = full_mask[:, :start + 1] if padded(live) else None  # (b, start + 1)
+        pos = positions(pad_mask, start, 1, dev)
+        h = model.embed_tokens(torch.tensor([[t] for t in toks], device=dev), pos)  # (b, 1, d)
+        exits, logits = exit_pass(model, h, pos, cache, start, pad_mask, new_check(h), fill)
+        for b, e in zip(live, exits):
+            res[b].exit_layers.append(e)
+            res[b].layers_run.append(max(exits) + 1)
+    return res[0] if one else res

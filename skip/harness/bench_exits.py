@@ -1,0 +1,141 @@
+"""What a per-token exit costs a batch: the Unified Layer Skipping paper's argument (its
+introduction) that with a per-token early exit a batch runs until its deepest row, measured.
+
+python -m skip.harness.bench_exits [--batches 1 2 4 8] [--max-new-tokens 24] [--runs 3] [--r 2]
+                                   [--tau T] [--top-k 4096] [--threads 2] [--out runs]
+
+For each batch size B, the first B prompts of the Spec-Bench mix (round robin over its
+categories, first turns, chat-encoded) decode as one batch with the confidence early exit
+(tau calibrated for L / r layers per token on two math prompts, as bench_cost; or --tau) and
+with AdaInfer for generation (the paper's gap >= 0.8 rule at every layer), both with the cheap
+check (a head over the --top-k most frequent tokens of the model's own answers to the next B
+prompts; 0: full-head checks) and state propagation. Per generated token fed back: the layers
+the batch ran (its deepest live row's exit + 1, ExitDecode.layers_run) against the layers the
+row wanted (its own exit + 1); at B = 1 they are equal. Beside them, decode tokens/s (the
+decode alone, timing.DecodeClock; median of --runs interleaved with plain batched greedy
+decoding, model.generate, at the same B), the speedup over that, and the share of tokens equal
+to plain decoding's, position by position. No EOS: every row decodes --max-new-tokens.
+Writes runs/bench-exits.{json,md}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+import torch
+
+from model import add_load_args, generate, load_config, load_model
+from tokenizer import encode_chat, load_tokenizer
+from weights.files import write_text_atomic
+
+from .. import DEFAULT_MODEL, RUNS
+from ..adainfer import Threshold
+from ..adainfer_gen import generate_adainfer
+from ..baselines import calibrate_threshold, generate_early_exit
+from ..cli import command, float_in, int_in, non_negative, positive, threads, writable_folder
+from ..exit_decode import frequent_vocab
+from .data import SPECBENCH, specbench
+from .report import markdown_table, token_match
+from .timing import interleaved_ms
+
+GAP = 0.8  # AdaInfer's gap threshold (the paper's)
+
+
+def specbench_mix(tok, n, skip=0):
+    """n chat-encoded first turns, round robin over the Spec-Bench categories, after the first `skip` of each round."""
+    per = -(-(n + skip) // len(SPECBENCH))
+    cats = [specbench(c, per) for c in SPECBENCH]
+    order = [cats[c][i] for i in range(per) for c in range(len(SPECBENCH))]
+    return [encode_chat(tok, q) for q, _ in order[skip:skip + n]]
+
+
+def methods(model, tau, vocab, N):
+    return {"early exit": lambda ps: generate_early_exit(model, ps, tau, N, eos=[], vocab=vocab),
+            f"AdaInfer gap>={GAP}": lambda ps: generate_adainfer(model, ps, Threshold(GAP), N, vocab=vocab, eos=[])}
+
+
+def measure(model, prompts, fns, N, runs):
+    """One batch: per method the layers run and wanted per generated token fed back, decode
+    tokens/s against plain greedy decoding's, and token match with it."""
+    last = {}
+
+    def keep(name, fn):
+        def run():
+            last[name] = fn(prompts)
+        return run
+    plain = lambda ps: generate(model, ps, max_new_tokens=N, eos=[])
+    named = {"plain": plain, **fns}
+    ms = interleaved_ms([keep(m, fn) for m, fn in named.items()], runs, models=[model] * len(named))
+    fed = len(prompts) * (N - 1)  # tokens fed back per decode
+    plain_tps = 1000 * fed / ms[0]
+    rows = {}
+    for (m, _), t in zip(fns.items(), ms[1:]):
+        out = last[m]
+        run = [x for r in out for x in r.layers_run]
+        wanted = [x for r in out for x in r.layers_wanted]
+        rows[m] = {"layers_run": statistics.fmean(run), "layers_wanted": statistics.fmean(wanted),
+                   "tokens_per_s": 1000 * fed / t, "plain_tokens_per_s": plain_tps, "speedup": ms[0] / t,
+                   "token_match": statistics.mean(token_match(r.tokens, p) for r, p in zip(out, last["plain"]))}
+    return rows
+
+
+@command
+@torch.no_grad()
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    ap.add_argument("--batches", type=positive, nargs="+", default=[1, 2, 4, 8])
+    ap.add_argument("--max-new-tokens", type=int_in(2), default=24)
+    ap.add_argument("--runs", type=positive, default=3)
+    ap.add_argument("--r", type=float_in(1), default=2.0, help="the early exit's target speedup, for its tau")
+    ap.add_argument("--tau", type=float_in(0, 1), help="the early exit's threshold (default: calibrated for --r)")
+    ap.add_argument("--top-k", type=non_negative, default=4096, help="tokens in the cheap heads (0: full-head checks)")
+    ap.add_argument("--threads", type=threads, default=2)
+    ap.add_argument("--out", type=Path, default=RUNS)
+    add_load_args(ap)
+    a = ap.parse_args(argv)
+    cfg = load_config(a.model)
+    if a.r > cfg.n_layers or a.top_k > cfg.vocab_size:
+        ap.error(f"need --r <= {cfg.n_layers} (the layers) and --top-k <= {cfg.vocab_size} (the vocabulary)")
+    writable_folder(a.out)
+    torch.set_num_threads(a.threads)
+    model, tok = load_model(a.model, a.dtype, device=a.device), load_tokenizer(a.model)
+    N, B_max = a.max_new_tokens, max(a.batches)
+    prompts = specbench_mix(tok, B_max)
+    vocab = None
+    if a.top_k:
+        vocab = frequent_vocab(generate(model, specbench_mix(tok, B_max, skip=B_max), max_new_tokens=N), n=a.top_k)
+    tau = a.tau
+    if tau is None:
+        tau = calibrate_threshold(model, [encode_chat(tok, q) for q, _ in specbench("math_reasoning", 2)], a.r, 12, 7)
+    fns = methods(model, tau, vocab, N)
+    results = []
+    for B in a.batches:
+        for m, row in measure(model, prompts[:B], fns, N, a.runs).items():
+            results.append({"method": m, "batch": B, **row})
+            print(f"B={B} {m}: {row['layers_run']:.1f} layers run, {row['layers_wanted']:.1f} wanted per token, "
+                  f"{row['tokens_per_s']:.1f} tokens/s (plain {row['plain_tokens_per_s']:.1f})", flush=True)
+    res = {"settings": {k: str(v) for k, v in vars(a).items()}, "tau": tau, "gap": GAP,
+           "cheap_head": 0 if vocab is None else len(vocab), "layers": cfg.n_layers, "rows": results}
+    write_report(res, a.out)
+
+
+def write_report(res, out):
+    rows = [[r["method"], r["batch"], r["layers_run"], r["layers_wanted"], r["layers_run"] / r["layers_wanted"],
+             r["tokens_per_s"], r["plain_tokens_per_s"], f"{r['speedup']:.2f}x", r["token_match"]] for r in res["rows"]]
+    head = "full-head checks" if not res["cheap_head"] else f"checks through a {res['cheap_head']}-token head"
+    md = [f"{res['layers']} layers; early exit tau {res['tau']:.3f}, AdaInfer gap >= {res['gap']}, {head}. "
+          "Per generated token: layers the batch ran (its deepest row) against the layers the row wanted.", "",
+          markdown_table(rows, ["method", "B", "layers run / token", "layers wanted / token", "run / wanted",
+                                "tokens/s", "plain tokens/s", "speedup", "token match"],
+                         floatfmt=("", "", ".1f", ".1f", ".2f", ".1f", ".1f", "", ".3f"), right=range(1, 9))]
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "bench-exits.json", json.dumps(res, indent=1))
+    write_text_atomic(out / "bench-exits.md", "\n".join(md) + "\n")
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
