@@ -28,6 +28,7 @@ Unified: one step, the kept layers. SkipDecode: one step, n_t per decode step.
 python -m skip.trace write --method full|kangaroo|unified|skipdecode|adainfer --prompt TEXT --out DIR
 python -m skip.trace write --method adainfer --classifier FILE.json --prompt TEXT --out DIR   (skip/adainfer_files.py)
 python -m skip.trace compare REFERENCE OTHER [--atol A] [--rtol R]   (defaults by dtype: TOLERANCES)
+    status 0: the traces agree, 1: they diverge, 2: unusable input (one line on stderr; skip/trace_check.py)
 python -m skip.trace show DIR [--against OTHER] [--out FILE.png] [--model MODEL_DIR]   (skip/trace_show.py)
 """
 from __future__ import annotations
@@ -41,13 +42,14 @@ import torch
 from safetensors.torch import save_file
 
 from model import add_load_args, flops, generate, load_model, positions
-from weights.files import OutputExists, atomic_dir, read_folder
+from weights.files import atomic_dir, check_not_reading, read_folder
 
 from . import DEFAULT_MODEL, WEIGHTS
 from .adainfer import Threshold
 from .adainfer_files import load_classifier, params
 from .adainfer_gen import generate_adainfer
 from .baselines import generate_skipdecode, generation_schedule
+from .cli import bad_input, message
 from .kangaroo import generate_kangaroo
 from .kangaroo_files import load_adapter
 from .unified import generate_unified, kept_layers
@@ -101,7 +103,24 @@ def settings_used(method, settings):
     unknown = set(settings) - set(defaults)
     if unknown:
         raise TraceError(f"unknown setting(s) {sorted(unknown)} for {name} (known: {sorted(defaults)})")
-    return {**defaults, **{k: str(v) if isinstance(v, Path) else v for k, v in settings.items()}}
+    settings = {**defaults, **{k: str(v) if isinstance(v, Path) else v for k, v in settings.items()}}
+    for k, v in settings.items():  # the settings no method checks itself (r, gamma, eta: theirs do)
+        if k in SETTING_CHECKS and not SETTING_CHECKS[k][0](v):
+            raise TraceError(f"setting {k} must be {SETTING_CHECKS[k][1]}, got {v!r}")
+    return settings
+
+
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+# a NaN tau never stops; a draft_vocab of -1 drops a token (frequent[:-1]); 0 would silently mean none
+SETTING_CHECKS = {
+    "tau": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1,
+            "a number in [0, 1] (the gap is a difference of probabilities)"),
+    "draft_vocab": (lambda v: v is None or (_is_int(v) and v >= 1), "null or an integer >= 1"),
+    "check_every": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "adapter": (lambda v: isinstance(v, str), "the path of an adapter folder")}
 
 
 # ---------------------------------------------------------------- the methods
@@ -190,7 +209,11 @@ def write(path, model_cfg, prompt, tokens, tensor_dict, method="full", settings=
                 "flops": flops_total}
         if layer_runs is not None:
             meta["layer_runs"] = layer_runs
-        (tmp / "trace.json").write_text(json.dumps(meta, indent=1) + "\n")
+        try:
+            text = json.dumps(meta, indent=1, allow_nan=False)
+        except ValueError as e:  # a non-finite number: JSON has none
+            raise TraceError(f"the trace of {path} holds a non-finite number, which JSON cannot hold") from e
+        (tmp / "trace.json").write_text(text + "\n")
 
 
 def trace(model, ids, path, method="full", max_new_tokens=16, settings=None, force=False):
@@ -207,18 +230,23 @@ def trace(model, ids, path, method="full", max_new_tokens=16, settings=None, for
           str(model.dtype).removeprefix("torch."), layer_runs, force)
 
 
-def read(path):
+def read(path, with_tensors=True):
+    """(trace.json, the tensors) of a trace folder, every field and tensor checked (skip/trace_check.py);
+    with_tensors=False: trace.json only (trace_check.check_tensors after)."""
+    from .trace_check import check
     meta, t = read_folder(path, *FILES, TraceError, "trace")
-    if meta.get("version") != VERSION:
-        raise TraceError(f"trace in {path} has version {meta.get('version')}; this reader understands {VERSION}")
+    check(meta, t, path, with_tensors)
     return meta, t
 
 
 def write_trace(a):
     """`write`: the trace of --method on the chat-templated --prompt."""
     from tokenizer import encode_chat, load_tokenizer
+
+    def refuse(name):
+        raise TraceError(f"--settings holds {name}, which is not JSON")
     try:
-        settings = json.loads(a.settings)
+        settings = json.loads(a.settings, parse_constant=refuse)
     except json.JSONDecodeError as e:
         raise TraceError(f"--settings is not JSON: {e}") from e
     if not isinstance(settings, dict):
@@ -227,6 +255,8 @@ def write_trace(a):
         if a.method != "adainfer":
             raise TraceError(f"--classifier is AdaInfer's stop classifier, not {a.method}'s")
         settings["classifier"] = a.classifier
+    used = settings_used(a.method, settings)  # the files it reads are never its output, --force or not
+    check_not_reading(a.out, a.model, *(used[k] for k in ("adapter", "classifier") if isinstance(used.get(k), str)))
     model = load_model(a.model, a.dtype, device=a.device)
     ids = encode_chat(load_tokenizer(a.model), a.prompt)
     trace(model, ids, a.out, a.method, a.max_new_tokens, settings, a.force)
@@ -270,8 +300,13 @@ def main(argv=None):
             sys.exit(1 if found else 0)
         else:
             write_trace(a)
-    except (ValueError, OutputExists) as e:  # TraceError, LoadError, bad input: one line, status 2
-        print(f"error: {e}", file=sys.stderr)
+    except Exception as e:  # bad input (TraceError, LoadError, ...: skip/cli.py): one line, status 2
+        if not bad_input(e) and a.cmd == "write":
+            raise  # a bug here keeps its traceback
+        # compare's status says agree (0) or diverge (1): what no check foresaw there is still one
+        # line and 2 (unusable input), never a traceback's 1; show reads the same traces
+        said = message(e) if bad_input(e) else f"internal error, please report it: {type(e).__name__}: {message(e)}"
+        print(f"error: {said}", file=sys.stderr)
         sys.exit(2)
     print(f"wrote {a.out}")
 

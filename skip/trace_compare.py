@@ -1,21 +1,33 @@
 """`compare`: where two traces (skip/trace.py) part, in words, the first divergence first.
 
-Tensors are compared within tolerances chosen by the traces' dtypes (TOLERANCES), tokens exactly,
-the method's steps on the keys both traces record (integers and booleans exactly, real numbers
-within the tolerance of the hidden-state norms for keys ending in _norms and of the lens
-probabilities for the others: probabilities, features, AdaInfer's classifier scores), and the
-layer runs of a method
+Both traces are checked first (skip/trace_check.py): a file that is not a trace, an unknown field
+or tensor, token ids that are not integers, an empty tensor or step, or a tolerance that is not a
+finite number >= 0 raises TraceError (the command's status 2), never a comparison. Then every
+field and tensor is compared: the model (another model: TraceError), the prompt, the method and
+its settings (a path by the content of the files it names, so one adapter under two spellings is
+one run; a path not found here by its spelling, with a note), the tensors within tolerances chosen
+by the traces' dtypes (TOLERANCES), the logit lens's ids at every rank (rank 0 exactly; below it
+two ids may swap only where their probabilities tie within the tolerance), tokens exactly, the
+method's steps on the keys both traces record (a key only one records, a port's own, is named in
+the notes; no key in common is a finding; integers and booleans exactly, real numbers within the
+tolerance of the hidden-state norms for keys ending in _norms and of the lens probabilities for
+the others: probabilities, features, AdaInfer's classifier scores), the layer runs of a method
 (every layer each token ran, with its hidden-state norms) in order, so that a divergence inside
-a method is named by its slot and layer. `findings` gives the same as data (Finding: the words and
-where they point), for the viewer (skip/trace_show.py).
+a method is named by its slot and layer, and the FLOPs exactly where both record them (null: a
+port that does not count). `findings` gives the same as data (Finding: the words and where they
+point), for the viewer (skip/trace_show.py).
 """
 from __future__ import annotations
 
+import hashlib
+import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from .trace import DTYPES, TraceError, read
+from .trace_check import check_tensors
 
 # compare's default (atol, rtol) per dtype (by increasing rounding error) and tensor: a value passes
 # when |diff| <= atol + rtol |ref|. In fp32 per element (implementations differ by summation order);
@@ -87,7 +99,11 @@ def at_state(words, index):
 def tolerances(ref, oth, atol=None, rtol=None):
     """({tensor: (atol, rtol)}, per_vector, words) for two traces' metadata: those of the lower
     precision of the two runs (a trace without a dtype ran in float32), atol or rtol replaced
-    where given."""
+    where given; a tolerance that is not a finite number >= 0 raises TraceError."""
+    for name, v in (("atol", atol), ("rtol", rtol)):
+        if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                                  and v >= 0):
+            raise TraceError(f"{name} must be a finite number >= 0, got {v!r}")
     dtype = max(ref.get("dtype", "float32"), oth.get("dtype", "float32"), key=DTYPES.index)
     tol = {name: (a if atol is None else atol, r if rtol is None else rtol) for name, (a, r) in TOLERANCES[dtype].items()}
     per_vector = dtype != "float32"
@@ -124,44 +140,40 @@ def compare(ref_path, other_path, atol=None, rtol=None, notes=None):
 
 def findings(ref_path, other_path, atol=None, rtol=None, notes=None):
     """compare's findings as Findings: the words and the place each names."""
-    (ref, rt), (oth, ot) = read(ref_path), read(other_path)
+    (ref, rt), (oth, ot) = read(ref_path, False), read(other_path, False)
     tol, per_vector, _ = tolerances(ref, oth, atol, rtol)
     if ref["model"] != oth["model"]:
         raise TraceError(f"traces are of different models: {ref['model']} vs {oth['model']}")
+    check_tensors(ref, rt, ref_path)
+    check_tensors(oth, ot, other_path)
     if ref["prompt"] != oth["prompt"]:
         return [Finding("the prompts differ: nothing else is comparable")]
-    out = []
-    if (ref["method"], ref["settings"]) != (oth["method"], oth["settings"]):
+    out, notes = [], [] if notes is None else notes
+    if ref["method"] != oth["method"] or not same_settings(ref["settings"], oth["settings"], notes):
         out.append(Finding(f"the runs differ: reference {ref['method']} {ref['settings']}, "
                            f"other {oth['method']} {oth['settings']}"))
-    for name in sorted(set(rt) ^ set(ot)):
-        out.append(Finding(f"tensor {name} is only in the {'reference' if name in rt else 'other'} trace"))
-    for name in TENSORS:
-        if name in rt and name in ot:
-            found = compare_tensor(name, rt[name].float(), ot[name].float(), *tol[name], per_vector and name == "hidden")
-            if found:
-                out.append(found)
-    if "lens_ids" in rt and "lens_ids" in ot:
-        lens = (rt["lens_ids"][:, 0] != ot["lens_ids"][:, 0]).nonzero()
-        if len(lens):
-            i = int(lens[0])
-            out.append(at_state(f"logit-lens top-1 differs first at hidden index {i}: "
-                                f"{int(rt['lens_ids'][i, 0])} vs {int(ot['lens_ids'][i, 0])}", [i]))
+    for name in TENSORS:  # trace_check: both traces hold exactly these and lens_ids
+        found = compare_tensor(name, rt[name].float(), ot[name].float(), *tol[name], per_vector and name == "hidden")
+        if found:
+            out.append(found)
+    found = compare_lens_ids(rt, ot, *tol["lens_probs"])
+    if found:
+        out.append(found)
     if "layer_runs" in ref and "layer_runs" in oth:
         found = compare_layer_runs(ref["layer_runs"], oth["layer_runs"], len(ref["prompt"]), *tol["hidden_norms"])
         if found:
             out.append(found)
-    elif notes is not None and ("layer_runs" in ref or "layer_runs" in oth):
+    elif "layer_runs" in ref or "layer_runs" in oth:
         notes.append("layer runs are in one trace only: not compared")
-    # a port may record fewer step keys than ours: steps are compared on the keys both have
-    keys = [set(st) for st in ref["steps"] + oth["steps"] if isinstance(st, dict)]
-    shared = set.intersection(*keys) if keys else set()
-    if keys and shared != set.union(*keys) and notes is not None:
-        notes.append(f"steps compared on {sorted(shared)}; not in both traces: {sorted(set.union(*keys) - shared)}")
-
-    def pick(st):
-        return {k: st[k] for k in sorted(shared)} if isinstance(st, dict) else st
-    ref, oth = {**ref, "steps": [pick(st) for st in ref["steps"]]}, {**oth, "steps": [pick(st) for st in oth["steps"]]}
+    # a port may record fewer step keys than ours: steps are compared on the keys both have (every
+    # step of a trace records the same keys: trace_check)
+    rk, ok = (set(m["steps"][0]) if m["steps"] else None for m in (ref, oth))
+    shared = rk & ok if rk is not None and ok is not None else set()
+    if rk is not None and ok is not None and not shared:
+        out.append(Finding(f"the steps share no key: reference records {sorted(rk)}, other {sorted(ok)}"))
+    elif shared and shared != rk | ok:
+        notes.append(f"steps compared on {sorted(shared)}; not in both traces: {sorted((rk | ok) - shared)}")
+    ref, oth = ({**m, "steps": [{k: st[k] for k in sorted(shared)} for st in m["steps"]]} for m in (ref, oth))
     for what, label in (("tokens", "generated token {}"), ("steps", f"step {{}} of {ref['method']}")):
         for s, (a, b) in enumerate(zip(ref[what], oth[what])):
             found = first_difference(a, b, tol)
@@ -173,7 +185,68 @@ def findings(ref_path, other_path, atol=None, rtol=None, notes=None):
         else:
             if len(ref[what]) != len(oth[what]):
                 out.append(Finding(f"{len(oth[what])} {what}, reference {len(ref[what])}"))
+    if ref.get("flops") is not None and oth.get("flops") is not None and ref["flops"] != oth["flops"]:
+        out.append(Finding(f"the FLOPs differ: reference {ref['flops']}, other {oth['flops']}"))
     return out
+
+
+def compare_lens_ids(rt, ot, atol, rtol):
+    """The first logit-lens id that parts beyond a near tie, a Finding in the prompt pass, or None.
+    Rank 0 (the lens's prediction) exactly. Below it, an id that one trace lists at rank r and
+    with probability p there: the other lists it with a probability within atol + rtol p of p, or
+    does not list it and its k-th probability is at least p - atol - rtol p (the id is below it)."""
+    ri, rp, oi, op = rt["lens_ids"], rt["lens_probs"].double(), ot["lens_ids"], ot["lens_probs"].double()
+    if ri.shape != oi.shape:  # compare_tensor names lens_probs' shape
+        return None
+
+    def tied(tok, p, ids, probs):
+        at = (ids == tok).nonzero()
+        q = probs[int(at[0])] if len(at) else None
+        return (abs(p - q) if q is not None else p - probs[-1]) <= atol + rtol * abs(p)
+    for i, r in (ri != oi).nonzero().tolist():
+        a, b = int(ri[i, r]), int(oi[i, r])
+        if r == 0 or not (tied(b, op[i, r], ri[i], rp[i]) and tied(a, rp[i, r], oi[i], op[i])):
+            rank = "top-1" if r == 0 else f"rank {r} id"
+            return at_state(f"logit-lens {rank} differs first at hidden index {i}: {a} vs {b}", [i])
+    return None
+
+
+# settings that name a file (None) or a folder (the files of it that its reader reads)
+PATH_SETTINGS = {"adapter": ("adapter.json", "adapter.safetensors"), "classifier": None}
+
+
+def same_settings(a, b, notes):
+    """Whether two runs' settings are the same, a path by the content of what it names (a note
+    where a path names nothing of its kind here, so is compared by its spelling)."""
+    if a.keys() != b.keys():
+        return False
+    for k in a:
+        x, y = a[k], b[k]
+        if k in PATH_SETTINGS and isinstance(x, str) and isinstance(y, str) and x != y:
+            hx, hy = (content_hash(Path(v), PATH_SETTINGS[k]) for v in (x, y))
+            if hx is None or hy is None:
+                missing = " and ".join(v for v, h in ((x, hx), (y, hy)) if h is None)
+                notes.append(f"setting {k}: {missing} not found here, compared by its spelling")
+            elif hx == hy:
+                continue
+        if x != y:
+            return False
+    return True
+
+
+def content_hash(path, names=None):
+    """SHA-256 of a file's bytes (names None) or of the named files of a folder (each name, size
+    and bytes), or None where they are not all files."""
+    files = [path] if names is None else [path / n for n in names]
+    if not all(f.is_file() for f in files):
+        return None
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f"{f.name}\0{f.stat().st_size}\0".encode())
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
 
 
 def first_difference(a, b, tol, key=""):
@@ -188,7 +261,8 @@ def first_difference(a, b, tol, key=""):
         reals = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (a, b)) and \
             (isinstance(a, float) or isinstance(b, float))
         atol, rtol = tol["hidden_norms" if key.endswith("_norms") else "lens_probs"]
-        same = abs(a - b) <= atol + rtol * abs(a) if reals else a == b
+        # a boolean is never a number (True == 1 in Python, not in a decision)
+        same = abs(a - b) <= atol + rtol * abs(a) if reals else a == b and isinstance(a, bool) == isinstance(b, bool)
         return None if same else ("", a, b)
     for name, x, y, k in parts:
         found = first_difference(x, y, tol, k)

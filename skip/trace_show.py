@@ -72,6 +72,9 @@ def cells(meta):
     tokens = meta["tokens"]
     fed = [None] + [tokens[s - T] if s - T < len(tokens) else None for s in slots[1:]]
     grid = Grid(states, slots, fed, run_columns)
+    need = {"adainfer": {"exit_layer"}, "kangaroo": {"drafted", "accepted", "drafts"}}.get(meta["method"], set())
+    if meta["steps"] and not need <= set(meta["steps"][0]):  # a port's trace may record fewer keys than ours
+        raise TraceError(f"the {meta['method']} steps lack {sorted(need - set(meta['steps'][0]))}, so nothing to draw")
     if meta["method"] == "adainfer":
         exits(grid, meta["steps"], L)
     elif meta["method"] == "kangaroo":
@@ -109,13 +112,22 @@ def kangaroo_rounds(grid, meta, T):
     if c != len(grid.slots):
         raise TraceError(f"the rounds hold {c - 1} passes, the layer runs {len(grid.slots) - 1}")
     grid.l = next((layer for slot, layer, norms in meta["layer_runs"] if slot >= T and len(norms) > 1), None)
-    adapter = Path(str(meta["settings"].get("adapter"))) / "adapter.json"
-    if grid.l is None and adapter.is_file():  # every round drafted nothing: no run shows l
-        grid.l = json.loads(adapter.read_text())["l"]
+    if grid.l is None:  # every round drafted nothing: no run shows l
+        grid.l = adapter_l(meta["settings"].get("adapter"), len(grid.states))
     if grid.l is not None:
         kept = grid.states[:, 1:] == RAN
         grid.states[:, 1:][kept & (np.arange(len(grid.states))[:, None] < grid.l)] = DRAFT
         grid.states[:, 1:][kept & (np.arange(len(grid.states))[:, None] >= grid.l)] = VERIFIED
+
+
+def adapter_l(path, L):
+    """The exit layer l an adapter folder's adapter.json records, or None where there is none
+    (the picture is drawn without l)."""
+    try:
+        l = json.loads((Path(path) / "adapter.json").read_text())["l"]
+    except (TypeError, OSError, ValueError, KeyError, IndexError):
+        return None
+    return l if isinstance(l, int) and not isinstance(l, bool) and 0 < l < L else None
 
 
 def divergence(grid, meta, finding):
@@ -149,9 +161,9 @@ def setting(k, v):
     """One setting as the title shows it: a path by its name, a classifier by its kind and features,
     a cheap head by its size (their parameters and ids are in trace.json)."""
     if k == "adapter":
-        return f"{k} {Path(v).name}"
-    if k == "classifier" and isinstance(v, dict):
-        return f"{v.get('kind')} on {', '.join(v.get('features', []))}"
+        return f"{k} {Path(str(v)).name}"
+    if k == "classifier" and isinstance(v, dict) and isinstance(v.get("features"), list):
+        return f"{v.get('kind')} on {', '.join(map(str, v['features']))}"
     if k == "vocab" and isinstance(v, list):
         return f"cheap head of {len(v)} tokens"
     return f"{k} {v}"
