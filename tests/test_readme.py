@@ -16,3 +16,19 @@ def test_readme_is_a_guide_of_at_most_20_kb_with_no_dead_link():
         for target in re.findall(r"\]\(([^)#\s]+)\)", doc.read_text()):
             if "://" not in target:
                 assert (doc.parent / target).exists(), f"{doc.name} links to {target}, which does not exist"
+
+
+def test_every_guarantee_names_tests_that_exist():
+    """docs/guarantees.md: each promise names its tests as `tests/file.py::test_name`, or
+    `::test_name` for the file named last; each named test is defined there."""
+    text = (ROOT / "docs" / "guarantees.md").read_text()
+    promises = [p for p in re.split(r"\n- ", text) if p.startswith("**")]
+    named, current = 0, None
+    for promise in promises:
+        refs = re.findall(r"`(tests/\w+\.py)?::(\w+)", promise)
+        assert refs, f"a promise without a test: {promise[:60]}"
+        for file, name in refs:
+            current = file or current
+            assert re.search(rf"^def {name}\(", (ROOT / current).read_text(), re.M), f"{current}::{name} is not defined"
+            named += 1
+    assert len(promises) >= 15 and named >= len(promises)
