@@ -12,6 +12,23 @@ it did not fill: the gap raises instead of reading stale memory.
 Rolling back rejected drafts is crop().
 Memory grows with use, in chunks of CHUNK slots, up to max_len: a generous max_new_tokens
 or gamma bounds the cache but does not allocate it.
+
+Rows that advance by different amounts (batched speculative decoding: each row accepts its
+own number of drafts) share the slots and differ in which slots are real: `valid` (B, S) is
+the decoder's pad_mask generalised, False on left padding AND on holes (a row's rejected
+drafts, or filler where a row waits while others draft). A row's RoPE position at a slot is
+the count of its real slots before it (decoder.positions), and attention reads only real
+keys, so a row sees exactly the keys and positions it would see alone. `valid` is None while
+every slot of every row is real (one row, no padding), so such a run passes pad_mask=None
+exactly as an unbatched one does. Why shared slots rather than a length per row: every
+write stays one dense slice [start, start + T) for all rows, as for a single row, and crop()
+stays one number; per-row lengths would need scattered writes and a per-row gather of keys
+in every layer. The cost: holes are slots that every row's attention spans and skips, at
+most gamma per row per round (a round keeps the longest accepted row, n + max a_i + 1, and
+shorter rows keep holes); so max_len counts slots, not tokens, and a batch of B rows can
+use up to B times a single row's slots in the worst case (one row advancing per round).
+open() adds slots' columns before their first layer writes them, hide() turns a row's
+rejected slots into holes, reorder() drops finished rows.
 """
 from __future__ import annotations
 
@@ -32,6 +49,8 @@ class KVCache:
         self.v = torch.zeros(empty, dtype=dtype, device=device)  # (L, B, n_kv, capacity, hd)
         self.lengths = [0] * n_layers
         self.max_len = max_len
+        self.opened = 0  # slots whose columns open() has added
+        self.valid = None  # (B, opened) bool, False on a row's padding and holes; None: all real
 
     def _grow(self, end):
         capacity = min(self.max_len, -(-end // CHUNK) * CHUNK)  # next multiple of CHUNK, at most max_len
@@ -65,8 +84,38 @@ class KVCache:
     def reorder(self, rows):
         """Row i becomes the old row rows[i] (B', ): beam search copies and drops beams this way."""
         self.k, self.v = self.k[:, rows], self.v[:, rows]  # (L, B', n_kv, capacity, hd)
+        if self.valid is not None:
+            self.valid = self.valid[rows]  # (B', opened)
 
     def crop(self, length, layers=None):
-        """Forget every slot >= length (in the given layers, default all)."""
+        """Forget every slot >= length (in the given layers, default all, with their columns)."""
         for i in range(len(self.lengths)) if layers is None else layers:
             self.lengths[i] = min(self.lengths[i], length)
+        if layers is None and self.opened > length:
+            self.opened = length
+            self.valid = None if self.valid is None else self.valid[:, :length]
+
+    # ------------------------------------------------ which slots are real, per row
+    def open(self, real):
+        """Add the columns of the next slots, before their first layer writes them: real (B, T)
+        nested lists of bools, False for a row's padding or filler. Returns pad_mask()."""
+        if self.valid is None and not all(map(all, real)):
+            self.valid = torch.ones(len(real), self.opened, dtype=torch.bool, device=self.k.device)
+        if self.valid is not None:
+            self.valid = torch.cat([self.valid, torch.tensor(real, device=self.k.device)], 1)  # (B, opened + T)
+        self.opened += len(real[0])
+        return self.pad_mask(self.opened)
+
+    def pad_mask(self, end):
+        """The (B, end) mask that the decoder reads (True: a real token), or None when all are real."""
+        return None if self.valid is None else self.valid[:, :end]
+
+    def hide(self, start, kept):
+        """Row b keeps kept[b] of the slots from start on; its later slots become holes."""
+        if all(start + k >= self.opened for k in kept):
+            return
+        if self.valid is None:
+            self.valid = torch.ones(len(kept), self.opened, dtype=torch.bool, device=self.k.device)
+        slot = torch.arange(start, self.opened, device=self.k.device)  # (S - start,)
+        ends = torch.tensor(kept, device=self.k.device)[:, None] + start  # (B, 1)
+        self.valid[:, start:] &= slot < ends  # (B, S - start)
