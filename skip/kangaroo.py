@@ -296,7 +296,7 @@ def generate_kangaroo(model, prompt, adapter=None, l=None, max_new_tokens=64, ga
     caches hold every row still in the batch)."""
     batched = bool(prompt) and isinstance(prompt[0], (list, tuple))  # one prompt is a batch of one
     prompts = [list(p) for p in prompt] if batched else [prompt]
-    check_settings(model.cfg, prompts, adapter, l, max_new_tokens, gamma, eta, temperature, top_p)
+    check_settings(model.cfg, prompts, adapter, l, max_new_tokens, gamma, eta, temperature, top_p, draft_vocab)
     B, s = len(prompts), Sampling(temperature, top_p, generator)
     rows = Rows(prompts, max_new_tokens, set(model.cfg.eos_token_id if eos is None else eos))
     room = rows.T + B * max_new_tokens + min(gamma, max_new_tokens) + 1  # slots, holes included (model/cache.py)
@@ -399,13 +399,19 @@ def observed(kg, observe, rows):
     return kg
 
 
-def check_settings(cfg, prompts, adapter, l, max_new_tokens, gamma, eta, temperature, top_p):
+def check_settings(cfg, prompts, adapter, l, max_new_tokens, gamma, eta, temperature, top_p, draft_vocab=None):
     """Refuse bad settings before anything is allocated."""
     l = adapter.l if adapter is not None else l
     if l is None or not 0 < l < cfg.n_layers:
         raise ValueError(f"need an exit layer 0 < l < {cfg.n_layers} (or an adapter), got {l}")
-    if not (isinstance(gamma, int) and gamma >= 0 and isinstance(eta, (int, float)) and 0 <= eta <= 1):
+    if not (isinstance(gamma, int) and not isinstance(gamma, bool) and gamma >= 0
+            and isinstance(eta, (int, float)) and 0 <= eta <= 1):
         raise ValueError(f"need an integer gamma >= 0 and 0 <= eta <= 1 (got {gamma!r}, {eta!r})")
+    n_frequent = 0 if adapter is None else len(adapter.frequent)  # -1 would drop a token, 0 mean "none"
+    if draft_vocab is not None and not (isinstance(draft_vocab, int) and not isinstance(draft_vocab, bool)
+                                        and 1 <= draft_vocab <= n_frequent):
+        raise ValueError(f"draft_vocab must be None or an integer in [1, {n_frequent}] (the adapter's frequent "
+                         f"tokens), got {draft_vocab!r}")
     check_sampling(temperature, top_p)
     if not prompts or not all(prompts) or any(not 0 <= t < cfg.vocab_size for p in prompts for t in p):
         raise ValueError(f"a prompt must be non-empty token ids in [0, {cfg.vocab_size})")

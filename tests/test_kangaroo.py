@@ -169,6 +169,11 @@ def test_bad_settings_raise(llama_dir):
         generate_kangaroo(m, PROMPT, None, l=m.cfg.n_layers)
     with pytest.raises(ValueError, match="draft_vocab"):
         generate_kangaroo(m, PROMPT, None, l=2, draft_vocab=10)
+    a = random_adapter(m, 2, 0, True)  # every token ranked: -1 would drop one, 0 silently mean none
+    V = m.cfg.vocab_size
+    for k in (-1, 0, V + 1, True, 2.0):
+        with pytest.raises(ValueError, match=rf"draft_vocab must be None or an integer in \[1, {V}\]"):
+            generate_kangaroo(m, PROMPT, a, draft_vocab=k)
     with pytest.raises(ValueError, match="eta"):
         generate_kangaroo(m, PROMPT, None, l=2, eta=1.5)
     for gamma in ("3", 2.5, -1):
