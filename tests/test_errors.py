@@ -183,7 +183,9 @@ def test_the_trace_cli_ends_bad_settings_in_one_line_with_status_2(ours):
     ('{"prompt": "Q:", "answer": " C", "choices": [" A", " B"]}', "line 2: the answer ' C' is not among the choices"),
     ('{"prompt": "Q:", "answer": " A", "choices": " AB"}', "line 2: 'choices' must be a list"),
     ('{"prompt": "Q:", "answer": 3}', "line 2: 'prompt' and 'answer' must be strings"),
-    ('{"prompt": "Q:", "answer": " A"', "line 2: not JSON")])
+    ('{"prompt": "Q:", "answer": " A"', "line 2: not JSON"),
+    ("[1, 2]", "line 2: expected a JSON object, got an array"), ('"text"', "line 2: expected a JSON object, got a string"),
+    ("3", "line 2: expected a JSON object, got a number"), ("null", "line 2: expected a JSON object, got null")])
 def test_a_bad_task_line_is_named_with_its_file_and_line(tmp_path, line, match):
     from skip.harness.tasks import from_jsonl
     f = tmp_path / "t.jsonl"

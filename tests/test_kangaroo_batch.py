@@ -13,19 +13,9 @@ from tokenizer import encode_chat, load_tokenizer
 from skip import WEIGHTS
 
 from conftest import random_adapter
+from test_kangaroo import tiny  # the tiny Llama with its deep layers scaled
 
 PROMPTS = [[5, 6, 7], [11, 12, 13, 14, 15, 16, 17, 18], [20], [30, 31, 32, 33, 34]]  # four lengths
-
-
-def tiny(llama_dir, deep_scale):
-    """The tiny Llama with its layers [2, L) scaled (as in test_kangaroo.py): 0 makes drafts read
-    off layer 2 agree with M, 1 leaves drafts that rarely agree."""
-    m = load_model(llama_dir)
-    with torch.no_grad():
-        for b in m.blocks[2:]:
-            b.attn.wo.weight.mul_(deep_scale)
-            b.mlp.down.weight.mul_(deep_scale)
-    return m
 
 
 def rounds(out):
