@@ -27,7 +27,8 @@ Unified: one step, the kept layers. SkipDecode: one step, n_t per decode step.
 
 python -m skip.trace write --method full|kangaroo|unified|skipdecode|adainfer --prompt TEXT --out DIR
 python -m skip.trace write --method adainfer --classifier FILE.json --prompt TEXT --out DIR   (skip/adainfer_files.py)
-python -m skip.trace compare REFERENCE OTHER [--atol A] [--rtol R]   (defaults by dtype: TOLERANCES)
+python -m skip.trace write --method M --prompt A --prompt B ... --out DIR   (a batch: skip/trace_batch.py)
+python -m skip.trace compare REFERENCE OTHER [--atol A] [--rtol R]   (defaults by dtype: TOLERANCES; batches row by row)
     status 0: the traces agree, 1: they diverge, 2: unusable input (one line on stderr; skip/trace_check.py)
 python -m skip.trace show DIR [--against OTHER] [--out FILE.png] [--model MODEL_DIR]   (skip/trace_show.py)
 """
@@ -41,18 +42,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from model import add_load_args, flops, generate, load_model, positions
+from model import add_load_args, flops, load_model, positions
 from weights.files import atomic_dir, check_not_reading, read_folder
 
 from . import DEFAULT_MODEL, WEIGHTS
-from .adainfer import Threshold
-from .adainfer_files import load_classifier, params
-from .adainfer_gen import generate_adainfer
-from .baselines import generate_skipdecode, generation_schedule
 from .cli import bad_input, message
-from .kangaroo import generate_kangaroo
-from .kangaroo_files import load_adapter
-from .unified import generate_unified, kept_layers
 
 VERSION = 1
 MODEL_FIELDS = ("n_layers", "dim", "n_heads", "n_kv_heads", "vocab_size")
@@ -123,76 +117,11 @@ SETTING_CHECKS = {
     "adapter": (lambda v: isinstance(v, str), "the path of an adapter folder")}
 
 
-# ---------------------------------------------------------------- the methods
-# One function per method: (model, prompt ids, max_new_tokens, settings as settings_used gives)
-# -> (generated tokens, per-step records as the module docstring describes).
-def full_steps(model, ids, max_new_tokens, settings):
-    return generate(model, [ids], max_new_tokens=max_new_tokens)[0], []
-
-
-def unified_steps(model, ids, max_new_tokens, settings):
-    toks = generate_unified(model, [ids], settings["r"], max_new_tokens=max_new_tokens)[0]
-    return toks, [{"kept_layers": kept_layers(model.cfg.n_layers, settings["r"])}]
-
-
-def skipdecode_steps(model, ids, max_new_tokens, settings):
-    toks = generate_skipdecode(model, [ids], settings["r"], max_new_tokens)[0]
-    return toks, [{"schedule": generation_schedule(model.cfg.n_layers, settings["r"], max_new_tokens)}]
-
-
-def adainfer_steps(model, ids, max_new_tokens, settings):
-    if "classifier" not in settings:  # the paper's gap threshold
-        out = generate_adainfer(model, ids, Threshold(settings["tau"]), max_new_tokens, collect=False)
-        return out.tokens, [{"exit_layer": e, "checks": c} for e, c in zip(out.exit_layers, out.checks)]
-    clf = load_classifier(settings["classifier"], model.cfg)
-    # the trace holds the file's content, not its path, so that a port's trace compares wherever its copy lies
-    settings["classifier"] = {"kind": clf.kind, "features": list(clf.features), "params": params(clf)}
-    vocab = settings["vocab"]
-    if vocab is not None and not (isinstance(vocab, list) and len(vocab) >= 2 and
-                                  all(isinstance(i, int) and 0 <= i < model.cfg.vocab_size for i in vocab)):
-        raise TraceError(f"vocab must be null or a list of at least 2 token ids below {model.cfg.vocab_size}")
-    out = generate_adainfer(model, ids, clf, max_new_tokens, settings["check_every"],
-                            None if vocab is None else torch.tensor(vocab))
-    steps = []
-    for e, checks in zip(out.exit_layers, out.checks):  # its decisions are a function of the rows it decided on
-        scores, stops = zip(*clf.decisions([row for _, row, _ in checks])) if checks else ((), ())
-        steps.append({"exit_layer": e, "checks": checks, "scores": list(scores), "stops": list(stops)})
-    return out.tokens, steps
-
-
-def kangaroo_steps(model, ids, max_new_tokens, settings):
-    adapter = load_adapter(settings["adapter"], model)
-    steps, seen = [], {"draft_top_ids": [], "draft_top_probs": []}
-
-    def observe(kind, h_l, logits, rows):  # one round's drafts, then its verification
-        top = logits.float().softmax(-1).topk(TOP_K)
-        top_ids = (top.indices if rows is None else rows[top.indices]).tolist()
-        if kind == "draft":
-            seen["draft_top_ids"].append(top_ids)
-            seen["draft_top_probs"].append(top.values.tolist())
-        else:
-            seen.update(exited_norms=h_l[0].float().norm(dim=-1).tolist(), verify_top_ids=top_ids,
-                        verify_top_probs=top.values.tolist())
-
-    def on_round(tokens, caches):
-        steps.append({"cache_lengths": caches[0].lengths[:], "adapter_cache_length": caches[1].lengths[0],
-                      **seen})
-        seen.update(draft_top_ids=[], draft_top_probs=[])
-    out = generate_kangaroo(model, ids, adapter, max_new_tokens=max_new_tokens, gamma=settings["gamma"],
-                            eta=settings["eta"], draft_vocab=settings["draft_vocab"], on_round=on_round,
-                            observe=observe)
-    for s, r in zip(steps, out.rounds):
-        s.update(drafted=r.drafted, accepted=r.accepted, drafts=r.drafts)
-    return out.tokens, steps
-
-
-# the settings of each method, with their defaults, and the function that runs it
+# the settings of each method, with their defaults (what each records: skip/trace_methods.py)
 DEFAULTS = {"full": {}, "unified": {"r": 2}, "skipdecode": {"r": 2}, "adainfer": {"tau": 0.8},
             "kangaroo": {"adapter": str(WEIGHTS / "kangaroo-l2"), "gamma": 6, "eta": 0.6, "draft_vocab": None}}
 # AdaInfer with a stop classifier file (skip/adainfer_files.py) in place of tau; vocab: the cheap head's ids
 ADAINFER_CLASSIFIER = {"classifier": None, "check_every": 1, "vocab": None}
-METHODS = {"full": full_steps, "unified": unified_steps, "skipdecode": skipdecode_steps, "adainfer": adainfer_steps,
-           "kangaroo": kangaroo_steps}
 
 
 def write(path, model_cfg, prompt, tokens, tensor_dict, method="full", settings=None, steps=(), flops_total=None,
@@ -218,6 +147,7 @@ def write(path, model_cfg, prompt, tokens, tensor_dict, method="full", settings=
 
 def trace(model, ids, path, method="full", max_new_tokens=16, settings=None, force=False):
     """Write the trace of our decoder running method on prompt ids to directory path."""
+    from .trace_methods import METHODS  # it imports this module
     settings = settings_used(method, settings or {})
     layer_runs = []
 
@@ -225,7 +155,7 @@ def trace(model, ids, path, method="full", max_new_tokens=16, settings=None, for
         if isinstance(run, flops.LayerRun):
             layer_runs.append([run.ctx, run.layer, h[0].float().norm(dim=-1).tolist()])
     with model.recording() as runs, model.observing(watch):
-        tokens, steps = METHODS[method](model, ids, max_new_tokens, settings)
+        (tokens, steps), = METHODS[method](model, [ids], max_new_tokens, settings)
     write(path, model.cfg, ids, tokens, prompt_pass(model, ids), method, settings, steps, flops.total(model.cfg, runs),
           str(model.dtype).removeprefix("torch."), layer_runs, force)
 
@@ -234,7 +164,9 @@ def read(path, with_tensors=True):
     """(trace.json, the tensors) of a trace folder, every field and tensor checked (skip/trace_check.py);
     with_tensors=False: trace.json only (trace_check.check_tensors after)."""
     from .trace_check import check
-    meta, t = read_folder(path, *FILES, TraceError, "trace")
+    batch = (Path(path) / "batch.json").is_file()  # skip/trace_batch.py
+    hint = f" (a batch of traces: its rows are {Path(path) / 'row-*'})" if batch else ""
+    meta, t = read_folder(path, *FILES, TraceError, "trace", hint)
     check(meta, t, path, with_tensors)
     return meta, t
 
@@ -258,8 +190,13 @@ def write_trace(a):
     used = settings_used(a.method, settings)  # the files it reads are never its output, --force or not
     check_not_reading(a.out, a.model, *(used[k] for k in ("adapter", "classifier") if isinstance(used.get(k), str)))
     model = load_model(a.model, a.dtype, device=a.device)
-    ids = encode_chat(load_tokenizer(a.model), a.prompt)
-    trace(model, ids, a.out, a.method, a.max_new_tokens, settings, a.force)
+    tok = load_tokenizer(a.model)
+    prompts = [encode_chat(tok, p) for p in a.prompt]
+    if len(prompts) > 1:  # one batched run, a trace per row
+        from .trace_batch import trace_batch
+        trace_batch(model, prompts, a.out, a.method, a.max_new_tokens, settings, a.force)
+    else:
+        trace(model, prompts[0], a.out, a.method, a.max_new_tokens, settings, a.force)
 
 
 def main(argv=None):
@@ -268,7 +205,8 @@ def main(argv=None):
     w = sub.add_parser("write")
     w.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     w.add_argument("--method", default="full", choices=list(DEFAULTS))
-    w.add_argument("--prompt", required=True)
+    w.add_argument("--prompt", required=True, action="append", help="twice or more: one batched run, "
+                   "a trace per row (skip/trace_batch.py)")
     w.add_argument("--max-new-tokens", type=int, default=16)
     w.add_argument("--settings", default="{}", help='JSON, e.g. \'{"gamma": 6, "eta": 0.6}\' or \'{"r": 2}\'')
     w.add_argument("--classifier", type=Path, help="adainfer: a stop classifier file (skip/adainfer_files.py) "
@@ -292,9 +230,8 @@ def main(argv=None):
             from .trace_show import show
             a.out = show(a.trace, a.against, a.out, a.model)
         elif a.cmd == "compare":
-            from .trace_compare import compare, tolerances
-            notes = [tolerances(read(a.reference)[0], read(a.other)[0], a.atol, a.rtol)[2]]
-            found = compare(a.reference, a.other, a.atol, a.rtol, notes)
+            from .trace_batch import compare_any  # two traces, or two batch folders row by row
+            notes, found = compare_any(a.reference, a.other, a.atol, a.rtol)
             print("\n".join(notes))
             print("\n".join(found) if found else "the traces agree within the tolerances")
             sys.exit(1 if found else 0)

@@ -1,0 +1,110 @@
+"""Batched traces (ours): one batched run of a method written as one trace per row, and compared
+row by row, so that a port's batched output is checked against ours a row at a time.
+
+A batch folder holds row-0/, row-1/, ..., each a trace (skip/trace.py) of that row, and
+batch.json, written last (weights/files.py's marker): {"version", "rows" (the batch size), "method",
+"settings"}. A row's trace records what the batched run did for that row: its prompt, its tokens
+and its steps (Kangaroo's rounds from the row= callbacks, cache lengths counting the row's own
+slots, not the padding and holes the rows share; AdaInfer's exit layers and checks; the kept
+layers or schedule), and the prompt-pass tensors of its prompt run alone. What is the batch's, not
+the row's, is left out (both fields are optional in the format): "flops" (the work of all rows
+together, padding included) and "layer_runs" (slots shared by the rows, with holes). So a row
+compares equal (status 0) to the unbatched trace of its prompt.
+
+compare on two batch folders compares row i with row i (skip/trace_compare.py); each finding
+names its row, the first divergence (of the lowest row) first. A batch against a single trace,
+batches of different sizes, a batch.json that is not one, or a row missing or extra: TraceError
+(status 2, one line).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from weights.files import atomic_dir
+
+from .trace import DEFAULTS, VERSION, TraceError, prompt_pass, read, settings_used, write
+from .trace_methods import METHODS
+
+BATCH_FILE = "batch.json"
+BATCH_FIELDS = ("version", "rows", "method", "settings")
+ROW = "row-{}"
+
+
+def trace_batch(model, prompts, path, method="full", max_new_tokens=16, settings=None, force=False):
+    """Write the traces of our decoder running method on the prompts (lists of ids) as one batch."""
+    if not prompts:
+        raise TraceError("a batch needs at least one prompt")
+    settings = settings_used(method, settings or {})
+    rows = METHODS[method](model, [list(p) for p in prompts], max_new_tokens, settings)  # one batched run
+    dtype = str(model.dtype).removeprefix("torch.")
+    with atomic_dir(path, BATCH_FILE, force) as tmp:
+        for i, (ids, (tokens, steps)) in enumerate(zip(prompts, rows)):
+            write(tmp / ROW.format(i), model.cfg, ids, tokens, prompt_pass(model, ids), method, settings, steps,
+                  None, dtype)
+        meta = {"version": VERSION, "rows": len(prompts), "method": method, "settings": settings}
+        (tmp / BATCH_FILE).write_text(json.dumps(meta, indent=1, allow_nan=False) + "\n")
+
+
+def is_batch(path):
+    return (Path(path) / BATCH_FILE).is_file()
+
+
+def read_batch(path):
+    """(batch.json, the row folders in order) of a batch folder, batch.json and every row checked:
+    each a trace (skip/trace_check.py) of the batch's method, settings, model and dtype."""
+    path = Path(path)
+
+    def bad(why):
+        raise TraceError(f"{path} is not a valid batch of traces: {why}")
+    try:
+        meta = json.loads((path / BATCH_FILE).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        bad(f"{BATCH_FILE} is unreadable or not JSON: {e}")
+    if not isinstance(meta, dict) or set(meta) != set(BATCH_FIELDS):
+        bad(f"{BATCH_FILE} must be an object of exactly the fields {list(BATCH_FIELDS)}")
+    if meta["version"] != VERSION:
+        raise TraceError(f"batch in {path} has version {meta['version']!r:.40}; this reader understands {VERSION}")
+    n = meta["rows"]
+    if not (isinstance(n, int) and not isinstance(n, bool) and n >= 1):
+        bad(f"rows must be an integer >= 1, got {n!r:.40}")
+    if meta["method"] not in DEFAULTS or not isinstance(meta["settings"], dict):
+        bad(f"method must be one of {', '.join(DEFAULTS)} and settings an object")
+    names = {p.name for p in path.iterdir() if p.name.startswith("row-")}
+    want = {ROW.format(i) for i in range(n)}
+    if names != want:
+        bad(f"it holds {n} rows by {BATCH_FILE}; missing {sorted(want - names)}, not of it {sorted(names - want)}")
+    rows = [path / ROW.format(i) for i in range(n)]
+    first = None
+    for i, row in enumerate(rows):
+        m, _ = read(row, False)
+        run = (m["method"], m["settings"], m["model"], m.get("dtype", "float32"))
+        if m["method"] != meta["method"] or m["settings"] != meta["settings"] or (first or run)[2:] != run[2:]:
+            bad(f"row {i} is not of the batch's run (its method, settings, model or dtype differ)")
+        first = first or run
+    return meta, rows
+
+
+def compare_any(ref, other, atol=None, rtol=None):
+    """compare (skip/trace_compare.py) of two traces, or of two batch folders row by row: (notes,
+    findings); a finding of a batch starts with its row ("row 2: step 3 of kangaroo differs ...")."""
+    from .trace_compare import compare, tolerances
+    kinds = is_batch(ref), is_batch(other)
+    if kinds == (False, False):
+        notes = [tolerances(read(ref)[0], read(other)[0], atol, rtol)[2]]
+        return notes, compare(ref, other, atol, rtol, notes)
+    if kinds != (True, True):
+        batch, single = (ref, other) if kinds[0] else (other, ref)
+        raise TraceError(f"{batch} is a batch of traces and {single} is not: compare a row of it "
+                         f"({Path(batch) / ROW.format('i')}) with a single trace")
+    (_, ra), (_, oa) = read_batch(ref), read_batch(other)
+    if len(ra) != len(oa):
+        raise TraceError(f"the batches hold {len(ra)} and {len(oa)} rows: a row by row compare needs the same prompts")
+    found, notes, where = [], [tolerances(read(ra[0])[0], read(oa[0])[0], atol, rtol)[2]], {}
+    for i, (a, b) in enumerate(zip(ra, oa)):
+        row_notes = []
+        found += [f"row {i}: {w}" for w in compare(a, b, atol, rtol, row_notes)]
+        for note in row_notes:
+            where.setdefault(note, []).append(i)
+    notes += [f"row{'s' if len(rows) > 1 else ''} {', '.join(map(str, rows))}: {note}" for note, rows in where.items()]
+    return notes, found
