@@ -1,7 +1,7 @@
 """Preallocated KV cache, indexed by slot, with an explicit valid length per layer.
 
-A slot is a column of the (B, max_len) buffer; with left padding, slot t holds the t-th
-token of every row (a pad or a real token). Each layer l holds keys/values for slots
+A slot is a column of the (B, max_len) buffer: slot t holds one token of every row, a real
+one, left padding, or (batched speculative decoding, below) a hole. Each layer l holds keys/values for slots
 [0, lengths[l]) and nothing else, so layers may run ahead of one another:
 - Kangaroo's shallow layers draft ahead of the deep ones;
 - Unified Layer Skipping's skipped layers stop at the prompt length forever;

@@ -8,7 +8,9 @@ The per-layer API that every method in skip/ uses:
 `start` is the cache slot of h's first token; `pad_mask` (B, start+T) marks real tokens
 (False = left padding), from which attention_mask() builds the (B|1, 1, T, S) mask that
 Attention reads; `pos` are the rope/learned positions, from positions().
-callback(i, h, attn_out, mlp_out) sees every layer's output; returning True stops the loop.
+callback(i, h, attn_out, mlp_out) sees every layer's output; returning True stops the loop. The
+next layer reads this very h, so a callback may overwrite rows of it in place (a batched early
+exit freezes its exited rows that way, skip/exit_decode.py).
 
 Instrumentation is one hook: every piece of work (embedding, layer, K/V fill, head, and a
 method's own pieces such as Kangaroo's adapter) is reported by emit(run, h); observing(fn)

@@ -75,19 +75,21 @@ def exit_pass(model, h, pos, cache, start, pad_mask, check, fill):
 
     def callback(layer, h, attn_out, mlp_out):
         nonlocal going
+        h_live = h
         if len(going) < B:
-            if frozen is not None:  # the exited rows' input to the next layer: their exit state
+            if frozen is not None:  # deliberate, in place: run_layers feeds this very h to the next
+                # layer (and returns it), so the exited rows' input there is their exit state
                 done = torch.tensor([b for b in range(B) if exits[b] is not None], device=h.device)
                 h[done] = frozen[done]
             rows = torch.tensor(going, device=h.device)
-            h, attn_out, mlp_out = h[rows], attn_out[rows], mlp_out[rows]  # (b, 1, d) each
+            h_live, attn_out, mlp_out = h[rows], attn_out[rows], mlp_out[rows]  # (b, 1, d) each: the live rows
         stopped = []
-        for i, (b, out) in enumerate(zip(going, check(layer, h, attn_out, mlp_out))):
+        for i, (b, out) in enumerate(zip(going, check(layer, h_live, attn_out, mlp_out))):
             if out is not None:
                 exits[b], logits[b] = layer, out
                 stopped.append(i)
         if frozen is not None and stopped:
-            frozen[[going[i] for i in stopped]] = h[stopped]
+            frozen[[going[i] for i in stopped]] = h_live[stopped]
         going = [b for b in going if exits[b] is None]
         return not going
     h = model.run_layers(h, pos, cache=cache, start=start, pad_mask=pad_mask, callback=callback)

@@ -22,8 +22,8 @@ One round, from the last committed token x at slot n (not cached yet):
      min(1, p_i(d_i) / q_i(d_i)), else a draw from norm(max(0, p_i - q_i)), which keeps every
      token distributed exactly as p.
   4. crop every cache (shallow, deep, adapter) to the accepted length (as the official code does).
-Ours, in the steps above: a batch of prompts of different lengths, each row exactly as if alone
-(each drafts to its own eta or k, one verification pass for all, each row accepts and crops its
+Ours, in the steps above: a batch of prompts of different lengths, each row as if alone (greedy:
+exactly; sampled: in distribution, the rows sharing one generator) (each drafts to its own eta or k, one verification pass for all, each row accepts and crops its
 own; the rows share the caches' slots, model/cache.py; the rows' bookkeeping: skip/kangaroo_batch.py).
 After the divider, ours: an imported adapter's own settings, the top-K draft head, the
 adapter-free peer and the hook of traces. Adapter files: skip/kangaroo_files.py; training A: skip/kangaroo_train.py.
@@ -215,7 +215,7 @@ class Kangaroo:
 
     def verify(self, h_l, n, drafted):
         """[SD]: M's logits (B, K + 1, V) at slots [n, n + K], from the exited states h_l (B, K + 1, d);
-        row b's after its own drafted[b] + 1 are filler."""
+        row b's after its own drafted[b] + 1 are filler (drafted is for the trace hook, `observed`)."""
         return self.model.logits(self.deep(h_l, n))
 
     def crop(self, n, accepted, drafted, h_l):
@@ -246,6 +246,8 @@ def draft(kg: Kangaroo, xs, n, ks, eta, s: Sampling):
     since its h_l is computed anyway (as in the official code). Ours: a row that has stopped waits
     in the batch while others draft; its slots are filler, never accepted."""
     drafts, qs, hs = [[] for _ in xs], [[] for _ in xs], []
+    # going: the rows whose token at n + i is real, then those that draft from it; conf starts at 1,
+    # so every row with k >= 1 drafts once (the official code tests eta only from its second step)
     going, conf, toks = [True] * len(xs), [1.0] * len(xs), list(xs)
     for i in range(max(ks) + 1):
         ids = torch.tensor(toks, device=kg.model.device)[:, None]  # (B, 1): a stopped row's is filler
@@ -288,7 +290,7 @@ def generate_kangaroo(model, prompt, adapter=None, l=None, max_new_tokens=64, ga
                       observe=None):
     """Kangaroo decoding of one prompt (a list of token ids) with adapter A: the tokens and rounds.
     Ours (below the divider): a list of prompts (lists of ids, any lengths) decodes as one batch and
-    returns one output per prompt, each row as if alone; adapter=None drafts with M's own final norm
+    returns one output per prompt, each row as if alone (sampled: in distribution); adapter=None drafts with M's own final norm
     and head on h_l (the adapter-free peer; then give l); draft_vocab=K restricts the draft head to
     A's K most frequent tokens; on_round(tokens, (cache, adapter cache)) runs after each round's
     crop (for tests); observe sees each draft's and each verification's logits (for traces; see
@@ -319,6 +321,7 @@ def generate_kangaroo(model, prompt, adapter=None, l=None, max_new_tokens=64, ga
             return outs if batched else outs[0]
         rounds, new = kangaroo_round(kg, rows.last(), rows.n, rows.budgets(gamma), eta, s)
         rows.commit(rounds, new)
+        assert kg.cache.lengths[0] == rows.n  # the caches end where the rows' next tokens go
         if on_round is not None:
             for r in rows.active:
                 on_round(list(rows.tokens[r]), (kg.cache, kg.acache), **({"row": r} if batched else {}))
