@@ -82,3 +82,37 @@ def test_summary_only_without_results_says_so(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         bench.main(["--summary-only", "--out", str(tmp_path)])
     assert e.value.code == 2 and "error: no benchmark results" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- the batched Kangaroo benchmark's measures
+def test_batch_mix_takes_the_categories_in_turn():
+    from skip.harness.bench_kangaroo_batch import mix
+    assert mix([["a1", "a2", "a3"], ["b1"], ["c1", "c2"]], 5) == ["a1", "b1", "c1", "a2", "c2"]
+
+
+def test_batch_waste_against_the_caches_own_slots(llama_dir):
+    """idle and hole shares of a real batched run against the batch's record: each round's n read
+    off the cache (its length after the previous round's crop), K the most any row drafted."""
+    from conftest import random_adapter
+    from test_kangaroo import tiny
+    from skip.harness.bench_kangaroo_batch import batch_rounds, waste
+    from skip.kangaroo import generate_kangaroo
+    m = tiny(llama_dir, 0.3)
+    A = random_adapter(m, 2, seed=1, lens_like=True)
+    prompts = [[5, 6, 7], [11, 12, 13, 14, 15, 16, 17, 18], [20], [30, 31, 32, 33, 34]]
+    after = {b: [] for b in range(len(prompts))}  # each row's cache length after each of its rounds
+    outs = generate_kangaroo(m, prompts, A, max_new_tokens=12, gamma=3, eta=0.0, eos=[],
+                             on_round=lambda tokens, caches, row: after[row].append(caches[0].lengths[0]))
+    T = max(map(len, prompts))
+    holes = keys = idle = verified = 0
+    for b, o in enumerate(outs):
+        for j, r in enumerate(o.rounds):
+            K = max(x.rounds[j].drafted for x in outs if j < len(x.rounds))
+            idle, verified = idle + K - r.drafted, verified + K + 1
+            holes, keys = holes + r.holes, keys + (after[b][j - 1] if j else T)
+    assert holes and idle  # the run exercises both
+    assert waste(prompts, outs) == {"idle": idle / verified, "holes": holes / keys}
+    assert [K for K, _ in batch_rounds(outs)] == [max(x.rounds[j].drafted for x in outs if j < len(x.rounds))
+                                                  for j in range(max(len(x.rounds) for x in outs))]
+    assert waste([prompts[0]], [generate_kangaroo(m, prompts[0], A, max_new_tokens=12, gamma=3, eta=0.0, eos=[])]) \
+        == {"idle": 0.0, "holes": 0.0}

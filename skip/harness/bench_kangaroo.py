@@ -2,6 +2,7 @@
 the same prompts and weights (SmolLM2-135M-Instruct), in one run.
 
 python -m skip.harness.bench_kangaroo [--per-category 3] [--max-new-tokens 64] [--repeats 2] [--no-sweep]
+python -m skip.harness.bench_kangaroo --batch 1 2 4 8 [--prompts 8]   (batched: bench_kangaroo_batch.py)
 
 Rows: plain (this project's generate, the baseline); kangaroo (adapter at layer l, full head);
 kangaroo-K (draft head on the adapter's K most frequent tokens, the documented extension);
@@ -9,8 +10,8 @@ lens (self-speculation from layer l with the model's own norm and head, no adapt
 hf early-exit (transformers' generate, and with assistant_early_exit=l, drafting gamma tokens
 with its confidence threshold at eta: the same budget as Kangaroo).
 Per category: speedup = (tokens/s) / (plain tokens/s) over the category's prompts (as Spec-Bench
-computes it; per prompt the median of --repeats runs, the methods taking turns), tokens per
-verification pass, acceptance by draft position (P(d_i accepted | d_i drafted)), decode FLOPs
+computes it; per prompt the median of --repeats runs, the methods taking turns), the four
+acceptance metrics side by side as each peer defines them (skip/acceptance.py), decode FLOPs
 per token from the decoder's record (all FLOPs but the plain prefill's, so Kangaroo's adapter
 pass over the prompt counts), whether the tokens equal plain greedy decoding; and the speedup
 that the measured rounds and the measured cost of each piece predict. The sweep varies l (lens
@@ -33,6 +34,7 @@ from tokenizer import encode_chat, load_tokenizer
 from weights.files import write_text_atomic
 
 from .. import DEFAULT_MODEL, RUNS, WEIGHTS
+from ..acceptance import acceptance
 from ..cli import command, float_in, non_negative, positive, threads, writable_folder
 from ..kangaroo import generate_kangaroo
 from ..kangaroo_files import load_adapter
@@ -44,24 +46,25 @@ from .tune import tune
 
 
 @torch.inference_mode()
-def piece_costs(model, adapter, l, K, ctx, gamma):
+def piece_costs(model, adapter, l, K, ctx, gamma, batch=1):
     """Measured ms of: a plain decode step, M^s on one token, A + head (full / top-K), the lens
-    head, and the deep layers on n = 1..max(gamma + 1, 8) tokens; all at context ctx."""
-    L, d, dev = model.cfg.n_layers, model.cfg.dim, model.device
-    cache = model.new_cache(1, ctx + max(gamma + 2, 9))
-    model(torch.zeros(1, ctx, dtype=torch.long, device=dev), cache=cache)
+    head, and the deep layers on n = 1..max(gamma + 1, 8) tokens; all at context ctx, on `batch`
+    rows at once (no padding mask: a batch's masks add to these)."""
+    L, d, dev, B = model.cfg.n_layers, model.cfg.dim, model.device, batch
+    cache = model.new_cache(B, ctx + max(gamma + 2, 9))
+    model(torch.zeros(B, ctx, dtype=torch.long, device=dev), cache=cache)
 
     def randn(*shape):
         return torch.randn(*shape, dtype=model.dtype, device=dev)
-    h, pos, tok = randn(1, 1, d), torch.tensor([[ctx]], device=dev), torch.zeros(1, 1, dtype=torch.long, device=dev)
+    h, pos, tok = randn(B, 1, d), torch.tensor([[ctx]], device=dev), torch.zeros(B, 1, dtype=torch.long, device=dev)
 
     def run(layers, x):
         out = model.run_layers(x, torch.arange(ctx, ctx + x.shape[1], device=dev)[None], layers, cache, start=ctx)
         cache.crop(ctx)
         return out
 
-    acache = adapter.new_cache(ctx + 2)
-    adapter(randn(1, ctx, d), adapter.rope(model, torch.arange(ctx, device=dev)[None]), acache)
+    acache = adapter.new_cache(ctx + 2, B)
+    adapter(randn(B, ctx, d), adapter.rope(model, torch.arange(ctx, device=dev)[None]), acache)
     W = model.head.weight[adapter.frequent[:K].to(dev)].contiguous()
 
     def draft(w):
@@ -74,7 +77,7 @@ def piece_costs(model, adapter, l, K, ctx, gamma):
             "draft_full": median_ms(lambda: draft(model.head.weight)),
             "draft_topk": median_ms(lambda: draft(W)),
             "lens_head": median_ms(lambda: model.logits(h)),
-            "verify": [median_ms(lambda: model.logits(run(range(l, L), randn(1, n, d))))
+            "verify": [median_ms(lambda: model.logits(run(range(l, L), randn(B, n, d))))
                        for n in range(1, max(gamma + 2, 9))]}  # at least 1..8 positions
 
 
@@ -85,6 +88,22 @@ def predicted_speedup(rounds, costs, draft_ms):
     return tokens * costs["step"] / ms if ms else None
 
 
+def metrics(runs):
+    """The four acceptance metrics of skip/acceptance.py over (rounds, n_tokens) pairs, less the
+    per-round official list (its mean stays)."""
+    return {k: v for k, v in acceptance(runs).items() if k != "official"}
+
+
+def acceptance_cells(m):
+    """The four metrics as table cells: spec_bench, conditional by position, layerskip, official_mean."""
+    return [m["spec_bench"], " ".join("-" if x is None else f"{x:.2f}" for x in m["conditional"]),
+            m["layerskip"], m["official_mean"]]
+
+
+ACCEPTANCE_HEADERS = ["tokens/pass (spec_bench)", "conditional (by position)", "accepted/drafted (layerskip)",
+                      "official_mean"]
+
+
 def summarize(runs, plain_tps, costs=None, draft_ms=None):
     """runs: per prompt (tokens, seconds, rounds, flops, equal_to_plain)."""
     n_tok, secs = sum(len(r[0]) for r in runs), sum(r[1] for r in runs)
@@ -93,11 +112,8 @@ def summarize(runs, plain_tps, costs=None, draft_ms=None):
            "flops_per_token": sum(r[3] for r in runs) / n_tok if runs[0][3] is not None else None}
     out["speedup"] = out["tokens_per_s"] / plain_tps if plain_tps else 1.0
     if rounds:
-        out["tokens_per_pass"] = sum(r.accepted + 1 for r in rounds) / len(rounds)
         out["drafts_per_round"] = sum(r.drafted for r in rounds) / len(rounds)
-        depth = max(r.drafted for r in rounds)
-        out["accept_by_position"] = [sum(r.accepted > i for r in rounds) / max(1, sum(r.drafted > i for r in rounds))
-                                     for i in range(depth)]
+        out["acceptance"] = metrics([(r[2], len(r[0])) for r in runs])
         if costs is not None:
             out["predicted_speedup"] = predicted_speedup(rounds, costs, draft_ms)
     return out
@@ -117,9 +133,13 @@ def main(argv=None):
     ap.add_argument("--threads", type=threads, default=2)
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--sweep-repeats", type=positive, default=1)
+    ap.add_argument("--batch", type=positive, nargs="+", help="batch sizes: the batched benchmark instead")
+    ap.add_argument("--prompts", type=positive, default=8, help="with --batch: prompts, a multiple of every B")
     ap.add_argument("--out", type=Path, default=RUNS)
     add_load_args(ap)
     a = ap.parse_args(argv)
+    if a.batch and any(a.prompts % B for B in a.batch):
+        ap.error(f"--prompts {a.prompts} is not a multiple of every --batch {' '.join(map(str, a.batch))}")
     writable_folder(a.out)
     torch.set_num_threads(a.threads)
     model, tok = load_model(a.model, a.dtype, device=a.device), load_tokenizer(a.model)
@@ -127,6 +147,9 @@ def main(argv=None):
     if a.top_k > len(adapter.frequent):
         ap.error(f"--top-k {a.top_k}: the adapter in {a.adapter} ranks {len(adapter.frequent)} tokens")
     routes = tune(model)
+    if a.batch:
+        from .bench_kangaroo_batch import bench_batch  # it builds on this file's pieces
+        return bench_batch(model, tok, adapter, routes, a)
     l, N = adapter.l, a.max_new_tokens
     from transformers import AutoModelForCausalLM
     hf = AutoModelForCausalLM.from_pretrained(a.model, dtype=model.dtype).to(model.device).eval()
@@ -238,11 +261,11 @@ def table(result):
     for m, r in cats["overall"].items():
         pred = f"{r['predicted_speedup']:.2f}x" if r.get("predicted_speedup") else None
         fl = r["flops_per_token"] / 1e6 if r["flops_per_token"] else None
-        rows.append([m, f"{r['speedup']:.2f}x", pred, r.get("tokens_per_pass"), r.get("drafts_per_round"),
-                     " ".join(f"{x:.2f}" for x in r.get("accept_by_position", [])), fl, yes_no(r["lossless"])])
-    lines += ["", "All prompts:", "", markdown_table(
-        rows, ["method", "speedup", "predicted", "tokens/pass", "drafts/round", "accept by position",
-               "decode MFLOPs/token", "= plain greedy"], floatfmt=("", "", "", ".2f", ".2f", "", ".0f", ""))]
+        acc = acceptance_cells(r["acceptance"]) if "acceptance" in r else [None] * 4
+        rows.append([m, f"{r['speedup']:.2f}x", pred, r.get("drafts_per_round"), *acc, fl, yes_no(r["lossless"])])
+    lines += ["", "All prompts (acceptance as each peer defines it: skip/acceptance.py):", "", markdown_table(
+        rows, ["method", "speedup", "predicted", "drafts/round", *ACCEPTANCE_HEADERS, "decode MFLOPs/token",
+               "= plain greedy"], floatfmt=("", "", "", ".2f", ".2f", "", ".3f", ".2f", ".0f", ""))]
     c = result["costs_ms"]
     lines += ["", f"Measured cost (ms): plain step {c['step']:.1f}, layers [0, l) {c['shallow']:.1f}, adapter + full head "
               f"{c['draft_full']:.1f}, adapter + top-K head {c['draft_topk']:.1f}, lens head {c['lens_head']:.1f}, "
