@@ -74,7 +74,7 @@ class Adapter(nn.Module):
         a.norm_out.load_state_dict(model.norm.state_dict())
         return a
 
-    def new_cache(self, max_len, batch=1):  # on the adapter's device, in its dtype
+    def new_cache(self, batch, max_len):  # as the model's, on the adapter's device, in its dtype
         w = self.attn.wq.weight
         return KVCache(1, batch, max_len, self.cfg.n_kv_heads, self.cfg.head_dim, w.dtype, w.device)
 
@@ -168,7 +168,7 @@ class Kangaroo:
     def __init__(self, model, adapter, batch, max_len, catch_ups=0):
         self.model, self.A, self.l, self.H = model, adapter, adapter.l, model.head.weight  # H: (V, d)
         # A's catch-ups (draft_logits) take slots of their own: at most one a round, none for one row
-        self.cache, self.acache = model.new_cache(batch, max_len), adapter.new_cache(max_len + catch_ups, batch)
+        self.cache, self.acache = model.new_cache(batch, max_len), adapter.new_cache(batch, max_len + catch_ups)
         self.last_h = None  # (B, 1, d) each row's last draft's h_l, which A has not read when every draft was accepted
         self.lags = [False] * batch  # which rows A has to catch up
 

@@ -93,7 +93,7 @@ def with_own(a, own):
 
 @torch.no_grad()
 def ours(model, A, h):
-    return adapt(model, A, h, A.new_cache(h.shape[1]), 0)
+    return adapt(model, A, h, A.new_cache(1, h.shape[1]), 0)
 
 
 @torch.no_grad()
@@ -141,7 +141,7 @@ def test_an_adapter_trained_here_keeps_the_models_rope_bit_for_bit(pair, tmp_pat
     a = load_adapter(tmp_path / "a", m)
     assert a.own == {} and a.inv_freq is None
     T = h.shape[1]
-    before = a(h, m.rope(torch.arange(T)[None]), a.new_cache(T), 0, attention_mask(None, 0, T), m.attn_impl)
+    before = a(h, m.rope(torch.arange(T)[None]), a.new_cache(1, T), 0, attention_mask(None, 0, T), m.attn_impl)
     assert torch.equal(ours(m, a, h), before)  # the model's RoPE, as before adapters had settings
     ref = hf_adapter(as_official(a), kw, m.cfg.norm_eps)(h)  # transformers at the model's own RoPE
     assert (before - ref).abs().max() < 1e-5
@@ -180,7 +180,7 @@ def test_the_committed_adapter_keeps_the_models_rope(smollm2_dir):
     assert a.own == {} and a.inv_freq is None
     torch.manual_seed(0)
     h, T = torch.randn(1, 9, m.cfg.dim), 9
-    before = a(h, m.rope(torch.arange(T)[None]), a.new_cache(T), 0, attention_mask(None, 0, T), m.attn_impl)
+    before = a(h, m.rope(torch.arange(T)[None]), a.new_cache(1, T), 0, attention_mask(None, 0, T), m.attn_impl)
     assert torch.equal(ours(m, a, h), before)
 
 

@@ -63,7 +63,7 @@ def piece_costs(model, adapter, l, K, ctx, gamma, batch=1):
         cache.crop(ctx)
         return out
 
-    acache = adapter.new_cache(ctx + 2, B)
+    acache = adapter.new_cache(B, ctx + 2)
     adapter(randn(B, ctx, d), adapter.rope(model, torch.arange(ctx, device=dev)[None]), acache)
     W = model.head.weight[adapter.frequent[:K].to(dev)].contiguous()
 
