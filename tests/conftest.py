@@ -149,3 +149,12 @@ def smollm2_dir(smollm2_gguf):
     from weights.convert import convert
     convert(smollm2_gguf, DEFAULT_MODEL, log=lambda *a: None)  # a no-op when `make weights` already ran
     return DEFAULT_MODEL
+
+
+def trace_cli(capsys, *args):
+    """(status, stdout, stderr) of python -m skip.trace ARGS, run in this process."""
+    from skip.trace import main
+    with pytest.raises(SystemExit) as e:
+        main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return e.value.code, out, err

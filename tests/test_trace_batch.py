@@ -14,7 +14,7 @@ from skip.trace import main, trace
 from skip.trace_batch import compare_any, trace_batch
 from skip.trace_compare import compare
 
-from conftest import random_adapter
+from conftest import random_adapter, trace_cli
 
 # of different lengths, so that the batch pads them and its rows part ways
 PROMPTS = [[3, 14, 15, 92, 65, 35, 89, 79], [5, 9], [26, 53, 58, 97 - 1, 32, 38, 46, 26, 43, 38, 32]]
@@ -50,13 +50,6 @@ def batches(model, tmp_path_factory):
     return tmp
 
 
-def cli(capsys, *args):
-    with pytest.raises(SystemExit) as e:
-        main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return e.value.code, out, err
-
-
 @pytest.mark.parametrize("name", list(RUNS))
 def test_every_row_of_a_batch_equals_the_unbatched_trace_of_its_prompt(batches, name, capsys):
     for i in range(len(PROMPTS)):
@@ -68,7 +61,7 @@ def test_every_row_of_a_batch_equals_the_unbatched_trace_of_its_prompt(batches, 
         assert notes == ["layer runs are in one trace only: not compared"]
         assert json.loads((row / "trace.json").read_text())["flops"] is None
     assert json.loads((batches / name / "batch.json").read_text())["rows"] == len(PROMPTS)
-    code, out, _ = cli(capsys, "compare", batches / name, batches / name, "--atol", "0", "--rtol", "0")
+    code, out, _ = trace_cli(capsys, "compare", batches / name, batches / name, "--atol", "0", "--rtol", "0")
     assert code == 0 and out.endswith("the traces agree within the tolerances\n"), out
 
 
@@ -122,12 +115,12 @@ def test_a_tampered_row_is_found_and_named_by_its_row_and_step(batches, tmp_path
              "draft": f"row 1: step {s} of kangaroo differs at drafts[0]: reference {was}, other {(was + 1) % 97}",
              "exit_layer": f"row 1: step {s} of adainfer differs at exit_layer: reference {was}, other {(was + 1) % 4}"}
     assert found == [first[what]]
-    code, out, _ = cli(capsys, "compare", batches / name, bad)
+    code, out, _ = trace_cli(capsys, "compare", batches / name, bad)
     assert code == 1 and first[what] in out
 
 
 def refused(capsys, *args):
-    code, out, err = cli(capsys, *args)
+    code, out, err = trace_cli(capsys, *args)
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, (code, err)
     return err
 
@@ -177,7 +170,7 @@ def test_the_command_line_writes_a_batch_whose_rows_equal_single_runs(tiny_chat_
     assert cli_ok is None and sorted(p.name for p in (tmp_path / "b").iterdir()) == ["batch.json", "row-0", "row-1"]
     for i, p in enumerate(prompts):
         main([str(a) for a in args + ["--prompt", p, "--out", tmp_path / f"s{i}"]])
-        code, out, _ = cli(capsys, "compare", tmp_path / f"s{i}", tmp_path / "b" / f"row-{i}")
+        code, out, _ = trace_cli(capsys, "compare", tmp_path / f"s{i}", tmp_path / "b" / f"row-{i}")
         assert code == 0, out
     # a batch never replaces a single trace (nor the reverse) unless --force
     refused(capsys, *args, "--prompt", "a", "--prompt", "b", "--out", tmp_path / "s0")

@@ -17,10 +17,10 @@ from model import load_model
 from skip.adainfer import Threshold
 from skip.adainfer_files import save_classifier
 from skip.kangaroo_files import save_adapter
-from skip.trace import TraceError, main, trace, write
+from skip.trace import TraceError, trace, write
 from skip.trace_compare import first_difference, tolerances
 
-from conftest import random_adapter
+from conftest import random_adapter, trace_cli
 
 PROMPT = [3, 14, 15, 92, 65, 35, 89, 79]
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,16 +55,8 @@ def edited(src, dst, meta_fn=None, tensors_fn=None):
     return dst
 
 
-def cli(capsys, *args):
-    """(status, stdout, stderr) of python -m skip.trace ARGS, run here."""
-    with pytest.raises(SystemExit) as e:
-        main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return e.value.code, out, err
-
-
 def refused(capsys, *args):
-    code, out, err = cli(capsys, *args)
+    code, out, err = trace_cli(capsys, *args)
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, (code, err)
     return err
 
@@ -153,7 +145,7 @@ def test_a_tolerance_that_is_not_a_finite_number_at_least_0_is_refused(traces, c
 @pytest.mark.parametrize("src", ["f", "k", "c"])
 def test_a_trace_against_itself_agrees_with_status_0(traces, capsys, src):
     tmp, _ = traces
-    code, out, _ = cli(capsys, "compare", tmp / src, tmp / src, "--atol", "0", "--rtol", "0")
+    code, out, _ = trace_cli(capsys, "compare", tmp / src, tmp / src, "--atol", "0", "--rtol", "0")
     assert code == 0 and out.endswith("the traces agree within the tolerances\n"), out
 
 
@@ -173,18 +165,18 @@ def test_lens_ids_past_the_first_rank_are_compared_and_a_tie_may_swap(traces, tm
     def swap(t):
         t["lens_ids"][i, [r, r + 1]] = t["lens_ids"][i, [r + 1, r]]
     swapped = edited(tmp / "f", tmp_path / "swapped", None, swap)
-    code, out, _ = cli(capsys, "compare", tmp / "f", swapped)
+    code, out, _ = trace_cli(capsys, "compare", tmp / "f", swapped)
     assert code == 1 and f"logit-lens rank {r} id differs first at hidden index {i}" in out, out
     absent = next(v for v in range(97) if v not in ids[i].tolist())
     other = edited(tmp / "f", tmp_path / "other", None, lambda t: t["lens_ids"].__setitem__((i, r), absent))
-    code, out, _ = cli(capsys, "compare", tmp / "f", other)
+    code, out, _ = trace_cli(capsys, "compare", tmp / "f", other)
     assert code == 1 and f"logit-lens rank {r} id differs first at hidden index {i}: {int(ids[i, r])} vs {absent}" in out
 
     def tie(t):  # the two ranks now tie: their order is arbitrary, so the swap agrees
         t["lens_probs"][i, r + 1] = t["lens_probs"][i, r]
     tied = edited(tmp / "f", tmp_path / "tied", None, tie)
     tied_swapped = edited(tied, tmp_path / "tied_swapped", None, swap)
-    assert cli(capsys, "compare", tied, tied_swapped, "--atol", "0", "--rtol", "0")[0] == 0
+    assert trace_cli(capsys, "compare", tied, tied_swapped, "--atol", "0", "--rtol", "0")[0] == 0
 
 
 def test_one_adapter_under_another_spelling_of_its_path_is_the_same_run(traces, tmp_path, capsys, monkeypatch):
@@ -194,26 +186,26 @@ def test_one_adapter_under_another_spelling_of_its_path_is_the_same_run(traces, 
     monkeypatch.chdir(tmp)
     trace(model, PROMPT, tmp_path / "relative", "kangaroo", 8, {"adapter": "./adapter/", "eta": 0.0})
     for other in ("copied", "relative"):
-        code, out, _ = cli(capsys, "compare", tmp / "k", tmp_path / other, "--atol", "0", "--rtol", "0")
+        code, out, _ = trace_cli(capsys, "compare", tmp / "k", tmp_path / other, "--atol", "0", "--rtol", "0")
         assert code == 0, out
     save_adapter(random_adapter(model, 2, 1, lens_like=True), tmp_path / "another")
     elsewhere = edited(tmp / "k", tmp_path / "elsewhere", lambda m: {**m, "settings": {
         **m["settings"], "adapter": str(tmp_path / "another")}})
-    code, out, _ = cli(capsys, "compare", tmp / "k", elsewhere)
+    code, out, _ = trace_cli(capsys, "compare", tmp / "k", elsewhere)
     assert code == 1 and out.splitlines()[1].startswith("the runs differ: reference kangaroo"), out
     gone = edited(tmp / "k", tmp_path / "gone", lambda m: {**m, "settings": {**m["settings"], "adapter": "/no/such"}})
-    code, out, _ = cli(capsys, "compare", tmp / "k", gone)
+    code, out, _ = trace_cli(capsys, "compare", tmp / "k", gone)
     assert code == 1 and "setting adapter: /no/such not found here, compared by its spelling" in out, out
 
 
 def test_flops_and_steps_with_no_key_in_common_diverge(traces, tmp_path, capsys):
     tmp, _ = traces
     more = edited(tmp / "k", tmp_path / "flops", lambda m: {**m, "flops": m["flops"] + 1})
-    code, out, _ = cli(capsys, "compare", tmp / "k", more)
+    code, out, _ = trace_cli(capsys, "compare", tmp / "k", more)
     assert code == 1 and "the FLOPs differ" in out, out
     renamed = edited(tmp / "k", tmp_path / "renamed", lambda m: {**m, "steps": [
         {k.upper(): v for k, v in st.items()} for st in m["steps"]]})
-    code, out, _ = cli(capsys, "compare", tmp / "k", renamed)
+    code, out, _ = trace_cli(capsys, "compare", tmp / "k", renamed)
     assert code == 1 and "the steps share no key" in out, out
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from model import add_load_args, generate, load_config, load_model, positions
+from model import add_load_args, generate, load_model, positions
 from weights.files import write_text_atomic
 from model.flops import HeadRun, KVRun, LayerRun
 from tokenizer import encode_chat, load_tokenizer
@@ -39,7 +39,7 @@ from .. import DEFAULT_MODEL, RUNS
 from ..adainfer import Threshold, feature_row
 from ..adainfer_gen import generate_adainfer
 from ..baselines import ConfidenceCheck, calibrate_threshold, generate_early_exit, generate_skipdecode
-from ..cli import command, float_in, int_in, positive, threads, writable_folder
+from ..cli import command, r_and_top_k_within, float_in, int_in, positive, threads, writable_folder
 from ..exit_decode import frequent_vocab
 from ..unified import generate_unified
 from .data import SPECBENCH, specbench
@@ -129,9 +129,7 @@ def main(argv=None):
     ap.add_argument("--out", type=Path, default=RUNS)
     add_load_args(ap)
     a = ap.parse_args(argv)
-    cfg = load_config(a.model)
-    if a.r > cfg.n_layers or a.top_k > cfg.vocab_size:
-        ap.error(f"need --r <= {cfg.n_layers} (the layers) and --top-k <= {cfg.vocab_size} (the vocabulary)")
+    r_and_top_k_within(ap, a)
     writable_folder(a.out)
     torch.set_num_threads(a.threads)
     model, tok = load_model(a.model, a.dtype, device=a.device), load_tokenizer(a.model)

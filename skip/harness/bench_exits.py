@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from model import add_load_args, generate, load_config, load_model
+from model import add_load_args, generate, load_model
 from tokenizer import encode_chat, load_tokenizer
 from weights.files import write_text_atomic
 
@@ -34,7 +34,7 @@ from .. import DEFAULT_MODEL, RUNS
 from ..adainfer import Threshold
 from ..adainfer_gen import generate_adainfer
 from ..baselines import calibrate_threshold, generate_early_exit
-from ..cli import command, float_in, int_in, non_negative, positive, threads, writable_folder
+from ..cli import command, r_and_top_k_within, float_in, int_in, non_negative, positive, threads, writable_folder
 from ..exit_decode import frequent_vocab
 from .data import SPECBENCH, specbench
 from .report import markdown_table, token_match
@@ -96,9 +96,7 @@ def main(argv=None):
     ap.add_argument("--out", type=Path, default=RUNS)
     add_load_args(ap)
     a = ap.parse_args(argv)
-    cfg = load_config(a.model)
-    if a.r > cfg.n_layers or a.top_k > cfg.vocab_size:
-        ap.error(f"need --r <= {cfg.n_layers} (the layers) and --top-k <= {cfg.vocab_size} (the vocabulary)")
+    r_and_top_k_within(ap, a)
     writable_folder(a.out)
     torch.set_num_threads(a.threads)
     model, tok = load_model(a.model, a.dtype, device=a.device), load_tokenizer(a.model)
@@ -118,7 +116,7 @@ def main(argv=None):
             print(f"B={B} {m}: {row['layers_run']:.1f} layers run, {row['layers_wanted']:.1f} wanted per token, "
                   f"{row['tokens_per_s']:.1f} tokens/s (plain {row['plain_tokens_per_s']:.1f})", flush=True)
     res = {"settings": {k: str(v) for k, v in vars(a).items()}, "tau": tau, "gap": GAP,
-           "cheap_head": 0 if vocab is None else len(vocab), "layers": cfg.n_layers, "rows": results}
+           "cheap_head": 0 if vocab is None else len(vocab), "layers": model.cfg.n_layers, "rows": results}
     write_report(res, a.out)
 
 
