@@ -99,12 +99,17 @@ class KVCache:
     def open(self, real):
         """Add the columns of the next slots, before their first layer writes them: real (B, T)
         nested lists of bools, False for a row's padding or filler. Returns pad_mask()."""
-        if self.valid is None and not all(map(all, real)):
-            self.valid = torch.ones(len(real), self.opened, dtype=torch.bool, device=self.k.device)
+        if not all(map(all, real)):
+            self._mark(len(real))
         if self.valid is not None:
             self.valid = torch.cat([self.valid, torch.tensor(real, device=self.k.device)], 1)  # (B, opened + T)
         self.opened += len(real[0])
         return self.pad_mask(self.opened)
+
+    def _mark(self, B):
+        """Make the mask, every slot so far real, before the first padding or hole is marked."""
+        if self.valid is None:
+            self.valid = torch.ones(B, self.opened, dtype=torch.bool, device=self.k.device)  # (B, opened)
 
     def pad_mask(self, end):
         """The (B, end) mask that the decoder reads (True: a real token), or None when all are real."""
@@ -114,8 +119,7 @@ class KVCache:
         """Row b keeps kept[b] of the slots from start on; its later slots become holes."""
         if all(start + k >= self.opened for k in kept):
             return
-        if self.valid is None:
-            self.valid = torch.ones(len(kept), self.opened, dtype=torch.bool, device=self.k.device)
+        self._mark(len(kept))
         slot = torch.arange(start, self.opened, device=self.k.device)  # (S - start,)
         ends = torch.tensor(kept, device=self.k.device)[:, None] + start  # (B, 1)
         self.valid[:, start:] &= slot < ends  # (B, S - start)

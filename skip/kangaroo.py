@@ -26,65 +26,20 @@ Ours, in the steps above: a batch of prompts of different lengths, each row as i
 exactly; sampled: in distribution, the rows sharing one generator) (each drafts to its own eta or k, one verification pass for all, each row accepts and crops its
 own; the rows share the caches' slots, model/cache.py; the rows' bookkeeping: skip/kangaroo_batch.py).
 After the divider, ours: an imported adapter's own settings, the top-K draft head, the
-adapter-free peer and the hook of traces. Adapter files: skip/kangaroo_files.py; training A: skip/kangaroo_train.py.
+adapter-free peer and the hook of traces. A: skip/kangaroo_adapter.py (its files: skip/kangaroo_files.py;
+training it: skip/kangaroo_train.py).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
-import torch.nn as nn
 
-from model import KVCache, attention_mask, check_length, check_sampling, filter_logits, left_pad, positions
-from model.config import ConfigError, check
-from model.decoder import Attention, Norm, rope_inv_freq, rope_tables
+from model import attention_mask, check_length, check_sampling, filter_logits, left_pad, positions
 from model.flops import AttnRun, HeadRun
 
 from .kangaroo_batch import Rows
-
-
-class AdapterError(ValueError):
-    pass
-
-
-class Adapter(nn.Module):
-    """A = RMSNorm -> attention -> + residual -> RMSNorm, no MLP ([SD]; official kangaroo/adapter.py),
-    in M's head layout, RoPE and norm eps; own: an imported adapter's own values of some of those
-    (ours, own_settings below; None for adapters trained here)."""
-
-    def __init__(self, cfg, l, own=None):
-        super().__init__()
-        if cfg.embed_dim != cfg.dim or cfg.pos != "rope":
-            raise AdapterError("the adapter needs a RoPE model whose head reads the hidden size (Llama)")
-        if not 0 < l < cfg.n_layers:
-            raise AdapterError(f"exit layer l must be in [1, {cfg.n_layers - 1}], got {l}")
-        self.cfg, self.l = cfg, l
-        acfg, self.own, self.inv_freq = own_settings(cfg, own)  # ours; M's config and RoPE when own is None
-        self.norm_in, self.attn, self.norm_out = Norm(acfg), Attention(acfg), Norm(acfg)
-        # ours: token ids by frequency in the training answers, for the top-K draft head (TopKDraft)
-        self.register_buffer("frequent", torch.zeros(0, dtype=torch.long))
-
-    @classmethod
-    def from_model(cls, model, l):
-        """Initialise from layer l's attention (the layer M^s would run next) and the final norm."""
-        a = cls(model.cfg, l)
-        a.norm_in.load_state_dict(model.blocks[l].norm1.state_dict())
-        a.attn.load_state_dict(model.blocks[l].attn.state_dict())
-        a.norm_out.load_state_dict(model.norm.state_dict())
-        return a
-
-    def new_cache(self, batch, max_len):  # as the model's, on the adapter's device, in its dtype
-        w = self.attn.wq.weight
-        return KVCache(1, batch, max_len, self.cfg.n_kv_heads, self.cfg.head_dim, w.dtype, w.device)
-
-    def rope(self, model, pos):
-        """A's (cos, sin) at positions pos (B, T): M's, unless A has frequencies of its own."""
-        return model.rope(pos) if self.inv_freq is None else rope_tables(self.inv_freq.to(pos.device), pos)
-
-    def forward(self, h, rope, cache=None, start=0, attn_mask=None, impl="sdpa"):  # (B, T, d) -> (B, T, d)
-        a = self.attn(self.norm_in(h), rope, attn_mask, cache, 0, start, impl)
-        return self.norm_out(h + a)  # already normalised: the head reads it directly
 
 
 # ---------------------------------------------------------------- acceptance rules
@@ -223,10 +178,8 @@ class Kangaroo:
         drafts): the caches end at the longest row, the rest of each row become holes (one row: a
         plain crop). h_l (B, K + 1, d): the round's exited states."""
         kept = [a + 1 for a in accepted]
-        a_start = self.acache.lengths[0] - max(drafted)  # A's slot of the round's first draft step
-        for cache, start in ((self.cache, n), (self.acache, a_start)):
-            cache.crop(start + max(kept))
-            cache.hide(start, kept)
+        keep(self.cache, n, kept)
+        keep(self.acache, self.acache.lengths[0] - max(drafted), kept)  # from A's slot of the round's first draft
         self.last_h = h_l[torch.arange(len(kept), device=h_l.device), drafted][:, None]  # (B, 1, d) at n + k_b
         self.lags = [a == k for a, k in zip(accepted, drafted)]
 
@@ -236,6 +189,13 @@ class Kangaroo:
             cache.reorder(rows)
         self.last_h = None if self.last_h is None else self.last_h[rows]  # None: before the first round
         self.lags = [self.lags[r] for r in rows]
+
+
+def keep(cache, start, kept):
+    """Row b keeps its first kept[b] slots from start: the cache ends at the longest row, and the
+    rest of each row become holes (model/cache.py)."""
+    cache.crop(start + max(kept))
+    cache.hide(start, kept)
 
 
 def draft(kg: Kangaroo, xs, n, ks, eta, s: Sampling):
@@ -333,9 +293,7 @@ class TopKDraft(Kangaroo):
     step. Verification keeps the full head, so the output does not change; eta then applies to the
     draft's probability renormalised over those K tokens."""
 
-    def __init__(self, model, adapter, batch, max_len, catch_ups, K):
-        if adapter is None or len(adapter.frequent) < K:
-            raise ValueError(f"draft_vocab={K} needs an adapter with that many frequent tokens")
+    def __init__(self, model, adapter, batch, max_len, catch_ups, K):  # K checked by check_settings
         super().__init__(model, adapter, batch, max_len, catch_ups)
         self.vocab = adapter.frequent[:K].to(model.device)  # (K,) the token id of each row
         self.H = self.H[self.vocab].contiguous()  # (K, d), gathered once, not per step
@@ -361,8 +319,7 @@ class LensDraft(Kangaroo):
         return self.model.logits(h_l)[:, -1]  # (B, V)
 
     def crop(self, n, accepted, drafted, h_l):
-        self.cache.crop(n + max(accepted) + 1)
-        self.cache.hide(n, [a + 1 for a in accepted])
+        keep(self.cache, n, [a + 1 for a in accepted])
 
     def keep_rows(self, rows):
         self.cache.reorder(rows)
@@ -419,21 +376,3 @@ def check_settings(cfg, prompts, adapter, l, max_new_tokens, gamma, eta, tempera
     if not prompts or not all(prompts) or any(not 0 <= t < cfg.vocab_size for p in prompts for t in p):
         raise ValueError(f"a prompt must be non-empty token ids in [0, {cfg.vocab_size})")
     check_length(cfg, max(map(len, prompts)), max_new_tokens)
-
-
-OWN = ("rope_theta", "rope_type", "norm_eps")  # M's settings an imported adapter may have its own value of
-
-
-def own_settings(cfg, own):
-    """(A's config, own, A's fp32 RoPE frequencies or None for M's). The official code builds A's
-    RoPE with base 10000 and no scaling, whatever M's, and its norms with its own config's eps
-    (weights/kangaroo_official.py records those); the frequencies are a plain attribute, as in
-    the Decoder, so .to(dtype) never rounds them."""
-    own = dict(own or {})
-    if set(own) - set(OWN) or own.get("rope_type", "default") not in ("default", "linear", "llama3"):
-        raise AdapterError(f"an adapter's own settings are some of {OWN}, got {own}")
-    try:
-        acfg = check(replace(cfg, **own))  # M's config with A's own values
-    except (ConfigError, TypeError) as e:
-        raise AdapterError(f"bad adapter settings {own}: {e}") from None
-    return acfg, own, (rope_inv_freq(acfg) if {"rope_theta", "rope_type"} & set(own) else None)

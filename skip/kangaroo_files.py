@@ -4,7 +4,7 @@ settings it computes with where they are not the model's (Adapter.own; absent: t
 the training record, written last). Loading checks every file, size and tensor, and names what
 does not fit: the model's sizes and l integers (a boolean is not one), l in [1, n_layers), every
 weight of its shape, floating and finite, `frequent` distinct integer token ids below the
-vocabulary, the own settings those an adapter may have (kangaroo.own_settings)."""
+vocabulary, the own settings those an adapter may have (kangaroo_adapter.own_settings)."""
 from __future__ import annotations
 
 import json
@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from weights.files import atomic_dir, read_folder
 
-from .kangaroo import Adapter, AdapterError
+from .kangaroo_adapter import Adapter, AdapterError
 
 
 def save_adapter(adapter, path, force=False, **info):

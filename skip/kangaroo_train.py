@@ -43,7 +43,7 @@ from tokenizer import encode_chat, load_tokenizer
 from . import DATA, DEFAULT_MODEL, RUNS, WEIGHTS
 from .cli import command, float_in, positive, seed_number
 from .finetune import MixedPrecision, set_lr
-from .kangaroo import Adapter
+from .kangaroo_adapter import Adapter
 from .kangaroo_files import save_adapter
 
 CACHE = RUNS / "kangaroo"

@@ -7,7 +7,7 @@ import torch
 
 from model import left_pad, load_model
 from skip import DATA
-from skip.kangaroo import Adapter
+from skip.kangaroo_adapter import Adapter
 from skip.layerwise import layerwise_forward, prompt_then
 
 transformers = pytest.importorskip("transformers")

@@ -10,7 +10,8 @@ from safetensors.torch import save_file
 from scipy.stats import chisquare
 
 from model import generate, load_model
-from skip.kangaroo import Adapter, AdapterError, accept_sampled, generate_kangaroo, probs
+from skip.kangaroo import accept_sampled, generate_kangaroo, probs
+from skip.kangaroo_adapter import Adapter, AdapterError
 from skip.kangaroo_files import load_adapter, save_adapter
 from skip.kangaroo_train import RECIPES, distill_loss, linear_lr, tokens_by_frequency
 from tokenizer import encode_chat, load_tokenizer

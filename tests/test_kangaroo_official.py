@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import save_file
 
 from model import attention_mask, load_model
-from skip.kangaroo import Adapter, AdapterError, adapt, generate_kangaroo
+from skip.kangaroo import adapt, generate_kangaroo
+from skip.kangaroo_adapter import Adapter, AdapterError
 from skip.kangaroo_files import load_adapter, save_adapter
 from weights.__main__ import main as weights_main
 from weights.kangaroo_official import OfficialAdapterError, convert_official

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from model import load_model
 from skip.adainfer import FEATURES, SVM, CRFClassifier, Trace
 from skip.adainfer_files import PARAM_MAX, STD_MIN, ClassifierError, load_classifier, save_classifier
-from skip.kangaroo import AdapterError
+from skip.kangaroo_adapter import AdapterError
 from skip.kangaroo_files import load_adapter, save_adapter
 
 from conftest import random_adapter

@@ -45,7 +45,7 @@ def main(argv=None):
         elif args.cmd == "kangaroo-official":
             from model import load_model
             from weights.files import OutputExists, check_not_reading
-            from skip.kangaroo import AdapterError
+            from skip.kangaroo_adapter import AdapterError
 
             from .kangaroo_official import OfficialAdapterError, convert_official
             try:

@@ -123,7 +123,7 @@ def official_settings(path, cfg):
 def convert_official(path, model, l, out, force=False):
     """Write the official adapter at `path`, trained for exit layer l of `model`, to `out`, with the
     settings the official code computes it with."""
-    from skip.kangaroo import Adapter
+    from skip.kangaroo_adapter import Adapter
     from skip.kangaroo_files import save_adapter
 
     adapter = Adapter(model.cfg, l, official_settings(path, model.cfg))

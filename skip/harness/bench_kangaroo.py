@@ -81,10 +81,16 @@ def piece_costs(model, adapter, l, K, ctx, gamma, batch=1):
                        for n in range(1, max(gamma + 2, 9))]}  # at least 1..8 positions
 
 
+def round_ms(K, costs, draft_ms):
+    """A round of K drafts at the measured costs: K + 1 steps of M^s, K draft heads (draft_ms each:
+    A and its head), one deep pass on K + 1 positions."""
+    return (K + 1) * costs["shallow"] + K * draft_ms + costs["verify"][K]
+
+
 def predicted_speedup(rounds, costs, draft_ms):
     """Expected tokens per round over the cost of a round, from measured rounds and costs."""
     tokens = sum(r.accepted + 1 for r in rounds)
-    ms = sum((r.drafted + 1) * costs["shallow"] + r.drafted * draft_ms + costs["verify"][r.drafted] for r in rounds)
+    ms = sum(round_ms(r.drafted, costs, draft_ms) for r in rounds)
     return tokens * costs["step"] / ms if ms else None
 
 

@@ -28,7 +28,7 @@ from tokenizer import encode_chat
 from weights.files import write_text_atomic
 
 from ..kangaroo import generate_kangaroo
-from .bench_kangaroo import ACCEPTANCE_HEADERS, acceptance_cells, metrics, piece_costs, yes_no
+from .bench_kangaroo import ACCEPTANCE_HEADERS, acceptance_cells, metrics, piece_costs, round_ms, yes_no
 from .data import SPECBENCH, specbench
 from .report import markdown_table
 from .timing import interleaved_ms
@@ -63,12 +63,6 @@ def waste(prompts, outs):
     return {"idle": idle / verified if verified else 0.0, "holes": holes / keys if keys else 0.0}
 
 
-def round_ms(K, c):
-    """A batch round of K drafts at the measured costs c: K + 1 steps of M^s, K of A and the top-K
-    head, one deep pass on K + 1 positions."""
-    return (K + 1) * c["shallow"] + K * c["draft_topk"] + c["verify"][K]
-
-
 def measure(model, adapter, pool, B, a):
     """Both methods on the pool in batches of B: decode seconds, tokens, rounds, lossless."""
     N, s = a.max_new_tokens, {"plain": 0.0, "kangaroo": 0.0}
@@ -96,13 +90,13 @@ def one_size(model, adapter, pool, B, a):
     tps = {m: decoded[m] / s[m] for m in s}
     return {"plain_tokens_per_s": tps["plain"], "kangaroo_tokens_per_s": tps["kangaroo"],
             "speedup": tps["kangaroo"] / tps["plain"],
-            "predicted_speedup": plain_steps * c["step"] / sum(round_ms(K, c) for K, _ in rounds),
+            "predicted_speedup": plain_steps * c["step"] / sum(round_ms(K, c, c["draft_topk"]) for K, _ in rounds),
             "lossless": all(o.tokens == p for o, p in zip(outs, plains)),
             "rows_unequal": sum(o.tokens != p for o, p in zip(outs, plains)),
             "acceptance": metrics([(o.rounds, len(o.tokens)) for o in outs]),
             "waste": waste(prompts, outs), "batch_rounds": len(rounds), "plain_steps": plain_steps,
             "mean_K": statistics.mean(K for K, _ in rounds),
-            "round_ms": statistics.mean(round_ms(K, c) for K, _ in rounds),
+            "round_ms": statistics.mean(round_ms(K, c, c["draft_topk"]) for K, _ in rounds),
             "tokens_per_row_round": decoded["kangaroo"] / sum(n for _, n in rounds), "ctx": ctx, "costs_ms": c}
 
 
