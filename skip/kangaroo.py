@@ -22,12 +22,19 @@ One round, from the last committed token x at slot n (not cached yet):
      min(1, p_i(d_i) / q_i(d_i)), else a draw from norm(max(0, p_i - q_i)), which keeps every
      token distributed exactly as p.
   4. crop every cache (shallow, deep, adapter) to the accepted length (as the official code does).
-Ours, in the steps above: a batch of prompts of different lengths, each row as if alone (greedy:
-exactly; sampled: in distribution, the rows sharing one generator) (each drafts to its own eta or k, one verification pass for all, each row accepts and crops its
-own; the rows share the caches' slots, model/cache.py; the rows' bookkeeping: skip/kangaroo_batch.py).
-After the divider, ours: an imported adapter's own settings, the top-K draft head, the
-adapter-free peer and the hook of traces. A: skip/kangaroo_adapter.py (its files: skip/kangaroo_files.py;
-training it: skip/kangaroo_train.py).
+
+A after a round that accepted every draft: A read x, d_1, ..., d_{k-1} (each to draft the next)
+but never d_k, whose state only went to verification. We catch A up a round late, with the next
+round's first draft (A reads d_k's state and x's in one call), as the official
+evaluation/inference_kangaroo.py fills that missing adapter KV; catching up at once, as gpt-fast
+feeds its draft model the last token, would cost one more A call a round and could round A's
+keys differently from the official code's, which this file is checked against draft for draft.
+
+This file decodes one sequence. Ours, elsewhere: a batch of prompts with each row as if alone
+(skip/kangaroo_batch.py, bound to this file by tests/test_kangaroo_batch.py); A itself in
+skip/kangaroo_adapter.py (its files: skip/kangaroo_files.py; training it:
+skip/train/kangaroo_train.py). After the divider, ours: the top-K draft head, the adapter-free
+peer and the hook of traces.
 """
 from __future__ import annotations
 
@@ -36,10 +43,8 @@ from typing import NamedTuple
 
 import torch
 
-from model import attention_mask, check_length, check_sampling, filter_logits, left_pad, positions
+from model import attention_mask, check_length, check_sampling, filter_logits, positions
 from model.flops import AttnRun, HeadRun
-
-from .kangaroo_batch import Rows
 
 
 # ---------------------------------------------------------------- acceptance rules
@@ -74,10 +79,10 @@ def probs(logits, temperature, top_p):
 # ---------------------------------------------------------------- the draft model's two pieces
 def adapt(model, A, h, cache, start, pad_mask=None):
     """A's output (B, T, d) on exited states h (B, T, d) at slots [start, start + T) of its cache,
-    reading and extending it; pad_mask (B, start + T): the slots that hold a row's state, None for
-    all (M's observers are told: FLOPs)."""
+    reading and extending it (pad_mask: a batch's real slots, skip/kangaroo_batch.py; M's
+    observers are told: FLOPs)."""
     B, T = h.shape[:2]
-    pos = positions(pad_mask, start, T, h.device)  # (B|1, T): each row's own positions
+    pos = positions(pad_mask, start, T, h.device)  # (B|1, T)
     z = A(h, A.rope(model, pos), cache, start, attention_mask(pad_mask, start, T, h.device), model.attn_impl)
     model.emit(AttnRun(B, T, start))
     return z
@@ -101,9 +106,6 @@ class Round:
     drafted: int  # k: draft tokens proposed
     accepted: int  # a: how many of them M accepted (the round yields a + 1 tokens)
     drafts: list = field(default_factory=list)  # d_1..d_k
-    # ours, batched: what the row's share of the batch's verification wasted (0 for one row)
-    idle: int = 0  # verified positions after the row stopped drafting (the batch's longest k minus its k)
-    holes: int = 0  # the row's padding and holes among the slots before n (keys its attention skips)
 
 
 @dataclass
@@ -113,51 +115,37 @@ class KangarooOutput:
 
 
 class Kangaroo:
-    """M split at A's exit layer l, for one decoding of B rows [SD]: M^d = H . A . M^s and M share
-    M^s (its layers and their KV cache) and H; A keeps a KV cache of its own. Ours: rows share each
-    cache's slots; which slots hold a row's states is that cache's `valid` mask, and a row's
-    positions count them (model/cache.py). A's mask is its own: A reads a row's last accepted
-    state a round late when the row accepted every draft (draft_logits), in A's next slot, so A's
-    slots may run ahead of M's by one a round while each state keeps the row's own position."""
+    """M split at A's exit layer l, for one sequence [SD]: M^d = H . A . M^s and M share M^s (its
+    layers and their KV cache) and H; A keeps a KV cache of its own, slot for slot with M's."""
 
-    def __init__(self, model, adapter, batch, max_len, catch_ups=0):
+    def __init__(self, model, adapter, max_len):
         self.model, self.A, self.l, self.H = model, adapter, adapter.l, model.head.weight  # H: (V, d)
-        # A's catch-ups (draft_logits) take slots of their own: at most one a round, none for one row
-        self.cache, self.acache = model.new_cache(batch, max_len), adapter.new_cache(batch, max_len + catch_ups)
-        self.last_h = None  # (B, 1, d) each row's last draft's h_l, which A has not read when every draft was accepted
-        self.lags = [False] * batch  # which rows A has to catch up
+        self.cache, self.acache = model.new_cache(1, max_len), adapter.new_cache(1, max_len)
+        self.pending = None  # (1, 1, d) the last draft's h_l when the round accepted every draft
 
-    def shallow(self, ids, start, real):
-        """M^s on ids (B, T) at slots [start, start + T), real (B, T) bools (False: padding or a
-        stopped row's filler): the exited states h_l (B, T, d)."""
-        mask = self.cache.open(real)  # None while every slot is real: one row runs as it always did
-        pos = positions(mask, start, ids.shape[1], ids.device)  # (B|1, T)
-        return self.model.run_layers(self.model.embed_tokens(ids, pos), pos, range(self.l), self.cache, start, mask)
+    def shallow(self, ids, start):
+        """M^s on ids (1, T) at slots [start, start + T): the exited states h_l (1, T, d)."""
+        pos = positions(None, start, ids.shape[1], ids.device)  # (1, T)
+        return self.model.run_layers(self.model.embed_tokens(ids, pos), pos, range(self.l), self.cache, start)
 
     def deep(self, h_l, start):
-        """Layers [l, L) on exited states h_l (B, T, d) at slots [start, start + T), opened by shallow."""
-        mask = self.cache.pad_mask(start + h_l.shape[1])
-        pos = positions(mask, start, h_l.shape[1], h_l.device)  # (B|1, T)
-        return self.model.run_layers(h_l, pos, range(self.l, self.model.cfg.n_layers), self.cache, start, mask)
+        """Layers [l, L) on exited states h_l (1, T, d) at slots [start, start + T)."""
+        pos = positions(None, start, h_l.shape[1], h_l.device)  # (1, T)
+        return self.model.run_layers(h_l, pos, range(self.l, self.model.cfg.n_layers), self.cache, start)
 
-    def prefill(self, h_l, real):
-        """A reads the prompts' exited states (B, T, d) into its cache."""
-        adapt(self.model, self.A, h_l, self.acache, 0, self.acache.open(real))
+    def prefill(self, h_l):
+        """A reads the prompt's exited states (1, T, d) into its cache."""
+        adapt(self.model, self.A, h_l, self.acache, 0)
 
-    def draft_logits(self, h_l, drafting):
-        """M^d's logits (B, V') of each row's next token, from the exited state h_l (B, 1, d) of its
-        newest slot; drafting (B,) bools: the rows that draft now (the others' are filler)."""
-        real = [[d] for d in drafting]
-        if any(lag and d for lag, d in zip(self.lags, drafting)):  # the last round accepted every draft,
-            # so A never read the last draft's state (it verified, not drafted, after it): A reads it
-            # now, with this one (the official evaluation/inference_kangaroo.py fills that missing
-            # adapter KV the same way); for a batch, in a slot of A's own (model/cache.py)
-            real = [[lag and d, d] for lag, d in zip(self.lags, drafting)]
-            h_l = torch.cat([self.last_h, h_l], 1)  # (B, 2, d)
-            self.lags = [lag and not d for lag, d in zip(self.lags, drafting)]
-        start = self.acache.lengths[0]
-        return head(self.model, adapt(self.model, self.A, h_l, self.acache, start, self.acache.open(real))[:, -1],
-                    self.H)
+    def draft_logits(self, h_l):
+        """M^d's logits (V',) of the next token, from the exited state h_l (1, 1, d) of the newest slot."""
+        if self.pending is not None:  # A catches up on the last round's last draft (module docstring)
+            h_l, self.pending = torch.cat([self.pending, h_l], 1), None  # (1, 2, d)
+        return self.exit_logits(h_l, self.acache, self.acache.lengths[0])[0]
+
+    def exit_logits(self, h_l, cache, start, pad_mask=None):
+        """H . A on exited states h_l (B, T, d) at A's slots [start, start + T): logits (B, V') of the last."""
+        return head(self.model, adapt(self.model, self.A, h_l, cache, start, pad_mask)[:, -1], self.H)
 
     def pick(self, z, s: Sampling):
         """M^d's token from its logits z (V'), the confidence that the second exit compares with eta
@@ -168,80 +156,46 @@ class Kangaroo:
         q = probs(z, s.temperature, s.top_p)  # (V)
         return int(torch.multinomial(q, 1, generator=s.generator)), float(q.max()), q
 
-    def verify(self, h_l, n, drafted):
-        """[SD]: M's logits (B, K + 1, V) at slots [n, n + K], from the exited states h_l (B, K + 1, d);
-        row b's after its own drafted[b] + 1 are filler (drafted is for the trace hook, `observed`)."""
-        return self.model.logits(self.deep(h_l, n))
+    def verify(self, h_l, n):
+        """[SD]: M's logits (k + 1, V) at slots [n, n + k], from the exited states h_l (1, k + 1, d)."""
+        return self.model.logits(self.deep(h_l, n))[0]
 
-    def crop(self, n, accepted, drafted, h_l):
-        """Row b keeps its first accepted[b] + 1 slots from n in every cache (x and the accepted
-        drafts): the caches end at the longest row, the rest of each row become holes (one row: a
-        plain crop). h_l (B, K + 1, d): the round's exited states."""
-        kept = [a + 1 for a in accepted]
-        keep(self.cache, n, kept)
-        keep(self.acache, self.acache.lengths[0] - max(drafted), kept)  # from A's slot of the round's first draft
-        self.last_h = h_l[torch.arange(len(kept), device=h_l.device), drafted][:, None]  # (B, 1, d) at n + k_b
-        self.lags = [a == k for a, k in zip(accepted, drafted)]
-
-    def keep_rows(self, rows):
-        """Drop the finished rows: row i becomes the old row rows[i]."""
-        for cache in (self.cache, self.acache):
-            cache.reorder(rows)
-        self.last_h = None if self.last_h is None else self.last_h[rows]  # None: before the first round
-        self.lags = [self.lags[r] for r in rows]
+    def crop(self, n, a, h_l):
+        """Keep x and the a accepted drafts (slots [0, n + a + 1)) in every cache; h_l (1, k + 1, d)."""
+        self.cache.crop(n + a + 1)
+        self.acache.crop(n + a + 1)
+        self.pending = h_l[:, -1:] if a == h_l.shape[1] - 1 else None  # A has not read d_k
 
 
-def keep(cache, start, kept):
-    """Row b keeps its first kept[b] slots from start: the cache ends at the longest row, and the
-    rest of each row become holes (model/cache.py)."""
-    cache.crop(start + max(kept))
-    cache.hide(start, kept)
-
-
-def draft(kg: Kangaroo, xs, n, ks, eta, s: Sampling):
-    """[DD]: from each row's x at slot n, M^s (the first exit; its keys/values stay cached) and M^d
-    propose at most k tokens; drafting stops after a draft whose probability is below eta (the
-    second exit). Returns each row's d_1..d_k and their q (sampling), and the exited states h_l
-    (B, K + 1, d) of x, d_1, ..., d_k, K the most any row drafted: the last draft is verified too,
-    since its h_l is computed anyway (as in the official code). Ours: a row that has stopped waits
-    in the batch while others draft; its slots are filler, never accepted."""
-    drafts, qs, hs = [[] for _ in xs], [[] for _ in xs], []
-    # going: the rows whose token at n + i is real, then those that draft from it; conf starts at 1,
-    # so every row with k >= 1 drafts once (the official code tests eta only from its second step)
-    going, conf, toks = [True] * len(xs), [1.0] * len(xs), list(xs)
-    for i in range(max(ks) + 1):
-        ids = torch.tensor(toks, device=kg.model.device)[:, None]  # (B, 1): a stopped row's is filler
-        hs.append(kg.shallow(ids, n + i, [[g] for g in going]))  # (B, 1, d)
-        going = [g and i < k and c >= eta for g, k, c in zip(going, ks, conf)]  # the rows that draft at n + i
-        if not any(going):
+def draft(kg: Kangaroo, x, n, k, eta, s: Sampling):
+    """[DD]: from x at slot n, M^s (the first exit; its keys/values stay cached) and M^d propose at
+    most k tokens; drafting stops after a draft whose probability is below eta (the second exit).
+    Returns d_1..d_k', their q (sampling) and the exited states h_l (1, k' + 1, d) of x, d_1, ...,
+    d_k': the last draft is verified too, since its h_l is computed anyway (as in the official code)."""
+    drafts, qs, hs = [], [], []
+    tok, conf = x, 1.0  # conf starts at 1: the official code tests eta only from its second step
+    for i in range(k + 1):
+        hs.append(kg.shallow(torch.tensor([[tok]], device=kg.model.device), n + i))  # (1, 1, d)
+        if i == k or conf < eta:
             break
-        z = kg.draft_logits(hs[-1], going)  # (B, V')
-        for b in (b for b, g in enumerate(going) if g):
-            toks[b], conf[b], q = kg.pick(z[b], s)
-            drafts[b].append(toks[b])
-            qs[b].append(q)
+        tok, conf, q = kg.pick(kg.draft_logits(hs[-1]), s)
+        drafts.append(tok)
+        qs.append(q)
     return drafts, qs, torch.cat(hs, 1)
 
 
-def kangaroo_round(kg: Kangaroo, xs, n, ks, eta, s: Sampling):
-    """One round from each row's x at slot n, row b drafting at most ks[b]: draft, verify, accept,
-    crop. Returns each row's Round and the a + 1 tokens it commits."""
-    drafts, qs, h = draft(kg, xs, n, ks, eta, s)  # 1. draft: h (B, K + 1, d)
-    drafted = [len(d) for d in drafts]
-    p_logits = kg.verify(h, n, drafted)  # 2. verify: (B, K + 1, V), one pass for all rows
-    accepted, new = [], []
-    for b, (d, k) in enumerate(zip(drafts, drafted)):  # 3. accept, each row by its own drafts
-        p = p_logits[b, :k + 1]  # (k + 1, V)
-        if s.temperature == 0:  # the longest prefix M's greedy choice agrees with, plus M's token
-            a, nxt = accept_greedy(p, d)
-        else:
-            a, nxt = accept_sampled(probs(p, s.temperature, s.top_p), torch.stack(qs[b]) if qs[b] else None, d,
-                                    s.generator)
-        accepted.append(a)
-        new.append(d[:a] + [nxt])
-    kg.crop(n, accepted, drafted, h)  # 4. keep x and the accepted drafts; drop the rest from every cache
-    K = h.shape[1] - 1
-    return [Round(k, a, d, idle=K - k) for k, a, d in zip(drafted, accepted, drafts)], new
+def kangaroo_round(kg: Kangaroo, x, n, k, eta, s: Sampling):
+    """One round from x at slot n: draft, verify, accept, crop. Returns its Round and the a + 1
+    tokens it commits."""
+    drafts, qs, h = draft(kg, x, n, k, eta, s)  # 1. draft: h (1, k + 1, d)
+    p_logits = kg.verify(h, n)  # 2. verify: (k + 1, V), one pass
+    if s.temperature == 0:  # 3. accept: the longest prefix M's greedy choice agrees with, plus M's token
+        a, nxt = accept_greedy(p_logits, drafts)
+    else:
+        q = torch.stack(qs) if qs else None  # (k, V)
+        a, nxt = accept_sampled(probs(p_logits, s.temperature, s.top_p), q, drafts, s.generator)
+    kg.crop(n, a, h)  # 4. keep x and the accepted drafts; drop the rest from every cache
+    return Round(len(drafts), a, drafts), drafts[:a] + [nxt]
 
 
 @torch.inference_mode()
@@ -249,42 +203,37 @@ def generate_kangaroo(model, prompt, adapter=None, l=None, max_new_tokens=64, ga
                       draft_vocab=None, temperature=0.0, top_p=1.0, generator=None, eos=None, on_round=None,
                       observe=None):
     """Kangaroo decoding of one prompt (a list of token ids) with adapter A: the tokens and rounds.
-    Ours (below the divider): a list of prompts (lists of ids, any lengths) decodes as one batch and
-    returns one output per prompt, each row as if alone (sampled: in distribution); adapter=None drafts with M's own final norm
-    and head on h_l (the adapter-free peer; then give l); draft_vocab=K restricts the draft head to
-    A's K most frequent tokens; on_round(tokens, (cache, adapter cache)) runs after each round's
-    crop (for tests); observe sees each draft's and each verification's logits (for traces; see
-    `observed`). Batched, both are called once per row and told row=the prompt's index (the
-    caches hold every row still in the batch)."""
-    batched = bool(prompt) and isinstance(prompt[0], (list, tuple))  # one prompt is a batch of one
-    prompts = [list(p) for p in prompt] if batched else [prompt]
-    check_settings(model.cfg, prompts, adapter, l, max_new_tokens, gamma, eta, temperature, top_p, draft_vocab)
-    B, s = len(prompts), Sampling(temperature, top_p, generator)
-    rows = Rows(prompts, max_new_tokens, set(model.cfg.eos_token_id if eos is None else eos))
-    room = rows.T + B * max_new_tokens + min(gamma, max_new_tokens) + 1  # slots, holes included (model/cache.py)
-    kg = self_draft(model, adapter, l, draft_vocab, B, room, max_new_tokens if B > 1 else 0)
-    kg = kg if observe is None else observed(kg, observe, rows.active if batched else None)
+    Ours (below the divider): adapter=None drafts with M's own final norm and head on h_l (the
+    adapter-free peer; then give l); draft_vocab=K restricts the draft head to A's K most frequent
+    tokens; on_round(tokens, (cache, adapter cache)) runs after each round's crop (for tests);
+    observe sees each draft's and each verification's logits (for traces; see `observed`)."""
+    if prompt and isinstance(prompt[0], (list, tuple)):
+        raise TypeError("generate_kangaroo decodes one prompt (token ids); a batch: "
+                        "skip.kangaroo_batch.generate_kangaroo_batch")
+    prompt = list(prompt)
+    check_settings(model.cfg, [prompt], adapter, l, max_new_tokens, gamma, eta, temperature, top_p, draft_vocab)
+    s, eos = Sampling(temperature, top_p, generator), set(model.cfg.eos_token_id if eos is None else eos)
+    kg = self_draft(model, adapter, l, draft_vocab, len(prompt) + max_new_tokens)
+    kg = kg if observe is None else observed(kg, observe)
 
-    # prefill: M on the prompts, A on their exited states
-    real = rows.padding()
-    h = kg.shallow(left_pad(prompts, model.cfg.pad_token_id or 0, model.device)[0], 0, real)  # (B, T, d)
-    kg.prefill(h, real)
-    logits = model.logits(kg.deep(h, 0), last_only=True)[:, -1]  # (B, V)
-    for b in range(B):
-        rows.tokens[b].append(int(logits[b].argmax()) if temperature == 0 else
-                              int(torch.multinomial(probs(logits[b], temperature, top_p), 1, generator=generator)))
-    while True:  # a row that meets EOS or max_new_tokens leaves the batch's work
-        if (keep := rows.leave()) is not None:
-            kg.keep_rows(keep)
-        if not rows.active:
-            outs = [KangarooOutput(t, r) for t, r in zip(rows.tokens, rows.rounds)]
-            return outs if batched else outs[0]
-        rounds, new = kangaroo_round(kg, rows.last(), rows.n, rows.budgets(gamma), eta, s)
-        rows.commit(rounds, new)
-        assert kg.cache.lengths[0] == rows.n  # the caches end where the rows' next tokens go
+    # prefill: M on the prompt, A on its exited states
+    h = kg.shallow(torch.tensor([prompt], device=model.device), 0)  # (1, T, d)
+    kg.prefill(h)
+    logits = model.logits(kg.deep(h, 0), last_only=True)[0, -1]  # (V,)
+    tokens = [int(logits.argmax()) if temperature == 0 else
+              int(torch.multinomial(probs(logits, temperature, top_p), 1, generator=generator))]
+    rounds = []
+    while tokens[-1] not in eos and len(tokens) < max_new_tokens:
+        k = min(gamma, max_new_tokens - len(tokens) - 1)  # never draft past max_new_tokens
+        rnd, new = kangaroo_round(kg, tokens[-1], len(prompt) + len(tokens) - 1, k, eta, s)
+        rounds.append(rnd)
+        for t in new:  # up to EOS or the budget
+            tokens.append(t)
+            if t in eos or len(tokens) == max_new_tokens:
+                break
         if on_round is not None:
-            for r in rows.active:
-                on_round(list(rows.tokens[r]), (kg.cache, kg.acache), **({"row": r} if batched else {}))
+            on_round(list(tokens), (kg.cache, kg.acache))
+    return KangarooOutput(tokens, rounds)
 
 
 # ================================================================ ours: extensions
@@ -293,8 +242,8 @@ class TopKDraft(Kangaroo):
     step. Verification keeps the full head, so the output does not change; eta then applies to the
     draft's probability renormalised over those K tokens."""
 
-    def __init__(self, model, adapter, batch, max_len, catch_ups, K):  # K checked by check_settings
-        super().__init__(model, adapter, batch, max_len, catch_ups)
+    def __init__(self, model, adapter, max_len, K):  # K checked by check_settings
+        super().__init__(model, adapter, max_len)
         self.vocab = adapter.frequent[:K].to(model.device)  # (K,) the token id of each row
         self.H = self.H[self.vocab].contiguous()  # (K, d), gathered once, not per step
 
@@ -308,54 +257,47 @@ class TopKDraft(Kangaroo):
 class LensDraft(Kangaroo):
     """The adapter-free peer: M's own final norm and head read h_l (the logit lens at layer l)."""
 
-    def __init__(self, model, l, batch, max_len):  # no A, so no adapter cache
+    def __init__(self, model, l, max_len):  # no A, so no adapter cache
         self.model, self.A, self.l, self.H = model, None, l, model.head.weight
-        self.cache, self.acache = model.new_cache(batch, max_len), None
+        self.cache, self.acache, self.pending = model.new_cache(1, max_len), None, None
 
-    def prefill(self, h_l, real):
+    def prefill(self, h_l):
         pass
 
-    def draft_logits(self, h_l, drafting):
+    def draft_logits(self, h_l):
+        return self.exit_logits(h_l, None, 0)[0]
+
+    def exit_logits(self, h_l, cache, start, pad_mask=None):  # no A: the head on h_l itself
         return self.model.logits(h_l)[:, -1]  # (B, V)
 
-    def crop(self, n, accepted, drafted, h_l):
-        keep(self.cache, n, [a + 1 for a in accepted])
-
-    def keep_rows(self, rows):
-        self.cache.reorder(rows)
+    def crop(self, n, a, h_l):
+        self.cache.crop(n + a + 1)
 
 
-def self_draft(model, adapter, l, draft_vocab, batch, max_len, catch_ups):
+def self_draft(model, adapter, l, draft_vocab, max_len):
     """The Kangaroo of these settings: the paper's, or one of ours."""
     if draft_vocab:
-        return TopKDraft(model, adapter, batch, max_len, catch_ups, draft_vocab)
-    return Kangaroo(model, adapter, batch, max_len, catch_ups) if adapter is not None else LensDraft(model, l, batch,
-                                                                                                      max_len)
+        return TopKDraft(model, adapter, max_len, draft_vocab)
+    return Kangaroo(model, adapter, max_len) if adapter is not None else LensDraft(model, l, max_len)
 
 
-def observed(kg, observe, rows):
-    """kg, with observe(kind, h_l, logits, ids) shown each row's draft ("draft": its exited state
+def observed(kg, observe):
+    """kg, with observe(kind, h_l, logits, ids) shown each draft ("draft": its exited state
     (1, 1, d), M^d's logits (V'), the token id of each of their rows or None for all V) and each
-    row's verification ("verify": its k + 1 exited states (1, k + 1, d), M's logits (k + 1, V),
-    None), as skip/trace.py records them; rows: None for one prompt, else the list giving each
-    batch row's prompt index, passed as row=."""
+    verification ("verify": the k + 1 exited states (1, k + 1, d), M's logits (k + 1, V), None),
+    as skip/trace/methods.py records them. Wraps this instance's two methods, nothing else."""
     draft_logits, verify, ids = kg.draft_logits, kg.verify, getattr(kg, "vocab", None)
 
-    def tell(kind, b, h_l, logits, ids):
-        observe(kind, h_l, logits, ids, **({} if rows is None else {"row": rows[b]}))
-
-    def draft_seen(h_l, drafting):
-        z = draft_logits(h_l, drafting)  # (B, V')
-        for b in (b for b, d in enumerate(drafting) if d):
-            tell("draft", b, h_l[b:b + 1], z[b], ids)
+    def draft_seen(h_l):
+        z = draft_logits(h_l)  # (V')
+        observe("draft", h_l, z, ids)
         return z
 
-    def verify_seen(h_l, n, drafted):
-        logits = verify(h_l, n, drafted)  # (B, K + 1, V)
-        for b, k in enumerate(drafted):
-            tell("verify", b, h_l[b:b + 1, :k + 1], logits[b, :k + 1], None)
+    def verify_seen(h_l, n):
+        logits = verify(h_l, n)  # (k + 1, V)
+        observe("verify", h_l, logits, None)
         return logits
-    kg.draft_logits, kg.verify = draft_seen, verify_seen  # this instance only
+    kg.draft_logits, kg.verify = draft_seen, verify_seen
     return kg
 
 

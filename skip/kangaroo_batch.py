@@ -1,20 +1,50 @@
-"""The rows of a batched Kangaroo decoding (ours; the method is skip/kangaroo.py): which prompts are
-still in the batch, each one's tokens and rounds, the slot n where every row's next token x goes,
-and what each round's verification wasted on the row.
+"""Batched Kangaroo (ours; the method, for one sequence, is skip/kangaroo.py): prompts of
+different lengths decoded as one batch, each row exactly as skip/kangaroo.py decodes it alone
+(greedy: the same tokens, drafts and accepted counts; sampled: in distribution, the rows sharing
+one generator). tests/test_kangaroo_batch.py binds every row to its run alone.
 
-Rows share the caches' slots (model/cache.py): a round from slot n ends at n + max a_i + 1, the
-longest accepted row, and a row that accepted fewer keeps holes there. A row that meets EOS or
-its token budget leaves the batch's work; `active` maps each batch row to its prompt.
+The same four steps as the paper file, per row:
+  1. draft: each row drafts to its own k or eta; a row that has stopped waits while the others
+     draft, its slots filler, never accepted;
+  2. verify: one pass of layers [l, L) for all rows, over the batch's longest draft;
+  3. accept: each row by its own drafts and M's logits;
+  4. crop: each row keeps x and its accepted drafts; the caches end at the longest row, and the
+     rest of each row's slots become holes (KVCache.hide).
+Rows share each cache's slots (model/cache.py): left padding, holes and filler are slots whose
+`valid` is False, and a row's RoPE position counts only its real slots, so a row sees exactly
+the keys and positions it would see alone. A's cache keeps its own mask: A catches a row up a
+round late (as skip/kangaroo.py explains) in a slot of A's own, so A's slots may run ahead of
+M's by one a round while each state keeps the row's own position. A row that meets EOS or its
+token budget leaves the batch (KVCache.reorder).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import torch
+
+from model import left_pad, positions
+
+from .kangaroo import (KangarooOutput, Round, Sampling, accept_greedy, accept_sampled, adapt, check_settings, probs,
+                       self_draft)
+
+
+@dataclass
+class RowRound(Round):
+    """A row's Round, and what its share of the batch's verification wasted (0 for one row)."""
+    idle: int = 0  # verified positions after the row stopped drafting (the batch's longest k minus its k)
+    holes: int = 0  # the row's padding and holes among the slots before n (keys its attention skips)
+
 
 class Rows:
+    """Which prompts are still in the batch (`active`: the prompt of each batch row), each one's
+    tokens and rounds, and the slot n where every row's next token x goes."""
+
     def __init__(self, prompts, max_new_tokens, eos):
         self.prompts, self.max_new_tokens, self.eos = prompts, max_new_tokens, eos
         self.T = max(map(len, prompts))  # the padded prompt length
         self.n = self.T  # the slot of every row's x, the newest committed token (not cached yet)
-        self.active = list(range(len(prompts)))  # the prompt of each batch row
+        self.active = list(range(len(prompts)))
         self.tokens, self.rounds = [[] for _ in prompts], [[] for _ in prompts]
 
     def padding(self):
@@ -22,15 +52,14 @@ class Rows:
         return [[False] * (self.T - len(p)) + [True] * len(p) for p in self.prompts]
 
     def last(self):
-        """Each batch row's x."""
-        return [self.tokens[r][-1] for r in self.active]
+        return [self.tokens[r][-1] for r in self.active]  # each batch row's x
 
     def budgets(self, gamma):
         """Each batch row's k: gamma, but never drafting past its max_new_tokens."""
         return [min(gamma, self.max_new_tokens - len(self.tokens[r]) - 1) for r in self.active]
 
     def commit(self, rounds, new):
-        """Each batch row's Round and the tokens it commits, up to its EOS or budget; the round's
+        """Each batch row's RowRound and the tokens it commits, up to its EOS or budget; the round's
         holes are the row's slots before n that are not its tokens (padding and earlier holes)."""
         for r, rnd, tokens in zip(self.active, rounds, new):
             rnd.holes = self.n - len(self.prompts[r]) - len(self.tokens[r]) + 1
@@ -49,5 +78,165 @@ class Rows:
         keep = [i for i, r in enumerate(self.active) if not self.done(r)]
         if len(keep) == len(self.active):
             return None
-        self.active[:] = [self.active[i] for i in keep]  # in place: observers hold this list
+        self.active = [self.active[i] for i in keep]
         return keep
+
+
+class Batch:
+    """The paper's draft model kg (its A, H, exit_logits and pick; skip/kangaroo.py) over the rows
+    of `rows`, with caches of B rows whose `valid` masks say which slots hold a row's states."""
+
+    def __init__(self, kg, rows, max_len, observe=None):
+        B = len(rows.prompts)
+        self.kg, self.model, self.l, self.rows, self.observe = kg, kg.model, kg.l, rows, observe
+        self.cache = self.model.new_cache(B, max_len)
+        # A's catch-ups take slots of their own: at most one a round, at most max_new_tokens rounds
+        self.acache = None if kg.A is None else kg.A.new_cache(B, max_len + (rows.max_new_tokens if B > 1 else 0))
+        self.last_h = None  # (B, 1, d) each row's last draft's h_l, which A has not read when every draft was accepted
+        self.lags = [False] * B  # which rows A has to catch up
+
+    def shallow(self, ids, start, real):
+        """M^s on ids (B, T) at slots [start, start + T), real (B, T) bools (False: padding or a
+        stopped row's filler): the exited states h_l (B, T, d)."""
+        mask = self.cache.open(real)  # None while every slot is real
+        pos = positions(mask, start, ids.shape[1], ids.device)  # (B|1, T)
+        return self.model.run_layers(self.model.embed_tokens(ids, pos), pos, range(self.l), self.cache, start, mask)
+
+    def deep(self, h_l, start):
+        """Layers [l, L) on exited states h_l (B, T, d) at slots [start, start + T), opened by shallow."""
+        mask = self.cache.pad_mask(start + h_l.shape[1])
+        pos = positions(mask, start, h_l.shape[1], h_l.device)  # (B|1, T)
+        return self.model.run_layers(h_l, pos, range(self.l, self.model.cfg.n_layers), self.cache, start, mask)
+
+    def prefill(self, h_l, real):
+        if self.acache is not None:  # A reads the prompts' exited states (B, T, d)
+            adapt(self.model, self.kg.A, h_l, self.acache, 0, self.acache.open(real))
+
+    def draft_logits(self, h_l, drafting):
+        """M^d's logits (B, V') of each row's next token, from the exited state h_l (B, 1, d) of its
+        newest slot; drafting (B,) bools: the rows that draft now (the others' are filler)."""
+        z = self.exit_logits(h_l, drafting)
+        if self.observe is not None:
+            for b in (b for b, d in enumerate(drafting) if d):
+                self.observe("draft", h_l[b:b + 1], z[b], getattr(self.kg, "vocab", None), row=self.rows.active[b])
+        return z
+
+    def exit_logits(self, h_l, drafting):
+        if self.acache is None:
+            return self.kg.exit_logits(h_l, None, 0)
+        real = [[d] for d in drafting]
+        if any(lag and d for lag, d in zip(self.lags, drafting)):  # A catches a row up, in a slot of its own
+            real = [[lag and d, d] for lag, d in zip(self.lags, drafting)]
+            h_l = torch.cat([self.last_h, h_l], 1)  # (B, 2, d)
+            self.lags = [lag and not d for lag, d in zip(self.lags, drafting)]
+        start = self.acache.lengths[0]
+        return self.kg.exit_logits(h_l, self.acache, start, self.acache.open(real))
+
+    def verify(self, h_l, n, drafted):
+        """M's logits (B, K + 1, V) at slots [n, n + K], from the exited states h_l (B, K + 1, d);
+        row b's after its own drafted[b] + 1 are filler."""
+        logits = self.model.logits(self.deep(h_l, n))
+        if self.observe is not None:
+            for b, k in enumerate(drafted):
+                self.observe("verify", h_l[b:b + 1, :k + 1], logits[b, :k + 1], None, row=self.rows.active[b])
+        return logits
+
+    def crop(self, n, accepted, drafted, h_l):
+        """Row b keeps its first accepted[b] + 1 slots from n in every cache (x and the accepted
+        drafts). h_l (B, K + 1, d): the round's exited states."""
+        kept = [a + 1 for a in accepted]
+        keep(self.cache, n, kept)
+        if self.acache is not None:
+            keep(self.acache, self.acache.lengths[0] - max(drafted), kept)  # from A's slot of the round's first draft
+            self.last_h = h_l[torch.arange(len(kept), device=h_l.device), drafted][:, None]  # (B, 1, d) at n + k_b
+            self.lags = [a == k for a, k in zip(accepted, drafted)]
+
+    def keep_rows(self, rows):
+        """Drop the finished rows: row i becomes the old row rows[i]."""
+        for cache in (self.cache, self.acache) if self.acache is not None else (self.cache,):
+            cache.reorder(rows)
+        self.last_h = None if self.last_h is None else self.last_h[rows]  # None: before the first round
+        self.lags = [self.lags[r] for r in rows]
+
+
+def keep(cache, start, kept):
+    """Row b keeps its first kept[b] slots from start: the cache ends at the longest row, and the
+    rest of each row become holes (model/cache.py)."""
+    cache.crop(start + max(kept))
+    cache.hide(start, kept)
+
+
+def draft(bt: Batch, xs, n, ks, eta, s: Sampling):
+    """Step 1 for every row (skip/kangaroo.py's draft, per row): each row's d_1..d_k and their q,
+    and the exited states h_l (B, K + 1, d), K the most any row drafted."""
+    drafts, qs, hs = [[] for _ in xs], [[] for _ in xs], []
+    # going: the rows whose token at n + i is real, then those that draft from it
+    going, conf, toks = [True] * len(xs), [1.0] * len(xs), list(xs)
+    for i in range(max(ks) + 1):
+        ids = torch.tensor(toks, device=bt.model.device)[:, None]  # (B, 1): a stopped row's is filler
+        hs.append(bt.shallow(ids, n + i, [[g] for g in going]))  # (B, 1, d)
+        going = [g and i < k and c >= eta for g, k, c in zip(going, ks, conf)]  # the rows that draft at n + i
+        if not any(going):
+            break
+        z = bt.draft_logits(hs[-1], going)  # (B, V')
+        for b in (b for b, g in enumerate(going) if g):
+            toks[b], conf[b], q = bt.kg.pick(z[b], s)
+            drafts[b].append(toks[b])
+            qs[b].append(q)
+    return drafts, qs, torch.cat(hs, 1)
+
+
+def batch_round(bt: Batch, xs, n, ks, eta, s: Sampling):
+    """One round from each row's x at slot n, row b drafting at most ks[b]: draft, verify, accept,
+    crop. Returns each row's RowRound and the a + 1 tokens it commits."""
+    drafts, qs, h = draft(bt, xs, n, ks, eta, s)  # 1. draft: h (B, K + 1, d)
+    drafted = [len(d) for d in drafts]
+    p_logits = bt.verify(h, n, drafted)  # 2. verify: (B, K + 1, V), one pass for all rows
+    accepted, new = [], []
+    for b, (d, k) in enumerate(zip(drafts, drafted)):  # 3. accept, each row by its own drafts
+        p = p_logits[b, :k + 1]  # (k + 1, V)
+        if s.temperature == 0:
+            a, nxt = accept_greedy(p, d)
+        else:
+            a, nxt = accept_sampled(probs(p, s.temperature, s.top_p), torch.stack(qs[b]) if qs[b] else None, d,
+                                    s.generator)
+        accepted.append(a)
+        new.append(d[:a] + [nxt])
+    bt.crop(n, accepted, drafted, h)  # 4. each row keeps x and its accepted drafts
+    K = h.shape[1] - 1
+    return [RowRound(k, a, d, idle=K - k) for k, a, d in zip(drafted, accepted, drafts)], new
+
+
+@torch.inference_mode()
+def generate_kangaroo_batch(model, prompts, adapter=None, l=None, max_new_tokens=64, gamma=6, eta=0.6,
+                            draft_vocab=None, temperature=0.0, top_p=1.0, generator=None, eos=None, on_round=None,
+                            observe=None):
+    """generate_kangaroo (skip/kangaroo.py) over a list of prompts (lists of ids, any lengths) as
+    one batch: one KangarooOutput per prompt, with RowRounds. on_round and observe as there, called
+    once per row and told row=the prompt's index (the caches hold every row still in the batch)."""
+    prompts = [list(p) for p in prompts]
+    check_settings(model.cfg, prompts, adapter, l, max_new_tokens, gamma, eta, temperature, top_p, draft_vocab)
+    B, s = len(prompts), Sampling(temperature, top_p, generator)
+    rows = Rows(prompts, max_new_tokens, set(model.cfg.eos_token_id if eos is None else eos))
+    room = rows.T + B * max_new_tokens + min(gamma, max_new_tokens) + 1  # slots, holes included (model/cache.py)
+    bt = Batch(self_draft(model, adapter, l, draft_vocab, 0), rows, room, observe)  # kg's own caches: none
+
+    # prefill: M on the prompts, A on their exited states
+    real = rows.padding()
+    h = bt.shallow(left_pad(prompts, model.cfg.pad_token_id or 0, model.device)[0], 0, real)  # (B, T, d)
+    bt.prefill(h, real)
+    logits = model.logits(bt.deep(h, 0), last_only=True)[:, -1]  # (B, V)
+    for b in range(B):
+        rows.tokens[b].append(int(logits[b].argmax()) if temperature == 0 else
+                              int(torch.multinomial(probs(logits[b], temperature, top_p), 1, generator=generator)))
+    while True:  # a row that meets EOS or max_new_tokens leaves the batch's work
+        if (keep_ := rows.leave()) is not None:
+            bt.keep_rows(keep_)
+        if not rows.active:
+            return [KangarooOutput(t, r) for t, r in zip(rows.tokens, rows.rounds)]
+        rounds, new = batch_round(bt, rows.last(), rows.n, rows.budgets(gamma), eta, s)
+        rows.commit(rounds, new)
+        assert bt.cache.lengths[0] == rows.n  # the caches end where the rows' next tokens go
+        if on_round is not None:
+            for r in rows.active:
+                on_round(list(rows.tokens[r]), (bt.cache, bt.acache), row=r)

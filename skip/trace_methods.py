@@ -15,6 +15,7 @@ from .adainfer_files import load_classifier, params
 from .adainfer_gen import generate_adainfer
 from .baselines import generate_skipdecode, generation_schedule
 from .kangaroo import generate_kangaroo
+from .kangaroo_batch import generate_kangaroo_batch
 from .kangaroo_files import load_adapter
 from .trace import TOP_K, TraceError
 from .unified import generate_unified, kept_layers
@@ -88,9 +89,10 @@ def kangaroo_steps(model, prompts, max_new_tokens, settings):
         seen[row] = {"draft_top_ids": [], "draft_top_probs": []}
         if b == len(order) - 1:  # the round's last row
             order.clear()
-    outs = generate_kangaroo(model, prompts, adapter, max_new_tokens=max_new_tokens, gamma=settings["gamma"],
-                             eta=settings["eta"], draft_vocab=settings["draft_vocab"], on_round=on_round,
-                             observe=observe)
+    kw = dict(max_new_tokens=max_new_tokens, gamma=settings["gamma"], eta=settings["eta"],
+              draft_vocab=settings["draft_vocab"], on_round=on_round, observe=observe)
+    outs = (generate_kangaroo_batch(model, prompts, adapter, **kw) if len(prompts) > 1 else
+            [generate_kangaroo(model, prompts[0], adapter, **kw)])  # one prompt: the paper's file
     for out, own in zip(outs, steps):
         for s, r in zip(own, out.rounds):
             s.update(drafted=r.drafted, accepted=r.accepted, drafts=r.drafts)

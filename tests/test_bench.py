@@ -96,12 +96,12 @@ def test_batch_waste_against_the_caches_own_slots(llama_dir):
     from conftest import random_adapter
     from test_kangaroo import tiny
     from skip.harness.bench_kangaroo_batch import batch_rounds, waste
-    from skip.kangaroo import generate_kangaroo
+    from skip.kangaroo_batch import generate_kangaroo_batch
     m = tiny(llama_dir, 0.3)
     A = random_adapter(m, 2, seed=1, lens_like=True)
     prompts = [[5, 6, 7], [11, 12, 13, 14, 15, 16, 17, 18], [20], [30, 31, 32, 33, 34]]
     after = {b: [] for b in range(len(prompts))}  # each row's cache length after each of its rounds
-    outs = generate_kangaroo(m, prompts, A, max_new_tokens=12, gamma=3, eta=0.0, eos=[],
+    outs = generate_kangaroo_batch(m, prompts, A, max_new_tokens=12, gamma=3, eta=0.0, eos=[],
                              on_round=lambda tokens, caches, row: after[row].append(caches[0].lengths[0]))
     T = max(map(len, prompts))
     holes = keys = idle = verified = 0
@@ -114,5 +114,5 @@ def test_batch_waste_against_the_caches_own_slots(llama_dir):
     assert waste(prompts, outs) == {"idle": idle / verified, "holes": holes / keys}
     assert [K for K, _ in batch_rounds(outs)] == [max(x.rounds[j].drafted for x in outs if j < len(x.rounds))
                                                   for j in range(max(len(x.rounds) for x in outs))]
-    assert waste([prompts[0]], [generate_kangaroo(m, prompts[0], A, max_new_tokens=12, gamma=3, eta=0.0, eos=[])]) \
+    assert waste([prompts[0]], generate_kangaroo_batch(m, [prompts[0]], A, max_new_tokens=12, gamma=3, eta=0.0, eos=[])) \
         == {"idle": 0.0, "holes": 0.0}

@@ -7,6 +7,7 @@ from scipy.stats import chisquare
 
 from model import KVCache, generate, left_pad, load_model
 from skip.kangaroo import generate_kangaroo, probs
+from skip.kangaroo_batch import generate_kangaroo_batch
 from skip.kangaroo_files import load_adapter
 from tokenizer import encode_chat, load_tokenizer
 
@@ -24,7 +25,7 @@ def rounds(out):
 
 def same_as_alone(m, prompts, **kw):
     """The batched run, after checking each row against that prompt decoded alone."""
-    batch = generate_kangaroo(m, prompts, **kw)
+    batch = generate_kangaroo_batch(m, prompts, **kw)
     assert len(batch) == len(prompts)
     for p, row in zip(prompts, batch):
         alone = generate_kangaroo(m, p, **kw)
@@ -64,7 +65,7 @@ def test_rows_end_at_eos_and_at_their_budget_in_different_rounds(llama_dir):
     for n in [1, 2, 3, 7]:  # budgets of no round, of a round with nothing to draft, ...
         batch = same_as_alone(m, PROMPTS, adapter=a, max_new_tokens=n, gamma=6, eta=0.0, eos=[])
         assert [o.tokens for o in batch] == [p[:n] for p in plain]
-    assert generate_kangaroo(m, [PROMPTS[0]], adapter=a, max_new_tokens=5)[0].tokens == \
+    assert generate_kangaroo_batch(m, [PROMPTS[0]], adapter=a, max_new_tokens=5)[0].tokens == \
         generate_kangaroo(m, PROMPTS[0], adapter=a, max_new_tokens=5).tokens  # a list of one prompt
 
 
@@ -72,9 +73,9 @@ def test_a_row_does_not_depend_on_the_rows_beside_it(llama_dir):
     m = tiny(llama_dir, 0.3)
     a = random_adapter(m, 2, 1, lens_like=True)
     kw = dict(adapter=a, max_new_tokens=24, gamma=4, eta=0.3, eos=[plain_stop(m)])
-    whole = {tuple(p): o for p, o in zip(PROMPTS, generate_kangaroo(m, PROMPTS, **kw))}
+    whole = {tuple(p): o for p, o in zip(PROMPTS, generate_kangaroo_batch(m, PROMPTS, **kw))}
     for group in [PROMPTS[::-1], PROMPTS[1:3], [PROMPTS[2], PROMPTS[0], PROMPTS[2]], [PROMPTS[3]] * 3]:
-        for p, o in zip(group, generate_kangaroo(m, group, **kw)):
+        for p, o in zip(group, generate_kangaroo_batch(m, group, **kw)):
             assert o.tokens == whole[tuple(p)].tokens and rounds(o) == rounds(whole[tuple(p)])
 
 
@@ -115,7 +116,7 @@ def test_caches_hold_each_rows_tokens_and_the_waste_counts_them(llama_dir):
         seen.append((row, len(tokens), cache.opened, cache.pad_mask(cache.opened).sum(-1).tolist(),
                      acache.pad_mask(acache.opened).sum(-1).tolist()))
 
-    outs = generate_kangaroo(m, PROMPTS, a, max_new_tokens=30, gamma=4, eta=0.3, eos=[plain_stop(m)],
+    outs = generate_kangaroo_batch(m, PROMPTS, a, max_new_tokens=30, gamma=4, eta=0.3, eos=[plain_stop(m)],
                              on_round=on_round)
     j = [0] * len(PROMPTS)
     for row, n_tokens, slots, real, areal in seen:
@@ -137,7 +138,7 @@ def test_observe_tells_each_row_what_it_would_see_alone(llama_dir):
     a = random_adapter(m, 2, 2, lens_like=True)
     kw = dict(max_new_tokens=16, gamma=3, eta=0.3, eos=[], draft_vocab=20)
     batched = {b: [] for b in range(len(PROMPTS))}
-    generate_kangaroo(m, PROMPTS, a, observe=lambda *seen, row: batched[row].append(seen), **kw)
+    generate_kangaroo_batch(m, PROMPTS, a, observe=lambda *seen, row: batched[row].append(seen), **kw)
     for b, p in enumerate(PROMPTS):
         alone = []
         generate_kangaroo(m, p, a, observe=lambda *seen: alone.append(seen), **kw)
@@ -157,7 +158,7 @@ def test_batched_sampling_keeps_every_rows_target_distribution(llama_dir):
     g, N = torch.Generator().manual_seed(0), 1500
     counts = torch.zeros(len(prompts), m.cfg.vocab_size)
     for _ in range(N):
-        outs = generate_kangaroo(m, prompts, a, max_new_tokens=3, gamma=2, eta=0.0, temperature=t, top_p=top_p,
+        outs = generate_kangaroo_batch(m, prompts, a, max_new_tokens=3, gamma=2, eta=0.0, temperature=t, top_p=top_p,
                                  generator=g, eos=[])
         for b, o in enumerate(outs):
             counts[b, o.tokens[1]] += 1
@@ -179,11 +180,11 @@ def test_batched_sampling_keeps_every_rows_target_distribution(llama_dir):
 def test_bad_batches_are_refused(llama_dir):
     m = load_model(llama_dir)
     with pytest.raises(ValueError, match="token ids"):
-        generate_kangaroo(m, [[5, 6], []], None, l=2)
+        generate_kangaroo_batch(m, [[5, 6], []], None, l=2)
     with pytest.raises(ValueError, match="token ids"):
-        generate_kangaroo(m, [[5, 6], [m.cfg.vocab_size]], None, l=2)
+        generate_kangaroo_batch(m, [[5, 6], [m.cfg.vocab_size]], None, l=2)
     with pytest.raises(ValueError, match="token ids"):
-        generate_kangaroo(m, [], None, l=2)
+        generate_kangaroo_batch(m, [], None, l=2)
 
 
 SMOL_PROMPTS = ["What is the capital of France?", "Write a haiku about autumn leaves.",

@@ -27,7 +27,7 @@ from model import generate
 from tokenizer import encode_chat
 from weights.files import write_text_atomic
 
-from ..kangaroo import generate_kangaroo
+from ..kangaroo_batch import generate_kangaroo_batch
 from .bench_kangaroo import ACCEPTANCE_HEADERS, acceptance_cells, metrics, piece_costs, round_ms, yes_no
 from .data import SPECBENCH, specbench
 from .report import markdown_table
@@ -70,7 +70,7 @@ def measure(model, adapter, pool, B, a):
     for i in range(0, len(pool), B):
         batch, last = pool[i:i + B], {}
         fns = [lambda: last.__setitem__("plain", generate(model, batch, max_new_tokens=N)),
-               lambda: last.__setitem__("kangaroo", generate_kangaroo(
+               lambda: last.__setitem__("kangaroo", generate_kangaroo_batch(
                    model, batch, adapter, max_new_tokens=N, gamma=a.gamma, eta=a.eta, draft_vocab=a.top_k))]
         ms = interleaved_ms(fns, a.repeats, warmup=0, models=[model, model])
         s["plain"], s["kangaroo"] = s["plain"] + ms[0] / 1000, s["kangaroo"] + ms[1] / 1000
