@@ -40,7 +40,7 @@ test-clis: weights
 demo: weights
 	$(PY) -m skip.harness.demo
 
-# Every benchmark below in one run: runs/bench.{json,md} and runs/summary.png (about an hour on
+# Every benchmark below in one run: runs/bench.{json,md} and runs/summary.png (about three hours on
 # 2 cores); bench-quick takes small samples (about 10 minutes) and writes to runs/quick/.
 bench: weights
 	$(PY) -m skip.harness.bench
@@ -56,7 +56,7 @@ SKIP_R     ?= 2 3 5
 FT_MINUTES ?= 30
 finetune-skipping: weights
 	for r in $(SKIP_R); do for m in unified skipdecode; do \
-		$(PY) -m skip.finetune --method $$m --r $$r --minutes $(FT_MINUTES) || exit 1; done; done
+		$(PY) -m skip.train.finetune --method $$m --r $$r --minutes $(FT_MINUTES) || exit 1; done; done
 
 bench-skipping: weights
 	$(PY) -m skip.harness.bench_skipping --r $(SKIP_R)
@@ -67,7 +67,7 @@ bench-skipping: weights
 KANGAROO_L ?= 2
 KANGAROO_RECIPE ?= project
 kangaroo: weights
-	$(PY) -m skip.kangaroo_train --l $(KANGAROO_L) --recipe $(KANGAROO_RECIPE)
+	$(PY) -m skip.train.kangaroo --l $(KANGAROO_L) --recipe $(KANGAROO_RECIPE)
 
 bench-kangaroo: weights
 	$(PY) -m skip.harness.bench_kangaroo

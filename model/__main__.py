@@ -10,14 +10,16 @@ from pathlib import Path
 
 import torch
 
-from skip.cli import command, seed_number  # the one bad-input handler (this entry point's, not the library's)
 from tokenizer import encode_chat, load_tokenizer
-from weights import DEFAULT_MODEL
 
 from . import flops
+from .cli import command, seed_number
 from .decoder import positions
 from .generate import generate
 from .loader import add_load_args, load_model
+
+
+DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "weights" / "smollm2-135m-instruct"  # = weights.DEFAULT_MODEL
 
 
 def open_model(path, dtype="float32", device="cpu"):

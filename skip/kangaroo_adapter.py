@@ -2,7 +2,7 @@
 Model"; official kangaroo/adapter.py): RMSNorm -> attention in M's head layout and RoPE -> +
 residual -> RMSNorm, no MLP; the draft model M^d = H . A . M^s reads its output with M's head
 (skip/kangaroo.py). Ours, after the divider: an imported adapter's own values of some of M's
-settings (the official code's RoPE base and norm eps), recorded by weights/kangaroo_official.py.
+settings (the official code's RoPE base and norm eps), recorded by skip/kangaroo_official.py.
 """
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ OWN = ("rope_theta", "rope_type", "norm_eps")  # M's settings an imported adapte
 def own_settings(cfg, own):
     """(A's config, own, A's fp32 RoPE frequencies or None for M's). The official code builds A's
     RoPE with base 10000 and no scaling, whatever M's, and its norms with its own config's eps
-    (weights/kangaroo_official.py records those); the frequencies are a plain attribute, as in
+    (skip/kangaroo_official.py records those); the frequencies are a plain attribute, as in
     the Decoder, so .to(dtype) never rounds them."""
     own = dict(own or {})
     if set(own) - set(OWN) or own.get("rope_type", "default") not in ("default", "linear", "llama3"):

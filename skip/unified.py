@@ -16,7 +16,7 @@ input (the paper's central point), so every token of every sequence runs the sam
 batches stay batches and the KV cache stays valid, because a skipped layer is skipped for every
 generated token and nobody ever reads its keys/values there (step 3: decoding). The prompt
 runs through all layers and only generated tokens skip; fine-tuning with the same pattern, as
-the paper does, is in skip/finetune.py.
+the paper does, is in skip/train/finetune.py.
 """
 from __future__ import annotations
 

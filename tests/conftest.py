@@ -153,7 +153,7 @@ def smollm2_dir(smollm2_gguf):
 
 def trace_cli(capsys, *args):
     """(status, stdout, stderr) of python -m skip.trace ARGS, run in this process."""
-    from skip.trace import main
+    from skip.trace.__main__ import main
     with pytest.raises(SystemExit) as e:
         main([str(a) for a in args])
     out, err = capsys.readouterr()

@@ -21,7 +21,8 @@ from model.config import ConfigError, from_hf, load_config, n_params
 from model.decoder import Decoder
 from skip import ROOT
 from tokenizer import BPETokenizer, load_tokenizer, render_chat
-from weights.kangaroo_official import KEYS, OfficialAdapterError, convert_official
+from skip.kangaroo_official import convert_official
+from weights.kangaroo_official import KEYS, OfficialAdapterError
 
 from conftest import OPT, VARIANTS, build_hf, random_adapter
 

@@ -1,5 +1,5 @@
 """Every command ends bad input in one line on stderr and exit status 2, before the slow work,
-and never hides a bug: skip/cli.py's handler and argparse types, each command's table of bad
+and never hides a bug: model/cli.py's handler and argparse types, each command's table of bad
 inputs (in-process, the model a tiny one), a few real processes (no traceback, no crash), task
 files read line by line as JSON defines them, and cache files that are cut short rebuilt."""
 import importlib
@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 from model import load_model
 from skip import ROOT
-from skip.cli import command, float_in, int_in, threads, writable_file, writable_folder
+from model.cli import command, float_in, int_in, threads, writable_file, writable_folder
 from weights.files import OutputExists
 
 from conftest import random_adapter
@@ -157,12 +157,12 @@ CASES = {
     "skip.harness.eval_adainfer_gen": [
         (["--tau", "nan"], "--tau: nan"), (["--n-train", "0"], "--n-train"), (["--max-new", "1"], "--max-new"),
         (["--out", "{dir}/file"], "is not a folder")],
-    "skip.finetune": [
+    "skip.train.finetune": [
         (["--steps", "0"], "--steps: 0 is not >= 1"), (["--minutes", "0"], "--minutes: 0 is not a finite number in (0"),
         (["--minutes", "inf"], "--minutes: inf"), (["--lr", "nan"], "--lr: nan"), (["--lora", "0"], "--lora"),
         (["--seed", "-1"], "--seed: -1"), (["--model", "{model}", "--r", "5", "--out", "{dir}/f"], "--r 5: target speedup"),
         (["--model", "{model}", "--max-tokens", "10", "--out", "{dir}/f"], "--max-tokens 10: need 38")],
-    "skip.kangaroo_train": [
+    "skip.train.kangaroo": [
         (["--l", "0"], "--l: 0 is not >= 1"), (["--batch", "0"], "--batch"), (["--steps", "0"], "--steps"),
         (["--minutes", "0"], "--minutes"), (["--held-out", "0"], "--held-out"),
         (["--prompts", "5", "--held-out", "5"], "--prompts 5 less --held-out 5 leaves 0 training sequences"),
@@ -204,8 +204,8 @@ def test_a_failing_chat_template_ends_the_command_in_one_line(tiny_chat_dir, tmp
 # --threads 100000 before), each refused before any model loads or any data is read.
 PROCESSES = [
     (["skip.harness.bench_products", "--threads", "100000"], "--threads: 100000 is not in 1.."),
-    (["skip.finetune", "--minutes", "0"], "--minutes: 0 is not"),
-    (["skip.kangaroo_train", "--prompts", "5", "--held-out", "5"], "leaves 0 training sequences"),
+    (["skip.train.finetune", "--minutes", "0"], "--minutes: 0 is not"),
+    (["skip.train.kangaroo", "--prompts", "5", "--held-out", "5"], "leaves 0 training sequences"),
     (["skip.harness.eval_adainfer", "--tasks", "{dir}/list.jsonl", "--out", "{dir}/o"], "list.jsonl, line 2"),
 ]
 
@@ -263,7 +263,7 @@ def test_a_cut_short_adainfer_cache_is_rebuilt(llama_dir, tmp_path, monkeypatch,
 
 
 def test_cut_short_kangaroo_training_caches_are_rebuilt(llama_dir, tmp_path, capsys):
-    from skip.kangaroo_train import exit_states, self_distill
+    from skip.train.kangaroo import exit_states, self_distill
     model = load_model(llama_dir).requires_grad_(False)
     prompts, answers, states = [[5, 6, 7], [8, 9]], tmp_path / "answers.json", tmp_path / "states.safetensors"
     seqs = self_distill(model, prompts, 4)
@@ -282,8 +282,8 @@ def test_cut_short_kangaroo_training_caches_are_rebuilt(llama_dir, tmp_path, cap
 
 
 def test_a_time_budget_smaller_than_one_step_still_takes_one(llama_dir):
-    from skip.finetune import finetune, response_layer_sets
-    from skip.kangaroo_train import train
+    from skip.train.finetune import finetune, response_layer_sets
+    from skip.train.kangaroo import train
     model = load_model(llama_dir)
     pairs = [([5, 6, 7], [8, 9, 10])]
     assert len(finetune(model, pairs, response_layer_sets("unified", 4, 2), 5, minutes=1e-12)) == 1

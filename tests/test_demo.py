@@ -11,7 +11,7 @@ from skip.adainfer import predict
 from skip.harness import demo
 from skip.harness.data import specbench
 from skip.harness.tasks import encode, load_task
-from skip.lora import attach, load_lora, save_lora
+from skip.train.lora import attach, load_lora, save_lora
 from skip.unified import generate_unified, kept_layers
 from tokenizer import encode_chat, load_tokenizer
 from conftest import random_adapter

@@ -99,11 +99,11 @@ def test_a_device_this_machine_lacks_is_a_clear_error(llama_dir):
 
 CLIS = {  # module: arguments of a small run on tiny_chat_dir ({adapter}: a Kangaroo adapter for it)
     "model.__main__": ["generate", "--prompt", "hi", "--max-new-tokens", "3"],
-    "skip.trace": ["write", "--prompt", "hi", "--max-new-tokens", "3", "--out", "{tmp}/t"],
+    "skip.trace.__main__": ["write", "--prompt", "hi", "--max-new-tokens", "3", "--out", "{tmp}/t"],
     "skip.harness.eval_adainfer": ["--tasks", "antonym:0", "--n-train", "4", "--n-test", "4", "--time-n", "1",
                                    "--out", "{tmp}"],
-    "skip.finetune": ["--method", "skipdecode", "--steps", "2", "--out", "{tmp}/ft"],
-    "skip.kangaroo_train": ["--prompts", "3", "--new-tokens", "4", "--held-out", "1", "--steps", "2", "--batch", "2",
+    "skip.train.finetune": ["--method", "skipdecode", "--steps", "2", "--out", "{tmp}/ft"],
+    "skip.train.kangaroo": ["--prompts", "3", "--new-tokens", "4", "--held-out", "1", "--steps", "2", "--batch", "2",
                             "--out", "{tmp}/ad"],
     "skip.harness.bench_products": ["--rows", "1", "2", "--runs", "1", "--out", "{tmp}"],
 }
@@ -136,12 +136,12 @@ def chat_adapter(tiny_chat_dir, tmp_path_factory):
 def test_clis_run_in_every_dtype(tiny_chat_dir, chat_adapter, data_dir, tmp_path, module, dtype, capsys, monkeypatch):
     import importlib
     mod = importlib.import_module(module)
-    if module == "skip.kangaroo_train":
+    if module == "skip.train.kangaroo":
         monkeypatch.setattr(mod, "CACHE", tmp_path / "cache")  # its answers and states: not into runs/
     args = [a.format(tmp=tmp_path, adapter=chat_adapter) for a in {**CLIS, **SLOW_CLIS}[module]]
     args += ["--model", str(tiny_chat_dir)]
     mod.main(args + ["--device", "cpu", "--dtype", dtype])
-    if module in ("model.__main__", "skip.trace"):  # the two that answer bad input with status 2
+    if module in ("model.__main__", "skip.trace.__main__"):  # the two that answer bad input with status 2
         with pytest.raises(SystemExit) as e:
             mod.main(args + ["--device", "cuda:99"])
         assert e.value.code == 2 and "not available on this machine" in capsys.readouterr().err
@@ -149,7 +149,7 @@ def test_clis_run_in_every_dtype(tiny_chat_dir, chat_adapter, data_dir, tmp_path
 
 @pytest.mark.parametrize("module", ["skip.harness." + m for m in ("bench", "bench_decoder", "bench_cost", "bench_kangaroo",
                                     "bench_products", "bench_skipping", "demo", "eval_adainfer", "eval_adainfer_gen")]
-                         + ["skip.finetune", "skip.kangaroo_train"])
+                         + ["skip.train.finetune", "skip.train.kangaroo"])
 def test_every_other_cli_takes_device_and_dtype(module, capsys):
     import importlib
     with pytest.raises(SystemExit):

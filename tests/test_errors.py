@@ -13,8 +13,9 @@ from safetensors.torch import load_file, save_file
 from model import LoadError, generate, load_config, load_model
 from model.config import ConfigError
 from weights.files import OutputExists
-from skip.trace import TraceError, trace, write
-from skip.trace_compare import compare
+from skip.trace.format import TraceError, write
+from skip.trace.methods import trace
+from skip.trace.compare import compare
 
 from skip import ROOT
 

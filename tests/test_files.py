@@ -240,7 +240,8 @@ def run_cli(module, *args):
 
 def main_of(module):
     import importlib
-    return importlib.import_module("weights.__main__" if module == "weights" else module).main
+    m = importlib.import_module(module)
+    return m.main if hasattr(m, "main") else importlib.import_module(module + ".__main__").main
 
 
 def test_a_command_never_replaces_the_folder_it_reads_force_or_not(llama_dir, tmp_path, capsys):
@@ -258,10 +259,10 @@ def test_a_command_never_replaces_the_folder_it_reads_force_or_not(llama_dir, tm
          json.dumps({"adapter": str(model)}), "--prompt", "x", "--out", model, "--force"),
         ("weights", "convert", model / "x.gguf", "--out", model, "--force"),
         ("weights", "convert", model / "x.gguf", "--out", model),
-        ("weights", "kangaroo-official", model / "x.gguf", "--l", "1", "--model", llama_dir, "--out", model, "--force"),
-        ("weights", "kangaroo-official", tmp_path / "a", "--l", "1", "--model", model, "--out", model, "--force"),
-        ("skip.finetune", "--model", model, "--out", model, "--force"),
-        ("skip.kangaroo_train", "--model", model, "--out", model, "--force"),
+        ("skip.kangaroo_official", model / "x.gguf", "--l", "1", "--model", llama_dir, "--out", model, "--force"),
+        ("skip.kangaroo_official", tmp_path / "a", "--l", "1", "--model", model, "--out", model, "--force"),
+        ("skip.train.finetune", "--model", model, "--out", model, "--force"),
+        ("skip.train.kangaroo", "--model", model, "--out", model, "--force"),
     ]
     for module, *args in calls:
         with pytest.raises(SystemExit) as e:
@@ -313,7 +314,7 @@ def test_a_single_file_through_a_link_replaces_the_linked_file_and_keeps_the_lin
 
 
 def test_the_trace_show_cli_refuses_a_device_as_its_picture_in_one_line(llama_dir, tmp_path, capsys):
-    from skip.trace import trace
+    from skip.trace.methods import trace
     m = load_model(llama_dir)
     trace(m, [3, 14, 15], tmp_path / "t", "full", max_new_tokens=2)
     node = tmp_path / "null"
@@ -352,7 +353,7 @@ def test_a_conversion_killed_mid_write_leaves_nothing_and_the_next_run_succeeds(
 
 def test_a_fine_tune_killed_mid_write_leaves_nothing_and_the_next_run_succeeds(smollm2_dir, data_dir, tmp_path):
     out = tmp_path / "unified-2x"
-    cmd = [sys.executable, "-m", "skip.finetune", "--model", str(smollm2_dir), "--steps", "1",
+    cmd = [sys.executable, "-m", "skip.train.finetune", "--model", str(smollm2_dir), "--steps", "1",
            "--max-tokens", "64", "--out", str(out)]
     assert kill_while_writing(cmd, out) != 0
     assert not out.exists() and not list(tmp_path.iterdir())

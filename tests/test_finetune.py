@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from model import load_model, save_model
-from skip.finetune import MixedPrecision, finetune, response_layer_sets, response_loss
+from skip.train.finetune import MixedPrecision, finetune, response_layer_sets, response_loss
 
 
 @pytest.mark.parametrize("method", ["unified", "skipdecode"])

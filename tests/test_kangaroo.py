@@ -13,7 +13,7 @@ from model import generate, load_model
 from skip.kangaroo import accept_sampled, generate_kangaroo, probs
 from skip.kangaroo_adapter import Adapter, AdapterError
 from skip.kangaroo_files import load_adapter, save_adapter
-from skip.kangaroo_train import RECIPES, distill_loss, linear_lr, tokens_by_frequency
+from skip.train.kangaroo import RECIPES, distill_loss, linear_lr, tokens_by_frequency
 from tokenizer import encode_chat, load_tokenizer
 
 from skip import WEIGHTS
@@ -230,7 +230,7 @@ def test_smollm2_with_the_trained_adapter_equals_plain_greedy(smollm2_dir):
 
 
 def test_prompt_mix_has_each_kind_in_its_share_and_is_reproducible(data_dir):
-    from skip.kangaroo_train import MIX, prompt_mix
+    from skip.train.kangaroo import MIX, prompt_mix
     texts = prompt_mix(100, data_dir, seed=3)
     assert texts == prompt_mix(100, data_dir, seed=3) and texts != prompt_mix(100, data_dir, seed=4)
     gsm = {json.loads(line)["question"] for line in (data_dir / "gsm8k" / "train.jsonl").open()}
@@ -259,7 +259,8 @@ def test_the_official_schedule_is_transformers_linear_warmup_and_decay():
 
 @pytest.mark.parametrize("fmt", ["model.safetensors", "pytorch_model.bin"])
 def test_an_official_adapter_checkpoint_drafts_as_the_same_weights_loaded_natively(llama_dir, tmp_path, fmt):
-    from weights.kangaroo_official import KEYS, OfficialAdapterError, convert_official
+    from skip.kangaroo_official import convert_official
+    from weights.kangaroo_official import KEYS, OfficialAdapterError
     m = tiny(llama_dir, 0.3)
     native = random_adapter(m, 2, seed=4, lens_like=False)
     ours_to_official = {v: k for k, v in KEYS.items()}

@@ -13,8 +13,8 @@ from model import attention_mask, load_model
 from skip.kangaroo import adapt, generate_kangaroo
 from skip.kangaroo_adapter import Adapter, AdapterError
 from skip.kangaroo_files import load_adapter, save_adapter
-from weights.__main__ import main as weights_main
-from weights.kangaroo_official import OfficialAdapterError, convert_official
+from skip.kangaroo_official import convert_official, main as official_main
+from weights.kangaroo_official import OfficialAdapterError
 
 from conftest import LLAMA, build_hf, random_adapter
 
@@ -195,7 +195,7 @@ def test_the_command_records_what_the_adapters_own_config_says(pair, tmp_path, c
 
     def convert(src, out, **cfg):
         (ck / "config.json").write_text(json.dumps({**adapter_cfg, **cfg}))
-        weights_main(["kangaroo-official", str(src), "--l", "2", "--model", str(path), "--out", str(tmp_path / out)])
+        official_main([str(src), "--l", "2", "--model", str(path), "--out", str(tmp_path / out)])
         return json.loads((tmp_path / out / "adapter.json").read_text())["own_config"]
     # the file or its folder; LlamaConfig's eps 1e-6 when the config has none, as the official code reads it
     assert convert(ck / "model.safetensors", "a", rms_norm_eps=1e-5) == {**OFFICIAL, "norm_eps": 1e-5}

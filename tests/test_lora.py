@@ -1,4 +1,4 @@
-"""Low-rank fine-tuning with a skip pattern (skip/lora.py) on a tiny model: it starts from the
+"""Low-rank fine-tuning with a skip pattern (skip/train/lora.py) on a tiny model: it starts from the
 base model exactly, trains only A and B, and the saved adapter merged into a fresh copy computes
 what the trained, parametrized model computes."""
 import json
@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from model import load_model
-from skip.finetune import finetune, response_layer_sets, response_loss
-from skip.lora import LoRAError, attach, load_lora, save_lora
+from skip.train.finetune import finetune, response_layer_sets, response_loss
+from skip.train.lora import LoRAError, attach, load_lora, save_lora
 from skip.unified import generate_unified, kept_layers
 
 

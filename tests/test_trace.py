@@ -11,9 +11,10 @@ from model import load_model
 from skip.adainfer import trace as adainfer_trace
 from skip.baselines import skipdecode_layer_sets
 from skip.kangaroo_files import save_adapter
-from skip.trace import TOP_K, TraceError, trace
-from skip.trace_compare import compare
-from skip.trace_port import write_transformers_trace
+from skip.trace.format import TOP_K, TraceError
+from skip.trace.methods import trace
+from skip.trace.compare import compare
+from skip.trace.port import write_transformers_trace
 
 from conftest import VARIANTS, build_hf, random_adapter
 
@@ -106,7 +107,7 @@ def test_a_transformers_trace_in_any_dtype_compares_clean_with_its_defaults(tmp_
     assert compare(tmp_path / "ours", tmp_path / "hf", notes=notes) == []
     assert json.loads((tmp_path / "hf" / "trace.json").read_text())["dtype"] == dtype
     assert notes == ["layer runs are in one trace only: not compared"]
-    from skip.trace_compare import tolerances
+    from skip.trace.compare import tolerances
     words = tolerances({"dtype": dtype}, {})[2]
     assert words.startswith(f"tolerances for {dtype}:") and ("per vector" in words) == (dtype != "float32")
 

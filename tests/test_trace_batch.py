@@ -1,4 +1,4 @@
-"""Traces of batched runs (skip/trace_batch.py): each row of a batch folder against the unbatched
+"""Traces of batched runs (skip/trace/batch.py): each row of a batch folder against the unbatched
 trace of its prompt (the oracle), a tampered row found and named by its row and step, and
 garbage batch folders refused with status 2."""
 import json
@@ -10,9 +10,10 @@ from model import load_model
 from skip.adainfer import Threshold
 from skip.adainfer_files import save_classifier
 from skip.kangaroo_files import save_adapter
-from skip.trace import main, trace
-from skip.trace_batch import compare_any, trace_batch
-from skip.trace_compare import compare
+from skip.trace.__main__ import main
+from skip.trace.methods import trace
+from skip.trace.batch import compare_any, trace_batch
+from skip.trace.compare import compare
 
 from conftest import random_adapter, trace_cli
 

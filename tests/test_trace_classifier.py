@@ -14,7 +14,9 @@ from skip.adainfer import SVM, CRFClassifier, Threshold
 from skip.adainfer_files import ClassifierError, load_classifier, save_classifier
 from skip.adainfer_gen import generate_adainfer
 from skip.crf import CRF
-from skip.trace import TraceError, main, trace
+from skip.trace.__main__ import main
+from skip.trace.format import TraceError
+from skip.trace.methods import trace
 
 from conftest import LLAMA, build_hf
 

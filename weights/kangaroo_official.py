@@ -1,6 +1,7 @@
 """An adapter checkpoint of the official Kangaroo code (Equationliu/Kangaroo, `kangaroo/adapter.py`:
-AdapterModel's state dict, as accelerate saves it: model.safetensors or pytorch_model.bin) in
-this project's adapter format (skip/kangaroo_files.py: adapter.safetensors + adapter.json).
+AdapterModel's state dict, as accelerate saves it: model.safetensors or pytorch_model.bin) read
+and renamed to this project's keys, with the settings the official code computes it with;
+skip/kangaroo_official.py builds our adapter from them and writes it (skip/kangaroo_files.py).
 
     official key                                  ours
     layers.0.input_layernorm.weight               norm_in.weight
@@ -118,21 +119,3 @@ def official_settings(path, cfg):
     if wrong:
         raise OfficialAdapterError(f"{file} describes another head layout: {', '.join(wrong)}")
     return {**OFFICIAL_ROPE, "norm_eps": eps}
-
-
-def convert_official(path, model, l, out, force=False):
-    """Write the official adapter at `path`, trained for exit layer l of `model`, to `out`, with the
-    settings the official code computes it with."""
-    from skip.kangaroo_adapter import Adapter
-    from skip.kangaroo_files import save_adapter
-
-    adapter = Adapter(model.cfg, l, official_settings(path, model.cfg))
-    want = {k: v for k, v in adapter.state_dict().items() if k != "frequent"}
-    ours = read_official(path, sum(v.numel() for v in want.values()))
-    shapes = [f"{k} {tuple(ours[k].shape)} (want {tuple(v.shape)})" for k, v in want.items()
-              if k in ours and ours[k].shape != v.shape]
-    if shapes or set(want) != set(ours):
-        raise OfficialAdapterError(f"{path} does not fit this model: {shapes or sorted(set(want) ^ set(ours))}")
-    adapter.load_state_dict({**ours, "frequent": adapter.frequent})
-    save_adapter(adapter, out, force, source=str(path), trained_by="the official Kangaroo code")
-    return adapter

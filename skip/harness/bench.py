@@ -22,7 +22,7 @@ from model import add_load_args
 from weights.files import write_text_atomic
 
 from .. import RUNS
-from ..cli import command, writable_folder
+from model.cli import command, writable_folder
 from .bench_decoder import table as decoder_table
 from .report import markdown_table
 from .timing import timed

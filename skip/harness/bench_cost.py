@@ -39,7 +39,7 @@ from .. import DEFAULT_MODEL, RUNS
 from ..adainfer import Threshold, feature_row
 from ..adainfer_gen import generate_adainfer
 from ..baselines import ConfidenceCheck, calibrate_threshold, generate_early_exit, generate_skipdecode
-from ..cli import command, r_and_top_k_within, float_in, int_in, positive, threads, writable_folder
+from model.cli import command, r_and_top_k_within, float_in, int_in, positive, threads, writable_folder
 from ..exit_decode import frequent_vocab
 from ..unified import generate_unified
 from .data import SPECBENCH, specbench

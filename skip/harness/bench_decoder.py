@@ -25,7 +25,7 @@ from model.products import linear
 from weights.files import write_text_atomic
 
 from .. import DEFAULT_MODEL, RUNS
-from ..cli import command, positive, threads, writable_file
+from model.cli import command, positive, threads, writable_file
 from .report import markdown_table
 from .timing import interleaved_ms, timed
 from .tune import tune

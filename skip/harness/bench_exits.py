@@ -34,7 +34,7 @@ from .. import DEFAULT_MODEL, RUNS
 from ..adainfer import Threshold
 from ..adainfer_gen import generate_adainfer
 from ..baselines import calibrate_threshold, generate_early_exit
-from ..cli import command, r_and_top_k_within, float_in, int_in, non_negative, positive, threads, writable_folder
+from model.cli import command, r_and_top_k_within, float_in, int_in, non_negative, positive, threads, writable_folder
 from ..exit_decode import frequent_vocab
 from .data import SPECBENCH, specbench
 from .report import markdown_table, token_match

@@ -28,7 +28,7 @@ from tokenizer import encode_chat
 from weights.files import write_text_atomic
 
 from ..kangaroo_batch import generate_kangaroo_batch
-from .bench_kangaroo import ACCEPTANCE_HEADERS, acceptance_cells, metrics, piece_costs, round_ms, yes_no
+from .kangaroo_pieces import ACCEPTANCE_HEADERS, acceptance_cells, metrics, piece_costs, round_ms, yes_no
 from .data import SPECBENCH, specbench
 from .report import markdown_table
 from .timing import interleaved_ms

@@ -37,7 +37,7 @@ from model.products import PRODUCTS, linear
 from weights.files import write_text_atomic
 
 from .. import DEFAULT_MODEL, RUNS
-from ..cli import command, int_in, positive, threads, writable_folder
+from model.cli import command, int_in, positive, threads, writable_folder
 from .bench_decoder import step_weights
 from .report import markdown_table
 from .timing import interleaved_ms

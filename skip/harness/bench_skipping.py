@@ -16,7 +16,7 @@ tokens/s at each batch size over `--tok-new` new tokens per prompt (the decode a
 first token fed back: timing.DecodeClock), median of `--runs`, the methods taking turns
 within each run; speedup against the full model, and beside it the ceiling its FLOPs allow
 (full decode FLOPs / method decode FLOPs, from the decoder's record of what ran).
-Fine-tuned rows appear for checkpoints weights/<method>-<r>x made by skip.finetune.
+Fine-tuned rows appear for checkpoints weights/<method>-<r>x made by skip.train.finetune.
 Writes runs/bench-skipping.json, runs/bench-skipping.md and runs/skipping.png.
 """
 from __future__ import annotations
@@ -36,8 +36,8 @@ from tokenizer import encode_chat, load_tokenizer
 
 from .. import DEFAULT_MODEL, RUNS
 from ..baselines import calibrate_threshold, generate_early_exit
-from ..cli import command, non_negative, positive, writable_folder
-from ..finetune import response_layer_sets, tuned_checkpoint
+from model.cli import command, non_negative, positive, writable_folder
+from ..train.finetune import response_layer_sets, tuned_checkpoint
 from ..layerwise import layerwise_forward, prompt_then
 from .data import mtbench_references, specbench
 from .report import markdown_table

@@ -14,7 +14,7 @@ python -m skip.harness.demo [--tasks sst2 csqa] [--n-train 40] [--n-test 60] [--
      greedy ones; acceptance beside its speed.
    - Unified Layer Skipping at 2x (its paper's summarization and translation): untuned, and
      fine-tuned with the kept-layer pattern as the paper does: the committed low-rank
-     fine-tune weights/unified-2x-lora (skip/lora.py; `python -m skip.finetune --method unified --r 2 --lora 8`),
+     fine-tune weights/unified-2x-lora (skip/train/lora.py; `python -m skip.train.finetune --method unified --r 2 --lora 8`),
      and the full fine-tune weights/unified-2x when `make finetune-skipping` made it.
    - AdaInfer per generated token: our extension (skip/adainfer_gen.py), not the paper's method.
    Per row: layers run per generated token (its measured budget), decode FLOPs and decode
@@ -40,12 +40,12 @@ from weights.files import write_text_atomic
 
 from .. import DEFAULT_MODEL, WEIGHTS
 from ..adainfer import SVM
-from ..cli import command, threads, writable_file
+from model.cli import command, threads, writable_file
 from ..adainfer_gen import generate_adainfer
-from ..finetune import tuned_checkpoint
+from ..train.finetune import tuned_checkpoint
 from ..kangaroo import generate_kangaroo
 from ..kangaroo_files import load_adapter
-from ..lora import LoRAError, load_lora
+from ..train.lora import LoRAError, load_lora
 from ..unified import generate_unified
 from .data import alpaca_instructions, specbench
 from .demo_adainfer import adainfer_task, short
@@ -229,7 +229,7 @@ def what_to_see(s, L, untuned):
         return (f"{s['layers_per_token']:.0f} of {L} layers per token ({speed}), but untuned: ROUGE-L "
                 f"{100 * s['rougeL_vs_full']:.0f} against the full model's text. The paper fine-tunes with the "
                 "kept-layer pattern: a low-rank fine-tune is committed (weights/unified-2x-lora, from `python -m "
-                "skip.finetune --method unified --r 2 --lora 8 --max-tokens 128 --minutes 13`); `make "
+                "skip.train.finetune --method unified --r 2 --lora 8 --max-tokens 128 --minutes 13`); `make "
                 "finetune-skipping SKIP_R=2` makes the full one (weights/unified-2x, 30 minutes on 2 cores); each gets "
                 "its row here when present.")
     if m.startswith("Unified"):

@@ -40,7 +40,7 @@ from weights.files import atomic_file, cache_key, device_tag, write_text_atomic
 from .. import DEFAULT_MODEL, RUNS
 from ..adainfer import (DEFAULT_FEATURES, FEATURES, LABEL_RULES, SVM, CRFClassifier, Threshold, Trace,
                         oracle_layer, predict, trace)
-from ..cli import command, threads, writable_folder
+from model.cli import command, threads, writable_folder
 from .report import markdown_table
 from .tasks import TASKS, encode, load_task
 from .timing import interleaved_ms

@@ -28,7 +28,7 @@ from tokenizer import encode_chat, load_tokenizer
 
 from .. import DEFAULT_MODEL, RUNS
 from ..adainfer import SVM, Threshold
-from ..cli import command, float_in, positive, writable_folder
+from model.cli import command, float_in, positive, writable_folder
 from ..adainfer_gen import generate_adainfer
 from ..exit_decode import frequent_vocab
 from .data import alpaca_instructions, specbench

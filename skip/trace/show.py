@@ -1,4 +1,4 @@
-"""`show`: a trace (skip/trace.py) as a picture of what the method ran: one column per pass of a
+"""`show`: a trace (skip/trace/format.py) as a picture of what the method ran: one column per pass of a
 token over the layers (x: the prompt, then the decode slots in the order they ran), one row per
 layer (layer 0 at the bottom), each cell coloured by what happened to that layer there:
     ran        the layer ran (every layer of the prompt pass, the full model's every layer)
@@ -12,7 +12,7 @@ layer (layer 0 at the bottom), each cell coloured by what happened to that layer
                run again by the next round, so they get their own columns.
 The cells come from the trace's layer_runs (what the decoder ran), the decisions (exits, rounds,
 acceptances) from its steps; `cells` checks that the two agree. With a second trace, the first
-divergence that `compare` finds (skip/trace_compare.findings) is boxed.
+divergence that `compare` finds (skip/compare.findings) is boxed.
 
 python -m skip.trace show DIR [--against OTHER] [--out FILE.png] [--model MODEL_DIR]
 """
@@ -25,7 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .trace import TraceError, read
+from .check import read
+from .compare import findings
+from .format import TraceError
 
 RAN, SKIPPED, EXIT, FILLED, DRAFT, VERIFIED, REJECTED = range(1, 8)  # cell states
 COLORS = {RAN: "#4c72b0", SKIPPED: "#e8e8e8", EXIT: "#dd8452", FILLED: "#f3dc9b", DRAFT: "#55a868",
@@ -244,7 +246,6 @@ def show(path, against=None, out=None, model=None):
     meta, _ = read(path)
     grid, mark, words = cells(meta), None, None
     if against is not None:
-        from .trace_compare import findings
         found = findings(path, against)
         words = f"against {against}: " + ("the traces agree within the tolerances" if not found else found[0].words)
         for f in found:  # the first divergence that names a place in the picture

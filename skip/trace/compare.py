@@ -1,6 +1,6 @@
-"""`compare`: where two traces (skip/trace.py) part, in words, the first divergence first.
+"""`compare`: where two traces (skip/trace/format.py) part, in words, the first divergence first.
 
-Both traces are checked first (skip/trace_check.py): a file that is not a trace, an unknown field
+Both traces are checked first (skip/trace/check.py): a file that is not a trace, an unknown field
 or tensor, token ids that are not integers, an empty tensor or step, or a tolerance that is not a
 finite number >= 0 raises TraceError (the command's status 2), never a comparison. Then every
 field and tensor is compared: the model (another model: TraceError), the prompt, the method and
@@ -15,7 +15,7 @@ the others: probabilities, features, AdaInfer's classifier scores), the layer ru
 (every layer each token ran, with its hidden-state norms) in order, so that a divergence inside
 a method is named by its slot and layer, and the FLOPs exactly where both record them (null: a
 port that does not count). `findings` gives the same as data (Finding: the words and where they
-point), for the viewer (skip/trace_show.py).
+point), for the viewer (skip/trace/show.py).
 """
 from __future__ import annotations
 
@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from .trace import DTYPES, TraceError, read
-from .trace_check import check_tensors
+from .check import check_tensors, read
+from .format import DTYPES, TraceError
 
 # compare's default (atol, rtol) per dtype (by increasing rounding error) and tensor: a value passes
 # when |diff| <= atol + rtol |ref|. In fp32 per element (implementations differ by summation order);

@@ -16,7 +16,7 @@ Model"; the official train.py).
    recipes (RECIPES): the project's (the default) or the official train.py's (--recipe official).
 Held-out sequences measure top-1 agreement (argmax q = argmax p) on response positions.
 
-python -m skip.kangaroo_train [--l 2] [--recipe project|official] [--prompts N] [--new-tokens N] [--steps N]
+python -m skip.train.kangaroo [--l 2] [--recipe project|official] [--prompts N] [--new-tokens N] [--steps N]
 writes weights/kangaroo-l<l>/ (adapter.safetensors, adapter.json; -official for that recipe).
 Caches go to runs/kangaroo/.
 The defaults took 26 minutes on 2 CPU cores (11 to answer the prompts, 2 to cache the
@@ -40,11 +40,11 @@ from model import add_load_args, generate, load_config, load_model
 from weights.files import OutputExists, atomic_file, cache_key, check_target, device_tag, write_text_atomic
 from tokenizer import encode_chat, load_tokenizer
 
-from . import DATA, DEFAULT_MODEL, RUNS, WEIGHTS
-from .cli import command, float_in, positive, seed_number
+from .. import DATA, DEFAULT_MODEL, RUNS, WEIGHTS
+from model.cli import command, float_in, positive, seed_number
 from .finetune import MixedPrecision, set_lr
-from .kangaroo_adapter import Adapter
-from .kangaroo_files import save_adapter
+from ..kangaroo_adapter import Adapter
+from ..kangaroo_files import save_adapter
 
 CACHE = RUNS / "kangaroo"
 

@@ -1,6 +1,6 @@
-"""Traces from a port built on transformers, to check it against this project's (skip/trace.py).
+"""Traces from a port built on transformers, to check it against this project's (skip/trace/format.py).
 
-    from skip.trace_port import write_transformers_trace
+    from skip.trace.port import write_transformers_trace
     write_transformers_trace(hf, ids, "runs/t-port")                  # the full model
     write_transformers_trace(hf, ids, "runs/t-port", method="unified", settings={"r": 2},
                              tokens=port_tokens, steps=[{"kept_layers": port_kept}])
@@ -18,7 +18,7 @@ from types import SimpleNamespace
 
 import torch
 
-from .trace import tensors, write
+from .format import tensors, write
 
 
 def final_norm(hf):

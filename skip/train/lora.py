@@ -1,6 +1,6 @@
 """Low-rank adapters (LoRA: Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", arXiv
 2106.09685) for fine-tuning with a skip pattern in a few MB instead of a 540 MB checkpoint. Ours:
-the Unified Layer Skipping paper fine-tunes every weight (skip/finetune.py does that too); a
+the Unified Layer Skipping paper fine-tunes every weight (skip/train/finetune.py does that too); a
 low-rank fine-tune of the same loss is small enough to commit, so `make demo` can show the
 fine-tuned method on a fresh clone.
 

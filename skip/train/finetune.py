@@ -7,9 +7,9 @@ response tokens; the embeddings (and with them a tied LM head) stay frozen. Trai
 are instruction/response pairs from AlpacaEval (instruction, output) and GSM8K train
 (question, answer) in the model's chat format; evaluation uses other data (Spec-Bench).
 
-python -m skip.finetune --method unified --r 2 [--minutes 30] [--steps N] [--device cpu]
+python -m skip.train.finetune --method unified --r 2 [--minutes 30] [--steps N] [--device cpu]
 writes weights/<method>-<r>x/ (config.json, model.safetensors, finetune.json).
-With --lora RANK (ours, not the paper's) it trains low-rank adapters (skip/lora.py) on the layers
+With --lora RANK (ours, not the paper's) it trains low-rank adapters (skip/train/lora.py) on the layers
 the response runs instead, and writes weights/<method>-<r>x-lora/ (adapter.safetensors,
 adapter.json): a few MB, committed for r = 2 so that `make demo` shows the fine-tuned method. The
 committed one: `--method unified --r 2 --lora 8 --max-tokens 128 --minutes 13` (267 steps, one
@@ -32,12 +32,12 @@ from model import add_load_args, load_config, load_model, save_model
 from weights.files import OutputExists, atomic_dir, check_target
 from tokenizer import encode_chat, load_tokenizer
 
-from . import DATA, DEFAULT_MODEL, WEIGHTS
-from .baselines import skipdecode_layer_sets
-from .cli import command, float_in, positive, seed_number
-from .layerwise import layerwise_forward, prompt_then
+from .. import DATA, DEFAULT_MODEL, WEIGHTS
+from ..baselines import skipdecode_layer_sets
+from model.cli import command, float_in, positive, seed_number
+from ..layerwise import layerwise_forward, prompt_then
 from .lora import attach, save_lora
-from .unified import kept_layers
+from ..unified import kept_layers
 
 
 def training_pairs(tok, data_dir=DATA, max_tokens=256, seed=0, n=None):
@@ -175,7 +175,7 @@ def main(argv=None):
     ap.add_argument("--minutes", type=float_in(0, lo_open=True), default=30.0,
                     help="wall-clock budget (default about 30 minutes; at least one step runs)")
     ap.add_argument("--lr", type=float_in(0, lo_open=True), help="default 3e-5, with --lora 1e-3")
-    ap.add_argument("--lora", type=positive, metavar="RANK", help="train low-rank adapters of this rank (skip/lora.py)")
+    ap.add_argument("--lora", type=positive, metavar="RANK", help="train low-rank adapters of this rank (skip/train/lora.py)")
     ap.add_argument("--max-tokens", type=positive, default=256)
     ap.add_argument("--seed", type=seed_number, default=0)
     add_load_args(ap)

@@ -1,4 +1,4 @@
-"""The trace format checked (skip/trace.py): every field of trace.json and every tensor of
+"""The trace format checked (skip/trace/format.py): every field of trace.json and every tensor of
 trace.safetensors, when a trace is read, so that `compare` and `show` never read a file that is
 not a trace as one. What fails raises TraceError naming it (the command's status 2):
   fields   FIELDS, each of its type; another field is refused (a new field is a new VERSION)
@@ -14,10 +14,13 @@ not a trace as one. What fails raises TraceError naming it (the command's status
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 
-from .trace import DEFAULTS, DTYPES, MODEL_FIELDS, VERSION, TraceError
+from weights.files import read_folder
+
+from .format import DEFAULTS, DTYPES, FILES, MODEL_FIELDS, VERSION, TraceError
 
 # value kinds: NAT an integer >= 0, ID a token id, LAYER a layer index, REAL a number, BOOL a
 # decision; [kind] a list of them, (kind, ...) a list of exactly those
@@ -34,6 +37,16 @@ STEP_FIELDS = {
 OPTIONAL = ("dtype", "flops", "layer_runs")  # a port's trace may lack them (no dtype: float32)
 FIELDS = ("version", "model", "method", "settings", "prompt", "tokens", "steps") + OPTIONAL
 TENSOR_NAMES = ("hidden", "hidden_norms", "lens_ids", "lens_probs")
+
+
+def read(path, with_tensors=True):
+    """(trace.json, the tensors) of a trace folder, every field and tensor checked (below);
+    with_tensors=False: trace.json only (check_tensors after)."""
+    batch = (Path(path) / "batch.json").is_file()  # skip/trace/batch.py
+    hint = f" (a batch of traces: its rows are {Path(path) / 'row-*'})" if batch else ""
+    meta, t = read_folder(path, *FILES, TraceError, "trace", hint)
+    check(meta, t, path, with_tensors)
+    return meta, t
 
 
 def is_int(v):

@@ -1,7 +1,7 @@
 """Batched traces (ours): one batched run of a method written as one trace per row, and compared
 row by row, so that a port's batched output is checked against ours a row at a time.
 
-A batch folder holds row-0/, row-1/, ..., each a trace (skip/trace.py) of that row, and
+A batch folder holds row-0/, row-1/, ..., each a trace (skip/trace/format.py) of that row, and
 batch.json, written last (weights/files.py's marker): {"version", "rows" (the batch size), "method",
 "settings"}. A row's trace records what the batched run did for that row: its prompt, its tokens
 and its steps (Kangaroo's rounds from the row= callbacks, cache lengths counting the row's own
@@ -11,7 +11,7 @@ the row's, is left out (both fields are optional in the format): "flops" (the wo
 together, padding included) and "layer_runs" (slots shared by the rows, with holes). So a row
 compares equal (status 0) to the unbatched trace of its prompt.
 
-compare on two batch folders compares row i with row i (skip/trace_compare.py); each finding
+compare on two batch folders compares row i with row i (skip/trace/compare.py); each finding
 names its row, the first divergence (of the lowest row) first. A batch against a single trace,
 batches of different sizes, a batch.json that is not one, or a row missing or extra: TraceError
 (status 2, one line).
@@ -23,8 +23,10 @@ from pathlib import Path
 
 from weights.files import atomic_dir
 
-from .trace import DEFAULTS, VERSION, TraceError, prompt_pass, read, settings_used, write
-from .trace_methods import METHODS
+from .check import read
+from .compare import compare, tolerances
+from .format import DEFAULTS, VERSION, TraceError, prompt_pass, settings_used, write
+from .methods import METHODS
 
 BATCH_FILE = "batch.json"
 BATCH_FIELDS = ("version", "rows", "method", "settings")
@@ -52,7 +54,7 @@ def is_batch(path):
 
 def read_batch(path):
     """(batch.json, the row folders in order) of a batch folder, batch.json and every row checked:
-    each a trace (skip/trace_check.py) of the batch's method, settings, model and dtype."""
+    each a trace (skip/trace/check.py) of the batch's method, settings, model and dtype."""
     path = Path(path)
 
     def bad(why):
@@ -86,9 +88,8 @@ def read_batch(path):
 
 
 def compare_any(ref, other, atol=None, rtol=None):
-    """compare (skip/trace_compare.py) of two traces, or of two batch folders row by row: (notes,
+    """compare (skip/trace/compare.py) of two traces, or of two batch folders row by row: (notes,
     findings); a finding of a batch starts with its row ("row 2: step 3 of kangaroo differs ...")."""
-    from .trace_compare import compare, tolerances
     kinds = is_batch(ref), is_batch(other)
     if kinds == (False, False):
         notes = [tolerances(read(ref)[0], read(other)[0], atol, rtol)[2]]

@@ -24,29 +24,18 @@ Viterbi margin delta[1] - delta[0] after that layer) and stops (score >= tau; sc
 Unified: one step, the kept layers. SkipDecode: one step, n_t per decode step.
 "layer_runs": every layer the method ran, in order, [first slot, layer, ||h|| per slot].
 "flops": the decoder's record in total (model/flops.py).
-
-python -m skip.trace write --method full|kangaroo|unified|skipdecode|adainfer --prompt TEXT --out DIR
-python -m skip.trace write --method adainfer --classifier FILE.json --prompt TEXT --out DIR   (skip/adainfer_files.py)
-python -m skip.trace write --method M --prompt A --prompt B ... --out DIR   (a batch: skip/trace_batch.py)
-python -m skip.trace compare REFERENCE OTHER [--atol A] [--rtol R]   (defaults by dtype: TOLERANCES; batches row by row)
-    status 0: the traces agree, 1: they diverge, 2: unusable input (one line on stderr; skip/trace_check.py)
-python -m skip.trace show DIR [--against OTHER] [--out FILE.png] [--model MODEL_DIR]   (skip/trace_show.py)
 """
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from model import add_load_args, flops, load_model, positions
-from weights.files import atomic_dir, check_not_reading, read_folder
-
-from . import DEFAULT_MODEL, WEIGHTS
-from .cli import bad_input, message
+from model import positions
+from weights import WEIGHTS
+from weights.files import atomic_dir
 
 VERSION = 1
 MODEL_FIELDS = ("n_layers", "dim", "n_heads", "n_kv_heads", "vocab_size")
@@ -117,7 +106,7 @@ SETTING_CHECKS = {
     "adapter": (lambda v: isinstance(v, str), "the path of an adapter folder")}
 
 
-# the settings of each method, with their defaults (what each records: skip/trace_methods.py)
+# the settings of each method, with their defaults (what each records: skip/trace/methods.py)
 DEFAULTS = {"full": {}, "unified": {"r": 2}, "skipdecode": {"r": 2}, "adainfer": {"tau": 0.8},
             "kangaroo": {"adapter": str(WEIGHTS / "kangaroo-l2"), "gamma": 6, "eta": 0.6, "draft_vocab": None}}
 # AdaInfer with a stop classifier file (skip/adainfer_files.py) in place of tau; vocab: the cheap head's ids
@@ -143,110 +132,3 @@ def write(path, model_cfg, prompt, tokens, tensor_dict, method="full", settings=
         except ValueError as e:  # a non-finite number: JSON has none
             raise TraceError(f"the trace of {path} holds a non-finite number, which JSON cannot hold") from e
         (tmp / "trace.json").write_text(text + "\n")
-
-
-def trace(model, ids, path, method="full", max_new_tokens=16, settings=None, force=False):
-    """Write the trace of our decoder running method on prompt ids to directory path."""
-    from .trace_methods import METHODS  # it imports this module
-    settings = settings_used(method, settings or {})
-    layer_runs = []
-
-    def watch(run, h):  # every layer the method runs: the slots it ran at and their norms
-        if isinstance(run, flops.LayerRun):
-            layer_runs.append([run.ctx, run.layer, h[0].float().norm(dim=-1).tolist()])
-    with model.recording() as runs, model.observing(watch):
-        (tokens, steps), = METHODS[method](model, [ids], max_new_tokens, settings)
-    write(path, model.cfg, ids, tokens, prompt_pass(model, ids), method, settings, steps, flops.total(model.cfg, runs),
-          str(model.dtype).removeprefix("torch."), layer_runs, force)
-
-
-def read(path, with_tensors=True):
-    """(trace.json, the tensors) of a trace folder, every field and tensor checked (skip/trace_check.py);
-    with_tensors=False: trace.json only (trace_check.check_tensors after)."""
-    from .trace_check import check
-    batch = (Path(path) / "batch.json").is_file()  # skip/trace_batch.py
-    hint = f" (a batch of traces: its rows are {Path(path) / 'row-*'})" if batch else ""
-    meta, t = read_folder(path, *FILES, TraceError, "trace", hint)
-    check(meta, t, path, with_tensors)
-    return meta, t
-
-
-def write_trace(a):
-    """`write`: the trace of --method on the chat-templated --prompt."""
-    from tokenizer import encode_chat, load_tokenizer
-
-    def refuse(name):
-        raise TraceError(f"--settings holds {name}, which is not JSON")
-    try:
-        settings = json.loads(a.settings, parse_constant=refuse)
-    except json.JSONDecodeError as e:
-        raise TraceError(f"--settings is not JSON: {e}") from e
-    if not isinstance(settings, dict):
-        raise TraceError(f"--settings must be a JSON object, got {a.settings!r}")
-    if a.classifier is not None:
-        if a.method != "adainfer":
-            raise TraceError(f"--classifier is AdaInfer's stop classifier, not {a.method}'s")
-        settings["classifier"] = a.classifier
-    used = settings_used(a.method, settings)  # the files it reads are never its output, --force or not
-    check_not_reading(a.out, a.model, *(used[k] for k in ("adapter", "classifier") if isinstance(used.get(k), str)))
-    model = load_model(a.model, a.dtype, device=a.device)
-    tok = load_tokenizer(a.model)
-    prompts = [encode_chat(tok, p) for p in a.prompt]
-    if len(prompts) > 1:  # one batched run, a trace per row
-        from .trace_batch import trace_batch
-        trace_batch(model, prompts, a.out, a.method, a.max_new_tokens, settings, a.force)
-    else:
-        trace(model, prompts[0], a.out, a.method, a.max_new_tokens, settings, a.force)
-
-
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    w = sub.add_parser("write")
-    w.add_argument("--model", type=Path, default=DEFAULT_MODEL)
-    w.add_argument("--method", default="full", choices=list(DEFAULTS))
-    w.add_argument("--prompt", required=True, action="append", help="twice or more: one batched run, "
-                   "a trace per row (skip/trace_batch.py)")
-    w.add_argument("--max-new-tokens", type=int, default=16)
-    w.add_argument("--settings", default="{}", help='JSON, e.g. \'{"gamma": 6, "eta": 0.6}\' or \'{"r": 2}\'')
-    w.add_argument("--classifier", type=Path, help="adainfer: a stop classifier file (skip/adainfer_files.py) "
-                   "in place of tau; the trace records its content")
-    w.add_argument("--out", type=Path, required=True)
-    w.add_argument("--force", action="store_true", help="replace an output folder that is not a trace")
-    add_load_args(w)
-    c = sub.add_parser("compare")
-    c.add_argument("reference", type=Path)
-    c.add_argument("other", type=Path)
-    c.add_argument("--atol", type=float, help="default: by the traces' dtypes (TOLERANCES)")
-    c.add_argument("--rtol", type=float, help="default: by the traces' dtypes (TOLERANCES)")
-    s = sub.add_parser("show", help="draw what the method ran (skip/trace_show.py)")
-    s.add_argument("trace", type=Path)
-    s.add_argument("--against", type=Path, help="a second trace: its first divergence is marked")
-    s.add_argument("--out", type=Path, help="the PNG to write (default: TRACE/trace.png)")
-    s.add_argument("--model", type=Path, help="a model directory: its tokenizer labels the tokens (default: ids)")
-    a = ap.parse_args(argv)
-    try:
-        if a.cmd == "show":
-            from .trace_show import show
-            a.out = show(a.trace, a.against, a.out, a.model)
-        elif a.cmd == "compare":
-            from .trace_batch import compare_any  # two traces, or two batch folders row by row
-            notes, found = compare_any(a.reference, a.other, a.atol, a.rtol)
-            print("\n".join(notes))
-            print("\n".join(found) if found else "the traces agree within the tolerances")
-            sys.exit(1 if found else 0)
-        else:
-            write_trace(a)
-    except Exception as e:  # bad input (TraceError, LoadError, ...: skip/cli.py): one line, status 2
-        if not bad_input(e) and a.cmd == "write":
-            raise  # a bug here keeps its traceback
-        # compare's status says agree (0) or diverge (1): what no check foresaw there is still one
-        # line and 2 (unusable input), never a traceback's 1; show reads the same traces
-        said = message(e) if bad_input(e) else f"internal error, please report it: {type(e).__name__}: {message(e)}"
-        print(f"error: {said}", file=sys.stderr)
-        sys.exit(2)
-    print(f"wrote {a.out}")
-
-
-if __name__ == "__main__":
-    main()

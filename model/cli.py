@@ -119,7 +119,7 @@ def _folder(path, what):
 
 def r_and_top_k_within(ap, a):
     """--r and --top-k within the model's layers and vocabulary, from its config before it loads."""
-    from model import load_config
+    from .config import load_config
     cfg = load_config(a.model)
     if a.r > cfg.n_layers or a.top_k > cfg.vocab_size:
         ap.error(f"need --r <= {cfg.n_layers} (the layers) and --top-k <= {cfg.vocab_size} (the vocabulary)")

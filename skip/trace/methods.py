@@ -1,24 +1,24 @@
-"""What a trace records of each method (skip/trace.py): one function per method runs it on a list
+"""What a trace records of each method (skip/trace/format.py): one function per method runs it on a list
 of prompts decoded as one batch (one prompt: a batch of one, the unbatched run) and returns, per
 prompt, the generated tokens and the per-step records that trace.py's docstring describes. A batch
-of more than one (skip/trace_batch.py) records each row's own steps: Kangaroo's through the row=
+of more than one (skip/trace/batch.py) records each row's own steps: Kangaroo's through the row=
 callbacks of generate_kangaroo, its cache lengths counted over the row's own slots.
 """
 from __future__ import annotations
 
 import torch
 
-from model import generate
+from model import flops, generate
 
-from .adainfer import Threshold
-from .adainfer_files import load_classifier, params
-from .adainfer_gen import generate_adainfer
-from .baselines import generate_skipdecode, generation_schedule
-from .kangaroo import generate_kangaroo
-from .kangaroo_batch import generate_kangaroo_batch
-from .kangaroo_files import load_adapter
-from .trace import TOP_K, TraceError
-from .unified import generate_unified, kept_layers
+from ..adainfer import Threshold
+from ..adainfer_files import load_classifier, params
+from ..adainfer_gen import generate_adainfer
+from ..baselines import generate_skipdecode, generation_schedule
+from ..kangaroo import generate_kangaroo
+from ..kangaroo_batch import generate_kangaroo_batch
+from ..kangaroo_files import load_adapter
+from ..unified import generate_unified, kept_layers
+from .format import TOP_K, TraceError, prompt_pass, settings_used, write
 
 
 def full_steps(model, prompts, max_new_tokens, settings):
@@ -102,3 +102,17 @@ def kangaroo_steps(model, prompts, max_new_tokens, settings):
 # each method's function: (model, prompts, max_new_tokens, settings as trace.settings_used gives them)
 METHODS = {"full": full_steps, "unified": unified_steps, "skipdecode": skipdecode_steps, "adainfer": adainfer_steps,
            "kangaroo": kangaroo_steps}
+
+
+def trace(model, ids, path, method="full", max_new_tokens=16, settings=None, force=False):
+    """Write the trace of our decoder running method on prompt ids to directory path."""
+    settings = settings_used(method, settings or {})
+    layer_runs = []
+
+    def watch(run, h):  # every layer the method runs: the slots it ran at and their norms
+        if isinstance(run, flops.LayerRun):
+            layer_runs.append([run.ctx, run.layer, h[0].float().norm(dim=-1).tolist()])
+    with model.recording() as runs, model.observing(watch):
+        (tokens, steps), = METHODS[method](model, [ids], max_new_tokens, settings)
+    write(path, model.cfg, ids, tokens, prompt_pass(model, ids), method, settings, steps, flops.total(model.cfg, runs),
+          str(model.dtype).removeprefix("torch."), layer_runs, force)

@@ -1,0 +1,101 @@
+"""python -m skip.trace write --method full|kangaroo|unified|skipdecode|adainfer --prompt TEXT --out DIR
+python -m skip.trace write --method adainfer --classifier FILE.json --prompt TEXT --out DIR   (skip/adainfer_files.py)
+python -m skip.trace write --method M --prompt A --prompt B ... --out DIR   (a batch: skip/trace/batch.py)
+python -m skip.trace compare REFERENCE OTHER [--atol A] [--rtol R]   (defaults by dtype: TOLERANCES; batches row by row)
+    status 0: the traces agree, 1: they diverge, 2: unusable input (one line on stderr; skip/trace/check.py)
+python -m skip.trace show DIR [--against OTHER] [--out FILE.png] [--model MODEL_DIR]   (skip/trace/show.py)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from model import add_load_args, load_model
+from weights import DEFAULT_MODEL
+from weights.files import check_not_reading
+
+from model.cli import bad_input, message
+from .batch import compare_any, trace_batch
+from .format import DEFAULTS, TraceError, settings_used
+from .methods import trace
+
+
+def write_trace(a):
+    """`write`: the trace of --method on the chat-templated --prompt."""
+    from tokenizer import encode_chat, load_tokenizer
+
+    def refuse(name):
+        raise TraceError(f"--settings holds {name}, which is not JSON")
+    try:
+        settings = json.loads(a.settings, parse_constant=refuse)
+    except json.JSONDecodeError as e:
+        raise TraceError(f"--settings is not JSON: {e}") from e
+    if not isinstance(settings, dict):
+        raise TraceError(f"--settings must be a JSON object, got {a.settings!r}")
+    if a.classifier is not None:
+        if a.method != "adainfer":
+            raise TraceError(f"--classifier is AdaInfer's stop classifier, not {a.method}'s")
+        settings["classifier"] = a.classifier
+    used = settings_used(a.method, settings)  # the files it reads are never its output, --force or not
+    check_not_reading(a.out, a.model, *(used[k] for k in ("adapter", "classifier") if isinstance(used.get(k), str)))
+    model = load_model(a.model, a.dtype, device=a.device)
+    tok = load_tokenizer(a.model)
+    prompts = [encode_chat(tok, p) for p in a.prompt]
+    if len(prompts) > 1:  # one batched run, a trace per row
+        trace_batch(model, prompts, a.out, a.method, a.max_new_tokens, settings, a.force)
+    else:
+        trace(model, prompts[0], a.out, a.method, a.max_new_tokens, settings, a.force)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    w = sub.add_parser("write")
+    w.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    w.add_argument("--method", default="full", choices=list(DEFAULTS))
+    w.add_argument("--prompt", required=True, action="append", help="twice or more: one batched run, "
+                   "a trace per row (skip/trace/batch.py)")
+    w.add_argument("--max-new-tokens", type=int, default=16)
+    w.add_argument("--settings", default="{}", help='JSON, e.g. \'{"gamma": 6, "eta": 0.6}\' or \'{"r": 2}\'')
+    w.add_argument("--classifier", type=Path, help="adainfer: a stop classifier file (skip/adainfer_files.py) "
+                   "in place of tau; the trace records its content")
+    w.add_argument("--out", type=Path, required=True)
+    w.add_argument("--force", action="store_true", help="replace an output folder that is not a trace")
+    add_load_args(w)
+    c = sub.add_parser("compare")
+    c.add_argument("reference", type=Path)
+    c.add_argument("other", type=Path)
+    c.add_argument("--atol", type=float, help="default: by the traces' dtypes (TOLERANCES)")
+    c.add_argument("--rtol", type=float, help="default: by the traces' dtypes (TOLERANCES)")
+    s = sub.add_parser("show", help="draw what the method ran (skip/trace/show.py)")
+    s.add_argument("trace", type=Path)
+    s.add_argument("--against", type=Path, help="a second trace: its first divergence is marked")
+    s.add_argument("--out", type=Path, help="the PNG to write (default: TRACE/trace.png)")
+    s.add_argument("--model", type=Path, help="a model directory: its tokenizer labels the tokens (default: ids)")
+    a = ap.parse_args(argv)
+    try:
+        if a.cmd == "show":
+            from .show import show  # matplotlib: only here
+            a.out = show(a.trace, a.against, a.out, a.model)
+        elif a.cmd == "compare":
+            notes, found = compare_any(a.reference, a.other, a.atol, a.rtol)
+            print("\n".join(notes))
+            print("\n".join(found) if found else "the traces agree within the tolerances")
+            sys.exit(1 if found else 0)
+        else:
+            write_trace(a)
+    except Exception as e:  # bad input (TraceError, LoadError, ...: model/cli.py): one line, status 2
+        if not bad_input(e) and a.cmd == "write":
+            raise  # a bug here keeps its traceback
+        # compare's status says agree (0) or diverge (1): what no check foresaw there is still one
+        # line and 2 (unusable input), never a traceback's 1; show reads the same traces
+        said = message(e) if bad_input(e) else f"internal error, please report it: {type(e).__name__}: {message(e)}"
+        print(f"error: {said}", file=sys.stderr)
+        sys.exit(2)
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()
