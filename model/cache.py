@@ -1,7 +1,9 @@
 """Preallocated KV cache, indexed by slot, with an explicit valid length per layer.
 
 A slot is a column of the (B, max_len) buffer: slot t holds one token of every row, a real
-one, left padding, or (batched speculative decoding, below) a hole. Each layer l holds keys/values for slots
+one, left padding, or (batched speculative decoding, below) a hole. The cache is the one home of
+padding and holes: every decoder that batches (model/generate.py's greedy, sampling and beam
+search, the early exits, batched Kangaroo) opens each slot here and passes on what open() returns. Each layer l holds keys/values for slots
 [0, lengths[l]) and nothing else, so layers may run ahead of one another:
 - Kangaroo's shallow layers draft ahead of the deep ones;
 - Unified Layer Skipping's skipped layers stop at the prompt length forever;
@@ -15,12 +17,12 @@ or gamma bounds the cache but does not allocate it.
 
 Rows that advance by different amounts (batched speculative decoding: each row accepts its
 own number of drafts) share the slots and differ in which slots are real: `valid` (B, S) is
-the decoder's pad_mask generalised, False on left padding AND on holes (a row's rejected
+the decoder's pad_mask, False on left padding AND on holes (a row's rejected
 drafts, or filler where a row waits while others draft). A row's RoPE position at a slot is
 the count of its real slots before it (decoder.positions), and attention reads only real
 keys, so a row sees exactly the keys and positions it would see alone. `valid` is None while
-every slot of every row is real (one row, no padding), so such a run passes pad_mask=None
-exactly as an unbatched one does. Why shared slots rather than a length per row: every
+every slot of every row is real (one row, no padding; and again when the rows left after a
+reorder() are all real), so such a run passes pad_mask=None exactly as an unbatched one does. Why shared slots rather than a length per row: every
 write stays one dense slice [start, start + T) for all rows, as for a single row, and crop()
 stays one number; per-row lengths would need scattered writes and a per-row gather of keys
 in every layer. The cost: holes are slots that every row's attention spans and skips, at
@@ -28,7 +30,10 @@ most gamma per row per round (a round keeps the longest accepted row, n + max a_
 shorter rows keep holes); so max_len counts slots, not tokens, and a batch of B rows can
 use up to B times a single row's slots in the worst case (one row advancing per round).
 open() adds slots' columns before their first layer writes them, hide() turns a row's
-rejected slots into holes, reorder() drops finished rows.
+rejected slots into holes, reorder() drops finished rows (or copies beams).
+
+A reused slot (a row that leaves and another that takes its place) would need its keys cleared
+by nothing: a new row's keys are written before they are read, and `valid` says which are its.
 """
 from __future__ import annotations
 
@@ -86,6 +91,8 @@ class KVCache:
         self.k, self.v = self.k[:, rows], self.v[:, rows]  # (L, B', n_kv, capacity, hd)
         if self.valid is not None:
             self.valid = self.valid[rows]  # (B', opened)
+            if bool(self.valid.all()):  # the rows left are all real: run as an unpadded batch
+                self.valid = None
 
     def crop(self, length, layers=None):
         """Forget every slot >= length (in the given layers, default all, with their columns)."""
@@ -96,14 +103,18 @@ class KVCache:
             self.valid = None if self.valid is None else self.valid[:, :length]
 
     # ------------------------------------------------ which slots are real, per row
-    def open(self, real):
-        """Add the columns of the next slots, before their first layer writes them: real (B, T)
-        nested lists of bools, False for a row's padding or filler. Returns pad_mask()."""
-        if not all(map(all, real)):
-            self._mark(len(real))
+    def open(self, T, real=None):
+        """Add the columns of the next T slots, before their first layer writes them: real (B, T)
+        bools (a tensor or nested lists), False for a row's padding or filler; None: all real.
+        Returns pad_mask(), what the decoder reads for these slots."""
+        if real is not None:
+            real = torch.as_tensor(real, dtype=torch.bool, device=self.k.device)  # (B, T)
+            if not bool(real.all()):
+                self._mark(real.shape[0])
         if self.valid is not None:
-            self.valid = torch.cat([self.valid, torch.tensor(real, device=self.k.device)], 1)  # (B, opened + T)
-        self.opened += len(real[0])
+            new = real if real is not None else self.valid.new_ones(self.valid.shape[0], T)  # (B, T)
+            self.valid = torch.cat([self.valid, new], 1)  # (B, opened + T)
+        self.opened += T
         return self.pad_mask(self.opened)
 
     def _mark(self, B):

@@ -30,13 +30,15 @@ def next_token(logits, temperature=0.0, top_k=0, top_p=1.0, generator=None):
 
 
 def left_pad(prompts, pad_id, device="cpu"):
-    """list of id lists -> ids (B, T), mask (B, T) with True on real tokens."""
+    """list of id lists -> ids (B, T), mask (B, T) with True on real tokens, or None when no
+    prompt is shorter than T (the decoder then runs as for one prompt)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     T = max(len(p) for p in prompts)
     ids = torch.tensor([[pad_id] * (T - len(p)) + list(p) for p in prompts], device=device)
-    mask = torch.tensor([[False] * (T - len(p)) + [True] * len(p) for p in prompts], device=device)
-    return ids, mask
+    if all(len(p) == T for p in prompts):
+        return ids, None
+    return ids, torch.tensor([[False] * (T - len(p)) + [True] * len(p) for p in prompts], device=device)
 
 
 def check_sampling(temperature, top_p, top_k=0):
@@ -71,11 +73,9 @@ def generate(model, prompts, max_new_tokens=32, temperature=0.0, top_k=0, top_p=
     ids, mask = left_pad(prompts, cfg.pad_token_id or 0, model.device)
     B, T = ids.shape
     check_length(cfg, T, max_new_tokens)
-    cache = model.new_cache(B, T + max_new_tokens)
-    full_mask = torch.cat([mask, mask.new_ones(B, max_new_tokens)], dim=1)  # (B, T + n)
-    padded = any(len(p) < T for p in prompts)
+    cache = model.new_cache(B, T + max_new_tokens)  # and the home of the padding (model/cache.py)
 
-    logits = model(ids, cache=cache, pad_mask=full_mask[:, :T] if padded else None, last_only=True)
+    logits = model(ids, cache=cache, pad_mask=cache.open(T, mask), last_only=True)
     out = [[] for _ in range(B)]
     done = [False] * B
     for step in range(max_new_tokens):
@@ -88,9 +88,8 @@ def generate(model, prompts, max_new_tokens=32, temperature=0.0, top_k=0, top_p=
             on_token(step, tok)
         if all(done) or step == max_new_tokens - 1:
             break
-        start = T + step
-        logits = model(tok[:, None], cache=cache, start=start, pad_mask=full_mask[:, :start + 1] if padded else None,
-                       last_only=True, layers=None if decode_layers is None else decode_layers(step))
+        logits = model(tok[:, None], cache=cache, start=T + step, pad_mask=cache.open(1), last_only=True,
+                       layers=None if decode_layers is None else decode_layers(step))
     return out
 
 
@@ -130,11 +129,9 @@ def beam_search(model, prompts, num_beams=4, max_new_tokens=32, length_penalty=1
     ids, mask = left_pad(prompts, cfg.pad_token_id or 0, model.device)
     B, T = ids.shape
     check_length(cfg, T, max_new_tokens)
-    cache = model.new_cache(B, T + max_new_tokens)
-    full_mask = torch.cat([mask, mask.new_ones(B, max_new_tokens)], 1).repeat_interleave(K, 0)
-    padded = any(len(p) < T for p in prompts)
+    cache = model.new_cache(B, T + max_new_tokens)  # and the home of the padding (model/cache.py)
 
-    logits = model(ids, cache=cache, pad_mask=mask if padded else None, last_only=True)[:, -1]  # (B, V)
+    logits = model(ids, cache=cache, pad_mask=cache.open(T, mask), last_only=True)[:, -1]  # (B, V)
     cache.reorder(torch.arange(B, device=ids.device).repeat_interleave(K))  # every beam starts from its prompt's cache
     logits, seqs = logits.repeat_interleave(K, 0), ids.repeat_interleave(K, 0)  # (B*K, V), (B*K, T)
     scores = torch.zeros(B, K, device=ids.device)  # summed log-probabilities of the running beams
@@ -170,7 +167,6 @@ def beam_search(model, prompts, num_beams=4, max_new_tokens=32, length_penalty=1
         if all(done) or bool(ends.all()) or (early_stopping is True and all(len(f) == K for f in finished)):
             break
         cache.reorder(rows)
-        start = T + step
-        logits = model(toks[:, None], cache=cache, start=start, pad_mask=full_mask[:, :start + 1] if padded else None,
-                       last_only=True, layers=None if decode_layers is None else decode_layers(step))[:, -1]
+        logits = model(toks[:, None], cache=cache, start=T + step, pad_mask=cache.open(1), last_only=True,
+                       layers=None if decode_layers is None else decode_layers(step))[:, -1]
     return [f[0][1] for f in finished]

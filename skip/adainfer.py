@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from model import left_pad, positions
 
 from .crf import CRF
-from .exit_decode import as_batch
+from .exit_decode import as_batch, live_rows
 
 FEATURES = ("gap", "top_prob", "cos_hidden", "cos_attn", "cos_mlp")
 DEFAULT_FEATURES = ("gap", "top_prob")  # the paper's
@@ -87,8 +87,7 @@ def prompt_pass(model, prompts, vocab, on_layer):
     `vocab` only, when given) and on_layer(row, l, FEATURES row, top-1 id) -> True ends that
     row's pass. The batch runs until its deepest row's end (ours: the paper decides one prompt at
     a time; a row's outputs past its end are not looked at, and rows do not attend to each other)."""
-    x, mask = left_pad(prompts, model.cfg.pad_token_id or 0, model.device)  # (B, T)
-    pad_mask = mask if len(set(map(len, prompts))) > 1 else None
+    x, pad_mask = left_pad(prompts, model.cfg.pad_token_id or 0, model.device)  # (B, T), (B, T) or None
     pos = positions(pad_mask, 0, x.shape[1], x.device)
     h = model.embed_tokens(x, pos)  # (B, T, d)
     streams, going = [LayerStream(h[b:b + 1]) for b in range(len(prompts))], list(range(len(prompts)))
@@ -97,9 +96,7 @@ def prompt_pass(model, prompts, vocab, on_layer):
 
     def callback(layer, h, attn_out, mlp_out):
         nonlocal going
-        if len(going) < len(prompts):
-            rows = torch.tensor(going, device=h.device)
-            h, attn_out, mlp_out = h[rows], attn_out[rows], mlp_out[rows]  # (b, T, d) each
+        h, attn_out, mlp_out = live_rows(going, len(prompts), h, attn_out, mlp_out)  # (b, T, d) each
         lens = model.logits(h, last_only=True, vocab=vocab)[:, -1]  # (b, V')
         ended = []
         for i, b in enumerate(going):

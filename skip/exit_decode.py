@@ -17,11 +17,18 @@ hidden state: fed into the deeper layers that still run for the other rows, that
 yields exactly the keys/values that "propagate" fills (a layer's K/V with the exited state as
 its input), and the row's outputs there are discarded; with "recompute" the row just runs on.
 When every row has exited the pass stops, and the layers no row ran are filled as at batch 1.
-Prompts of different lengths are left-padded (pad_mask and positions() as model/generate.py);
+Prompts of different lengths are left-padded, the padding kept by the cache (model/cache.py);
 a row that ends (EOS or its budget) leaves the batch (KVCache.reorder), so the depth is that of
 the rows still decoding. One prompt is the same code at B = 1, with no pad mask, so its numerics
 are those of the unbatched loop. Per token, `layers_run` is what the batch ran (the deepest
 row's exit + 1) against what the row wanted (its own exit + 1), the cost of keeping a batch in step.
+
+A check may screen a layer through a cheap head over frequent tokens (frequent_vocab) before the
+full head. The two checks confirm a cheap stop by two different rules, because they stop on
+different things: the confidence exit (baselines.ConfidenceCheck) stops on a probability, which a
+head over fewer tokens can only overstate, so the full head re-checks the threshold; AdaInfer
+(adainfer_gen.StopCheck) stops on a classifier's verdict over features with no such order, so the
+full head must name the same top-1 token.
 """
 from __future__ import annotations
 
@@ -53,6 +60,15 @@ def as_batch(prompts):
     return ([prompts] if one else list(prompts)), one
 
 
+def live_rows(going, B, *tensors):
+    """The rows `going` (indices into B) of each (B, ...) tensor, as a run_layers callback hands a
+    batch's outputs to the rows still deciding; the tensors themselves while every row goes."""
+    if len(going) == B:
+        return tensors
+    rows = torch.tensor(going, device=tensors[0].device)
+    return tuple(t[rows] for t in tensors)
+
+
 def frequent_vocab(token_lists, n=2048):
     """The n most frequent ids in the model's own outputs, sorted: a cheap head for the checks."""
     counts = Counter(t for ts in token_lists for t in ts)
@@ -75,14 +91,11 @@ def exit_pass(model, h, pos, cache, start, pad_mask, check, fill):
 
     def callback(layer, h, attn_out, mlp_out):
         nonlocal going
-        h_live = h
-        if len(going) < B:
-            if frozen is not None:  # deliberate, in place: run_layers feeds this very h to the next
-                # layer (and returns it), so the exited rows' input there is their exit state
-                done = torch.tensor([b for b in range(B) if exits[b] is not None], device=h.device)
-                h[done] = frozen[done]
-            rows = torch.tensor(going, device=h.device)
-            h_live, attn_out, mlp_out = h[rows], attn_out[rows], mlp_out[rows]  # (b, 1, d) each: the live rows
+        if frozen is not None and len(going) < B:  # deliberate, in place: run_layers feeds this very h to
+            # the next layer (and returns it), so the exited rows' input there is their exit state
+            done = torch.tensor([b for b in range(B) if exits[b] is not None], device=h.device)
+            h[done] = frozen[done]
+        h_live, attn_out, mlp_out = live_rows(going, B, h, attn_out, mlp_out)  # (b, 1, d) each
         stopped = []
         for i, (b, out) in enumerate(zip(going, check(layer, h_live, attn_out, mlp_out))):
             if out is not None:
@@ -120,10 +133,8 @@ def decode_with_exit(model, prompts, new_check, max_new_tokens=32, eos=None, for
     budget = [max_new_tokens] * len(prompts) if forced is None else [len(f) for f in forced]
     (B, T), n = ids.shape, max(budget)
     check_length(model.cfg, T, n)
-    full_mask = torch.cat([mask, mask.new_ones(B, n)], dim=1)  # (B, T + n)
-    padded = lambda rows: any(len(prompts[b]) < T for b in rows)
-    cache = model.new_cache(B, T + n)
-    logits = model(ids, cache=cache, pad_mask=mask if padded(range(B)) else None, last_only=True)[:, -1]  # (B, V)
+    cache = model.new_cache(B, T + n)  # and the home of the padding
+    logits = model(ids, cache=cache, pad_mask=cache.open(T, mask), last_only=True)[:, -1]  # (B, V)
     res = [ExitDecode([], [], []) for _ in prompts]
     live = list(range(B))  # the prompt of each cache row
     logits = list(logits)
@@ -138,11 +149,10 @@ def decode_with_exit(model, prompts, new_check, max_new_tokens=32, eos=None, for
         if not keep:
             break
         if len(keep) < len(live):  # finished rows leave the batch
-            rows = torch.tensor(keep, device=dev)
-            cache.reorder(rows)
-            full_mask, live, toks = full_mask[rows], [live[i] for i in keep], [toks[i] for i in keep]
+            cache.reorder(torch.tensor(keep, device=dev))
+            live, toks = [live[i] for i in keep], [toks[i] for i in keep]
         start = T + step
-        pad_mask = full_mask[:, :start + 1] if padded(live) else None  # (b, start + 1)
+        pad_mask = cache.open(1)  # (b, start + 1), or None when no live row is padded
         pos = positions(pad_mask, start, 1, dev)
         h = model.embed_tokens(torch.tensor([[t] for t in toks], device=dev), pos)  # (b, 1, d)
         exits, logits = exit_pass(model, h, pos, cache, start, pad_mask, new_check(h), fill)

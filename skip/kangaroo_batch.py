@@ -98,7 +98,7 @@ class Batch:
     def shallow(self, ids, start, real):
         """M^s on ids (B, T) at slots [start, start + T), real (B, T) bools (False: padding or a
         stopped row's filler): the exited states h_l (B, T, d)."""
-        mask = self.cache.open(real)  # None while every slot is real
+        mask = self.cache.open(ids.shape[1], real)  # None while every slot is real
         pos = positions(mask, start, ids.shape[1], ids.device)  # (B|1, T)
         return self.model.run_layers(self.model.embed_tokens(ids, pos), pos, range(self.l), self.cache, start, mask)
 
@@ -110,7 +110,7 @@ class Batch:
 
     def prefill(self, h_l, real):
         if self.acache is not None:  # A reads the prompts' exited states (B, T, d)
-            adapt(self.model, self.kg.A, h_l, self.acache, 0, self.acache.open(real))
+            adapt(self.model, self.kg.A, h_l, self.acache, 0, self.acache.open(h_l.shape[1], real))
 
     def draft_logits(self, h_l, drafting):
         """M^d's logits (B, V') of each row's next token, from the exited state h_l (B, 1, d) of its
@@ -130,7 +130,7 @@ class Batch:
             h_l = torch.cat([self.last_h, h_l], 1)  # (B, 2, d)
             self.lags = [lag and not d for lag, d in zip(self.lags, drafting)]
         start = self.acache.lengths[0]
-        return self.kg.exit_logits(h_l, self.acache, start, self.acache.open(real))
+        return self.kg.exit_logits(h_l, self.acache, start, self.acache.open(h_l.shape[1], real))
 
     def verify(self, h_l, n, drafted):
         """M's logits (B, K + 1, V) at slots [n, n + K], from the exited states h_l (B, K + 1, d);
