@@ -32,8 +32,8 @@ use up to B times a single row's slots in the worst case (one row advancing per 
 open() adds slots' columns before their first layer writes them, hide() turns a row's
 rejected slots into holes, reorder() drops finished rows (or copies beams).
 
-A reused slot (a row that leaves and another that takes its place) would need its keys cleared
-by nothing: a new row's keys are written before they are read, and `valid` says which are its.
+A row that leaves takes its slots with it (reorder drops the row); nothing is cleared, because a
+write always precedes a read of the same slot and `valid` says which slots are a row's.
 """
 from __future__ import annotations
 

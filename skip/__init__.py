@@ -1,5 +1,7 @@
-"""The three methods (and their baselines, training and the trace format); the benchmarks,
-evaluations and demo that use them are in skip/harness/, which no method imports."""
+"""The three methods, their baselines and our extensions, one file each at this level; built on
+them, each in its own package: the trace format and its tools (trace/), training (train/), and
+the benchmarks, evaluations and demo (harness/). Imports go one way: harness -> trace, train ->
+the methods -> model (tests/test_layout.py)."""
 from weights import DEFAULT_MODEL, WEIGHTS
 
 ROOT = WEIGHTS.parent

@@ -8,6 +8,7 @@ Notation (the paper's method section):
     gamma    at most gamma draft steps per round
     eta      drafting stops after a draft whose top probability is below eta (draft early exit)
     p, q     target (M) and draft (M^d) distributions of the next token
+    V'       the draft head's rows: all V tokens (ours, TopKDraft: the adapter's K most frequent)
 
 Paper sections are cited by title: [SD] "Early Exiting as Self-Drafting Model" (M^d, A, the
 verification of the exited states) and [DD] "Dynamic Drafting Steps with Early-Exiting" (eta).
@@ -23,18 +24,22 @@ One round, from the last committed token x at slot n (not cached yet):
      token distributed exactly as p.
   4. crop every cache (shallow, deep, adapter) to the accepted length (as the official code does).
 
-A after a round that accepted every draft: A read x, d_1, ..., d_{k-1} (each to draft the next)
-but never d_k, whose state only went to verification. We catch A up a round late, with the next
-round's first draft (A reads d_k's state and x's in one call), as the official
-evaluation/inference_kangaroo.py fills that missing adapter KV; catching up at once, as gpt-fast
-feeds its draft model the last token, would cost one more A call a round and could round A's
-keys differently from the official code's, which this file is checked against draft for draft.
+How A catches up after a round that accepted every draft. In a round, A reads x, d_1, ...,
+d_{k-1} (each to draft the next) but never d_k, whose state only went to verification; when d_k
+is accepted, A's cache lacks it. We catch A up a round late: the next round's first draft call
+reads d_k's state and that round's x together, as the official evaluation/inference_kangaroo.py
+fills that missing adapter KV. Catching up at once, as gpt-fast feeds its draft model the last
+token, would cost one more A call a round and could round A's keys differently from the official
+code's, which this file is checked against draft for draft. (A round with no draft, k = 0, drops
+the pending state unread; that happens only with gamma = 0, when A never drafts, or in the last
+round, when there is no next one.)
 
 This file decodes one sequence. Ours, elsewhere: a batch of prompts with each row as if alone
-(skip/kangaroo_batch.py, bound to this file by tests/test_kangaroo_batch.py); A itself in
-skip/kangaroo_adapter.py (its files: skip/kangaroo_files.py; training it:
-skip/train/kangaroo_train.py). After the divider, ours: the top-K draft head, the adapter-free
-peer and the hook of traces.
+(skip/kangaroo_batch.py, bound to this file by tests/test_kangaroo_batch.py; the pad_mask
+arguments below are for it); A itself in skip/kangaroo_adapter.py (its files:
+skip/kangaroo_files.py; training it: skip/train/kangaroo.py). After the divider, ours: the top-K
+draft head, the adapter-free peer (drafting with M's own head, as transformers'
+assistant_early_exit does: skip/peer_layerskip.py) and the hook of traces.
 """
 from __future__ import annotations
 
@@ -79,8 +84,7 @@ def probs(logits, temperature, top_p):
 # ---------------------------------------------------------------- the draft model's two pieces
 def adapt(model, A, h, cache, start, pad_mask=None):
     """A's output (B, T, d) on exited states h (B, T, d) at slots [start, start + T) of its cache,
-    reading and extending it (pad_mask: a batch's real slots, skip/kangaroo_batch.py; M's
-    observers are told: FLOPs)."""
+    reading and extending it; reported to M's observers (model.emit), so FLOPs records count it."""
     B, T = h.shape[:2]
     pos = positions(pad_mask, start, T, h.device)  # (B|1, T)
     z = A(h, A.rope(model, pos), cache, start, attention_mask(pad_mask, start, T, h.device), model.attn_impl)
@@ -89,7 +93,8 @@ def adapt(model, A, h, cache, start, pad_mask=None):
 
 
 def head(model, z, H):
-    """The head's rows H (V', d) on z (B, d): logits (B, V') (M's observers are told: FLOPs)."""
+    """The head's rows H (V', d) on z (B, d): logits (B, V'), reported to M's observers. A plain
+    product: H may be a gathered subset of the head's rows (TopKDraft), not the head's Linear."""
     model.emit(HeadRun(z.shape[0], 1, H.shape[0]))
     return z @ H.T
 
@@ -103,7 +108,7 @@ class Sampling(NamedTuple):
 
 @dataclass
 class Round:
-    drafted: int  # k: draft tokens proposed
+    drafted: int  # k: draft tokens proposed (at most the round's gamma)
     accepted: int  # a: how many of them M accepted (the round yields a + 1 tokens)
     drafts: list = field(default_factory=list)  # d_1..d_k
 
@@ -167,16 +172,17 @@ class Kangaroo:
         self.pending = h_l[:, -1:] if a == h_l.shape[1] - 1 else None  # A has not read d_k
 
 
-def draft(kg: Kangaroo, x, n, k, eta, s: Sampling):
+def draft(kg: Kangaroo, x, n, gamma, eta, s: Sampling):
     """[DD]: from x at slot n, M^s (the first exit; its keys/values stay cached) and M^d propose at
-    most k tokens; drafting stops after a draft whose probability is below eta (the second exit).
-    Returns d_1..d_k', their q (sampling) and the exited states h_l (1, k' + 1, d) of x, d_1, ...,
-    d_k': the last draft is verified too, since its h_l is computed anyway (as in the official code)."""
+    most gamma tokens; drafting stops after a draft whose probability is below eta (the second
+    exit). Returns d_1..d_k, their q (sampling) and the exited states h_l (1, k + 1, d) of x, d_1,
+    ..., d_k: M^s runs on each new draft before the stop test, because its state is verified too,
+    computed anyway (as in the official code)."""
     drafts, qs, hs = [], [], []
     tok, conf = x, 1.0  # conf starts at 1: the official code tests eta only from its second step
-    for i in range(k + 1):
+    for i in range(gamma + 1):
         hs.append(kg.shallow(torch.tensor([[tok]], device=kg.model.device), n + i))  # (1, 1, d)
-        if i == k or conf < eta:
+        if i == gamma or conf < eta:
             break
         tok, conf, q = kg.pick(kg.draft_logits(hs[-1]), s)
         drafts.append(tok)
@@ -184,10 +190,10 @@ def draft(kg: Kangaroo, x, n, k, eta, s: Sampling):
     return drafts, qs, torch.cat(hs, 1)
 
 
-def kangaroo_round(kg: Kangaroo, x, n, k, eta, s: Sampling):
-    """One round from x at slot n: draft, verify, accept, crop. Returns its Round and the a + 1
-    tokens it commits."""
-    drafts, qs, h = draft(kg, x, n, k, eta, s)  # 1. draft: h (1, k + 1, d)
+def kangaroo_round(kg: Kangaroo, x, n, gamma, eta, s: Sampling):
+    """One round from x at slot n, at most gamma drafts: draft, verify, accept, crop. Returns its
+    Round and the a + 1 tokens it commits."""
+    drafts, qs, h = draft(kg, x, n, gamma, eta, s)  # 1. draft k tokens: h (1, k + 1, d)
     p_logits = kg.verify(h, n)  # 2. verify: (k + 1, V), one pass
     if s.temperature == 0:  # 3. accept: the longest prefix M's greedy choice agrees with, plus M's token
         a, nxt = accept_greedy(p_logits, drafts)
@@ -196,6 +202,25 @@ def kangaroo_round(kg: Kangaroo, x, n, k, eta, s: Sampling):
         a, nxt = accept_sampled(probs(p_logits, s.temperature, s.top_p), q, drafts, s.generator)
     kg.crop(n, a, h)  # 4. keep x and the accepted drafts; drop the rest from every cache
     return Round(len(drafts), a, drafts), drafts[:a] + [nxt]
+
+
+def check_settings(cfg, prompts, adapter, l, max_new_tokens, gamma, eta, temperature, top_p, draft_vocab=None):
+    """Refuse bad settings before anything is allocated."""
+    l = adapter.l if adapter is not None else l
+    if l is None or not 0 < l < cfg.n_layers:
+        raise ValueError(f"need an exit layer 0 < l < {cfg.n_layers} (or an adapter), got {l}")
+    if not (isinstance(gamma, int) and not isinstance(gamma, bool) and gamma >= 0
+            and isinstance(eta, (int, float)) and 0 <= eta <= 1):
+        raise ValueError(f"need an integer gamma >= 0 and 0 <= eta <= 1 (got {gamma!r}, {eta!r})")
+    n_frequent = 0 if adapter is None else len(adapter.frequent)  # -1 would drop a token, 0 mean "none"
+    if draft_vocab is not None and not (isinstance(draft_vocab, int) and not isinstance(draft_vocab, bool)
+                                        and 1 <= draft_vocab <= n_frequent):
+        raise ValueError(f"draft_vocab must be None or an integer in [1, {n_frequent}] (the adapter's frequent "
+                         f"tokens), got {draft_vocab!r}")
+    check_sampling(temperature, top_p)
+    if not prompts or not all(prompts) or any(not 0 <= t < cfg.vocab_size for p in prompts for t in p):
+        raise ValueError(f"a prompt must be non-empty token ids in [0, {cfg.vocab_size})")
+    check_length(cfg, max(map(len, prompts)), max_new_tokens)
 
 
 @torch.inference_mode()
@@ -224,8 +249,8 @@ def generate_kangaroo(model, prompt, adapter=None, l=None, max_new_tokens=64, ga
               int(torch.multinomial(probs(logits, temperature, top_p), 1, generator=generator))]
     rounds = []
     while tokens[-1] not in eos and len(tokens) < max_new_tokens:
-        k = min(gamma, max_new_tokens - len(tokens) - 1)  # never draft past max_new_tokens
-        rnd, new = kangaroo_round(kg, tokens[-1], len(prompt) + len(tokens) - 1, k, eta, s)
+        g = min(gamma, max_new_tokens - len(tokens) - 1)  # never draft past max_new_tokens
+        rnd, new = kangaroo_round(kg, tokens[-1], len(prompt) + len(tokens) - 1, g, eta, s)
         rounds.append(rnd)
         for t in new:  # up to EOS or the budget
             tokens.append(t)
@@ -299,22 +324,3 @@ def observed(kg, observe):
         return logits
     kg.draft_logits, kg.verify = draft_seen, verify_seen
     return kg
-
-
-def check_settings(cfg, prompts, adapter, l, max_new_tokens, gamma, eta, temperature, top_p, draft_vocab=None):
-    """Refuse bad settings before anything is allocated."""
-    l = adapter.l if adapter is not None else l
-    if l is None or not 0 < l < cfg.n_layers:
-        raise ValueError(f"need an exit layer 0 < l < {cfg.n_layers} (or an adapter), got {l}")
-    if not (isinstance(gamma, int) and not isinstance(gamma, bool) and gamma >= 0
-            and isinstance(eta, (int, float)) and 0 <= eta <= 1):
-        raise ValueError(f"need an integer gamma >= 0 and 0 <= eta <= 1 (got {gamma!r}, {eta!r})")
-    n_frequent = 0 if adapter is None else len(adapter.frequent)  # -1 would drop a token, 0 mean "none"
-    if draft_vocab is not None and not (isinstance(draft_vocab, int) and not isinstance(draft_vocab, bool)
-                                        and 1 <= draft_vocab <= n_frequent):
-        raise ValueError(f"draft_vocab must be None or an integer in [1, {n_frequent}] (the adapter's frequent "
-                         f"tokens), got {draft_vocab!r}")
-    check_sampling(temperature, top_p)
-    if not prompts or not all(prompts) or any(not 0 <= t < cfg.vocab_size for p in prompts for t in p):
-        raise ValueError(f"a prompt must be non-empty token ids in [0, {cfg.vocab_size})")
-    check_length(cfg, max(map(len, prompts)), max_new_tokens)

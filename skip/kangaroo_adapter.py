@@ -55,7 +55,7 @@ class Adapter(nn.Module):
         return model.rope(pos) if self.inv_freq is None else rope_tables(self.inv_freq.to(pos.device), pos)
 
     def forward(self, h, rope, cache=None, start=0, attn_mask=None, impl="sdpa"):  # (B, T, d) -> (B, T, d)
-        a = self.attn(self.norm_in(h), rope, attn_mask, cache, 0, start, impl)
+        a = self.attn(self.norm_in(h), rope, attn_mask, cache, 0, start, impl)  # 0: A's cache holds one layer
         return self.norm_out(h + a)  # already normalised: the head reads it directly
 
 

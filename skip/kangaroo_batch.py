@@ -90,10 +90,11 @@ class Batch:
         B = len(rows.prompts)
         self.kg, self.model, self.l, self.rows, self.observe = kg, kg.model, kg.l, rows, observe
         self.cache = self.model.new_cache(B, max_len)
-        # A's catch-ups take slots of their own: at most one a round, at most max_new_tokens rounds
+        # A's catch-ups take slots of their own when some rows catch up and others do not: at most one
+        # a round, at most max_new_tokens rounds; one row catches up in its own next slot, as alone
         self.acache = None if kg.A is None else kg.A.new_cache(B, max_len + (rows.max_new_tokens if B > 1 else 0))
-        self.last_h = None  # (B, 1, d) each row's last draft's h_l, which A has not read when every draft was accepted
-        self.lags = [False] * B  # which rows A has to catch up
+        self.pending = None  # (B, 1, d) each row's last draft's h_l (the paper file's `pending`, per row)
+        self.lagging = [False] * B  # the rows whose pending state A has not read (they accepted every draft)
 
     def shallow(self, ids, start, real):
         """M^s on ids (B, T) at slots [start, start + T), real (B, T) bools (False: padding or a
@@ -125,10 +126,10 @@ class Batch:
         if self.acache is None:
             return self.kg.exit_logits(h_l, None, 0)
         real = [[d] for d in drafting]
-        if any(lag and d for lag, d in zip(self.lags, drafting)):  # A catches a row up, in a slot of its own
-            real = [[lag and d, d] for lag, d in zip(self.lags, drafting)]
-            h_l = torch.cat([self.last_h, h_l], 1)  # (B, 2, d)
-            self.lags = [lag and not d for lag, d in zip(self.lags, drafting)]
+        if any(lag and d for lag, d in zip(self.lagging, drafting)):  # A catches rows up, in a slot of its own
+            real = [[lag and d, d] for lag, d in zip(self.lagging, drafting)]
+            h_l = torch.cat([self.pending, h_l], 1)  # (B, 2, d)
+            self.lagging = [lag and not d for lag, d in zip(self.lagging, drafting)]
         start = self.acache.lengths[0]
         return self.kg.exit_logits(h_l, self.acache, start, self.acache.open(h_l.shape[1], real))
 
@@ -147,16 +148,17 @@ class Batch:
         kept = [a + 1 for a in accepted]
         keep(self.cache, n, kept)
         if self.acache is not None:
-            keep(self.acache, self.acache.lengths[0] - max(drafted), kept)  # from A's slot of the round's first draft
-            self.last_h = h_l[torch.arange(len(kept), device=h_l.device), drafted][:, None]  # (B, 1, d) at n + k_b
-            self.lags = [a == k for a, k in zip(accepted, drafted)]
+            # A read x and the drafts but the last in the round's last max(drafted) slots: from x's slot
+            keep(self.acache, self.acache.lengths[0] - max(drafted), kept)
+            self.pending = h_l[torch.arange(len(kept), device=h_l.device), drafted][:, None]  # (B, 1, d) at n + k_b
+            self.lagging = [a == k for a, k in zip(accepted, drafted)]
 
     def keep_rows(self, rows):
         """Drop the finished rows: row i becomes the old row rows[i]."""
         for cache in (self.cache, self.acache) if self.acache is not None else (self.cache,):
             cache.reorder(rows)
-        self.last_h = None if self.last_h is None else self.last_h[rows]  # None: before the first round
-        self.lags = [self.lags[r] for r in rows]
+        self.pending = None if self.pending is None else self.pending[rows]  # None: before the first round
+        self.lagging = [self.lagging[r] for r in rows]
 
 
 def keep(cache, start, kept):
@@ -166,7 +168,7 @@ def keep(cache, start, kept):
     cache.hide(start, kept)
 
 
-def draft(bt: Batch, xs, n, ks, eta, s: Sampling):
+def draft_rows(bt: Batch, xs, n, ks, eta, s: Sampling):
     """Step 1 for every row (skip/kangaroo.py's draft, per row): each row's d_1..d_k and their q,
     and the exited states h_l (B, K + 1, d), K the most any row drafted."""
     drafts, qs, hs = [[] for _ in xs], [[] for _ in xs], []
@@ -186,10 +188,10 @@ def draft(bt: Batch, xs, n, ks, eta, s: Sampling):
     return drafts, qs, torch.cat(hs, 1)
 
 
-def batch_round(bt: Batch, xs, n, ks, eta, s: Sampling):
+def round_rows(bt: Batch, xs, n, ks, eta, s: Sampling):
     """One round from each row's x at slot n, row b drafting at most ks[b]: draft, verify, accept,
     crop. Returns each row's RowRound and the a + 1 tokens it commits."""
-    drafts, qs, h = draft(bt, xs, n, ks, eta, s)  # 1. draft: h (B, K + 1, d)
+    drafts, qs, h = draft_rows(bt, xs, n, ks, eta, s)  # 1. draft: h (B, K + 1, d)
     drafted = [len(d) for d in drafts]
     p_logits = bt.verify(h, n, drafted)  # 2. verify: (B, K + 1, V), one pass for all rows
     accepted, new = [], []
@@ -219,7 +221,7 @@ def generate_kangaroo_batch(model, prompts, adapter=None, l=None, max_new_tokens
     B, s = len(prompts), Sampling(temperature, top_p, generator)
     rows = Rows(prompts, max_new_tokens, set(model.cfg.eos_token_id if eos is None else eos))
     room = rows.T + B * max_new_tokens + min(gamma, max_new_tokens) + 1  # slots, holes included (model/cache.py)
-    bt = Batch(self_draft(model, adapter, l, draft_vocab, 0), rows, room, observe)  # kg's own caches: none
+    bt = Batch(self_draft(model, adapter, l, draft_vocab, 0), rows, room, observe)  # kg's one-row caches: empty, unused
 
     # prefill: M on the prompts, A on their exited states
     real = rows.padding()
@@ -234,7 +236,7 @@ def generate_kangaroo_batch(model, prompts, adapter=None, l=None, max_new_tokens
             bt.keep_rows(keep_)
         if not rows.active:
             return [KangarooOutput(t, r) for t, r in zip(rows.tokens, rows.rounds)]
-        rounds, new = batch_round(bt, rows.last(), rows.n, rows.budgets(gamma), eta, s)
+        rounds, new = round_rows(bt, rows.last(), rows.n, rows.budgets(gamma), eta, s)
         rows.commit(rounds, new)
         assert bt.cache.lengths[0] == rows.n  # the caches end where the rows' next tokens go
         if on_round is not None:

@@ -2,6 +2,8 @@
 real SmolLM2-135M-Instruct GGUF (fetched and converted by `make weights`); the cache-free
 decoding reference and random Kangaroo adapters that several test files share."""
 
+import os
+
 import pytest
 import torch
 
@@ -11,6 +13,9 @@ from skip.kangaroo_adapter import Adapter
 from skip.layerwise import layerwise_forward, prompt_then
 
 transformers = pytest.importorskip("transformers")
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs two workers on two cores: one thread each
+    torch.set_num_threads(1)
 
 SMALL = dict(vocab_size=97, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, max_position_embeddings=256)
 LLAMA = dict(SMALL, intermediate_size=96, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=0)
@@ -78,6 +83,23 @@ def reference_decode(model, prompts, layer_sets_for, n_new):
     return outs
 
 
+def chi_square_pvalue(counts, exact, N, tv=0.15, power=0.99, alpha=0.01):
+    """The chi-square p-value of counts (V,) of N draws against the exact distribution (V,), on
+    the bins expected >= 5 and the rest pooled. First it checks that N is large enough: the test
+    must reject, with probability >= power at level alpha, any distribution at total variation >=
+    tv from exact over those bins; sum (r - e)^2 / e >= (sum |r - e|)^2 = 4 tv^2 (Cauchy-Schwarz,
+    sum e = 1), so the noncentrality is at least 4 N tv^2 whatever the alternative. Sampling
+    tests are sized by this power, not by habit."""
+    from scipy.stats import chi2, chisquare, ncx2
+    big = exact * N >= 5
+    pooled = [] if exact[~big].sum() == 0 else [~big]
+    obs = torch.stack([*counts[big], *(counts[m].sum() for m in pooled)])
+    exp = torch.stack([*exact[big], *(exact[m].sum() for m in pooled)]) * N
+    df = len(obs) - 1
+    assert ncx2.sf(chi2.ppf(1 - alpha, df), df, 4 * N * tv ** 2) >= power, f"{N} draws are too few for this test"
+    return chisquare(obs.numpy(), exp.numpy()).pvalue
+
+
 def random_adapter(model, l, seed, lens_like):
     """A random Kangaroo adapter over layer l; lens_like: A = the final norm, so its drafts are
     as good as the logit lens."""
@@ -93,14 +115,26 @@ def random_adapter(model, l, seed, lens_like):
     return a.eval()
 
 
-@pytest.fixture(scope="session", params=list(VARIANTS))
-def pair(request, tmp_path_factory):
-    """(transformers model, our model loaded from its safetensors directory)."""
-    kind, kw = VARIANTS[request.param]
+def build_pair(name, tmp_path_factory):
+    kind, kw = VARIANTS[name]
     hf = build_hf(kind, kw)
-    path = tmp_path_factory.mktemp(request.param)
+    path = tmp_path_factory.mktemp(name)
     hf.save_pretrained(path, safe_serialization=True)
     return hf, load_model(path)
+
+
+@pytest.fixture(scope="session", params=list(VARIANTS))
+def pair(request, tmp_path_factory):
+    """(transformers model, our model loaded from its safetensors directory): every variant, for
+    tests whose subject is the decoder."""
+    return build_pair(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="session", params=["llama_gqa", "opt_post_proj"])
+def method_pair(request, tmp_path_factory):
+    """pair for tests whose subject is a method built on the decoder: one model of each
+    architecture (the post-norm OPT with its projections the farthest from Llama)."""
+    return build_pair(request.param, tmp_path_factory)
 
 
 @pytest.fixture(scope="session")

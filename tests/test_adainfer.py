@@ -42,8 +42,8 @@ def test_logit_lens_at_every_layer_equals_transformers(pair):
 
 
 @torch.no_grad()
-def test_threshold_that_never_fires_is_the_full_model(pair):
-    _, model = pair
+def test_threshold_that_never_fires_is_the_full_model(method_pair):
+    _, model = method_pair
     for ids in prompts(model, 4):
         pred, layer = predict(model, ids, Threshold(tau=2.0))
         logits = model(torch.tensor([ids]), last_only=True)[0, -1]

@@ -21,8 +21,8 @@ def calibrated_threshold(model, check_every=1, vocab=None):
 
 
 @torch.no_grad()
-def test_never_stopping_is_plain_greedy_decoding(pair):
-    _, model = pair
+def test_never_stopping_is_plain_greedy_decoding(method_pair):
+    _, model = method_pair
     with model.recording() as runs:
         res = generate_adainfer(model, PROMPT, None, 10, eos=[])
     with model.recording() as plain:
@@ -33,8 +33,8 @@ def test_never_stopping_is_plain_greedy_decoding(pair):
 
 @torch.no_grad()
 @pytest.mark.parametrize("check_every,cheap", [(1, False), (2, False), (1, True)])
-def test_state_propagation_equals_the_cache_free_reference(pair, check_every, cheap):
-    _, model = pair
+def test_state_propagation_equals_the_cache_free_reference(method_pair, check_every, cheap):
+    _, model = method_pair
     L = model.cfg.n_layers
     vocab = None
     if cheap:  # the even ids and the model's own greedy tokens, as a frequent-token head holds them
@@ -59,8 +59,8 @@ def test_state_propagation_equals_the_cache_free_reference(pair, check_every, ch
 
 
 @torch.no_grad()
-def test_recompute_keeps_the_exact_cache(pair):
-    _, model = pair
+def test_recompute_keeps_the_exact_cache(method_pair):
+    _, model = method_pair
     res = generate_adainfer(model, PROMPT, calibrated_threshold(model), 10, fill="recompute", eos=[])
     ids = torch.tensor([PROMPT + res.tokens[:-1]])
     from model import positions
@@ -72,8 +72,8 @@ def test_recompute_keeps_the_exact_cache(pair):
         assert res.tokens[t + 1] == int(model.logits(states[e][:, at:at + 1])[0, 0].argmax())
 
 
-def test_bad_settings_raise(pair):
-    _, model = pair
+def test_bad_settings_raise(method_pair):
+    _, model = method_pair
     crf = CRFClassifier()
     with pytest.raises(ValueError, match="use check_every=1"):
         generate_adainfer(model, PROMPT, crf, 4, check_every=2)

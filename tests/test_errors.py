@@ -96,8 +96,8 @@ def test_lengths_and_numbers_are_checked_before_anything_is_allocated(llama_dir)
 
 @pytest.mark.parametrize("args", [["--prompt", "hi", "--max-new-tokens", "0"],
                                   ["--prompt", "hi", "--temperature", "nan"], ["--prompt", ""]])
-def test_the_generate_cli_ends_bad_input_in_one_line_with_status_2(smollm2_dir, args):
-    p = subprocess.run([sys.executable, "-m", "model", "generate", "--model", str(smollm2_dir), "--no-chat", *args],
+def test_the_generate_cli_ends_bad_input_in_one_line_with_status_2(tiny_chat_dir, args):
+    p = subprocess.run([sys.executable, "-m", "model", "generate", "--model", str(tiny_chat_dir), "--no-chat", *args],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and p.stderr.startswith("error: ") and "Traceback" not in p.stderr
 

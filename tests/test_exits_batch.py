@@ -63,8 +63,8 @@ def check_early_exit(model, fill="propagate", vocab=None):
 
 
 @torch.no_grad()
-def test_batched_early_exit_rows_equal_their_unbatched_runs(pair):
-    check_early_exit(pair[1])
+def test_batched_early_exit_rows_equal_their_unbatched_runs(method_pair):
+    check_early_exit(method_pair[1])
 
 
 @torch.no_grad()
@@ -115,8 +115,8 @@ def test_a_rows_output_does_not_depend_on_its_batch_mates(llama_dir):
     assert exits_differ(batch)
     for b, i in zip(permuted, order):
         assert b.tokens == batch[i].tokens and b.exit_layers == batch[i].exit_layers
-    pair = generate_early_exit(model, PROMPTS[1:3], tau, N, eos=[])  # other mates, fewer rows
-    assert [(r.tokens, r.exit_layers) for r in pair] == [(r.tokens, r.exit_layers) for r in batch[1:3]]
+    method_pair = generate_early_exit(model, PROMPTS[1:3], tau, N, eos=[])  # other mates, fewer rows
+    assert [(r.tokens, r.exit_layers) for r in method_pair] == [(r.tokens, r.exit_layers) for r in batch[1:3]]
 
 
 def check_adainfer(model, check_every=1, vocab=None, fill="propagate"):
@@ -137,8 +137,8 @@ def check_adainfer(model, check_every=1, vocab=None, fill="propagate"):
 
 
 @torch.no_grad()
-def test_batched_adainfer_generation_rows_equal_their_unbatched_runs(pair):
-    check_adainfer(pair[1])
+def test_batched_adainfer_generation_rows_equal_their_unbatched_runs(method_pair):
+    check_adainfer(method_pair[1])
 
 
 @torch.no_grad()

@@ -341,22 +341,20 @@ def kill_while_writing(cmd, out, sig=signal.SIGTERM):
     return p.wait(timeout=60)
 
 
-def test_a_conversion_killed_mid_write_leaves_nothing_and_the_next_run_succeeds(smollm2_gguf, tmp_path):
+# Killed mid-write, a command leaves its folder exactly as before it started (empty), so the next
+# run starts as a first run does; that a first run completes is every other test of these commands
+# (the session's conversion of SmolLM2, tests/test_devices.py's fine-tunes). One real conversion
+# and one real fine-tune, each killed: the two writers of the largest files.
+def test_a_conversion_killed_mid_write_leaves_nothing_behind(smollm2_gguf, tmp_path):
     out = tmp_path / "smollm2"
     cmd = [sys.executable, "-m", "weights", "convert", str(smollm2_gguf), "--out", str(out)]
     assert kill_while_writing(cmd, out) != 0
     assert not out.exists() and not list(tmp_path.iterdir())
-    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
-    assert sorted(p.name for p in out.iterdir()) == [
-        "config.json", "conversion.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
 
 
-def test_a_fine_tune_killed_mid_write_leaves_nothing_and_the_next_run_succeeds(smollm2_dir, data_dir, tmp_path):
+def test_a_fine_tune_killed_mid_write_leaves_nothing_behind(smollm2_dir, data_dir, tmp_path):
     out = tmp_path / "unified-2x"
     cmd = [sys.executable, "-m", "skip.train.finetune", "--model", str(smollm2_dir), "--steps", "1",
            "--max-tokens", "64", "--out", str(out)]
     assert kill_while_writing(cmd, out) != 0
     assert not out.exists() and not list(tmp_path.iterdir())
-    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "finetune.json", "model.safetensors"]
-    load_model(out)

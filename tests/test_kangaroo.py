@@ -18,7 +18,7 @@ from tokenizer import encode_chat, load_tokenizer
 
 from skip import WEIGHTS
 
-from conftest import random_adapter
+from conftest import chi_square_pvalue, random_adapter
 
 PROMPT = [5, 6, 7, 8, 9, 10]
 
@@ -41,17 +41,18 @@ def test_greedy_equals_plain_greedy_decoding(llama_dir, deep_scale, seed):
     prompt = PROMPT[:3 + seed]
     ref = generate(m, [prompt], max_new_tokens=24, eos=[])[0]
     accepted = 0
-    for eta in [0.0, 0.3, 0.6, 1.0]:
-        for gamma in [0, 1, 3, 6]:
-            for a in [random_adapter(m, 2, seed, lens_like=seed != 1), None]:
-                out = generate_kangaroo(m, prompt, a, l=2, max_new_tokens=24, gamma=gamma, eta=eta, eos=[])
-                assert out.tokens == ref, (eta, gamma, a is None)
-                assert len(out.tokens) == sum(r.accepted + 1 for r in out.rounds) + 1
-                assert all(r.drafted <= gamma for r in out.rounds)
-                accepted += sum(r.accepted for r in out.rounds)
-            cheap = generate_kangaroo(m, prompt, random_adapter(m, 2, seed, True), max_new_tokens=24, gamma=gamma,
-                                      eta=eta, draft_vocab=20, eos=[])
-            assert cheap.tokens == ref
+    # every gamma and every eta, each gamma beside two etas (tests/test_kangaroo_batch.py runs more
+    # settings through this file, row by row)
+    for eta, gamma in [(0.0, 0), (0.6, 0), (0.3, 1), (1.0, 1), (0.0, 3), (0.6, 3), (0.3, 6), (1.0, 6)]:
+        for a in [random_adapter(m, 2, seed, lens_like=seed != 1), None]:
+            out = generate_kangaroo(m, prompt, a, l=2, max_new_tokens=24, gamma=gamma, eta=eta, eos=[])
+            assert out.tokens == ref, (eta, gamma, a is None)
+            assert len(out.tokens) == sum(r.accepted + 1 for r in out.rounds) + 1
+            assert all(r.drafted <= gamma for r in out.rounds)
+            accepted += sum(r.accepted for r in out.rounds)
+        cheap = generate_kangaroo(m, prompt, random_adapter(m, 2, seed, True), max_new_tokens=24, gamma=gamma,
+                                  eta=eta, draft_vocab=20, eos=[])
+        assert cheap.tokens == ref
     if deep_scale == 0.0:
         assert accepted > 0  # the accept path ran
 
@@ -121,16 +122,13 @@ def test_sampled_decoding_keeps_the_target_distribution(llama_dir):
         p2 = probs(m(torch.tensor([PROMPT + [int(x)] for x in x1]), last_only=True)[:, -1], t, top_p)
         exact = (p1[x1, None] * p2).sum(0)  # (V,)
     g = torch.Generator().manual_seed(0)
-    N, counts = 3000, torch.zeros(m.cfg.vocab_size)
+    N, counts = 1000, torch.zeros(m.cfg.vocab_size)  # N: chi_square_pvalue's power
     for _ in range(N):
         out = generate_kangaroo(m, PROMPT, a, max_new_tokens=3, gamma=2, eta=0.0, temperature=t, top_p=top_p,
                                 generator=g, eos=[])
         counts[out.tokens[1]] += 1
     assert counts[exact == 0].sum() == 0
-    big = exact * N >= 5  # chi-square on bins expected >= 5, the rest pooled
-    obs = torch.cat([counts[big], counts[~big].sum()[None]])
-    exp = torch.cat([exact[big], exact[~big].sum()[None]]) * N
-    assert chisquare(obs.numpy(), exp.numpy()).pvalue > 0.01
+    assert chi_square_pvalue(counts, exact, N) > 0.01
 
 
 def test_adapter_round_trip_and_clear_errors(llama_dir, tmp_path):
@@ -214,8 +212,8 @@ def test_tokens_by_frequency_match_a_count():
     assert order == sorted(range(12), key=lambda v: (-c[v], v))
 
 
-SMOL_PROMPTS = ["What is the capital of France?", "Write a haiku about autumn leaves.",
-                "Explain in two sentences why the sky is blue.", "Solve: 12 * 7 + 5 = ?"]
+SMOL_PROMPTS = ["Explain in two sentences why the sky is blue.", "Solve: 12 * 7 + 5 = ?"]  # four more, batched:
+# tests/test_kangaroo_batch.py
 
 
 def test_smollm2_with_the_trained_adapter_equals_plain_greedy(smollm2_dir):

@@ -3,7 +3,6 @@ drafts and acceptance), plain greedy decoding, the exact target distribution (ch
 B >= 2), and the caches' own record of each row's real slots."""
 import pytest
 import torch
-from scipy.stats import chisquare
 
 from model import KVCache, generate, left_pad, load_model
 from skip.kangaroo import generate_kangaroo, probs
@@ -13,7 +12,7 @@ from tokenizer import encode_chat, load_tokenizer
 
 from skip import WEIGHTS
 
-from conftest import random_adapter
+from conftest import chi_square_pvalue, random_adapter
 from test_kangaroo import tiny  # the tiny Llama with its deep layers scaled
 
 PROMPTS = [[5, 6, 7], [11, 12, 13, 14, 15, 16, 17, 18], [20], [30, 31, 32, 33, 34]]  # four lengths
@@ -38,7 +37,7 @@ def test_each_row_is_its_prompt_decoded_alone_and_plain_greedy(llama_dir, deep_s
     m = tiny(llama_dir, deep_scale)
     plain = [generate(m, [p], max_new_tokens=20, eos=[])[0] for p in PROMPTS]
     seen = {"accepted": 0, "idle": 0, "holes": 0, "short": 0}
-    for seed, (gamma, eta) in enumerate([(0, 0.6), (1, 0.0), (3, 0.3), (3, 1.0), (6, 0.0), (6, 0.6)]):
+    for seed, (gamma, eta) in enumerate([(0, 0.6), (1, 0.0), (3, 1.0), (6, 0.3)]):  # every gamma, four etas
         for a, kw in [(random_adapter(m, 2, seed, lens_like=seed % 2 == 0), {}), (None, {"l": 2}),
                       (random_adapter(m, 2, seed, lens_like=True), {"draft_vocab": 20})]:
             batch = same_as_alone(m, PROMPTS, adapter=a, max_new_tokens=20, gamma=gamma, eta=eta, eos=[], **kw)
@@ -160,7 +159,7 @@ def test_batched_sampling_keeps_every_rows_target_distribution(llama_dir):
     m = tiny(llama_dir, 0.3)
     a = random_adapter(m, 2, 0, lens_like=True)
     t, top_p, prompts = 1.5, 0.9, [PROMPTS[0], PROMPTS[1], PROMPTS[0]]  # a row twice: its draws independent
-    g, N = torch.Generator().manual_seed(0), 1500
+    g, N = torch.Generator().manual_seed(0), 1000  # N: chi_square_pvalue's power
     counts = torch.zeros(len(prompts), m.cfg.vocab_size)
     for _ in range(N):
         outs = generate_kangaroo_batch(m, prompts, a, max_new_tokens=3, gamma=2, eta=0.0, temperature=t, top_p=top_p,
@@ -175,11 +174,7 @@ def test_batched_sampling_keeps_every_rows_target_distribution(llama_dir):
             p2 = probs(m(torch.tensor([p + [int(x)] for x in x1]), last_only=True)[:, -1], t, top_p)
             exact = (p1[x1, None] * p2).sum(0)  # (V,)
         assert counts[b, exact == 0].sum() == 0
-        big = exact * N >= 5  # chi-square on bins expected >= 5, the rest pooled (when there is a rest)
-        pooled = [] if exact[~big].sum() == 0 else [~big]
-        obs = torch.stack([*counts[b, big], *(counts[b, m].sum() for m in pooled)])
-        exp = torch.stack([*exact[big], *(exact[m].sum() for m in pooled)]) * N
-        assert chisquare(obs.numpy(), exp.numpy()).pvalue > 0.01, b
+        assert chi_square_pvalue(counts[b], exact, N) > 0.01, b
 
 
 def test_bad_batches_are_refused(llama_dir):

@@ -47,8 +47,8 @@ def test_bad_speedups_raise():
 
 
 @torch.no_grad()
-def test_r1_equals_plain_decoding(pair):
-    _, model = pair
+def test_r1_equals_plain_decoding(method_pair):
+    _, model = method_pair
     prompts = [[5, 6, 7, 8], [9, 3]]
     assert generate_unified(model, prompts, 1, max_new_tokens=10, eos=[]) == \
         generate(model, prompts, max_new_tokens=10, eos=[])
@@ -56,8 +56,8 @@ def test_r1_equals_plain_decoding(pair):
 
 @torch.no_grad()
 @pytest.mark.parametrize("r,real", [(2, False), (1.5, True)])
-def test_unified_decoding_equals_cache_free_reference_batched_and_alone(pair, r, real):
-    _, model = pair
+def test_unified_decoding_equals_cache_free_reference_batched_and_alone(method_pair, r, real):
+    _, model = method_pair
     prompts = [[5, 6, 7, 8, 9, 10], [9, 3], [11, 12, 13]]
     K = kept_layers(model.cfg.n_layers, r, real)
     assert len(K) < model.cfg.n_layers
@@ -68,8 +68,8 @@ def test_unified_decoding_equals_cache_free_reference_batched_and_alone(pair, r,
 
 
 @torch.no_grad()
-def test_skipped_layers_hold_only_prompt_keys_values(pair):
-    _, model = pair
+def test_skipped_layers_hold_only_prompt_keys_values(method_pair):
+    _, model = method_pair
     L, K = model.cfg.n_layers, kept_layers(model.cfg.n_layers, 2)
     cache = KVCache.for_model(model.cfg, 1, 16)
     model(torch.tensor([[5, 6, 7]]), cache=cache)
@@ -114,8 +114,8 @@ def test_measured_layers_per_token_equal_unifieds_when_rows_stop_at_eos(deep, r)
 
 
 @torch.no_grad()
-def test_skipdecode_never_reads_a_missing_key_value_and_equals_reference(pair):
-    _, model = pair
+def test_skipdecode_never_reads_a_missing_key_value_and_equals_reference(method_pair):
+    _, model = method_pair
     L, prompts, n = model.cfg.n_layers, [[5, 6, 7, 8], [9, 3]], 8
     schedule = skipdecode_schedule(L, 2, n)
     # the cache raises on any read over a gap, so decoding at all proves no missing key/value
@@ -124,8 +124,8 @@ def test_skipdecode_never_reads_a_missing_key_value_and_equals_reference(pair):
 
 
 @torch.no_grad()
-def test_early_exit_equals_reference_with_state_propagation(pair):
-    _, model = pair
+def test_early_exit_equals_reference_with_state_propagation(method_pair):
+    _, model = method_pair
     prompt, L = [5, 6, 7, 8], model.cfg.n_layers
     tau = calibrate_threshold(model, [prompt], r=2, max_new_tokens=10)
     res = generate_early_exit(model, prompt, tau, max_new_tokens=10, eos=[])
@@ -135,8 +135,8 @@ def test_early_exit_equals_reference_with_state_propagation(pair):
 
 
 @torch.no_grad()
-def test_early_exit_that_never_fires_is_plain_decoding_and_flops_count_every_check(pair):
-    _, model = pair
+def test_early_exit_that_never_fires_is_plain_decoding_and_flops_count_every_check(method_pair):
+    _, model = method_pair
     cfg, prompt, n = model.cfg, [5, 6, 7, 8], 6
     with model.recording() as runs:
         res = generate_early_exit(model, prompt, tau=1.01, max_new_tokens=n, eos=[])
@@ -149,10 +149,10 @@ def test_early_exit_that_never_fires_is_plain_decoding_and_flops_count_every_che
 
 
 @torch.no_grad()
-def test_cheap_exit_check_decides_as_the_full_head(pair):
+def test_cheap_exit_check_decides_as_the_full_head(method_pair):
     """A cheap head over ids that hold every layer's full top-1 (plus random others) gives the
     full-head check's exits, tokens and logits, never with more full-head calls."""
-    _, model = pair
+    _, model = method_pair
     prompt, n, V = [5, 6, 7, 8], 12, model.cfg.vocab_size
     tau = calibrate_threshold(model, [prompt], r=1.5, max_new_tokens=n)
     top1 = set()
@@ -177,8 +177,8 @@ def test_cheap_exit_check_decides_as_the_full_head(pair):
 
 
 @torch.no_grad()
-def test_calibrated_threshold_hits_the_target_layer_count(pair):
-    _, model = pair
+def test_calibrated_threshold_hits_the_target_layer_count(method_pair):
+    _, model = method_pair
     prompts = [[5, 6, 7, 8], [9, 3, 4]]
     tau = calibrate_threshold(model, prompts, r=2, max_new_tokens=12)
     exits = [e for p in prompts for e in generate_early_exit(model, p, tau, 12, eos=[]).exit_layers]
@@ -186,8 +186,8 @@ def test_calibrated_threshold_hits_the_target_layer_count(pair):
 
 
 @torch.no_grad()
-def test_teacher_forced_early_exit_matches_reference_logits(pair):
-    _, model = pair
+def test_teacher_forced_early_exit_matches_reference_logits(method_pair):
+    _, model = method_pair
     prompt, forced = [5, 6, 7, 8], [9, 10, 11, 12, 13]
     tau = calibrate_threshold(model, [prompt], r=2, max_new_tokens=6)
     res = generate_early_exit(model, prompt, tau, forced=forced)
@@ -198,8 +198,8 @@ def test_teacher_forced_early_exit_matches_reference_logits(pair):
 
 
 @torch.no_grad()
-def test_unified_sampling_is_seeded_and_top_k_1_is_greedy(pair):
-    _, model = pair
+def test_unified_sampling_is_seeded_and_top_k_1_is_greedy(method_pair):
+    _, model = method_pair
     prompts = [[5, 6, 7, 8], [9, 3]]
     greedy = generate_unified(model, prompts, 2, max_new_tokens=6, eos=[])
     assert generate_unified(model, prompts, 2, max_new_tokens=6, eos=[], temperature=0.8, top_k=1) == greedy

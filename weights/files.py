@@ -41,9 +41,7 @@ import stat
 import threading
 from pathlib import Path
 
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors import SafetensorError  # safetensors' core imports no torch; .torch is imported where used
 
 PARTIAL, OLD = "partial", "old"  # the two kinds of temporary beside an output
 
@@ -275,12 +273,15 @@ def cache_key(model_dir, data_files, *args):
 def device_tag(model):
     """What besides the weights changes a model's outputs, for cache keys: nothing for fp32 on the
     CPU (so keys made before other devices and dtypes existed stay valid), else dtype and device."""
+    import torch  # its caller holds a model, so torch is loaded already
     return [] if (model.dtype, model.device.type) == (torch.float32, "cpu") else [str(model.dtype), model.device.type]
 
 
 def read_folder(path, json_name, tensors_name, error, what, hint=""):
     """(the JSON, the tensors) of a folder that a command here wrote (an adapter, a trace); a
     missing or unreadable file raises error with one line that names the folder."""
+    from safetensors.torch import load_file  # a process that only writes files never loads torch
+
     path = Path(path)
     for name in (json_name, tensors_name):
         if not (path / name).is_file():
