@@ -116,3 +116,16 @@ def test_batch_waste_against_the_caches_own_slots(llama_dir):
                                                   for j in range(max(len(x.rounds) for x in outs))]
     assert waste([prompts[0]], generate_kangaroo_batch(m, [prompts[0]], A, max_new_tokens=12, gamma=3, eta=0.0, eos=[])) \
         == {"idle": 0.0, "holes": 0.0}
+
+
+def test_every_benchmark_record_names_its_run(tmp_path, capsys):
+    """publish: the result and its tables, the JSON holding the command, date and machine that made it."""
+    import json
+    from skip.harness.report import publish
+    publish(tmp_path / "out", "b", {"speedup": 1.5}, "| a |\n|---|\n| 1 |")
+    res = json.loads((tmp_path / "out" / "b.json").read_text())
+    assert res["speedup"] == 1.5 and set(res["run"]) == {"command", "date", "machine", "threads", "torch"}
+    assert res["run"]["machine"] and res["run"]["date"][:2] == "20" and res["run"]["threads"] >= 1
+    assert (tmp_path / "out" / "b.md").read_text() == "| a |\n|---|\n| 1 |\n" and "| 1 |" in capsys.readouterr().out
+    with pytest.raises(ValueError):  # JSON has no NaN
+        publish(tmp_path / "out", "c", {"x": float("nan")}, "")

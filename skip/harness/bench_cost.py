@@ -23,7 +23,6 @@ all are. Writes runs/bench-cost.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from pathlib import Path
 
@@ -31,7 +30,6 @@ import torch
 from tqdm import tqdm
 
 from model import add_load_args, generate, load_model, positions
-from weights.files import write_text_atomic
 from model.flops import HeadRun, KVRun, LayerRun
 from tokenizer import encode_chat, load_tokenizer
 
@@ -43,7 +41,7 @@ from model.cli import command, r_and_top_k_within, float_in, int_in, positive, t
 from ..exit_decode import frequent_vocab
 from ..unified import generate_unified
 from .data import SPECBENCH, specbench
-from .report import markdown_table, token_match
+from .report import markdown_table, publish, token_match
 from .timing import interleaved_ms, median_ms
 from .tune import tune
 
@@ -191,10 +189,7 @@ def write_report(res, out, budget):
                              floatfmt=("", ".1f", ".1f", ".1f", ".1f", "", "", ".2f", ".3f", ""))]
     md += ["", "Tokens of the cheap checks equal to the full-head checks': "
            + ", ".join(f"{m}: {'yes' if same else 'no'}" for m, same in res["cheap_equals_full_check"].items())]
-    out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "bench-cost.json", json.dumps(res, indent=1))
-    write_text_atomic(out / "bench-cost.md", "\n".join(md) + "\n")
-    print("\n".join(md))
+    publish(out, "bench-cost", res, "\n".join(md))
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ Writes runs/bench-exits.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from pathlib import Path
 
@@ -28,7 +27,6 @@ import torch
 
 from model import add_load_args, generate, load_model
 from tokenizer import encode_chat, load_tokenizer
-from weights.files import write_text_atomic
 
 from .. import DEFAULT_MODEL, RUNS
 from ..adainfer import Threshold
@@ -37,7 +35,7 @@ from ..baselines import calibrate_threshold, generate_early_exit
 from model.cli import command, r_and_top_k_within, float_in, int_in, non_negative, positive, threads, writable_folder
 from ..exit_decode import frequent_vocab
 from .data import SPECBENCH, specbench
-from .report import markdown_table, token_match
+from .report import markdown_table, publish, token_match
 from .timing import interleaved_ms
 
 GAP = 0.8  # AdaInfer's gap threshold (the paper's)
@@ -129,10 +127,7 @@ def write_report(res, out):
           markdown_table(rows, ["method", "B", "layers run / token", "layers wanted / token", "run / wanted",
                                 "tokens/s", "plain tokens/s", "speedup", "token match"],
                          floatfmt=("", "", ".1f", ".1f", ".2f", ".1f", ".1f", "", ".3f"), right=range(1, 9))]
-    out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "bench-exits.json", json.dumps(res, indent=1))
-    write_text_atomic(out / "bench-exits.md", "\n".join(md) + "\n")
-    print("\n".join(md))
+    publish(out, "bench-exits", res, "\n".join(md))
 
 
 if __name__ == "__main__":

@@ -31,7 +31,6 @@ from tqdm import tqdm
 
 from model import add_load_args, flops, generate, load_model
 from tokenizer import encode_chat, load_tokenizer
-from weights.files import write_text_atomic
 
 from .. import DEFAULT_MODEL, RUNS, WEIGHTS
 from model.cli import command, float_in, non_negative, positive, threads, writable_folder
@@ -41,7 +40,7 @@ from ..peer_layerskip import drafter_settings
 from .bench_kangaroo_batch import bench_batch
 from .data import SPECBENCH, specbench
 from .kangaroo_pieces import ACCEPTANCE_HEADERS, acceptance_cells, metrics, piece_costs, predicted_speedup, yes_no
-from .report import markdown_table
+from .report import markdown_table, publish
 from .timing import interleaved_ms, timed
 from .tune import tune
 
@@ -148,11 +147,7 @@ def main(argv=None):
         result["categories"][c] = {m: summarize(runs[m], plain_tps, costs, draft_ms.get(m)) for m in methods}
     if not a.no_sweep:
         result["sweep"] = sweep(model, adapter, prompts, a, methods["plain"])
-    a.out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(a.out / "bench-kangaroo.json", json.dumps(result, indent=1))
-    md = table(result)
-    write_text_atomic(a.out / "bench-kangaroo.md", md)
-    print(md)
+    publish(a.out, "bench-kangaroo", result, table(result))
     if "sweep" in result:
         plot(result["sweep"], a.out / "kangaroo.png")
 

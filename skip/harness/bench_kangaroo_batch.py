@@ -25,12 +25,11 @@ from tqdm import tqdm
 
 from model import generate
 from tokenizer import encode_chat
-from weights.files import write_text_atomic
 
 from ..kangaroo_batch import generate_kangaroo_batch
 from .kangaroo_pieces import ACCEPTANCE_HEADERS, acceptance_cells, metrics, piece_costs, round_ms, yes_no
 from .data import SPECBENCH, specbench
-from .report import markdown_table
+from .report import markdown_table, publish
 from .timing import interleaved_ms
 
 
@@ -146,8 +145,4 @@ def bench_batch(model, tok, adapter, routes, a):
               "prompt_lengths": list(map(len, pool)), "batches": {}}
     for B in tqdm(a.batch, desc="batch sizes"):
         result["batches"][B] = one_size(model, adapter, pool, B, a)
-    a.out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(a.out / "bench-kangaroo-batch.json", json.dumps(result, indent=1))
-    md = table(result)
-    write_text_atomic(a.out / "bench-kangaroo-batch.md", md)
-    print(md)
+    publish(a.out, "bench-kangaroo-batch", result, table(result))

@@ -26,7 +26,6 @@ runs/bench-products.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
@@ -34,12 +33,11 @@ import torch.nn.functional as F
 
 from model import add_load_args, load_model
 from model.products import PRODUCTS, linear
-from weights.files import write_text_atomic
 
 from .. import DEFAULT_MODEL, RUNS
 from model.cli import command, int_in, positive, threads, writable_folder
 from .bench_decoder import step_weights
-from .report import markdown_table
+from .report import markdown_table, publish
 from .timing import interleaved_ms
 
 _T = {}  # w -> w.T made contiguous once: the "stored transposed" layout (emptied per model)
@@ -164,12 +162,8 @@ def main(argv=None):
     res = bench(model, a.rows, a.runs)
     ws = whole_steps(model, [n for n in (1, 2, 4, 8) if n in a.rows] or a.rows[:1], a.runs, a.threads)
     md = table(res, a.rows) + "\n\n" + whole_table(ws)
-    a.out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(a.out / "bench-products.json", json.dumps({"threads": a.threads, "shapes": res,
-                                                                  "totals": totals(res, a.rows),
-                                                                  "whole_steps": ws}, indent=1))
-    write_text_atomic(a.out / "bench-products.md", md + "\n")
-    print(md)
+    publish(a.out, "bench-products", {"threads": a.threads, "shapes": res, "totals": totals(res, a.rows),
+                                      "whole_steps": ws}, md)
 
 
 if __name__ == "__main__":

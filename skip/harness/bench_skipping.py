@@ -22,7 +22,6 @@ Writes runs/bench-skipping.json, runs/bench-skipping.md and runs/skipping.png.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from pathlib import Path
 
@@ -31,7 +30,6 @@ import torch
 from tqdm import tqdm
 
 from model import add_load_args, beam_search, flops, generate, load_model
-from weights.files import write_text_atomic
 from tokenizer import encode_chat, load_tokenizer
 
 from .. import DEFAULT_MODEL, RUNS
@@ -40,7 +38,7 @@ from model.cli import command, non_negative, positive, writable_folder
 from ..train.finetune import response_layer_sets, tuned_checkpoint
 from ..layerwise import layerwise_forward, prompt_then
 from .data import mtbench_references, specbench
-from .report import markdown_table
+from .report import markdown_table, publish
 from .timing import interleaved_ms
 
 
@@ -230,14 +228,9 @@ def main(argv=None):
             if t is not None:
                 t["speedup"] = t["tokens_per_s"] / ref[b]["tokens_per_s"]
                 t["flops_ceiling"] = ref[b]["flops"] / t["flops"]
-    a.out.mkdir(parents=True, exist_ok=True)
     res = {"model": str(a.model), "args": {k: str(v) for k, v in vars(a).items()}, "rows": rows,
            "rougeL_paired": unified_leads(rows)}
-    write_text_atomic(a.out / "bench-skipping.json", json.dumps(res, indent=2))
-    md = table(rows, a.batches) + "\n\n" + paired_table(res["rougeL_paired"])
-    write_text_atomic(a.out / "bench-skipping.md", md + "\n")
-    print(json.dumps(res, indent=2))
-    print(md)
+    publish(a.out, "bench-skipping", res, table(rows, a.batches) + "\n\n" + paired_table(res["rougeL_paired"]))
     plot(rows, a.batches[0], a.out / "skipping.png")
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import sys
 from pathlib import Path
 
@@ -35,13 +34,13 @@ from tqdm import tqdm
 
 from model import add_load_args, flops, load_model
 from tokenizer import load_tokenizer
-from weights.files import atomic_file, cache_key, device_tag, write_text_atomic
+from weights.files import atomic_file, cache_key, device_tag
 
 from .. import DEFAULT_MODEL, RUNS
 from ..adainfer import (DEFAULT_FEATURES, FEATURES, LABEL_RULES, SVM, CRFClassifier, Threshold, Trace,
                         oracle_layer, predict, trace)
 from model.cli import command, threads, writable_folder
-from .report import markdown_table
+from .report import markdown_table, publish
 from .tasks import TASKS, encode, load_task
 from .timing import interleaved_ms
 
@@ -206,11 +205,9 @@ def main(argv=None):
     a.out.mkdir(parents=True, exist_ok=True)
     res = {"model": str(a.model), "args": {k: str(v) for k, v in vars(a).items()}, "results": results,
            "skipped": skipped, "cross_task": cross}
-    write_text_atomic(a.out / "adainfer.json", json.dumps(res, indent=1))
-    md = "\n\n".join([table(results, a.tau), *(["Not run: " + "; ".join(skipped)] if skipped else []),
-                       cross_table(cross, a.shots[0]), *([transfer_table(results)] if other is not None else [])])
-    write_text_atomic(a.out / "adainfer.md", md + "\n")
-    print(md)
+    publish(a.out, "adainfer", res, "\n\n".join([
+        table(results, a.tau), *(["Not run: " + "; ".join(skipped)] if skipped else []), cross_table(cross, a.shots[0]),
+        *([transfer_table(results)] if other is not None else [])]))
     if results:
         plots(results, a.out, cfg.n_layers)
 

@@ -15,7 +15,6 @@ decode steps from the decoder's record, wall-clock ratio of the decode steps in 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from pathlib import Path
 
@@ -23,7 +22,6 @@ import torch
 from tqdm import tqdm
 
 from model import add_load_args, flops, load_model
-from weights.files import write_text_atomic
 from tokenizer import encode_chat, load_tokenizer
 
 from .. import DEFAULT_MODEL, RUNS
@@ -32,7 +30,7 @@ from model.cli import command, float_in, positive, writable_folder
 from ..adainfer_gen import generate_adainfer
 from ..exit_decode import frequent_vocab
 from .data import alpaca_instructions, specbench
-from .report import markdown_table, token_match
+from .report import markdown_table, publish, token_match
 from .timing import timed_decode
 
 CATEGORIES = ("translation", "summarization", "qa", "math_reasoning", "rag")
@@ -99,10 +97,8 @@ def main(argv=None):
                              "avg layers", "FLOPs ratio", "wall-clock ratio"],
                             floatfmt=("", "", "", "", ".3f", ".1f", ".1f", ".2f", ".2f"))]
     a.out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(a.out / "adainfer-gen.json",
-                      json.dumps({"args": {k: str(v) for k, v in vars(a).items()}, "results": results}, indent=1))
-    write_text_atomic(a.out / "adainfer-gen.md", "\n".join(lines) + "\n")
-    print("\n".join(lines))
+    publish(a.out, "adainfer-gen", {"args": {k: str(v) for k, v in vars(a).items()}, "results": results},
+            "\n".join(lines))
 
 
 if __name__ == "__main__":

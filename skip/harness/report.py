@@ -1,5 +1,6 @@
-"""The harness's one table writer (rows to a GitHub markdown table, laid out by tabulate) and
-its one quality measure of generated tokens (token_match).
+"""The harness's one way to record a benchmark (publish: its JSON with the run that made it,
+command, date and machine, and its tables), its one table writer (rows to a GitHub markdown
+table, laid out by tabulate) and its one quality measure of generated tokens (token_match).
 
 A float cell is formatted by its column's floatfmt (one format, or one per column), also in a
 column that holds text too (where tabulate would print it unformatted); any other cell is
@@ -8,6 +9,43 @@ cells' own width and the rule under the header is `|---|` (`|---:|` for the colu
 `right`), so a table reads the same in the raw file as the results docs quote it.
 """
 from __future__ import annotations
+
+import json
+import platform
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+
+def cpu_name():
+    """The CPU as the kernel names it (benchmarks differ between Intel and AMD machines)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def run_record():
+    """What made a result: the command, the date, the machine (CPU, threads, torch)."""
+    import torch
+    module = sys.modules["__main__"].__spec__
+    command = (f"python -m {module.name}" if module else sys.argv[0]) + "".join(f" {a}" for a in sys.argv[1:])
+    return {"command": command, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "machine": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__}
+
+
+def publish(out, name, result, md):
+    """Write out/<name>.json (result, with "run": run_record()) and out/<name>.md (md), each
+    replacing the old one whole (weights/files.py), and print md."""
+    from weights.files import write_text_atomic
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / f"{name}.json", json.dumps({"run": run_record(), **result}, indent=1, allow_nan=False))
+    write_text_atomic(out / f"{name}.md", md.rstrip("\n") + "\n")
+    print(md)
 
 
 def markdown_table(rows, headers, floatfmt="g", right=()):
