@@ -220,7 +220,11 @@ def generate_kangaroo_batch(model, prompts, adapter=None, l=None, max_new_tokens
     check_settings(model.cfg, prompts, adapter, l, max_new_tokens, gamma, eta, temperature, top_p, draft_vocab)
     B, s = len(prompts), Sampling(temperature, top_p, generator)
     rows = Rows(prompts, max_new_tokens, set(model.cfg.eos_token_id if eos is None else eos))
-    room = rows.T + B * max_new_tokens + min(gamma, max_new_tokens) + 1  # slots, holes included (model/cache.py)
+    # slots, holes included (model/cache.py): a round moves n by the longest accepted row, at most
+    # gamma + 1, and there are at most max_new_tokens - 1 rounds (every round commits a token of
+    # each row); n - T is also at most B * max_new_tokens (the longest row's tokens, each round)
+    moved = min(B * max_new_tokens, (max_new_tokens - 1) * (gamma + 1))
+    room = rows.T + moved + min(gamma, max_new_tokens) + 1
     bt = Batch(self_draft(model, adapter, l, draft_vocab, 0), rows, room, observe)  # kg's one-row caches: empty, unused
 
     # prefill: M on the prompts, A on their exited states

@@ -198,3 +198,18 @@ def test_smollm2_batch_of_four_rows_equals_each_row_alone(smollm2_dir):
     assert len({len(p) for p in ids}) == 4
     batch = same_as_alone(m, ids, adapter=a, max_new_tokens=24, gamma=6, eta=0.6)
     assert [o.tokens for o in batch] == [generate(m, [p], max_new_tokens=24)[0] for p in ids]
+
+
+def test_a_large_batch_sizes_its_caches_by_what_its_rows_can_hold(llama_dir):
+    """Slots grow with the rounds a batch can run (at most max_new_tokens - 1, each moving n by
+    at most gamma + 1), not with B times the tokens: 64 short prompts keep short caches."""
+    m = tiny(llama_dir, 0.0)
+    a = random_adapter(m, 2, 0, lens_like=True)
+    prompts = [[5 + i % 50, 6] for i in range(64)]
+    seen = []
+    outs = generate_kangaroo_batch(m, prompts, a, max_new_tokens=3, gamma=6, eta=0.0, eos=[],
+                                   on_round=lambda tokens, caches, row: seen.append(caches))
+    assert [o.tokens for o in outs] == [generate(m, [p], max_new_tokens=3, eos=[])[0] for p in prompts]
+    cache, acache = seen[0]
+    bound = 2 + 2 * 7 + 3 + 1  # T + (N - 1)(gamma + 1) + min(gamma, N) + 1
+    assert cache.max_len == bound and acache.max_len == bound + 3 and cache.k.shape[3] <= bound
