@@ -13,7 +13,9 @@ cut at EOS or the token budget). The prefill's first token is no round.
     official         [1] + [c_r ...]: the official Kangaroo evaluation's accept_length_list (its
                      first entry is the prefill's token); official_mean is its mean, the number its
                      speed.py prints as "#Mean accepted tokens"
-A run without rounds has no rates (None); its official list is [1].
+A run without rounds has no rates (None); its official list is [1]. Rounds that cannot be are
+refused (ValueError naming the run and round): counts that are not integers >= 0, accepted >
+drafted, a drafts list not of drafted tokens, or an output length the rounds cannot give.
 """
 from __future__ import annotations
 
@@ -27,8 +29,29 @@ def committed(rounds, n_tokens):
     return c
 
 
+def _count(v):
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def check_run(i, rounds, n_tokens):
+    """Refuse run i's rounds and output length where no decoding gives them."""
+    for j, r in enumerate(rounds):
+        if not (_count(r.drafted) and _count(r.accepted) and r.accepted <= r.drafted
+                and len(r.drafts) == r.drafted):
+            raise ValueError(f"run {i}, round {j}: drafted {r.drafted!r}, accepted {r.accepted!r} and "
+                             f"{len(r.drafts)} drafts cannot be (need 0 <= accepted <= drafted = len(drafts))")
+    most = 1 + sum(r.accepted + 1 for r in rounds)  # the prefill's token and every round's a + 1
+    least = most - rounds[-1].accepted if rounds else 1  # the last round cut at EOS or the budget
+    if not (_count(n_tokens) and least <= n_tokens <= most):
+        raise ValueError(f"run {i}: {n_tokens!r} tokens cannot come of its {len(rounds)} rounds "
+                         f"(between {least} and {most})")
+
+
 def acceptance(runs):
     """The four metrics over runs: (rounds, n_tokens) pairs, e.g. one per batch row, pooled."""
+    runs = [(list(rs), n) for rs, n in runs]  # an iterator is read once
+    for i, (rs, n) in enumerate(runs):
+        check_run(i, rs, n)
     rounds = [r for rs, _ in runs for r in rs]
     c = [x for rs, n in runs for x in committed(rs, n)]
     official = [x for rs, n in runs for x in [1] + committed(rs, n)]

@@ -32,6 +32,9 @@ def drafter_settings(hf, gamma, eta):
     own generation_config (AssistedCandidateGenerator.__init__ deep-copies
     `assistant_model.generation_config`), not from generate's arguments: set them there for the
     call, with the constant schedule (the heuristic one changes gamma every round)."""
+    if not (isinstance(gamma, int) and not isinstance(gamma, bool) and gamma >= 0
+            and isinstance(eta, (int, float)) and not isinstance(eta, bool) and 0 <= eta <= 1):
+        raise ValueError(f"need an integer gamma >= 0 and 0 <= eta <= 1 (got {gamma!r}, {eta!r})")
     cfg = hf.generation_config
     keys = ("num_assistant_tokens", "assistant_confidence_threshold", "num_assistant_tokens_schedule")
     old = {k: getattr(cfg, k) for k in keys}

@@ -52,7 +52,7 @@ def test_every_small_run_matches_each_peers_bookkeeping(cut):
     n_runs = 0
     for n_rounds in (2, 3):
         for run in itertools.product(shapes, repeat=n_rounds):
-            rounds = [Round(k, a) for k, a in run]
+            rounds = [Round(k, a, [0] * k) for k, a in run]
             n_tokens = 1 + sum(a + 1 for _, a in run) - min(cut, run[-1][1])
             m = acceptance([(rounds, n_tokens)])
             assert m["official"] == official_accept_lengths(rounds, n_tokens)
@@ -68,7 +68,7 @@ def test_every_small_run_matches_each_peers_bookkeeping(cut):
 
 
 def test_runs_pool_as_one_run_of_all_rounds():
-    a, b = [Round(3, 1), Round(2, 2)], [Round(1, 0)]
+    a, b = [Round(3, 1, [7, 8, 9]), Round(2, 2, [7, 8])], [Round(1, 0, [7])]
     pooled = acceptance([(a, 6), (b, 2)])
     assert pooled["official"] == [1, 2, 3, 1, 1]
     assert pooled["spec_bench"] == pytest.approx((5 + 1) / 3)
@@ -82,3 +82,14 @@ def test_a_real_run_counts_every_token_it_output(llama_dir):
     assert sum(res["official"]) == len(out.tokens) == 23
     assert res["spec_bench"] * len(out.rounds) == pytest.approx(len(out.tokens) - 1)
     assert res["layerskip"] > 0  # drafts off identity deep layers are accepted: the rates are not vacuous
+
+
+def test_rounds_that_cannot_be_are_refused_naming_the_run_and_round():
+    good = [Round(2, 1, [7, 8])]
+    assert acceptance(iter([(iter(good), 3)]))["spec_bench"] == 2.0  # one-pass iterators are read once
+    for rounds, n, where in [([Round(1, 2, [7])], 4, "round 0"), ([Round(-1, 0, [])], 1, "round 0"),
+                             ([Round(2, 1, [7])], 3, "round 0"), ([Round(True, 0, [7])], 2, "round 0"),
+                             ([Round(2, 1, [7, 8])], 4, "4 tokens"), ([Round(2, 1, [7, 8])], 1, "1 tokens"),
+                             ([], 2, "2 tokens"), ([Round(2, 1, [7, 8])], 2.5, "2.5 tokens")]:
+        with pytest.raises(ValueError, match=where):
+            acceptance([(good, 3), (rounds, n)])

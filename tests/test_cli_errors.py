@@ -136,11 +136,16 @@ CASES = {
     "skip.harness.bench_cost": [
         (["--r", "0.5"], "--r: 0.5 is not a finite number in [1, inf)"), (["--max-new-tokens", "1"], "--max-new-tokens"),
         (["--threads", "0"], "--threads"), (["--model", "{model}", "--r", "5"], "need --r <= 4")],
+    "skip.harness.bench_exits": [
+        (["--batches", "2", "2"], "--batches lists a size twice: 2 2"), (["--batches", "0"], "--batches: 0"),
+        (["--batches", "100000"], "--batches 100000: the Spec-Bench pool holds"),
+        (["--batches", "100000", "--top-k", "0"], "one batch of the largest size must fit")],
     "skip.harness.bench_decoder": [
         (["--runs", "0"], "--runs: 0 is not >= 1"), (["--model", "{model}", "--out", "{dir}"], "is not a regular file")],
     "skip.harness.bench_kangaroo": [
         (["--eta", "nan"], "--eta: nan"), (["--gamma", "-1"], "--gamma"), (["--threads", "100000"], "--threads"),
         (["--repeats", "0"], "--repeats"), (["--out", "{dir}/file"], "is not a folder"),
+        (["--batch", "4", "4"], "--batch lists a size twice: 4 4"),
         (["--model", "{model}", "--adapter", "{adapter}", "--top-k", "60000", "--out", "{dir}/k"],
          "--top-k 60000: the adapter in {adapter} ranks 49152 tokens")],
     "skip.harness.bench_products": [

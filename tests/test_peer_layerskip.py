@@ -7,7 +7,7 @@ import torch
 
 from model import load_model
 from skip.kangaroo import generate_kangaroo
-from skip.peer_layerskip import as_transformers, layerskip_rounds, recording
+from skip.peer_layerskip import as_transformers, drafter_settings, layerskip_rounds, recording
 from tokenizer import encode_chat, load_tokenizer
 
 from conftest import VARIANTS, build_hf
@@ -151,3 +151,13 @@ def test_smollm2_drafts_and_accepts_the_same_tokens_every_round(smollm2, l, gamm
         ours, _ = check(hf, m, prompt, l, gamma, eta, n=16)
         accepted += sum(r.accepted for r in ours.rounds)
     assert accepted > 0
+
+
+def test_drafter_settings_refuse_what_no_drafter_takes(gqa):
+    hf, _ = gqa
+    before = hf.generation_config.to_dict()
+    for gamma, eta in [(-1, 0.4), (3, 2.0), (3, -0.1), (1.5, 0.4), (True, 0.4), (3, float("nan"))]:
+        with pytest.raises(ValueError, match="gamma"):
+            with drafter_settings(hf, gamma, eta):
+                pass
+    assert hf.generation_config.to_dict() == before  # refused before anything was set

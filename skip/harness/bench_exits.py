@@ -94,6 +94,12 @@ def main(argv=None):
     ap.add_argument("--out", type=Path, default=RUNS)
     add_load_args(ap)
     a = ap.parse_args(argv)
+    if len(set(a.batches)) < len(a.batches):
+        ap.error(f"--batches lists a size twice: {' '.join(map(str, a.batches))}")
+    pool = len(SPECBENCH) * min(len(specbench(c)) for c in SPECBENCH)  # specbench_mix takes them in turn
+    if max(a.batches) * (2 if a.top_k else 1) > pool:  # with --top-k the next B_max prompts pick its tokens
+        ap.error(f"--batches {max(a.batches)}: the Spec-Bench pool holds {pool} prompts, "
+                 f"{'two batches' if a.top_k else 'one batch'} of the largest size must fit")
     r_and_top_k_within(ap, a)
     writable_folder(a.out)
     torch.set_num_threads(a.threads)

@@ -79,6 +79,8 @@ def main(argv=None):
     ap.add_argument("--out", type=Path, default=RUNS)
     add_load_args(ap)
     a = ap.parse_args(argv)
+    if a.batch and len(set(a.batch)) < len(a.batch):
+        ap.error(f"--batch lists a size twice: {' '.join(map(str, a.batch))}")
     if a.batch and any(a.prompts % B for B in a.batch):
         ap.error(f"--prompts {a.prompts} is not a multiple of every --batch {' '.join(map(str, a.batch))}")
     writable_folder(a.out)
