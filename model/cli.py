@@ -132,13 +132,19 @@ def writable_folder(path, option="--out") -> Path:
     return path
 
 
-def writable_file(path, option="--out") -> Path:
+def writable_file(path, option="--out", kind=None) -> Path:
     """Check now that the output file can be written: a regular file or a new name, in a folder
-    that can be written (created if missing)."""
+    that can be written (created if missing). kind: (what, its first bytes): an existing file
+    must be one, so a command never replaces a file of another kind (a trace, a config, a text)."""
     path = Path(path)
     if path.is_symlink() and not path.exists():
         raise ValueError(f"{option} {path} is a symbolic link to {os.readlink(path)}, which does not exist")
     if path.exists() and not path.is_file():
         raise ValueError(f"{option} {path} exists and is not a regular file")
+    if kind is not None and path.exists():
+        what, magic = kind
+        with open(path, "rb") as f:
+            if f.read(len(magic)) != magic:
+                raise ValueError(f"{option} {path} exists and is not a {what}: this command replaces only a {what}")
     _folder(path.parent, f"{option} {path}: its folder {path.parent}")
     return path

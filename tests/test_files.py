@@ -324,8 +324,26 @@ def test_the_trace_show_cli_refuses_a_device_as_its_picture_in_one_line(llama_di
         node = Path("/dev/null")
     with pytest.raises(SystemExit) as e:
         main_of("skip.trace")(["show", str(tmp_path / "t"), "--out", str(node)])
-    assert e.value.code == 2 and "is a character device" in capsys.readouterr().err
+    assert e.value.code == 2 and "is not a regular file" in capsys.readouterr().err
     assert stat.S_ISCHR(node.stat().st_mode)
+
+
+def test_the_trace_show_cli_replaces_only_a_picture_and_nothing_it_reads(llama_dir, tmp_path, capsys):
+    """--out at the trace's own trace.json, a model's config.json or any user file: one line,
+    status 2, the file as it was; at a folder it reads: refused; at an old picture: replaced."""
+    from skip.trace.methods import trace
+    trace(load_model(llama_dir), [3, 14, 15], tmp_path / "t", "full", max_new_tokens=2)
+    (tmp_path / "notes.txt").write_text("mine")
+    targets = [tmp_path / "t" / "trace.json", llama_dir / "config.json", tmp_path / "notes.txt"]
+    before = {p: p.read_bytes() for p in targets}
+    for out, said in [*((p, "is not a PNG picture") for p in targets), (tmp_path / "t", "is not a regular file")]:
+        with pytest.raises(SystemExit) as e:
+            main_of("skip.trace")(["show", str(tmp_path / "t"), "--model", str(llama_dir), "--out", str(out)])
+        assert e.value.code == 2 and said in capsys.readouterr().err, out
+    assert {p: p.read_bytes() for p in targets} == before
+    for _ in range(2):  # a new picture, then the picture replaced
+        main_of("skip.trace")(["show", str(tmp_path / "t"), "--out", str(tmp_path / "t.png")])
+    assert (tmp_path / "t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 # ---------------------------------------------------------------- whole commands killed

@@ -16,7 +16,7 @@ from model import add_load_args, load_model
 from weights import DEFAULT_MODEL
 from weights.files import check_not_reading
 
-from model.cli import bad_input, message
+from model.cli import bad_input, message, writable_file
 from .batch import compare_any, trace_batch
 from .format import DEFAULTS, TraceError, settings_used
 from .methods import trace
@@ -77,7 +77,9 @@ def main(argv=None):
     a = ap.parse_args(argv)
     try:
         if a.cmd == "show":
-            from .show import show  # matplotlib: only here
+            from .show import PNG, show  # matplotlib: only here
+            a.out = writable_file(a.out or a.trace / "trace.png", "--out", ("PNG picture", PNG))
+            check_not_reading(a.out, *(p for p in (a.trace, a.against, a.model) if p is not None))
             a.out = show(a.trace, a.against, a.out, a.model)
         elif a.cmd == "compare":
             notes, found = compare_any(a.reference, a.other, a.atol, a.rtol)

@@ -235,6 +235,9 @@ def draw(grid, meta, out, tok=None, mark=None, words=None):
     plt.close(fig)
 
 
+PNG = b"\x89PNG\r\n\x1a\n"  # what a PNG file starts with
+
+
 def show(path, against=None, out=None, model=None):
     """Draw the trace in directory path to out (default path/trace.png); against: a second trace
     whose first divergence from this one is marked; model: a model directory whose tokenizer
