@@ -6,10 +6,11 @@ computation in a way this decoder does not implement raises UnsupportedConfig.
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .jsonfile import read_json
 
 
 class UnsupportedConfig(ValueError):
@@ -240,12 +241,9 @@ def load_config(path: str | Path) -> Config:
     path = Path(path)
     file = path / "config.json" if path.is_dir() else path
     try:
-        if file.stat().st_size > MAX_CONFIG_BYTES:
-            raise ConfigError(f"{file} is {file.stat().st_size:,} bytes; a config.json is at most {MAX_CONFIG_BYTES:,}")
-        return from_hf(json.loads(file.read_text()))
+        d = read_json(file, "config", MAX_CONFIG_BYTES)  # a config.json is at most MAX_CONFIG_BYTES
     except FileNotFoundError:
         raise ConfigError(f"no config at {file}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{file} is not valid JSON: {e}") from None
-    except RecursionError:
-        raise ConfigError(f"{file} nests too deep to be a config") from None
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return from_hf(d)

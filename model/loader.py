@@ -25,6 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import load_config, n_params
+from .jsonfile import read_json
 from .decoder import Decoder
 
 
@@ -103,8 +104,8 @@ def _shards(path: Path) -> dict[str, Path]:
     index = path / "model.safetensors.index.json"
     if index.exists():
         try:
-            files = {k: path / f for k, f in json.loads(index.read_text())["weight_map"].items()}
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            files = {k: path / f for k, f in read_json(index, "safetensors index")["weight_map"].items()}
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise LoadError(f"{index} is not a safetensors index ({e!r})") from None
         outside = sorted({str(f) for f in files.values() if not f.resolve().is_relative_to(path.resolve())})
         if outside:

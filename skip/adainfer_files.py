@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import json
 import warnings
-from pathlib import Path
 
 import numpy as np
 
+from model.jsonfile import read_json
 from weights.files import write_text_atomic
 
 from .adainfer import FEATURES, SVM, CRFClassifier, Threshold
@@ -76,7 +76,7 @@ def load_classifier(path, model_cfg, other_model=False):
     refused unless other_model=True, and then applied with a warning: the features
     (probabilities, cosines) do not depend on the shape, so it runs, but it was not fitted here."""
     try:
-        d = json.loads(Path(path).read_text())
+        d = read_json(path, "classifier file", 64 << 20)
         kind, features, p = d["kind"], d["features"], d["params"]
     except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
         raise ClassifierError(f"{path}: not a classifier file ({type(e).__name__}: {e})") from e

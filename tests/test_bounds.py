@@ -11,6 +11,7 @@ import textwrap
 import tracemalloc
 import zipfile
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -126,7 +127,7 @@ def test_load_config_alone_keeps_its_absolute_limits(tmp_path):
     from_hf({**kw, "max_position_embeddings": 10_000_000, "vocab_size": 256_000})  # real models stay inside
     (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
     (tmp_path / "big.json").write_text(json.dumps({**kw, "pad": " " * (1 << 20)}))
-    for name, needle in (("deep.json", "nests too deep"), ("big.json", "a config.json is at most")):
+    for name, needle in (("deep.json", "nests deeper than 64"), ("big.json", "bytes; at most")):
         with pytest.raises(ConfigError, match=needle):
             load_config(tmp_path / name)
 
@@ -288,3 +289,59 @@ def test_an_official_file_larger_than_an_adapter_is_refused_unread(official, tmp
     monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("unpickled"))
     with pytest.raises(OfficialAdapterError, match=said):
         convert_official(ck, m, 2, tmp_path / "out")
+
+
+# ---------------------------------------------------------------- JSON: one bounded reader (model/jsonfile.py)
+def json_readers(tmp_path, llama_dir):
+    """(name, read(path)) for every reader of a JSON file a user can hand this project."""
+    from skip.adainfer_files import load_classifier
+    from skip.harness.tasks import from_jsonl
+    from skip.kangaroo_files import load_adapter
+    from skip.trace.batch import read_batch
+    from skip.trace.check import read
+    from tokenizer.bpe import BPETokenizer
+    from tokenizer.chat import read_chat_template
+    m = load_model(llama_dir)
+
+    def in_folder(name, *others):  # the file under test named `name` in a folder beside valid others
+        def run(path, call):
+            d = tmp_path / f"{name}-{path.name}"
+            d.mkdir(exist_ok=True)
+            for o in others:
+                (d / o).write_bytes(b"")
+            target = d / name
+            if not target.exists():
+                target.symlink_to(path.resolve())
+            return call(d)
+        return run
+    return [
+        ("config", lambda p: load_config(p)),
+        ("classifier", lambda p: load_classifier(p, m.cfg)),
+        ("task file", lambda p: from_jsonl(p)),
+        ("tokenizer", lambda p: BPETokenizer.from_tokenizer_json(p)),
+        ("chat template", lambda p: in_folder("tokenizer_config.json")(p, read_chat_template)),
+        ("adapter", lambda p: in_folder("adapter.json", "adapter.safetensors")(p, lambda d: load_adapter(d, m))),
+        ("trace", lambda p: in_folder("trace.json", "trace.safetensors")(p, read)),
+        ("batch", lambda p: in_folder("batch.json")(p, read_batch)),
+    ]
+
+
+def test_every_json_reader_refuses_nesting_bombs_and_endless_files(tmp_path, llama_dir):
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    just_too_deep = tmp_path / "d65.json"
+    just_too_deep.write_text("[" * 65 + "]" * 65)
+    for name, read in json_readers(tmp_path, llama_dir):
+        for path, said in [(deep, "nests deeper than 64"), (just_too_deep, "nests deeper than 64"),
+                           (Path("/dev/zero"), "not a regular file|is missing")]:  # a folder reader: missing
+            with pytest.raises(ValueError, match=said):
+                read(path)
+    from model.jsonfile import parse_json
+    assert parse_json("[" * 64 + "]" * 64, "x") == eval("[" * 63 + "[]" + "]" * 63)  # 64 deep is read
+
+
+def test_trace_settings_nested_too_deep_end_in_one_line(llama_dir, tmp_path, capsys):
+    from conftest import trace_cli
+    status, _, err = trace_cli(capsys, "write", "--model", llama_dir, "--prompt", "x", "--out", tmp_path / "t",
+                               "--settings", "[" * 100_000 + "]" * 100_000)
+    assert status == 2 and "--settings: nests deeper than 64" in err and not (tmp_path / "t").exists()

@@ -46,7 +46,7 @@ def test_invalid_or_incomplete_config_json_is_a_config_error(model_dir):
     with pytest.raises(ConfigError, match="no 'hidden_size'"):
         load_config(model_dir)
     (model_dir / "config.json").write_text("{not json")
-    with pytest.raises(ConfigError, match="not valid JSON"):
+    with pytest.raises(ConfigError, match="not JSON"):
         load_config(model_dir)
 
 

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import functools
 import heapq
-import json
 import re
 import unicodedata
 import warnings
 from array import array
-from pathlib import Path
+
+from model.jsonfile import read_json
 
 
 CACHE_CHUNK, CACHE_SIZE = 256, 10_000  # pre-tokens cached: shorter than this, this many (the library's)
@@ -110,7 +110,7 @@ class BPETokenizer:
         """A HF tokenizer.json with a byte-level BPE model: GPT-2's ByteLevel pre-tokenizer (optionally
         after Digits, as SmolLM2's) or Llama 3's Split + ByteLevel; a TemplateProcessing
         post-processor's leading special tokens (Llama 3's BOS) become the prefix."""
-        spec = json.loads(Path(path).read_text())
+        spec = read_json(path, "tokenizer file")
         model = spec["model"]
         if model.get("type") != "BPE" or model.get("byte_fallback") or model.get("continuing_subword_prefix"):
             raise ValueError(f"{path}: only byte-level BPE models are supported, got {model.get('type')}")

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import json
 import warnings
 from pathlib import Path
+
+from model.jsonfile import read_json
 
 DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
@@ -35,7 +36,7 @@ def read_chat_template(model_dir):
     path = Path(model_dir) / "tokenizer_config.json"
     if not path.exists():
         return None, {}
-    cfg = json.loads(path.read_text())
+    cfg = read_json(path, "tokenizer config", 64 << 20)
     template = cfg.get("chat_template")
     if isinstance(template, list):
         template = {t["name"]: t["template"] for t in template}.get("default")

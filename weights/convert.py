@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from model.jsonfile import read_json
+
 from weights.files import OutputExists, atomic_dir, check_target
 from tokenizer.bpe import BPETokenizer
 
@@ -132,7 +134,7 @@ def convert(gguf_path, out_dir, log=print, force=False) -> bool:
         raise ConvertError(str(e)) from e
     src = source_id(gguf_path)
     if (out_dir / DONE).exists():
-        if json.loads((out_dir / DONE).read_text()).get("sha256") == src["sha256"]:
+        if read_json(out_dir / DONE, "conversion record", 1 << 20).get("sha256") == src["sha256"]:
             log(f"{out_dir} already holds {gguf_path.name} converted to fp32; nothing to do")
             return False
         if not force:

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import secrets
 import shutil
@@ -281,12 +280,13 @@ def read_folder(path, json_name, tensors_name, error, what, hint=""):
     """(the JSON, the tensors) of a folder that a command here wrote (an adapter, a trace); a
     missing or unreadable file raises error with one line that names the folder."""
     from safetensors.torch import load_file  # a process that only writes files never loads torch
+    from model.jsonfile import read_json  # (nor the model package)
 
     path = Path(path)
     for name in (json_name, tensors_name):
         if not (path / name).is_file():
             raise error(f"no {what} in {path}: {name} is missing{hint}")
     try:
-        return json.loads((path / json_name).read_text()), load_file(str(path / tensors_name))
-    except (json.JSONDecodeError, SafetensorError, OSError) as e:
+        return read_json(path / json_name, what, 64 << 20), load_file(str(path / tensors_name))
+    except (ValueError, SafetensorError, OSError) as e:
         raise error(f"{what} in {path} is truncated or corrupted: {e}") from e

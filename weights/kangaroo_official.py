@@ -27,12 +27,13 @@ to (from the zip's directory), must fit an adapter of this model: its parameter 
 """
 from __future__ import annotations
 
-import json
 import zipfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+
+from model.jsonfile import read_json
 
 KEYS = {"layers.0.input_layernorm.weight": "norm_in.weight", "norm.weight": "norm_out.weight",
         **{f"layers.0.self_attn.{p}_proj.weight": f"attn.w{p}.weight" for p in "qkvo"}}
@@ -107,7 +108,7 @@ def official_settings(path, cfg):
     if not file.is_file():
         return dict(OFFICIAL_ROPE)
     try:
-        c = json.loads(file.read_text())
+        c = read_json(file, "adapter config", 1 << 20)
         heads = c["num_attention_heads"]
         layout = {"hidden_size": (c["hidden_size"], cfg.dim), "num_attention_heads": (heads, cfg.n_heads),
                   "num_key_value_heads": (c.get("num_key_value_heads") or heads, cfg.n_kv_heads),

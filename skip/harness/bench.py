@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from model import add_load_args
+from model.jsonfile import read_json
 from weights.files import write_text_atomic
 
 from .. import RUNS
@@ -55,7 +56,7 @@ TITLES = {"decoder": "Decoder against transformers", "adainfer": "AdaInfer, next
 def read_object(path):
     """A JSON file that must hold an object (a part's results, the combined record)."""
     try:
-        d = json.loads(path.read_text())
+        d = read_json(path, "benchmark result")
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not JSON ({e})") from None
     if not isinstance(d, dict):

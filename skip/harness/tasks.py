@@ -14,6 +14,8 @@ import string
 from dataclasses import dataclass
 from pathlib import Path
 
+from model.jsonfile import parse_json, read_text
+
 from .. import DATA
 
 @dataclass
@@ -124,10 +126,7 @@ def synthetic(kind, n_train=200, n_test=200, seed=0):
 def _instance(path, n, line):
     """One JSONL row, checked: an error names the file and the line."""
     where = f"{path}, line {n}"
-    try:
-        r = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: not JSON ({e.msg})") from None
+    r = parse_json(line, where)
     if not isinstance(r, dict):
         kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(r), "a number")
         raise ValueError(f"{where}: expected a JSON object, got {kind}")
@@ -151,10 +150,7 @@ def from_jsonl(path, n_train=None, n_test=None, seed=0):
     a seed; n_train / n_test instances (default: half each), refused if the file has too few.
     Lines end at "\n" only: JSON strings may hold U+2028, U+0085 and the other characters that
     str.splitlines() also splits at."""
-    try:
-        text = Path(path).read_text(encoding="utf-8-sig")  # a leading byte-order mark is allowed
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    text = read_text(path, "task file", encoding="utf-8-sig")  # a leading byte-order mark is allowed
     rows = [(n, line) for n, line in enumerate(text.split("\n"), 1) if line.strip()]
     if not rows:
         raise ValueError(f"{path}: no instances (expected one JSON object per line)")

@@ -8,10 +8,10 @@ python -m skip.trace show DIR [--against OTHER] [--out FILE.png] [--model MODEL_
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
+from model.jsonfile import parse_json
 from model import add_load_args, load_model
 from weights import DEFAULT_MODEL
 from weights.files import check_not_reading
@@ -29,9 +29,9 @@ def write_trace(a):
     def refuse(name):
         raise TraceError(f"--settings holds {name}, which is not JSON")
     try:
-        settings = json.loads(a.settings, parse_constant=refuse)
-    except json.JSONDecodeError as e:
-        raise TraceError(f"--settings is not JSON: {e}") from e
+        settings = parse_json(a.settings, "--settings", parse_constant=refuse)
+    except ValueError as e:
+        raise TraceError(str(e)) from None
     if not isinstance(settings, dict):
         raise TraceError(f"--settings must be a JSON object, got {a.settings!r}")
     if a.classifier is not None:

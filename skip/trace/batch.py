@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from model.jsonfile import read_json
 from weights.files import atomic_dir
 
 from .check import read
@@ -60,8 +61,8 @@ def read_batch(path):
     def bad(why):
         raise TraceError(f"{path} is not a valid batch of traces: {why}")
     try:
-        meta = json.loads((path / BATCH_FILE).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        meta = read_json(path / BATCH_FILE, BATCH_FILE, 1 << 20)
+    except (OSError, ValueError) as e:
         bad(f"{BATCH_FILE} is unreadable or not JSON: {e}")
     if not isinstance(meta, dict) or set(meta) != set(BATCH_FIELDS):
         bad(f"{BATCH_FILE} must be an object of exactly the fields {list(BATCH_FIELDS)}")

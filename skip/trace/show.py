@@ -18,7 +18,6 @@ python -m skip.trace show DIR [--against OTHER] [--out FILE.png] [--model MODEL_
 """
 from __future__ import annotations
 
-import json
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,8 @@ import numpy as np
 from .check import read
 from .compare import findings
 from .format import TraceError
+
+from model.jsonfile import read_json
 
 RAN, SKIPPED, EXIT, FILLED, DRAFT, VERIFIED, REJECTED = range(1, 8)  # cell states
 COLORS = {RAN: "#4c72b0", SKIPPED: "#e8e8e8", EXIT: "#dd8452", FILLED: "#f3dc9b", DRAFT: "#55a868",
@@ -126,7 +127,7 @@ def adapter_l(path, L):
     """The exit layer l an adapter folder's adapter.json records, or None where there is none
     (the picture is drawn without l)."""
     try:
-        l = json.loads((Path(path) / "adapter.json").read_text())["l"]
+        l = read_json(Path(path) / "adapter.json", "adapter record", 1 << 20)["l"]
     except (TypeError, OSError, ValueError, KeyError, IndexError):
         return None
     return l if isinstance(l, int) and not isinstance(l, bool) and 0 < l < L else None

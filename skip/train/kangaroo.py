@@ -36,6 +36,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from model.jsonfile import read_json
+
 from model import add_load_args, generate, load_config, load_model
 from weights.files import OutputExists, atomic_file, cache_key, check_target, device_tag, write_text_atomic
 from tokenizer import encode_chat, load_tokenizer
@@ -83,7 +85,7 @@ def self_distill(model, prompts, new_tokens, batch=16, path=None):
     """Prompt + the model's greedy answer, per prompt; cached in path (JSON) when given."""
     if path is not None and path.exists():
         try:
-            seqs = json.loads(path.read_text())
+            seqs = read_json(path, "cached answers")
             if not (isinstance(seqs, list) and len(seqs) == len(prompts) and all(
                     isinstance(s, dict) and s.get("prompt") == len(p) and isinstance(s.get("ids"), list)
                     and s["ids"][:len(p)] == p and all(type(t) is int for t in s["ids"]) for s, p in zip(seqs, prompts))):

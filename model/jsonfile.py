@@ -1,0 +1,53 @@
+"""The one way this project reads JSON it did not make itself: a regular file, its size checked
+before a byte is read, nested at most DEPTH deep. A deeply nested file would otherwise end in
+RecursionError (in the parser or in whatever walks it after), /dev/zero or a FIFO would be read
+until memory runs out. Errors are ValueError naming the file (a command's bad input: model/cli.py)."""
+from __future__ import annotations
+
+import json
+import stat
+from pathlib import Path
+
+DEPTH = 64  # the configs, tokenizers, traces and classifiers here nest at most 6 deep
+LIMIT = 256 << 20  # bytes, unless the caller says less: a tokenizer.json is a few MB
+
+
+def parse_json(text, where, depth=DEPTH, **kw):
+    """json.loads(text, **kw), refused when nested deeper than depth."""
+    try:
+        obj = json.loads(text, **kw)
+    except RecursionError:
+        raise ValueError(f"{where}: nests deeper than {depth}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: not JSON ({e})") from None
+    stack = [(obj, 1)]
+    while stack:  # iterative: a walk that recursed would itself hit the recursion limit
+        v, d = stack.pop()
+        if isinstance(v, (dict, list)):
+            if d > depth:
+                raise ValueError(f"{where}: nests deeper than {depth}")
+            stack.extend((x, d + 1) for x in (v.values() if isinstance(v, dict) else v))
+    return obj
+
+
+def read_text(path, what="file", limit=LIMIT, encoding="utf-8"):
+    """A regular file's text, at most limit bytes, its size checked before it is read."""
+    path = Path(path)
+    st = path.stat()  # a missing file: FileNotFoundError, which names it
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"{what} {path} is not a regular file")
+    if st.st_size > limit:
+        raise ValueError(f"{what} {path} is {st.st_size:,} bytes; at most {limit:,}")
+    with open(path, "rb") as f:
+        data = f.read(limit + 1)  # a file that grows while read still stops here
+    if len(data) > limit:
+        raise ValueError(f"{what} {path} is over {limit:,} bytes")
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{what} {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def read_json(path, what="file", limit=LIMIT, depth=DEPTH, **kw):
+    """The JSON in a regular file of at most limit bytes, nested at most depth deep."""
+    return parse_json(read_text(path, what, limit), f"{what} {path}", depth, **kw)
