@@ -41,16 +41,57 @@ def left_pad(prompts, pad_id, device="cpu"):
     return ids, torch.tensor([[False] * (T - len(p)) + [True] * len(p) for p in prompts], device=device)
 
 
+# ---------------------------------------------------------------- checks at the boundary of every decoder
+# generate, beam search, the exits, AdaInfer and Kangaroo take their prompts and settings through
+# these, so that no sibling accepts what another refuses: TypeError or ValueError naming the argument.
+def is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_prompts(cfg, prompts, what="prompt"):
+    """A list of prompts, each a non-empty list of token ids in [0, vocab): a copy as lists."""
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, (list, tuple)):
+        raise TypeError(f"{what}s must be a list of token-id lists, got {type(prompts).__name__}")
+    if not prompts:
+        raise ValueError(f"no {what}s: need at least one list of token ids")
+    out = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, (str, bytes)) or not isinstance(p, (list, tuple)):
+            raise TypeError(f"{what} {i} must be a list of token ids, got {type(p).__name__}")
+        if not p:
+            raise ValueError(f"{what} {i} holds no token ids: every {what} needs at least one token")
+        bad = [t for t in p if not is_int(t)]
+        if bad:
+            raise TypeError(f"{what} {i} holds {bad[0]!r:.40}, not an integer token id")
+        bad = [t for t in p if not 0 <= t < cfg.vocab_size]
+        if bad:
+            raise ValueError(f"token ids outside the vocabulary [0, {cfg.vocab_size}): {bad[:5]}")
+        out.append(list(p))
+    return out
+
+
+def check_eos(cfg, eos):
+    """The ids that end a row: the model's (None) or a list of token ids in the vocabulary."""
+    if eos is None:
+        return set(cfg.eos_token_id)
+    if isinstance(eos, (str, bytes, int)) or not isinstance(eos, (list, tuple, set, frozenset)):
+        raise TypeError(f"eos must be a list of token ids (or None for the model's), got {eos!r:.40}")
+    if not all(is_int(t) and 0 <= t < cfg.vocab_size for t in eos):
+        raise ValueError(f"eos must hold token ids in [0, {cfg.vocab_size}), got {list(eos)[:5]!r:.60}")
+    return set(eos)
+
+
 def check_sampling(temperature, top_p, top_k=0):
     """NaN fails every comparison, so the test is written as 'not (all good)'."""
-    if not (0 <= temperature < math.inf and 0 < top_p <= 1 and top_k >= 0):
+    if not (all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (temperature, top_p))
+            and is_int(top_k) and 0 <= temperature < math.inf and 0 < top_p <= 1 and top_k >= 0):
         raise ValueError(f"need finite temperature >= 0, 0 < top_p <= 1, top_k >= 0 "
-                         f"(got {temperature}, {top_p}, {top_k})")
+                         f"(got {temperature!r}, {top_p!r}, {top_k!r})")
 
 
 def check_length(cfg, prompt_len, max_new_tokens):
     """Before anything is allocated: the prompt and the new tokens must fit the model's context."""
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    if not is_int(max_new_tokens) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     if prompt_len + max_new_tokens > cfg.max_seq_len:
         raise ValueError(f"{prompt_len} prompt tokens + {max_new_tokens} new tokens exceed the model's context "
@@ -65,10 +106,7 @@ def generate(model, prompts, max_new_tokens=32, temperature=0.0, top_k=0, top_p=
     decode_layers(i) -> the layers that generated token i (i = 0, 1, ...) runs through when it
     is fed back (default: all); the prompt always runs through all layers."""
     cfg = model.cfg
-    eos = set(cfg.eos_token_id if eos is None else eos)
-    bad = [t for p in prompts for t in p if not 0 <= t < cfg.vocab_size]
-    if bad:
-        raise ValueError(f"token ids outside the vocabulary [0, {cfg.vocab_size}): {bad[:5]}")
+    prompts, eos = check_prompts(cfg, prompts), check_eos(cfg, eos)
     check_sampling(temperature, top_p, top_k)
     ids, mask = left_pad(prompts, cfg.pad_token_id or 0, model.device)
     B, T = ids.shape
@@ -125,7 +163,7 @@ def beam_search(model, prompts, num_beams=4, max_new_tokens=32, length_penalty=1
         raise ValueError(f"need num_beams >= 1, no_repeat_ngram_size >= 0, a finite length_penalty and "
                          f"early_stopping True, False or 'never' (got {K}, {no_repeat_ngram_size}, "
                          f"{length_penalty}, {early_stopping!r})")
-    eos = list(cfg.eos_token_id if eos is None else eos)
+    prompts, eos = check_prompts(cfg, prompts), sorted(check_eos(cfg, eos))
     ids, mask = left_pad(prompts, cfg.pad_token_id or 0, model.device)
     B, T = ids.shape
     check_length(cfg, T, max_new_tokens)

@@ -28,16 +28,17 @@ generated token: skip/adainfer_gen.py.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model import left_pad, positions
+from model import check_prompts, left_pad, positions
 
 from .crf import CRF
-from .exit_decode import as_batch, live_rows
+from .exit_decode import as_batch, check_vocab, live_rows
 
 FEATURES = ("gap", "top_prob", "cos_hidden", "cos_attn", "cos_mlp")
 DEFAULT_FEATURES = ("gap", "top_prob")  # the paper's
@@ -87,6 +88,7 @@ def prompt_pass(model, prompts, vocab, on_layer):
     `vocab` only, when given) and on_layer(row, l, FEATURES row, top-1 id) -> True ends that
     row's pass. The batch runs until its deepest row's end (ours: the paper decides one prompt at
     a time; a row's outputs past its end are not looked at, and rows do not attend to each other)."""
+    prompts, vocab = check_prompts(model.cfg, prompts), check_vocab(model.cfg, vocab)
     x, pad_mask = left_pad(prompts, model.cfg.pad_token_id or 0, model.device)  # (B, T), (B, T) or None
     pos = positions(pad_mask, 0, x.shape[1], x.device)
     h = model.embed_tokens(x, pos)  # (B, T, d)
@@ -191,6 +193,8 @@ class Threshold(Classifier):
 
     def __init__(self, tau=0.8, feature="gap"):
         super().__init__((feature,))
+        if not (isinstance(tau, (int, float)) and not isinstance(tau, bool) and math.isfinite(tau)):
+            raise ValueError(f"tau must be a finite number (NaN would never stop), got {tau!r}")
         self.tau = tau
 
     def score(self, state, x):

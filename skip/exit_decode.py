@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from model import check_length, left_pad, next_token, positions
+from model import check_eos, check_length, check_prompts, check_sampling, left_pad, next_token, positions
 
 
 @dataclass
@@ -55,9 +55,10 @@ class ExitDecode:
 
 
 def as_batch(prompts):
-    """(a list of prompts, whether one prompt was given): a list of ids is one prompt."""
-    one = len(prompts) > 0 and not isinstance(prompts[0], (list, tuple))
-    return ([prompts] if one else list(prompts)), one
+    """(a list of prompts, whether one prompt was given): a list of ids is one prompt; anything
+    else is passed on as a batch, for model.check_prompts to take or refuse."""
+    one = isinstance(prompts, (list, tuple)) and len(prompts) > 0 and not isinstance(prompts[0], (list, tuple, str))
+    return ([prompts] if one else prompts), one
 
 
 def live_rows(going, B, *tensors):
@@ -67,6 +68,19 @@ def live_rows(going, B, *tensors):
         return tensors
     rows = torch.tensor(going, device=tensors[0].device)
     return tuple(t[rows] for t in tensors)
+
+
+def check_vocab(cfg, vocab):
+    """A cheap head's ids: None (the full head), or distinct token ids in [0, vocab_size), as a
+    1-D integer tensor on the CPU (each check moves it where it runs)."""
+    if vocab is None:
+        return None
+    v = torch.as_tensor(vocab)
+    if v.ndim != 1 or not len(v) or v.is_floating_point() or v.is_complex() or v.dtype == torch.bool:
+        raise ValueError(f"vocab must be a non-empty list of token ids, got {v.dtype} of shape {tuple(v.shape)}")
+    if not (0 <= int(v.min()) and int(v.max()) < cfg.vocab_size) or len(v.unique()) != len(v):
+        raise ValueError(f"vocab must hold distinct token ids in [0, {cfg.vocab_size})")
+    return v.long().cpu()
 
 
 def frequent_vocab(token_lists, n=2048):
@@ -125,9 +139,12 @@ def decode_with_exit(model, prompts, new_check, max_new_tokens=32, eos=None, for
     if fill not in ("propagate", "recompute"):
         raise ValueError(f"fill={fill!r}: 'propagate' or 'recompute'")
     prompts, one = as_batch(prompts)
-    if forced is not None and one:
-        forced = [forced]
-    eos = set(model.cfg.eos_token_id if eos is None else eos)
+    prompts, eos = check_prompts(model.cfg, prompts), check_eos(model.cfg, eos)
+    check_sampling(sampling.get("temperature", 0.0), sampling.get("top_p", 1.0), sampling.get("top_k", 0))
+    if forced is not None:
+        forced = check_prompts(model.cfg, [forced] if one else forced, "forced row")
+        if len(forced) != len(prompts):
+            raise ValueError(f"forced gives {len(forced)} rows for {len(prompts)} prompts")
     dev = model.device
     ids, mask = left_pad(prompts, model.cfg.pad_token_id or 0, dev)  # (B, T)
     budget = [max_new_tokens] * len(prompts) if forced is None else [len(f) for f in forced]

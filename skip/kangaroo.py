@@ -48,7 +48,7 @@ from typing import NamedTuple
 
 import torch
 
-from model import attention_mask, check_length, check_sampling, filter_logits, positions
+from model import attention_mask, check_eos, check_length, check_prompts, check_sampling, filter_logits, positions
 from model.flops import AttnRun, HeadRun
 
 
@@ -205,7 +205,7 @@ def kangaroo_round(kg: Kangaroo, x, n, gamma, eta, s: Sampling):
 
 
 def check_settings(cfg, prompts, adapter, l, max_new_tokens, gamma, eta, temperature, top_p, draft_vocab=None):
-    """Refuse bad settings before anything is allocated."""
+    """Refuse bad settings before anything is allocated; the prompts, checked (model.check_prompts)."""
     l = adapter.l if adapter is not None else l
     if l is None or not 0 < l < cfg.n_layers:
         raise ValueError(f"need an exit layer 0 < l < {cfg.n_layers} (or an adapter), got {l}")
@@ -218,9 +218,9 @@ def check_settings(cfg, prompts, adapter, l, max_new_tokens, gamma, eta, tempera
         raise ValueError(f"draft_vocab must be None or an integer in [1, {n_frequent}] (the adapter's frequent "
                          f"tokens), got {draft_vocab!r}")
     check_sampling(temperature, top_p)
-    if not prompts or not all(prompts) or any(not 0 <= t < cfg.vocab_size for p in prompts for t in p):
-        raise ValueError(f"a prompt must be non-empty token ids in [0, {cfg.vocab_size})")
+    prompts = check_prompts(cfg, prompts)
     check_length(cfg, max(map(len, prompts)), max_new_tokens)
+    return prompts
 
 
 @torch.inference_mode()
@@ -232,12 +232,12 @@ def generate_kangaroo(model, prompt, adapter=None, l=None, max_new_tokens=64, ga
     adapter-free peer; then give l); draft_vocab=K restricts the draft head to A's K most frequent
     tokens; on_round(tokens, (cache, adapter cache)) runs after each round's crop (for tests);
     observe sees each draft's and each verification's logits (for traces; see `observed`)."""
-    if prompt and isinstance(prompt[0], (list, tuple)):
+    if isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], (list, tuple)):
         raise TypeError("generate_kangaroo decodes one prompt (token ids); a batch: "
                         "skip.kangaroo_batch.generate_kangaroo_batch")
-    prompt = list(prompt)
-    check_settings(model.cfg, [prompt], adapter, l, max_new_tokens, gamma, eta, temperature, top_p, draft_vocab)
-    s, eos = Sampling(temperature, top_p, generator), set(model.cfg.eos_token_id if eos is None else eos)
+    prompt, = check_settings(model.cfg, [prompt], adapter, l, max_new_tokens, gamma, eta, temperature, top_p,
+                             draft_vocab)
+    s, eos = Sampling(temperature, top_p, generator), check_eos(model.cfg, eos)
     kg = self_draft(model, adapter, l, draft_vocab, len(prompt) + max_new_tokens)
     kg = kg if observe is None else observed(kg, observe)
 

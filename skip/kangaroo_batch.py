@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from model import left_pad, positions
+from model import check_eos, left_pad, positions
 
 from .kangaroo import (KangarooOutput, Round, Sampling, accept_greedy, accept_sampled, adapt, check_settings, probs,
                        self_draft)
@@ -216,10 +216,10 @@ def generate_kangaroo_batch(model, prompts, adapter=None, l=None, max_new_tokens
     """generate_kangaroo (skip/kangaroo.py) over a list of prompts (lists of ids, any lengths) as
     one batch: one KangarooOutput per prompt, with RowRounds. on_round and observe as there, called
     once per row and told row=the prompt's index (the caches hold every row still in the batch)."""
-    prompts = [list(p) for p in prompts]
-    check_settings(model.cfg, prompts, adapter, l, max_new_tokens, gamma, eta, temperature, top_p, draft_vocab)
+    prompts = check_settings(model.cfg, prompts, adapter, l, max_new_tokens, gamma, eta, temperature, top_p,
+                             draft_vocab)
     B, s = len(prompts), Sampling(temperature, top_p, generator)
-    rows = Rows(prompts, max_new_tokens, set(model.cfg.eos_token_id if eos is None else eos))
+    rows = Rows(prompts, max_new_tokens, check_eos(model.cfg, eos))
     # slots, holes included (model/cache.py): a round moves n by the longest accepted row, at most
     # gamma + 1, and there are at most max_new_tokens - 1 rounds (every round commits a token of
     # each row); n - T is also at most B * max_new_tokens (the longest row's tokens, each round)

@@ -50,3 +50,36 @@ def test_lora_of_another_model_is_refused(llama_dir, tmp_path):
     (tmp_path / "ad" / "adapter.json").write_text(json.dumps({**meta, "dim": meta["dim"] + 1}))
     with pytest.raises(LoRAError, match="trained for another model: dim"):
         load_lora(tmp_path / "ad", load_model(llama_dir))
+
+
+def test_a_refused_adapter_leaves_the_model_as_it_was(llama_dir, tmp_path):
+    """Every field and tensor is checked, and every merged weight found finite, before the first
+    weight changes; a refusal names what is wrong."""
+    from safetensors.torch import load_file, save_file
+    model = load_model(llama_dir)
+    mods = attach(model, [0, 2], rank=2)
+    with torch.no_grad():
+        for m in mods.values():
+            m.B.normal_()
+    save_lora(mods, tmp_path / "ad", model)
+    meta = json.loads((tmp_path / "ad" / "adapter.json").read_text())
+    tensors = load_file(str(tmp_path / "ad" / "adapter.safetensors"))
+    fresh = load_model(llama_dir)
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    late_nan = dict(tensors)
+    late_nan["blocks.2.mlp.down.B"] = torch.full_like(tensors["blocks.2.mlp.down.B"], float("nan"))
+    cases = [({"alpha": float("nan")}, None, "finite alpha"), ({"alpha": 1e308}, None, "non-finite weight"),
+             ({"layers": [-1]}, None, "layers must be"), ({"layers": [True]}, None, "layers must be"),
+             ({"layers": [99]}, None, "layers must be"), ({"layers": [0, 0]}, None, "layers must be"),
+             ({"rank": 0}, None, "rank >= 1"), ({"rank": "2"}, None, "rank >= 1"), ({"layers": None}, None, "layers"),
+             ({}, late_nan, "blocks.2.mlp.down .*non-finite"), ("list", None, "must be an object")]
+    for i, (change, new_tensors, said) in enumerate(cases):
+        d = tmp_path / f"bad{i}"
+        d.mkdir()
+        save_file(new_tensors or tensors, str(d / "adapter.safetensors"))
+        (d / "adapter.json").write_text(json.dumps([meta] if change == "list" else {**meta, **change}))
+        with pytest.raises(LoRAError, match=said):
+            load_lora(d, fresh)
+        assert all(torch.equal(v, before[k]) for k, v in fresh.state_dict().items()), change
+    load_lora(tmp_path / "ad", fresh)  # the good one merges
+    assert not torch.equal(fresh.blocks[2].mlp.down.weight, before["blocks.2.mlp.down.weight"])

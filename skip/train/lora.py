@@ -92,19 +92,33 @@ def shape_of(cfg):
 
 
 def read_lora(path, cfg):
-    """(meta, tensors) of an adapter saved by save_lora, checked against a model config."""
+    """(meta, tensors) of an adapter saved by save_lora, checked against a model config: its shape,
+    rank an integer >= 1, alpha a finite number, layers distinct integers in [0, n_layers)."""
     meta, tensors = read_folder(path, "adapter.json", "adapter.safetensors", LoRAError, "low-rank adapter")
+    if not isinstance(meta, dict):
+        raise LoRAError(f"low-rank adapter in {path}: adapter.json must be an object, got {type(meta).__name__}")
     wrong = {k: (meta.get(k), v) for k, v in shape_of(cfg).items() if meta.get(k) != v}
     if wrong:
         raise LoRAError(f"low-rank adapter in {path} was trained for another model: "
                         + ", ".join(f"{k} {a} (model: {b})" for k, (a, b) in wrong.items()))
+    rank, alpha, layers = meta.get("rank"), meta.get("alpha"), meta.get("layers")
+    is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)  # True would merge into layer 1
+    if not (is_int(rank) and rank >= 1 and isinstance(alpha, (int, float)) and not isinstance(alpha, bool)
+            and math.isfinite(alpha)):
+        raise LoRAError(f"low-rank adapter in {path}: need an integer rank >= 1 and a finite alpha, "
+                        f"got {rank!r:.20} and {alpha!r:.20}")
+    if not (isinstance(layers, list) and layers and all(is_int(l) and 0 <= l < cfg.n_layers for l in layers)
+            and len(set(layers)) == len(layers)):
+        raise LoRAError(f"low-rank adapter in {path}: layers must be distinct integers in [0, {cfg.n_layers}), "
+                        f"got {layers!r:.40}")
     return meta, tensors
 
 
 @torch.no_grad()
 def load_lora(path, model):
-    """Merge the adapter in path into model's weights, in place; returns its adapter.json.
-    Every expected tensor must be present, of its shape, and finite."""
+    """Merge the adapter in path into model's weights, in place; returns its adapter.json. Every
+    file, field and tensor is checked, and every merged weight computed and found finite, before
+    the first weight changes: an adapter refused leaves the model as it was."""
     meta, tensors = read_lora(path, model.cfg)
     rank, scale = meta["rank"], meta["alpha"] / meta["rank"]
     lins = _linears(model, meta["layers"])
@@ -112,12 +126,18 @@ def load_lora(path, model):
     if set(tensors) != want:
         raise LoRAError(f"low-rank adapter in {path} does not fit: missing {sorted(want - set(tensors))[:4]}, "
                         f"unexpected {sorted(set(tensors) - want)[:4]}")
-    for n, lin in lins.items():
-        A, B = tensors[f"{n}.A"], tensors[f"{n}.B"]  # (rank, in), (out, rank)
+    def merged(n, lin):  # (out, in): in fp32, then cast to the model's dtype
+        A, B = tensors[f"{n}.A"].float(), tensors[f"{n}.B"].float()  # (rank, in), (out, rank)
+        return lin.weight + (scale * (B @ A)).to(lin.weight.device, lin.weight.dtype)
+
+    for n, lin in lins.items():  # first every check, so that a refusal changes nothing
+        A, B = tensors[f"{n}.A"], tensors[f"{n}.B"]
         if A.shape != (rank, lin.in_features) or B.shape != (lin.out_features, rank):
             raise LoRAError(f"{path}: {n} has A {tuple(A.shape)}, B {tuple(B.shape)} for a "
                             f"{lin.out_features}x{lin.in_features} weight at rank {rank}")
-        if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
-            raise LoRAError(f"{path}: {n} holds a non-finite value")
-        lin.weight += (scale * (B @ A)).to(lin.weight.device, lin.weight.dtype)  # merged in fp32, then cast
+        if not (A.is_floating_point() and B.is_floating_point() and torch.isfinite(merged(n, lin)).all()):
+            raise LoRAError(f"{path}: {n} is not floating point or merges into a non-finite weight "
+                            f"(alpha {meta['alpha']})")
+    for n, lin in lins.items():  # then the merge (recomputed: no second copy of the weights held)
+        lin.weight.copy_(merged(n, lin))
     return meta
