@@ -129,3 +129,16 @@ def test_every_benchmark_record_names_its_run(tmp_path, capsys):
     assert (tmp_path / "out" / "b.md").read_text() == "| a |\n|---|\n| 1 |\n" and "| 1 |" in capsys.readouterr().out
     with pytest.raises(ValueError):  # JSON has no NaN
         publish(tmp_path / "out", "c", {"x": float("nan")}, "")
+
+
+def test_a_single_file_result_replaces_only_a_result_of_ours(tmp_path):
+    """bench_decoder --out and demo --json: a new name or a result this project wrote (its run
+    first), never a config, a trace or a note that happens to sit there."""
+    from model.cli import writable_file
+    from skip.harness.report import RESULT, record
+    ours, config = tmp_path / "ours.json", tmp_path / "config.json"
+    ours.write_text(record({"x": 1}))
+    config.write_text('{"model_type": "llama"}')
+    assert writable_file(ours, "--out", RESULT) == ours and writable_file(tmp_path / "new.json", "--out", RESULT)
+    with pytest.raises(ValueError, match="config.json exists and is not a result file"):
+        writable_file(config, "--out", RESULT)

@@ -141,7 +141,9 @@ CASES = {
         (["--batches", "100000"], "--batches 100000: the Spec-Bench pool holds"),
         (["--batches", "100000", "--top-k", "0"], "one batch of the largest size must fit")],
     "skip.harness.bench_decoder": [
-        (["--runs", "0"], "--runs: 0 is not >= 1"), (["--model", "{model}", "--out", "{dir}"], "is not a regular file")],
+        (["--runs", "0"], "--runs: 0 is not >= 1"), (["--model", "{model}", "--out", "{dir}"], "is not a regular file"),
+        (["--model", "{model}", "--out", "{model}/config.json"], "is not a result file of this project's"),
+        (["--model", "{model}", "--out", "{dir}/file"], "is not a result file of this project's")],
     "skip.harness.bench_kangaroo": [
         (["--eta", "nan"], "--eta: nan"), (["--gamma", "-1"], "--gamma"), (["--threads", "100000"], "--threads"),
         (["--repeats", "0"], "--repeats"), (["--out", "{dir}/file"], "is not a folder"),
@@ -158,6 +160,7 @@ CASES = {
     "skip.harness.demo": [
         (["--threads", "0"], "--threads"), (["--tasks", "antonym"], "--tasks antonym: the demo scores over answer"),
         (["--tasks", "sst9"], "unknown task 'sst9'"), (["--json", "{dir}"], "--json {dir} exists and is not a regular"),
+        (["--model", "{model}", "--json", "{model}/config.json"], "is not a result file of this project's"),
         (["--model", "{model}", "--adapter", "{dir}/nowhere", "--tasks", "{dir}/list.jsonl"], "list.jsonl, line 2")],
     "skip.harness.eval_adainfer_gen": [
         (["--tau", "nan"], "--tau: nan"), (["--n-train", "0"], "--n-train"), (["--max-new", "1"], "--max-new"),

@@ -22,11 +22,11 @@ import torch.nn.functional as F
 
 from model import add_load_args, load_model
 from model.products import linear
-from weights.files import write_text_atomic
+from weights.files import check_not_reading, write_text_atomic
 
 from .. import DEFAULT_MODEL, RUNS
 from model.cli import command, positive, threads, writable_file
-from .report import markdown_table
+from .report import RESULT, markdown_table, record
 from .timing import interleaved_ms, timed
 from .tune import tune
 
@@ -244,10 +244,10 @@ def main(argv=None):
         res = {"results": None, "load_memory": [load_memory(a.model, d) for d in ("float32", "bfloat16")]}
         print(table(res))
         return
-    writable_file(a.out)
+    writable_file(a.out, "--out", RESULT)  # a new file or a result of ours, and nothing it reads
+    check_not_reading(a.out, a.model)
     res = bench(a.model, a.runs, a.threads, a.dtype, a.device)
-    write_text_atomic(a.out, json.dumps(res, indent=2))
-    print(json.dumps(res, indent=2))
+    write_text_atomic(a.out, record(res))
     print(table(res))
 
 

@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from model import add_load_args, flops, generate, load_model
 from tokenizer import encode_chat, load_tokenizer
-from weights.files import write_text_atomic
+from weights.files import check_not_reading, write_text_atomic
 
 from .. import DEFAULT_MODEL, WEIGHTS
 from ..adainfer import SVM
@@ -50,7 +50,7 @@ from ..unified import generate_unified
 from .data import alpaca_instructions, specbench
 from .demo_adainfer import adainfer_task, short
 from .tasks import load_task
-from .report import markdown_table, token_match
+from .report import RESULT, markdown_table, record, token_match
 from .timing import DecodeClock
 
 DRAFT_VOCAB = 4096  # Kangaroo's draft head: the adapter's K most frequent tokens
@@ -81,7 +81,8 @@ def main(argv=None):
     if min(a.n_train, a.n_test, a.prompts, a.max_new, a.runs, a.threads) < 1 or a.time_n < 0:
         ap.error("need --n-train, --n-test, --prompts, --max-new, --runs, --threads >= 1 and --time-n >= 0")
     if a.json:
-        writable_file(a.json, "--json")
+        writable_file(a.json, "--json", RESULT)  # a new file or a result of ours, and nothing it reads
+        check_not_reading(a.json, a.model)
     for name in a.tasks:  # read before the model loads: AdaInfer here scores over a task's answer choices
         if load_task(name, a.n_train, a.n_test).test[0].choices is None:
             ap.error(f"--tasks {name}: the demo scores over answer choices, and this task has none")
@@ -99,7 +100,7 @@ def run(a):
     out["generation"] = generation(model, tok, a)
     print(f"\n(demo: {time.perf_counter() - t0:.0f} s, of which AdaInfer {t1 - t0:.0f} s)", file=sys.stderr)
     if a.json:
-        write_text_atomic(a.json, json.dumps(out, indent=1, default=lambda o: None))
+        write_text_atomic(a.json, record(json.loads(json.dumps(out, default=lambda o: None))))
     return out
 
 

@@ -37,13 +37,21 @@ def run_record():
             "machine": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__}
 
 
+RESULT = ("result file of this project's", b'{\n "run": ')  # what record() writes begins so: writable_file's kind
+
+
+def record(result):
+    """The JSON text of a result, its run first (RESULT)."""
+    return json.dumps({"run": run_record(), **result}, indent=1, allow_nan=False) + "\n"
+
+
 def publish(out, name, result, md):
     """Write out/<name>.json (result, with "run": run_record()) and out/<name>.md (md), each
     replacing the old one whole (weights/files.py), and print md."""
     from weights.files import write_text_atomic
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / f"{name}.json", json.dumps({"run": run_record(), **result}, indent=1, allow_nan=False))
+    write_text_atomic(out / f"{name}.json", record(result))
     write_text_atomic(out / f"{name}.md", md.rstrip("\n") + "\n")
     print(md)
 
