@@ -1,5 +1,5 @@
 """The one way this project reads JSON it did not make itself: a regular file, its size checked
-before a byte is read, nested at most DEPTH deep. A deeply nested file would otherwise end in
+before a byte is read, nested at most DEPTH deep, no key twice in an object. A deeply nested file would otherwise end in
 RecursionError (in the parser or in whatever walks it after), /dev/zero or a FIFO would be read
 until memory runs out. Errors are ValueError naming the file (a command's bad input: model/cli.py)."""
 from __future__ import annotations
@@ -12,14 +12,27 @@ DEPTH = 64  # the configs, tokenizers, traces and classifiers here nest at most 
 LIMIT = 256 << 20  # bytes, unless the caller says less: a tokenizer.json is a few MB
 
 
+def unique_keys(pairs):
+    """An object whose keys are all different: JSON allows a key twice, and json.loads would keep
+    the last silently, so a file could say two things and be read as one."""
+    d = dict(pairs)
+    if len(d) < len(pairs):
+        seen = set()
+        twice = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"the key {twice!r:.40} appears twice in one object")
+    return d
+
+
 def parse_json(text, where, depth=DEPTH, **kw):
-    """json.loads(text, **kw), refused when nested deeper than depth."""
+    """json.loads(text, **kw), refused when nested deeper than depth or holding a key twice."""
     try:
-        obj = json.loads(text, **kw)
+        obj = json.loads(text, object_pairs_hook=unique_keys, **kw)
     except RecursionError:
         raise ValueError(f"{where}: nests deeper than {depth}") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{where}: not JSON ({e})") from None
+    except ValueError as e:  # unique_keys
+        raise ValueError(f"{where}: {e}") from None
     stack = [(obj, 1)]
     while stack:  # iterative: a walk that recursed would itself hit the recursion limit
         v, d = stack.pop()

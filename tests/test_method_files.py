@@ -196,3 +196,45 @@ def test_a_classifier_that_is_not_json_is_never_written(cfg, tmp_path):
     with pytest.raises(ClassifierError, match="not finite"):
         save_classifier(clf, tmp_path / "c.json", cfg)
     assert not (tmp_path / "c.json").exists()
+
+
+# ---------------------------------------------------------------- files whose content lies
+def test_a_tokenizer_whose_content_lies_is_refused_naming_what(smollm2_dir, tmp_path):
+    import json
+    from tokenizer.bpe import BPETokenizer
+    spec = json.loads((smollm2_dir / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    first = next(iter(vocab))
+    for i, (change, said) in enumerate([
+            (lambda s: s["model"]["merges"].insert(0, "zzqx yyqx"), "merge 0 .* not in the vocabulary"),
+            (lambda s: s["model"]["vocab"].update({first: 1}), "two tokens share an id"),
+            (lambda s: s["model"]["vocab"].update({first: -1}), "integer ids in"),
+            (lambda s: s["model"]["vocab"].update({first: 10 ** 12}), "integer ids in"),
+            (lambda s: s["model"]["vocab"].update({first: 1.5}), "integer ids in"),
+            (lambda s: s["model"]["merges"].insert(0, "abc"), "merge 0 is not a pair")]):
+        s = json.loads(json.dumps(spec))
+        change(s)
+        (tmp_path / f"t{i}.json").write_text(json.dumps(s))
+        with pytest.raises(ValueError, match=said):
+            BPETokenizer.from_tokenizer_json(tmp_path / f"t{i}.json")
+    text = (smollm2_dir / "tokenizer.json").read_text()
+    (tmp_path / "twice.json").write_text(text.replace('"model": {', '"model": {"type": "WordPiece", ', 1))
+    with pytest.raises(ValueError, match="'type' appears twice"):
+        BPETokenizer.from_tokenizer_json(tmp_path / "twice.json")
+
+
+def test_an_official_pickle_that_is_not_a_state_dict_is_refused(llama_dir, tmp_path):
+    import torch
+    from weights.kangaroo_official import OfficialAdapterError, read_official
+    for i, obj in enumerate([[torch.zeros(2)], {1: torch.zeros(2)}]):
+        torch.save(obj, tmp_path / f"p{i}.bin")
+        with pytest.raises(OfficialAdapterError, match="not a state dict of named tensors"):
+            read_official(tmp_path / f"p{i}.bin", 10 ** 6)
+
+
+def test_a_task_file_with_a_key_twice_is_refused(tmp_path):
+    from skip.harness.tasks import from_jsonl
+    f = tmp_path / "t.jsonl"
+    f.write_text('{"prompt": "Q:", "answer": " A"}\n{"prompt": "Q:", "answer": " A", "answer": " B"}\n')
+    with pytest.raises(ValueError, match="t.jsonl, line 2: the key 'answer' appears twice"):
+        from_jsonl(f)

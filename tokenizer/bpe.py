@@ -78,18 +78,41 @@ def digit_pattern() -> re.Pattern:
     return re.compile(f"([{_char_class('N')}])")
 
 
+MAX_ID = 1 << 22  # as model/config.py's vocabulary limit
+
+
+def check_vocabulary(vocab, merges, specials, prefix):
+    """Refuse a tokenizer whose content lies, as the tokenizers library does: ids that are not
+    distinct integers in [0, MAX_ID) (an id of 10^12 would size a table), a merge that is not two
+    tokens of the vocabulary whose concatenation is one too, special or prefix tokens not in it."""
+    ids = list(vocab.values()) if isinstance(vocab, dict) else None
+    if ids is None or not all(isinstance(t, str) for t in vocab) or not all(
+            isinstance(i, int) and not isinstance(i, bool) and 0 <= i < MAX_ID for i in ids):
+        raise ValueError(f"tokenizer vocabulary: tokens must map to integer ids in [0, {MAX_ID})")
+    if len(set(ids)) != len(ids):
+        raise ValueError("tokenizer vocabulary: two tokens share an id")
+    for r, m in enumerate(merges):
+        if len(m) != 2 or not all(isinstance(t, str) for t in m):
+            raise ValueError(f"tokenizer merge {r} is not a pair of tokens: {m!r:.60}")
+        missing = [t for t in (m[0], m[1], m[0] + m[1]) if t not in vocab]
+        if missing:
+            raise ValueError(f"tokenizer merge {r} ({m[0]!r} {m[1]!r}) names {missing[0]!r:.40}, not in the vocabulary")
+    if not all(isinstance(t, str) and t in vocab for t in specials) or not set(prefix) <= set(ids):
+        raise ValueError("tokenizer: a special token or a prefix id is not in the vocabulary")
+
+
 class BPETokenizer:
     def __init__(self, vocab: dict[str, int], merges: list[tuple[str, str]], specials: list[str],
                  split_digits=False, pattern="gpt2", ignore_merges=False, prefix=()):
+        check_vocabulary(vocab, merges, specials, prefix)
         self.vocab = vocab
         self.id_to_token = {i: t for t, i in vocab.items()}
         self.ranks = {pair: r for r, pair in enumerate(merges)}
         # the merges over token ids: (left << 32 | right) -> rank -> the pair and the merged id
         self.pair_rank, self.rank_pair, self.rank_new = {}, [-1] * len(merges), [-1] * len(merges)
         for (a, b), r in self.ranks.items():
-            if a in vocab and b in vocab and a + b in vocab:  # else it can never apply
-                self.pair_rank[vocab[a] << 32 | vocab[b]] = r
-                self.rank_pair[r], self.rank_new[r] = vocab[a] << 32 | vocab[b], vocab[a + b]
+            self.pair_rank[vocab[a] << 32 | vocab[b]] = r  # every part is in vocab: check_vocabulary
+            self.rank_pair[r], self.rank_new[r] = vocab[a] << 32 | vocab[b], vocab[a + b]
         self.specials = {t: vocab[t] for t in specials}
         self.special_ids = set(self.specials.values())
         by_length = sorted(specials, key=len, reverse=True)  # leftmost-longest match

@@ -90,6 +90,8 @@ def read_official(path, numel):
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a corrupt file, or a pickle that is more than tensors
         raise OfficialAdapterError(f"cannot read {path}: {e}") from e
+    if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+        raise OfficialAdapterError(f"{path} is not an official Kangaroo adapter: not a state dict of named tensors")
     state = {k.removeprefix("module."): v for k, v in state.items() if not k.startswith(IGNORED)}
     missing, unexpected = sorted(set(KEYS) - set(state)), sorted(set(state) - set(KEYS))
     if missing or unexpected:
