@@ -18,6 +18,8 @@ writable_folder and writable_file check an output before the slow work, not afte
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import functools
 import math
 import os
@@ -53,14 +55,42 @@ def message(e: BaseException) -> str:
     return " ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
+def output_failed(e: BaseException) -> bool:
+    """Whether e is standard output failing: a full disk or device, a closed pipe."""
+    return isinstance(e, OSError) and e.filename is None and e.errno in (errno.ENOSPC, errno.EPIPE, errno.EIO,
+                                                                         errno.EDQUOT)
+
+
+def stdout_checked(main):
+    """main(argv=None), whose standard output failing (a full device, a closed pipe: while it
+    prints, or at its last flush) ends in one line on stderr and status 2, not a traceback."""
+    @functools.wraps(main)
+    def run(argv=None):
+        try:
+            try:
+                return main(argv)
+            finally:
+                sys.stdout.flush()  # here, not at the interpreter's exit, where it cannot be handled
+        except OSError as e:
+            if not output_failed(e):
+                raise
+            with contextlib.suppress(OSError, ValueError):  # the interpreter's last flush goes nowhere
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            print(f"error: cannot write the output: {os.strerror(e.errno)}", file=sys.stderr)
+            raise SystemExit(2) from None
+    return run
+
+
 def command(main):
-    """main(argv=None), whose bad input ends in `error: ...` on stderr and exit status 2."""
+    """main(argv=None), whose bad input ends in `error: ...` on stderr and exit status 2 (and a
+    failing standard output too: stdout_checked)."""
+    @stdout_checked
     @functools.wraps(main)
     def run(argv=None):
         try:
             return main(argv)
         except Exception as e:
-            if not bad_input(e):
+            if not bad_input(e) or output_failed(e):
                 raise
             print(f"error: {message(e)}", file=sys.stderr)
             raise SystemExit(2) from None

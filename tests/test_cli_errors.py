@@ -304,3 +304,23 @@ def test_a_time_budget_smaller_than_one_step_still_takes_one(llama_dir):
     states = [(h, h)] * 2
     for recipe in ("project", "official"):
         assert len(train(model, adapter, states, seqs, [0, 1], 5, minutes=1e-12, batch=1, recipe=recipe)) == 1
+
+
+# ---------------------------------------------------------------- an output that cannot be written
+def test_a_full_device_or_a_closed_pipe_on_stdout_is_one_line_and_status_2(llama_dir, tiny_chat_dir, tmp_path):
+    """(argparse's --help swallows its own write errors and exits 0: not a traceback either.)"""
+    from skip.trace.methods import trace
+    trace(load_model(llama_dir), [3, 14, 15], tmp_path / "t", "full", max_new_tokens=2)
+    commands = [["skip.trace", "compare", str(tmp_path / "t"), str(tmp_path / "t")],
+                ["model", "generate", "--model", str(tiny_chat_dir), "--prompt", "hi", "--max-new-tokens", "2"]]
+    for argv in commands:
+        with open("/dev/full", "w") as full:
+            p = subprocess.run([sys.executable, "-m", *argv], cwd=ROOT, stdout=full, stderr=subprocess.PIPE,
+                               text=True, timeout=120)
+        assert p.returncode == 2 and p.stderr == "error: cannot write the output: No space left on device\n", \
+            (argv, p.stderr)
+    p = subprocess.Popen([sys.executable, "-m", *commands[0]], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    p.stdout.close()  # the reader went away before the first line
+    err = p.stderr.read()
+    assert p.wait(timeout=120) == 2 and err == "error: cannot write the output: Broken pipe\n", err

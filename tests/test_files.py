@@ -162,6 +162,30 @@ def test_an_output_rewritten_in_a_loop_and_killed_anywhere_is_always_one_complet
         assert leftovers(tmp_path) == []
 
 
+RACING_WRITER = """
+import sys
+from pathlib import Path
+from weights.files import atomic_dir
+for i in range(int(sys.argv[3])):
+    with atomic_dir(Path(sys.argv[1]), "done.json") as tmp:
+        for name in ("a", "b", "c"):
+            (tmp / name).write_text(sys.argv[2] * 10_000)
+        (tmp / "done.json").write_text(sys.argv[2])
+"""
+
+
+def test_writers_racing_to_one_output_each_end_complete(tmp_path):
+    """Six processes rewrite one output at once: each ends with status 0 (its output was in place at
+    some moment), and what stays is one writer's complete output with nothing left beside it."""
+    out = tmp_path / "out"
+    ps = [subprocess.Popen([sys.executable, "-c", RACING_WRITER, str(out), str(w), "30"], cwd=ROOT,
+                           stderr=subprocess.PIPE, text=True) for w in range(6)]
+    errs = [p.communicate(timeout=120)[1] for p in ps]
+    assert [p.returncode for p in ps] == [0] * 6, errs
+    w = (out / "done.json").read_text()
+    assert content(out) == {"done.json": w, **{n: w * 10_000 for n in "abc"}} and leftovers(tmp_path) == []
+
+
 def test_writers_to_look_alike_names_never_delete_each_others_temporaries(tmp_path):
     names = ["t1", "t[1]", "t*", "t?", "t1.partial-1"]
     killed = start_paused(tmp_path / "t1", 0)

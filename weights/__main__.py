@@ -6,6 +6,8 @@ import importlib.util
 import sys
 from pathlib import Path
 
+from model.cli import stdout_checked
+
 from . import DEFAULT_MODEL, WEIGHTS
 from .convert import ConvertError, convert
 
@@ -21,6 +23,7 @@ def smollm2_gguf() -> Path:
     return files[0]
 
 
+@stdout_checked
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m weights", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)

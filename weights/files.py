@@ -13,6 +13,9 @@ complete output of the same command), or with force=True; anything else is refus
 reads, force or not (check_not_reading). On an error, SIGINT or SIGTERM while the files are
 written, the temporary is removed and the old output stays; SIGINT and SIGTERM during steps 1-3
 wait until step 3 is done (the new output in place), and an error in step 2 puts the old one back.
+Steps 1-3, and the recovery below, hold a lock on NAME's folder (flock on the folder itself, no
+file): writers of the same output racing each other move in one after the other, each ending with
+its complete output in place, the last one staying.
 
 Recovery (sweep, run by every write before it starts, for the output it writes; only a SIGKILL or
 a crash leaves anything for it): the temporaries of NAME are recognised by exact parsing of the
@@ -31,6 +34,7 @@ socket, or a link to one of them or to nothing is refused with OutputExists.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import os
 import secrets
@@ -90,16 +94,17 @@ def sweep(out):
         names = sorted(os.listdir(out.parent))
     except OSError:  # no folder, so no leftovers
         return
-    for name in names:
-        found = _parse(out, name)
-        if found is None or _alive(found[1]):
-            continue
-        path = out.parent / name
-        if found[0] == OLD and not os.path.lexists(out):
-            with contextlib.suppress(OSError):
-                os.rename(path, out)  # killed between moving the old output aside and the new one in
-        if found[0] == PARTIAL or os.path.lexists(out):
-            _remove(path)
+    dead = [(found, out.parent / name) for name in names
+            if (found := _parse(out, name)) is not None and not _alive(found[1])]
+    if not dead:
+        return
+    with _folder_lock(out):  # not while a live writer of out is between its two renames
+        for (kind, _), path in dead:
+            if kind == OLD and not os.path.lexists(out):
+                with contextlib.suppress(OSError):
+                    os.rename(path, out)  # killed between moving the old output aside and the new one in
+            if kind == PARTIAL or os.path.lexists(out):
+                _remove(path)
 
 
 # ---------------------------------------------------------------- what may be written where
@@ -129,9 +134,14 @@ def check_target(out, marker: str, force: bool, reads=()):
     out = Path(out)
     sweep(out)
     check_not_reading(out, *reads)
-    if out.exists() and not out.is_dir():
+    try:  # one look at out: another writer of it may move it away meanwhile (then it is not there)
+        kind = os.stat(out).st_mode
+        names = os.listdir(out) if stat.S_ISDIR(kind) else None
+    except FileNotFoundError:
+        return
+    if names is None:
         raise OutputExists(f"{out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not (out / marker).is_file() and not force:
+    if names and marker not in names and not force:
         raise OutputExists(f"{out} exists and was not written by this command (no {marker}); "
                            "choose another output, or pass --force to replace it")
 
@@ -192,12 +202,26 @@ def _signals_deferred():
             signal.raise_signal(got[0])
 
 
+@contextlib.contextmanager
+def _folder_lock(out: Path):
+    """One process at a time renames outputs in out's folder (moving in, sweeping): otherwise a
+    second writer of the same output could move its own in between our two renames. The lock is
+    the folder's own (flock), so it leaves no file; closing the folder releases it."""
+    fd = os.open(out.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def _move_in(tmp: Path, out: Path):
-    """Steps 1-3 of the module docstring, SIGINT and SIGTERM deferred. An error before tmp is in
-    place puts the old output back; the old one is deleted under a fresh temporary name, so a kill
-    while deleting leaves a stale temporary, never a half-deleted folder that sweep would put back."""
-    old = _temporary(out, OLD) if os.path.lexists(out) else None
-    with _signals_deferred():
+    """Steps 1-3 of the module docstring, SIGINT and SIGTERM deferred, under the folder's lock. An
+    error before tmp is in place puts the old output back; the old one is deleted under a fresh
+    temporary name, so a kill while deleting leaves a stale temporary, never a half-deleted folder
+    that sweep would put back."""
+    with _folder_lock(out), _signals_deferred():
+        old = _temporary(out, OLD) if os.path.lexists(out) else None
         try:
             if old is not None:
                 os.rename(out, old)

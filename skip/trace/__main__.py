@@ -16,7 +16,7 @@ from model import add_load_args, load_model
 from weights import DEFAULT_MODEL
 from weights.files import check_not_reading
 
-from model.cli import bad_input, message, writable_file
+from model.cli import bad_input, message, output_failed, stdout_checked, writable_file
 from .batch import compare_any, trace_batch
 from .format import DEFAULTS, TraceError, settings_used
 from .methods import trace
@@ -49,6 +49,7 @@ def write_trace(a):
         trace(model, prompts[0], a.out, a.method, a.max_new_tokens, settings, a.force)
 
 
+@stdout_checked
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -89,6 +90,8 @@ def main(argv=None):
         else:
             write_trace(a)
     except Exception as e:  # bad input (TraceError, LoadError, ...: model/cli.py): one line, status 2
+        if output_failed(e):
+            raise  # stdout_checked's line
         if not bad_input(e) and a.cmd == "write":
             raise  # a bug here keeps its traceback
         # compare's status says agree (0) or diverge (1): what no check foresaw there is still one
