@@ -148,6 +148,7 @@ CASES = {
         (["--eta", "nan"], "--eta: nan"), (["--gamma", "-1"], "--gamma"), (["--threads", "100000"], "--threads"),
         (["--repeats", "0"], "--repeats"), (["--out", "{dir}/file"], "is not a folder"),
         (["--batch", "4", "4"], "--batch lists a size twice: 4 4"),
+        (["--batch", "100000", "--prompts", "100000"], "--prompts 100000: the Spec-Bench pool holds"),
         (["--model", "{model}", "--adapter", "{adapter}", "--top-k", "60000", "--out", "{dir}/k"],
          "--top-k 60000: the adapter in {adapter} ranks 49152 tokens")],
     "skip.harness.bench_products": [

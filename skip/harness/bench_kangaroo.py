@@ -81,6 +81,8 @@ def main(argv=None):
     a = ap.parse_args(argv)
     if a.batch and len(set(a.batch)) < len(a.batch):
         ap.error(f"--batch lists a size twice: {' '.join(map(str, a.batch))}")
+    if a.batch and a.prompts > (pool := sum(len(specbench(c)) for c in SPECBENCH)):
+        ap.error(f"--prompts {a.prompts}: the Spec-Bench pool holds {pool}")
     if a.batch and any(a.prompts % B for B in a.batch):
         ap.error(f"--prompts {a.prompts} is not a multiple of every --batch {' '.join(map(str, a.batch))}")
     writable_folder(a.out)
