@@ -9,8 +9,9 @@ and its subclasses (every LoadError, ConfigError, AdapterError, ... here; json's
 JSONDecodeError; UnicodeDecodeError), an OSError that names a path or carries only a message
 (a missing file, a folder that cannot be written, OutputExists), a corrupted safetensors file,
 and a chat template that fails (jinja2's TemplateError, or any exception raised by the
-template's own code: the template is input too). Any other exception is a bug in this code and
-keeps its traceback.
+template's own code: the template is input too). Standard output failing (a full device, a
+closed pipe) is one line and status 2 as well (stdout_checked). Any other exception is a bug in
+this code and keeps its traceback.
 
 The argparse types below check numbers as the arguments are parsed, before any model loads;
 writable_folder and writable_file check an output before the slow work, not after it.
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
 import functools
 import math
 import os
@@ -55,29 +55,60 @@ def message(e: BaseException) -> str:
     return " ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
+class _Watched:
+    """sys.stdout, remembering the error a write or flush of it raised: that error, and only that
+    one, is standard output failing (another OSError, say a full disk under a file, is not)."""
+
+    def __init__(self, stream):
+        self.stream, self.failed = stream, None
+
+    def write(self, text):
+        try:
+            return self.stream.write(text)
+        except OSError as e:
+            self.failed = e
+            raise
+
+    def flush(self):
+        try:
+            return self.stream.flush()
+        except OSError as e:
+            self.failed = e
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
 def output_failed(e: BaseException) -> bool:
-    """Whether e is standard output failing: a full disk or device, a closed pipe."""
-    return isinstance(e, OSError) and e.filename is None and e.errno in (errno.ENOSPC, errno.EPIPE, errno.EIO,
-                                                                         errno.EDQUOT)
+    """Whether e is standard output failing (a full device, a closed pipe) under stdout_checked."""
+    return e is not None and getattr(sys.stdout, "failed", None) is e
 
 
 def stdout_checked(main):
     """main(argv=None), whose standard output failing (a full device, a closed pipe: while it
-    prints, or at its last flush) ends in one line on stderr and status 2, not a traceback."""
+    prints, or at its last flush) ends in one line on stderr and status 2, not a traceback. Any
+    other exception of main is left as it is (no flush after it, which could hide it)."""
     @functools.wraps(main)
     def run(argv=None):
+        sys.stdout = watched = _Watched(sys.stdout)
         try:
             try:
-                return main(argv)
-            finally:
-                sys.stdout.flush()  # here, not at the interpreter's exit, where it cannot be handled
+                result = main(argv)
+            except SystemExit:
+                watched.flush()  # here, not at the interpreter's exit, where it cannot be handled
+                raise
+            watched.flush()
+            return result
         except OSError as e:
-            if not output_failed(e):
+            if e is not watched.failed:
                 raise
             with contextlib.suppress(OSError, ValueError):  # the interpreter's last flush goes nowhere
-                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+                os.dup2(os.open(os.devnull, os.O_WRONLY), watched.stream.fileno())
             print(f"error: cannot write the output: {os.strerror(e.errno)}", file=sys.stderr)
             raise SystemExit(2) from None
+        finally:
+            sys.stdout = watched.stream
     return run
 
 

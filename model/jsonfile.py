@@ -1,10 +1,13 @@
-"""The one way this project reads JSON it did not make itself: a regular file, its size checked
-before a byte is read, nested at most DEPTH deep, no key twice in an object. A deeply nested file would otherwise end in
+"""The one way this project reads a JSON file a user can hand it (configs, tokenizers, adapters,
+classifiers, task files, traces, settings; not the benchmark data read in place from
+../shared/data): a regular file, its size checked before a byte is read, nested at most DEPTH
+deep, no key twice in an object. A deeply nested file would otherwise end in
 RecursionError (in the parser or in whatever walks it after), /dev/zero or a FIFO would be read
 until memory runs out. Errors are ValueError naming the file (a command's bad input: model/cli.py)."""
 from __future__ import annotations
 
 import json
+import os
 import stat
 from pathlib import Path
 
@@ -33,25 +36,25 @@ def parse_json(text, where, depth=DEPTH, **kw):
         raise ValueError(f"{where}: not JSON ({e})") from None
     except ValueError as e:  # unique_keys
         raise ValueError(f"{where}: {e}") from None
-    stack = [(obj, 1)]
-    while stack:  # iterative: a walk that recursed would itself hit the recursion limit
+    stack = [(obj, 1)] if isinstance(obj, (dict, list)) else []
+    while stack:  # iterative (a walk that recursed would itself hit the recursion limit), containers only
         v, d = stack.pop()
-        if isinstance(v, (dict, list)):
-            if d > depth:
-                raise ValueError(f"{where}: nests deeper than {depth}")
-            stack.extend((x, d + 1) for x in (v.values() if isinstance(v, dict) else v))
+        if d > depth:
+            raise ValueError(f"{where}: nests deeper than {depth}")
+        stack.extend((x, d + 1) for x in (v.values() if isinstance(v, dict) else v) if isinstance(x, (dict, list)))
     return obj
 
 
 def read_text(path, what="file", limit=LIMIT, encoding="utf-8"):
     """A regular file's text, at most limit bytes, its size checked before it is read."""
     path = Path(path)
-    st = path.stat()  # a missing file: FileNotFoundError, which names it
-    if not stat.S_ISREG(st.st_mode):
-        raise ValueError(f"{what} {path} is not a regular file")
-    if st.st_size > limit:
-        raise ValueError(f"{what} {path} is {st.st_size:,} bytes; at most {limit:,}")
-    with open(path, "rb") as f:
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a missing file: FileNotFoundError naming it; a FIFO: no wait
+    with open(fd, "rb") as f:  # what was opened is what is looked at and read
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(f"{what} {path} is not a regular file")
+        if st.st_size > limit:
+            raise ValueError(f"{what} {path} is {st.st_size:,} bytes; at most {limit:,}")
         data = f.read(limit + 1)  # a file that grows while read still stops here
     if len(data) > limit:
         raise ValueError(f"{what} {path} is over {limit:,} bytes")

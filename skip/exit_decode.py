@@ -71,15 +71,15 @@ def live_rows(going, B, *tensors):
 
 
 def check_vocab(cfg, vocab):
-    """A cheap head's ids: None (the full head), or distinct token ids in [0, vocab_size), as a
-    1-D integer tensor on the CPU (each check moves it where it runs)."""
+    """A cheap head's ids: None (the full head), or token ids in [0, vocab_size), as a 1-D integer
+    tensor on the CPU (each check moves it where it runs)."""
     if vocab is None:
         return None
     v = torch.as_tensor(vocab)
     if v.ndim != 1 or not len(v) or v.is_floating_point() or v.is_complex() or v.dtype == torch.bool:
         raise ValueError(f"vocab must be a non-empty list of token ids, got {v.dtype} of shape {tuple(v.shape)}")
-    if not (0 <= int(v.min()) and int(v.max()) < cfg.vocab_size) or len(v.unique()) != len(v):
-        raise ValueError(f"vocab must hold distinct token ids in [0, {cfg.vocab_size})")
+    if not (0 <= int(v.min()) and int(v.max()) < cfg.vocab_size):
+        raise ValueError(f"vocab must hold token ids in [0, {cfg.vocab_size})")
     return v.long().cpu()
 
 

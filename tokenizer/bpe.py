@@ -101,6 +101,14 @@ def check_vocabulary(vocab, merges, specials, prefix):
         raise ValueError("tokenizer: a special token or a prefix id is not in the vocabulary")
 
 
+def named(path, build):
+    """build(), its ValueError naming the file it was built from."""
+    try:
+        return build()
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
 class BPETokenizer:
     def __init__(self, vocab: dict[str, int], merges: list[tuple[str, str]], specials: list[str],
                  split_digits=False, pattern="gpt2", ignore_merges=False, prefix=()):
@@ -157,8 +165,12 @@ class BPETokenizer:
                     if "Sequence" in item:
                         break
                     prefix += proc["special_tokens"][item["SpecialToken"]["id"]]["ids"]
-        return cls(model["vocab"], merges, specials, split_digits=kinds[0] == "Digits",
-                   pattern="llama3" if llama3 else "gpt2", ignore_merges=bool(model.get("ignore_merges")), prefix=prefix)
+        vocab = dict(model["vocab"])  # with the added tokens (Llama 3 keeps its specials only there)
+        for t in spec.get("added_tokens", []):
+            vocab.setdefault(t["content"], t["id"])
+        return named(path, lambda: cls(vocab, merges, specials, split_digits=kinds[0] == "Digits",
+                                       pattern="llama3" if llama3 else "gpt2",
+                                       ignore_merges=bool(model.get("ignore_merges")), prefix=prefix))
 
     @classmethod
     def from_gguf(cls, path):
@@ -176,7 +188,7 @@ class BPETokenizer:
         for i, t in enumerate(tokens):  # a token stored as raw text is respelled in the byte alphabet
             spelled[t if set(t) <= alphabet else "".join(bytes_to_unicode()[b] for b in t.encode())] = i
         specials = [t for t, ty in zip(tokens, types) if ty == 3 and set(t) <= alphabet]  # 3 = CONTROL
-        return cls(spelled, merges, specials)
+        return named(path, lambda: cls(spelled, merges, specials))
 
     # ------------------------------------------------------------ encode / decode
     def pre_tokenize(self, text: str) -> list[str]:

@@ -6,7 +6,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
-from model.cli import stdout_checked
+from model.cli import command
 
 from . import DEFAULT_MODEL, WEIGHTS
 from .convert import ConvertError, convert
@@ -23,7 +23,7 @@ def smollm2_gguf() -> Path:
     return files[0]
 
 
-@stdout_checked
+@command
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m weights", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -209,7 +209,10 @@ def _folder_lock(out: Path):
     the folder's own (flock), so it leaves no file; closing the folder releases it."""
     fd = os.open(out.parent, os.O_RDONLY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:  # a file system without flock on a folder (NFS maps it to a write lock): go on
+            pass  # unlocked, as before there was a lock; a lone writer needs none
         yield
     finally:
         os.close(fd)
@@ -311,6 +314,10 @@ def read_folder(path, json_name, tensors_name, error, what, hint=""):
         if not (path / name).is_file():
             raise error(f"no {what} in {path}: {name} is missing{hint}")
     try:
-        return read_json(path / json_name, what, 64 << 20), load_file(str(path / tensors_name))
-    except (ValueError, SafetensorError, OSError) as e:
+        meta = read_json(path / json_name, json_name, 64 << 20)
+    except (ValueError, OSError) as e:
+        raise error(f"{what} in {path}: {e}") from e
+    try:
+        return meta, load_file(str(path / tensors_name))
+    except (SafetensorError, OSError) as e:
         raise error(f"{what} in {path} is truncated or corrupted: {e}") from e

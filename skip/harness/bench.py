@@ -55,10 +55,7 @@ TITLES = {"decoder": "Decoder against transformers", "adainfer": "AdaInfer, next
 
 def read_object(path):
     """A JSON file that must hold an object (a part's results, the combined record)."""
-    try:
-        d = read_json(path, "benchmark result")
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not JSON ({e})") from None
+    d = read_json(path, "benchmark result")
     if not isinstance(d, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(d).__name__}")
     return d

@@ -27,7 +27,7 @@ def write_trace(a):
     from tokenizer import encode_chat, load_tokenizer
 
     def refuse(name):
-        raise TraceError(f"--settings holds {name}, which is not JSON")
+        raise TraceError(f"holds {name}, which is not JSON")
     try:
         settings = parse_json(a.settings, "--settings", parse_constant=refuse)
     except ValueError as e:
