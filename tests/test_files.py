@@ -1,5 +1,6 @@
 """Outputs (weights/files.py): nothing is lost or left half-written under any kill or race, a
 command never replaces what it reads, and a single file is written only as a regular file."""
+import errno
 import json
 import os
 import shutil
@@ -400,3 +401,15 @@ def test_a_fine_tune_killed_mid_write_leaves_nothing_behind(smollm2_dir, data_di
            "--max-tokens", "64", "--out", str(out)]
     assert kill_while_writing(cmd, out) != 0
     assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_a_full_disk_while_writing_names_the_output_and_leaves_the_old_one(tmp_path):
+    from model.cli import bad_input
+    write(tmp_path / "out", "old")
+    for make in (lambda: atomic_dir(tmp_path / "out", "done.json"), lambda: atomic_file(tmp_path / "f.txt")):
+        with pytest.raises(OSError) as e:
+            with make():
+                raise OSError(errno.ENOSPC, "No space left on device")  # as a write into the temporary raises
+        assert e.value.filename.endswith(("out", "f.txt")) and bad_input(e.value)  # one line, status 2
+    assert content(tmp_path / "out") == {"done.json": "{}", "old.txt": "old"} and leftovers(tmp_path) == []
+    assert not (tmp_path / "f.txt").exists()

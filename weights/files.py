@@ -34,6 +34,7 @@ socket, or a link to one of them or to nothing is refused with OutputExists.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import os
@@ -240,6 +241,18 @@ def _move_in(tmp: Path, out: Path):
 
 
 @contextlib.contextmanager
+def _device_full(out: Path):
+    """A full disk or quota while an output is written names the output (so a command ends in one
+    line, model/cli.py); the partial output is removed by the caller, the old one stays."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise OSError(e.errno, f"cannot write it: {os.strerror(e.errno)}", str(out)) from e
+        raise
+
+
+@contextlib.contextmanager
 def atomic_dir(out, marker, force=False, reads=()):
     """with atomic_dir(out, "done.json", reads=(the inputs,)) as tmp: write every file into tmp,
     the marker last."""
@@ -248,7 +261,7 @@ def atomic_dir(out, marker, force=False, reads=()):
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temporary(out, PARTIAL)
     tmp.mkdir()
-    with _terminate_as_exit():
+    with _terminate_as_exit(), _device_full(out):
         try:
             yield tmp
             if not (tmp / marker).is_file():
@@ -268,7 +281,7 @@ def atomic_file(path):
     sweep(path)
     tmp = _temporary(path, PARTIAL)
     os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # the umask applies, as to any new file
-    with _terminate_as_exit():
+    with _terminate_as_exit(), _device_full(path):
         try:
             yield tmp
             if path.exists():
