@@ -22,7 +22,6 @@ Writes runs/bench-kangaroo.json, runs/bench-kangaroo.md and runs/kangaroo.png.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from pathlib import Path
 
@@ -30,6 +29,7 @@ import torch
 from tqdm import tqdm
 
 from model import add_load_args, flops, generate, load_model
+from model.jsonfile import read_json
 from tokenizer import encode_chat, load_tokenizer
 
 from .. import DEFAULT_MODEL, RUNS, WEIGHTS
@@ -143,7 +143,7 @@ def main(argv=None):
     costs = piece_costs(model, adapter, l, a.top_k, ctx, a.gamma)
     draft_ms = {"kangaroo": costs["draft_full"], f"kangaroo-{a.top_k}": costs["draft_topk"], "lens": costs["lens_head"]}
     result = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()},
-              "adapter": json.loads((a.adapter / "adapter.json").read_text()), "costs_ms": costs, "routes": routes,
+              "adapter": read_json(a.adapter / "adapter.json", "adapter record", 1 << 20), "costs_ms": costs, "routes": routes,
               "categories": {}}
     for c in list(prompts) + ["overall"]:
         runs = raw[c] if c != "overall" else {m: [r for cc in prompts for r in raw[cc][m]] for m in methods}

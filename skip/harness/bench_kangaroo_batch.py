@@ -16,7 +16,6 @@ predict from the batch's own rounds. Writes runs/bench-kangaroo-batch.json and .
 """
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from pathlib import Path
@@ -24,6 +23,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from model import generate
+from model.jsonfile import read_json
 from tokenizer import encode_chat
 
 from ..kangaroo_batch import generate_kangaroo_batch
@@ -141,7 +141,7 @@ def bench_batch(model, tok, adapter, routes, a):
     per = math.ceil(a.prompts / len(SPECBENCH))
     pool = mix([[encode_chat(tok, q) for q, _ in specbench(c, per)] for c in SPECBENCH], a.prompts)
     result = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()},
-              "adapter": json.loads((a.adapter / "adapter.json").read_text()), "routes": routes,
+              "adapter": read_json(a.adapter / "adapter.json", "adapter record", 1 << 20), "routes": routes,
               "prompt_lengths": list(map(len, pool)), "batches": {}}
     for B in tqdm(a.batch, desc="batch sizes"):
         result["batches"][B] = one_size(model, adapter, pool, B, a)
