@@ -55,10 +55,14 @@ class KVCache:
         self.lengths = [0] * n_layers
         self.max_len = max_len
         self.opened = 0  # slots whose columns open() has added
-        self.valid = None  # (B, opened) bool, False on a row's padding and holes; None: all real
+        # (B, capacity) bool: its first `opened` columns False on a row's padding and holes; None: all real
+        self.valid = None
+
+    def _capacity(self, end):
+        return max(end, min(self.max_len, -(-end // CHUNK) * CHUNK))  # next multiple of CHUNK, at most max_len
 
     def _grow(self, end):
-        capacity = min(self.max_len, -(-end // CHUNK) * CHUNK)  # next multiple of CHUNK, at most max_len
+        capacity = self._capacity(end)
         old = self.k.shape[3]
         for name in ("k", "v"):
             t = getattr(self, name)
@@ -90,8 +94,8 @@ class KVCache:
         """Row i becomes the old row rows[i] (B', ): beam search copies and drops beams this way."""
         self.k, self.v = self.k[:, rows], self.v[:, rows]  # (L, B', n_kv, capacity, hd)
         if self.valid is not None:
-            self.valid = self.valid[rows]  # (B', opened)
-            if bool(self.valid.all()):  # the rows left are all real: run as an unpadded batch
+            self.valid = self.valid[rows]  # (B', capacity)
+            if bool(self.valid[:, :self.opened].all()):  # the rows left are all real: an unpadded batch
                 self.valid = None
 
     def crop(self, length, layers=None):
@@ -99,23 +103,26 @@ class KVCache:
         for i in range(len(self.lengths)) if layers is None else layers:
             self.lengths[i] = min(self.lengths[i], length)
         if layers is None and self.opened > length:
-            self.opened = length
-            self.valid = None if self.valid is None else self.valid[:, :length]
+            self.opened = length  # the columns past it are written again by open() before they are read
 
     # ------------------------------------------------ which slots are real, per row
     def open(self, T, real=None):
         """Add the columns of the next T slots, before their first layer writes them: real (B, T)
         bools (a tensor or nested lists), False for a row's padding or filler; None: all real.
         Returns pad_mask(), what the decoder reads for these slots."""
+        end = self.opened + T
         if real is not None:
             real = torch.as_tensor(real, dtype=torch.bool, device=self.k.device)  # (B, T)
             if not bool(real.all()):
                 self._mark(real.shape[0])
         if self.valid is not None:
-            new = real if real is not None else self.valid.new_ones(self.valid.shape[0], T)  # (B, T)
-            self.valid = torch.cat([self.valid, new], 1)  # (B, opened + T)
-        self.opened += T
-        return self.pad_mask(self.opened)
+            if self.valid.shape[1] < end:  # grown in chunks, as the keys and values: no copy a step
+                grown = self.valid.new_ones(self.valid.shape[0], self._capacity(end))  # (B, capacity)
+                grown[:, :self.opened] = self.valid[:, :self.opened]
+                self.valid = grown
+            self.valid[:, self.opened:end] = True if real is None else real
+        self.opened = end
+        return self.pad_mask(end)
 
     def _mark(self, B):
         """Make the mask, every slot so far real, before the first padding or hole is marked."""
@@ -133,4 +140,4 @@ class KVCache:
         self._mark(len(kept))
         slot = torch.arange(start, self.opened, device=self.k.device)  # (S - start,)
         ends = torch.tensor(kept, device=self.k.device)[:, None] + start  # (B, 1)
-        self.valid[:, start:] &= slot < ends  # (B, S - start)
+        self.valid[:, start:self.opened] &= slot < ends  # (B, S - start)
