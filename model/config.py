@@ -166,11 +166,13 @@ MAX_CONFIG_BYTES = 1 << 20  # a model's config.json is a few kB
 FLAGS = ("norm_affine", "pre_norm", "final_norm", "attn_bias", "out_bias", "mlp_bias", "tie_embeddings")
 
 
-def _is_int(v):
+def is_int(v):
+    """An integer, not a boolean (True would pass as 1): the project's one test of an integer value."""
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _is_real(v):
+def is_real(v):
+    """A finite number, not a boolean: the project's one test of a real value (NaN fails it)."""
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
@@ -180,23 +182,23 @@ def check(cfg: Config) -> Config:
     def bad(name, why):
         raise ConfigError(f"config value {name}={getattr(cfg, name)!r} {why}")
     for name in POSITIVE:
-        if not _is_int(getattr(cfg, name)) or getattr(cfg, name) <= 0:
+        if not is_int(getattr(cfg, name)) or getattr(cfg, name) <= 0:
             bad(name, "must be a positive integer")
         if getattr(cfg, name) > LIMITS[name]:
             bad(name, f"is above this project's limit {LIMITS[name]} (far above any released model)")
     for name in FLAGS:
         if not isinstance(getattr(cfg, name), bool):
             bad(name, "must be true or false")
-    if not _is_real(cfg.norm_eps) or not 0 < cfg.norm_eps < 1:
+    if not is_real(cfg.norm_eps) or not 0 < cfg.norm_eps < 1:
         bad("norm_eps", "must be a number in (0, 1)")
     for name in ("rope_theta", "rope_factor", "rope_low_freq_factor", "rope_high_freq_factor"):
-        if not _is_real(getattr(cfg, name)) or getattr(cfg, name) <= 0:
+        if not is_real(getattr(cfg, name)) or getattr(cfg, name) <= 0:
             bad(name, "must be a positive number")
     for name in ("bos_token_id", "pad_token_id"):
         v = getattr(cfg, name)
-        if v is not None and (not _is_int(v) or not 0 <= v < cfg.vocab_size):
+        if v is not None and (not is_int(v) or not 0 <= v < cfg.vocab_size):
             bad(name, f"must be null or a token id in [0, {cfg.vocab_size})")
-    if not all(_is_int(t) and 0 <= t < cfg.vocab_size for t in cfg.eos_token_id):
+    if not all(is_int(t) and 0 <= t < cfg.vocab_size for t in cfg.eos_token_id):
         bad("eos_token_id", f"must be token ids in [0, {cfg.vocab_size})")
     if n_params(cfg) > MAX_PARAMS:
         raise ConfigError(f"config describes {n_params(cfg):,} parameters, above this project's limit "

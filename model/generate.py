@@ -6,6 +6,8 @@ import math
 
 import torch
 
+from .config import is_int, is_real
+
 
 def filter_logits(logits, top_k=0, top_p=1.0):
     """Mask to -inf all but the top_k tokens, then all but the smallest set whose
@@ -44,10 +46,6 @@ def left_pad(prompts, pad_id, device="cpu"):
 # ---------------------------------------------------------------- checks at the boundary of every decoder
 # generate, beam search, the exits, AdaInfer and Kangaroo take their prompts and settings through
 # these, so that no sibling accepts what another refuses: TypeError or ValueError naming the argument.
-def is_int(v):
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def check_prompts(cfg, prompts, what="prompt"):
     """A list of prompts, each a non-empty list of token ids in [0, vocab): a copy as lists."""
     if isinstance(prompts, (str, bytes)) or not isinstance(prompts, (list, tuple)):
@@ -83,8 +81,8 @@ def check_eos(cfg, eos):
 
 def check_sampling(temperature, top_p, top_k=0):
     """NaN fails every comparison, so the test is written as 'not (all good)'."""
-    if not (all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (temperature, top_p))
-            and is_int(top_k) and 0 <= temperature < math.inf and 0 < top_p <= 1 and top_k >= 0):
+    if not (is_real(temperature) and is_real(top_p) and is_int(top_k)
+            and 0 <= temperature < math.inf and 0 < top_p <= 1 and top_k >= 0):
         raise ValueError(f"need finite temperature >= 0, 0 < top_p <= 1, top_k >= 0 "
                          f"(got {temperature!r}, {top_p!r}, {top_k!r})")
 

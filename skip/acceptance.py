@@ -19,6 +19,8 @@ drafted, a drafts list not of drafted tokens, or an output length the rounds can
 """
 from __future__ import annotations
 
+from model.config import is_int
+
 
 def committed(rounds, n_tokens):
     """c_r per round: a_r + 1, except the last round's tokens cut at EOS or the budget. n_tokens:
@@ -30,7 +32,7 @@ def committed(rounds, n_tokens):
 
 
 def _count(v):
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+    return is_int(v) and v >= 0
 
 
 def check_run(i, rounds, n_tokens):

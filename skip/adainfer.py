@@ -28,7 +28,6 @@ generated token: skip/adainfer_gen.py.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from model import check_prompts, left_pad, positions
+from model.config import is_real
 
 from .crf import CRF
 from .exit_decode import as_batch, check_vocab, live_rows
@@ -193,7 +193,7 @@ class Threshold(Classifier):
 
     def __init__(self, tau=0.8, feature="gap"):
         super().__init__((feature,))
-        if not (isinstance(tau, (int, float)) and not isinstance(tau, bool) and math.isfinite(tau)):
+        if not is_real(tau):
             raise ValueError(f"tau must be a finite number (NaN would never stop), got {tau!r}")
         self.tau = tau
 

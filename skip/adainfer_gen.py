@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from model.config import is_int
+
 from .adainfer import CRFClassifier, LayerStream, Trace
 from .exit_decode import ExitDecode, as_batch, check_vocab, decode_with_exit
 
@@ -113,7 +115,7 @@ def generate_adainfer(model, prompts, clf=None, max_new_tokens=32, check_every=1
     ids (V',) or None for the full head; clf=None never stops (the full model, optionally
     collecting traces)."""
     L = model.cfg.n_layers
-    if not (isinstance(check_every, int) and not isinstance(check_every, bool) and check_every >= 1):
+    if not (is_int(check_every) and check_every >= 1):
         raise ValueError(f"check_every must be an integer >= 1, got {check_every!r}")
     vocab = check_vocab(model.cfg, vocab)
     checks = set(range(check_every - 1, L - 1, check_every))

@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 
 from model import generate
+from model.config import is_real
 
 from .exit_decode import check_vocab, decode_with_exit
 from .unified import kept_layers
@@ -117,7 +118,7 @@ def generate_early_exit(model, prompts, tau, max_new_tokens=32, eos=None, forced
     forced: feed these tokens instead of the model's own (teacher forcing, for perplexity; one
     list per prompt with a batch); vocab: 1-D ids of the cheap head that screens each check
     (exit_decode.frequent_vocab); fill: how the layers above an exit get their keys/values."""
-    if not (isinstance(tau, (int, float)) and not isinstance(tau, bool) and math.isfinite(tau)):
+    if not is_real(tau):
         raise ValueError(f"tau must be a finite number (above 1: never exit; NaN would never exit unsaid), "
                          f"got {tau!r}")
     vocab = check_vocab(model.cfg, vocab)

@@ -49,6 +49,7 @@ from typing import NamedTuple
 import torch
 
 from model import attention_mask, check_eos, check_length, check_prompts, check_sampling, filter_logits, positions
+from model.config import is_int
 from model.flops import AttnRun, HeadRun
 
 
@@ -209,12 +210,10 @@ def check_settings(cfg, prompts, adapter, l, max_new_tokens, gamma, eta, tempera
     l = adapter.l if adapter is not None else l
     if l is None or not 0 < l < cfg.n_layers:
         raise ValueError(f"need an exit layer 0 < l < {cfg.n_layers} (or an adapter), got {l}")
-    if not (isinstance(gamma, int) and not isinstance(gamma, bool) and gamma >= 0
-            and isinstance(eta, (int, float)) and 0 <= eta <= 1):
+    if not (is_int(gamma) and gamma >= 0 and isinstance(eta, (int, float)) and 0 <= eta <= 1):
         raise ValueError(f"need an integer gamma >= 0 and 0 <= eta <= 1 (got {gamma!r}, {eta!r})")
     n_frequent = 0 if adapter is None else len(adapter.frequent)  # -1 would drop a token, 0 mean "none"
-    if draft_vocab is not None and not (isinstance(draft_vocab, int) and not isinstance(draft_vocab, bool)
-                                        and 1 <= draft_vocab <= n_frequent):
+    if draft_vocab is not None and not (is_int(draft_vocab) and 1 <= draft_vocab <= n_frequent):
         raise ValueError(f"draft_vocab must be None or an integer in [1, {n_frequent}] (the adapter's frequent "
                          f"tokens), got {draft_vocab!r}")
     check_sampling(temperature, top_p)

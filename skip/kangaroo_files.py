@@ -12,6 +12,7 @@ import json
 import torch
 from safetensors.torch import save_file
 
+from model.config import is_int
 from weights.files import atomic_dir, read_folder
 
 from .kangaroo_adapter import Adapter, AdapterError
@@ -33,10 +34,6 @@ def save_adapter(adapter, path, force=False, **info):
         (tmp / "adapter.json").write_text(text + "\n")
 
 
-def _is_int(v):
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def load_adapter(path, model):
     """Load an adapter saved by save_adapter for this model; any mismatch raises AdapterError."""
     meta, tensors = read_folder(path, "adapter.json", "adapter.safetensors", AdapterError, "adapter",
@@ -45,12 +42,12 @@ def load_adapter(path, model):
     if not isinstance(meta, dict):
         raise AdapterError(f"adapter in {path}: adapter.json must be an object, got {type(meta).__name__}")
     want = {"dim": cfg.dim, "n_heads": cfg.n_heads, "n_kv_heads": cfg.n_kv_heads, "vocab_size": cfg.vocab_size}
-    wrong = {k: (meta.get(k), v) for k, v in want.items() if not _is_int(meta.get(k)) or meta.get(k) != v}
+    wrong = {k: (meta.get(k), v) for k, v in want.items() if not is_int(meta.get(k)) or meta.get(k) != v}
     if wrong:
         raise AdapterError(f"adapter in {path} was trained for another model: "
                            + ", ".join(f"{k} {a} (model: {b})" for k, (a, b) in wrong.items()))
     l = meta.get("l")
-    if not (_is_int(l) and 0 < l < cfg.n_layers):  # True would run as l = 1
+    if not (is_int(l) and 0 < l < cfg.n_layers):  # True would run as l = 1
         raise AdapterError(f"adapter in {path}: l must be an integer in [1, {cfg.n_layers - 1}], got {l!r}")
     own = meta.get("own_config", {})
     if not isinstance(own, dict):

@@ -23,6 +23,8 @@ from contextlib import contextmanager
 
 import torch
 
+from model.config import is_int, is_real
+
 from .kangaroo import KangarooOutput, Round
 
 
@@ -32,8 +34,7 @@ def drafter_settings(hf, gamma, eta):
     own generation_config (AssistedCandidateGenerator.__init__ deep-copies
     `assistant_model.generation_config`), not from generate's arguments: set them there for the
     call, with the constant schedule (the heuristic one changes gamma every round)."""
-    if not (isinstance(gamma, int) and not isinstance(gamma, bool) and gamma >= 0
-            and isinstance(eta, (int, float)) and not isinstance(eta, bool) and 0 <= eta <= 1):
+    if not (is_int(gamma) and gamma >= 0 and is_real(eta) and 0 <= eta <= 1):
         raise ValueError(f"need an integer gamma >= 0 and 0 <= eta <= 1 (got {gamma!r}, {eta!r})")
     cfg = hf.generation_config
     keys = ("num_assistant_tokens", "assistant_confidence_threshold", "num_assistant_tokens_schedule")

@@ -17,6 +17,7 @@ import unicodedata
 import warnings
 from array import array
 
+from model.config import LIMITS, is_int
 from model.jsonfile import read_json
 
 
@@ -78,7 +79,7 @@ def digit_pattern() -> re.Pattern:
     return re.compile(f"([{_char_class('N')}])")
 
 
-MAX_ID = 1 << 22  # as model/config.py's vocabulary limit
+MAX_ID = LIMITS["vocab_size"]  # a token id is below the largest vocabulary a config may give
 
 
 def check_vocabulary(vocab, merges, specials, prefix):
@@ -87,7 +88,7 @@ def check_vocabulary(vocab, merges, specials, prefix):
     tokens of the vocabulary whose concatenation is one too, special or prefix tokens not in it."""
     ids = list(vocab.values()) if isinstance(vocab, dict) else None
     if ids is None or not all(isinstance(t, str) for t in vocab) or not all(
-            isinstance(i, int) and not isinstance(i, bool) and 0 <= i < MAX_ID for i in ids):
+            is_int(i) and 0 <= i < MAX_ID for i in ids):
         raise ValueError(f"tokenizer vocabulary: tokens must map to integer ids in [0, {MAX_ID})")
     if len(set(ids)) != len(ids):
         raise ValueError("tokenizer vocabulary: two tokens share an id")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from model.config import is_int
 from model.jsonfile import read_json
 from weights.files import atomic_dir
 
@@ -69,7 +70,7 @@ def read_batch(path):
     if meta["version"] != VERSION:
         raise TraceError(f"batch in {path} has version {meta['version']!r:.40}; this reader understands {VERSION}")
     n = meta["rows"]
-    if not (isinstance(n, int) and not isinstance(n, bool) and n >= 1):
+    if not (is_int(n) and n >= 1):
         bad(f"rows must be an integer >= 1, got {n!r:.40}")
     if meta["method"] not in DEFAULTS or not isinstance(meta["settings"], dict):
         bad(f"method must be one of {', '.join(DEFAULTS)} and settings an object")

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from model.config import is_int
 from weights.files import read_folder
 
 from .format import DEFAULTS, DTYPES, FILES, MODEL_FIELDS, VERSION, TraceError
@@ -47,10 +48,6 @@ def read(path, with_tensors=True):
     meta, t = read_folder(path, *FILES, TraceError, "trace", hint)
     check(meta, t, path, with_tensors)
     return meta, t
-
-
-def is_int(v):
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def fits(v, kind, model):

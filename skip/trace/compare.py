@@ -20,11 +20,12 @@ point), for the viewer (skip/trace/show.py).
 from __future__ import annotations
 
 import hashlib
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from model.config import is_real
 
 from .check import check_tensors, read
 from .format import DTYPES, TraceError
@@ -101,8 +102,7 @@ def tolerances(ref, oth, atol=None, rtol=None):
     precision of the two runs (a trace without a dtype ran in float32), atol or rtol replaced
     where given; a tolerance that is not a finite number >= 0 raises TraceError."""
     for name, v in (("atol", atol), ("rtol", rtol)):
-        if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-                                  and v >= 0):
+        if v is not None and not (is_real(v) and v >= 0):
             raise TraceError(f"{name} must be a finite number >= 0, got {v!r}")
     dtype = max(ref.get("dtype", "float32"), oth.get("dtype", "float32"), key=DTYPES.index)
     tol = {name: (a if atol is None else atol, r if rtol is None else rtol) for name, (a, r) in TOLERANCES[dtype].items()}

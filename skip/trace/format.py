@@ -34,6 +34,7 @@ import torch
 from safetensors.torch import save_file
 
 from model import positions
+from model.config import is_int, is_real
 from weights import WEIGHTS
 from weights.files import atomic_dir
 
@@ -93,16 +94,12 @@ def settings_used(method, settings):
     return settings
 
 
-def _is_int(v):
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 # a NaN tau never stops; a draft_vocab of -1 drops a token (frequent[:-1]); 0 would silently mean none
 SETTING_CHECKS = {
-    "tau": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1,
+    "tau": (lambda v: is_real(v) and 0 <= v <= 1,
             "a number in [0, 1] (the gap is a difference of probabilities)"),
-    "draft_vocab": (lambda v: v is None or (_is_int(v) and v >= 1), "null or an integer >= 1"),
-    "check_every": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "draft_vocab": (lambda v: v is None or (is_int(v) and v >= 1), "null or an integer >= 1"),
+    "check_every": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
     "adapter": (lambda v: isinstance(v, str), "the path of an adapter folder")}
 
 

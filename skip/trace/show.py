@@ -28,6 +28,7 @@ from .check import read
 from .compare import findings
 from .format import TraceError
 
+from model.config import is_int
 from model.jsonfile import read_json
 
 RAN, SKIPPED, EXIT, FILLED, DRAFT, VERIFIED, REJECTED = range(1, 8)  # cell states
@@ -130,7 +131,7 @@ def adapter_l(path, L):
         l = read_json(Path(path) / "adapter.json", "adapter record", 1 << 20)["l"]
     except (TypeError, OSError, ValueError, KeyError, IndexError):
         return None
-    return l if isinstance(l, int) and not isinstance(l, bool) and 0 < l < L else None
+    return l if is_int(l) and 0 < l < L else None
 
 
 def divergence(grid, meta, finding):

@@ -24,6 +24,7 @@ import torch.nn as nn
 from safetensors.torch import save_file
 from torch.nn.utils import parametrize
 
+from model.config import is_int, is_real
 from weights.files import atomic_dir, read_folder
 
 TARGETS = ("attn.wq", "attn.wk", "attn.wv", "attn.wo", "mlp.gate", "mlp.up", "mlp.down")
@@ -102,9 +103,7 @@ def read_lora(path, cfg):
         raise LoRAError(f"low-rank adapter in {path} was trained for another model: "
                         + ", ".join(f"{k} {a} (model: {b})" for k, (a, b) in wrong.items()))
     rank, alpha, layers = meta.get("rank"), meta.get("alpha"), meta.get("layers")
-    is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)  # True would merge into layer 1
-    if not (is_int(rank) and rank >= 1 and isinstance(alpha, (int, float)) and not isinstance(alpha, bool)
-            and math.isfinite(alpha)):
+    if not (is_int(rank) and rank >= 1 and is_real(alpha)):  # a layer True would merge into layer 1
         raise LoRAError(f"low-rank adapter in {path}: need an integer rank >= 1 and a finite alpha, "
                         f"got {rank!r:.20} and {alpha!r:.20}")
     if not (isinstance(layers, list) and layers and all(is_int(l) and 0 <= l < cfg.n_layers for l in layers)
@@ -126,6 +125,7 @@ def load_lora(path, model):
     if set(tensors) != want:
         raise LoRAError(f"low-rank adapter in {path} does not fit: missing {sorted(want - set(tensors))[:4]}, "
                         f"unexpected {sorted(set(tensors) - want)[:4]}")
+
     def merged(n, lin):  # (out, in): in fp32, then cast to the model's dtype
         A, B = tensors[f"{n}.A"].float(), tensors[f"{n}.B"].float()  # (rank, in), (out, rank)
         return lin.weight + (scale * (B @ A)).to(lin.weight.device, lin.weight.dtype)
