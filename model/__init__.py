@@ -5,6 +5,7 @@ from .generate import (beam_search, check_eos, check_length, check_prompts, chec
                        left_pad, next_token)
 from .loader import LoadError, add_load_args, load_model, save_model
 
-__all__ = ["add_load_args", "beam_search", "CacheError", "check_eos", "check_prompts", "Config", "Decoder", "KVCache", "LoadError",
-           "UnsupportedConfig", "attention_mask", "check_length", "check_sampling", "filter_logits", "from_hf",
-           "generate", "left_pad", "load_config", "load_model", "next_token", "positions", "save_model"]
+__all__ = ["add_load_args", "beam_search", "CacheError", "Config", "Decoder", "KVCache", "LoadError",
+           "UnsupportedConfig", "attention_mask", "check_eos", "check_length", "check_prompts", "check_sampling",
+           "filter_logits", "from_hf", "generate", "left_pad", "load_config", "load_model", "next_token", "positions",
+           "save_model"]

@@ -18,9 +18,8 @@ import torch
 from safetensors.torch import save_file
 
 from model.jsonfile import read_json
-
-from weights.files import OutputExists, atomic_dir, check_target
 from tokenizer.bpe import BPETokenizer
+from weights.files import OutputExists, atomic_dir, check_target
 
 DONE = "conversion.json"  # written last: its presence means the directory is complete
 

@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import NamedTuple
 
 from model import add_load_args
+from model.cli import command, writable_folder
 from model.jsonfile import read_json
 from weights.files import write_text_atomic
 
 from .. import RUNS
-from model.cli import command, writable_folder
 from .bench_decoder import table as decoder_table
 from .report import markdown_table
 from .timing import timed

@@ -30,6 +30,7 @@ import torch
 from tqdm import tqdm
 
 from model import add_load_args, generate, load_model, positions
+from model.cli import command, r_and_top_k_within, float_in, int_in, positive, threads, writable_folder
 from model.flops import HeadRun, KVRun, LayerRun
 from tokenizer import encode_chat, load_tokenizer
 
@@ -37,7 +38,6 @@ from .. import DEFAULT_MODEL, RUNS
 from ..adainfer import Threshold, feature_row
 from ..adainfer_gen import generate_adainfer
 from ..baselines import ConfidenceCheck, calibrate_threshold, generate_early_exit, generate_skipdecode
-from model.cli import command, r_and_top_k_within, float_in, int_in, positive, threads, writable_folder
 from ..exit_decode import frequent_vocab
 from ..unified import generate_unified
 from .data import SPECBENCH, specbench

@@ -21,11 +21,11 @@ import torch
 import torch.nn.functional as F
 
 from model import add_load_args, load_model
+from model.cli import command, positive, threads, writable_file
 from model.products import linear
 from weights.files import check_not_reading, write_text_atomic
 
 from .. import DEFAULT_MODEL, RUNS
-from model.cli import command, positive, threads, writable_file
 from .report import RESULT, markdown_table, record
 from .timing import interleaved_ms, timed
 from .tune import tune

@@ -26,13 +26,13 @@ from pathlib import Path
 import torch
 
 from model import add_load_args, generate, load_model
+from model.cli import command, r_and_top_k_within, float_in, int_in, non_negative, positive, threads, writable_folder
 from tokenizer import encode_chat, load_tokenizer
 
 from .. import DEFAULT_MODEL, RUNS
 from ..adainfer import Threshold
 from ..adainfer_gen import generate_adainfer
 from ..baselines import calibrate_threshold, generate_early_exit
-from model.cli import command, r_and_top_k_within, float_in, int_in, non_negative, positive, threads, writable_folder
 from ..exit_decode import frequent_vocab
 from .data import SPECBENCH, specbench
 from .report import markdown_table, publish, token_match

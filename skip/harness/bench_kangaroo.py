@@ -29,11 +29,11 @@ import torch
 from tqdm import tqdm
 
 from model import add_load_args, flops, generate, load_model
+from model.cli import command, float_in, non_negative, positive, threads, writable_folder
 from model.jsonfile import read_json
 from tokenizer import encode_chat, load_tokenizer
 
 from .. import DEFAULT_MODEL, RUNS, WEIGHTS
-from model.cli import command, float_in, non_negative, positive, threads, writable_folder
 from ..kangaroo import generate_kangaroo
 from ..kangaroo_files import load_adapter
 from ..peer_layerskip import drafter_settings

@@ -32,10 +32,10 @@ import torch
 import torch.nn.functional as F
 
 from model import add_load_args, load_model
+from model.cli import command, int_in, positive, threads, writable_folder
 from model.products import PRODUCTS, linear
 
 from .. import DEFAULT_MODEL, RUNS
-from model.cli import command, int_in, positive, threads, writable_folder
 from .bench_decoder import step_weights
 from .report import markdown_table, publish
 from .timing import interleaved_ms

@@ -30,11 +30,11 @@ import torch
 from tqdm import tqdm
 
 from model import add_load_args, beam_search, flops, generate, load_model
+from model.cli import command, non_negative, positive, writable_folder
 from tokenizer import encode_chat, load_tokenizer
 
 from .. import DEFAULT_MODEL, RUNS
 from ..baselines import calibrate_threshold, generate_early_exit
-from model.cli import command, non_negative, positive, writable_folder
 from ..train.finetune import response_layer_sets, tuned_checkpoint
 from ..layerwise import layerwise_forward, prompt_then
 from .data import mtbench_references, specbench

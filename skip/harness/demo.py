@@ -35,12 +35,12 @@ import torch
 from tqdm import tqdm
 
 from model import add_load_args, flops, generate, load_model
+from model.cli import command, threads, writable_file
 from tokenizer import encode_chat, load_tokenizer
 from weights.files import check_not_reading, write_text_atomic
 
 from .. import DEFAULT_MODEL, WEIGHTS
 from ..adainfer import SVM
-from model.cli import command, threads, writable_file
 from ..adainfer_gen import generate_adainfer
 from ..train.finetune import tuned_checkpoint
 from ..kangaroo import generate_kangaroo

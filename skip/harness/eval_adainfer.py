@@ -33,13 +33,13 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from model import add_load_args, flops, load_model
+from model.cli import command, threads, writable_folder
 from tokenizer import load_tokenizer
 from weights.files import atomic_file, cache_key, device_tag
 
 from .. import DEFAULT_MODEL, RUNS
 from ..adainfer import (DEFAULT_FEATURES, FEATURES, LABEL_RULES, SVM, CRFClassifier, Threshold, Trace,
                         oracle_layer, predict, trace)
-from model.cli import command, threads, writable_folder
 from .report import markdown_table, publish
 from .tasks import TASKS, encode, load_task
 from .timing import interleaved_ms

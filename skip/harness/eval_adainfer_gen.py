@@ -22,11 +22,11 @@ import torch
 from tqdm import tqdm
 
 from model import add_load_args, flops, load_model
+from model.cli import command, float_in, positive, writable_folder
 from tokenizer import encode_chat, load_tokenizer
 
 from .. import DEFAULT_MODEL, RUNS
 from ..adainfer import SVM, Threshold
-from model.cli import command, float_in, positive, writable_folder
 from ..adainfer_gen import generate_adainfer
 from ..exit_decode import frequent_vocab
 from .data import alpaca_instructions, specbench

@@ -11,12 +11,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from model.jsonfile import parse_json
 from model import add_load_args, load_model
+from model.cli import bad_input, message, output_failed, stdout_checked, writable_file
+from model.jsonfile import parse_json
 from weights import DEFAULT_MODEL
 from weights.files import check_not_reading
 
-from model.cli import bad_input, message, output_failed, stdout_checked, writable_file
 from .batch import compare_any, trace_batch
 from .format import DEFAULTS, TraceError, settings_used
 from .methods import trace

@@ -24,13 +24,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .check import read
-from .compare import findings
-from .format import TraceError
-
 from model.config import is_int
 from model.jsonfile import read_json
 
+from .check import read
+from .compare import findings
+from .format import TraceError
 RAN, SKIPPED, EXIT, FILLED, DRAFT, VERIFIED, REJECTED = range(1, 8)  # cell states
 COLORS = {RAN: "#4c72b0", SKIPPED: "#e8e8e8", EXIT: "#dd8452", FILLED: "#f3dc9b", DRAFT: "#55a868",
           VERIFIED: "#8172b3", REJECTED: "#e0a0a0"}

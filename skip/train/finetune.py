@@ -29,12 +29,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from model import add_load_args, load_config, load_model, save_model
-from weights.files import OutputExists, atomic_dir, check_target
+from model.cli import command, float_in, positive, seed_number
 from tokenizer import encode_chat, load_tokenizer
+from weights.files import OutputExists, atomic_dir, check_target
 
 from .. import DATA, DEFAULT_MODEL, WEIGHTS
 from ..baselines import skipdecode_layer_sets
-from model.cli import command, float_in, positive, seed_number
 from ..layerwise import layerwise_forward, prompt_then
 from .lora import attach, save_lora
 from ..unified import kept_layers

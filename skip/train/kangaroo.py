@@ -36,14 +36,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from model.jsonfile import read_json
-
 from model import add_load_args, generate, load_config, load_model
-from weights.files import OutputExists, atomic_file, cache_key, check_target, device_tag, write_text_atomic
+from model.cli import command, float_in, positive, seed_number
+from model.jsonfile import read_json
 from tokenizer import encode_chat, load_tokenizer
+from weights.files import OutputExists, atomic_file, cache_key, check_target, device_tag, write_text_atomic
 
 from .. import DATA, DEFAULT_MODEL, RUNS, WEIGHTS
-from model.cli import command, float_in, positive, seed_number
 from .finetune import MixedPrecision, set_lr
 from ..kangaroo_adapter import Adapter
 from ..kangaroo_files import save_adapter
