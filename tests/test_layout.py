@@ -75,3 +75,10 @@ def test_no_import_circles():
         if m not in state:
             visit(m, [m])
     assert not circles, circles
+
+
+def test_the_decoders_command_line_finds_the_converted_model_where_weights_puts_it():
+    """model/__main__.py names the default model's folder itself (model/ imports nothing of weights/)."""
+    from model.__main__ import DEFAULT_MODEL
+    from weights import DEFAULT_MODEL as CONVERTED
+    assert DEFAULT_MODEL == CONVERTED
