@@ -1,5 +1,6 @@
-"""SmolLM2-135M-Instruct end to end: conversion, logits, hidden states, greedy chat and beam
-search against transformers loading the same GGUF file."""
+"""SmolLM2-135M-Instruct end to end: the conversion against transformers loading the same GGUF
+file (its dequantized tensors), then logits, hidden states, greedy chat and beam search against
+transformers running those tensors (reading the GGUF again costs transformers about 20 s)."""
 import json
 
 import pytest
@@ -16,10 +17,9 @@ PROMPTS = ["What is the capital of France?", "Write a haiku about autumn leaves.
 
 
 @pytest.fixture(scope="module")
-def hf(smollm2_gguf):
+def hf(smollm2_dir):
     from transformers import AutoModelForCausalLM
-    return AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name,
-                                                dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +27,12 @@ def ours(smollm2_dir):
     return load_model(smollm2_dir), load_tokenizer(smollm2_dir)
 
 
-def test_converted_tensors_equal_transformers_dequantized_tensors(hf, smollm2_dir):
+def test_converted_tensors_and_config_equal_transformers_reading_the_gguf(smollm2_gguf, smollm2_dir):
+    """The other tests run transformers on our converted files, so the conversion is checked
+    here whole: every tensor, and every setting transformers reads from the GGUF."""
     from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+    hf = AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name, dtype=torch.float32)
     ref = hf.state_dict()
     with safe_open(smollm2_dir / "model.safetensors", "pt") as f:
         names = list(f.keys())
@@ -36,6 +40,9 @@ def test_converted_tensors_equal_transformers_dequantized_tensors(hf, smollm2_di
         for name in names:
             assert torch.equal(f.get_tensor(name), ref[name]), name
     cfg = json.loads((smollm2_dir / "config.json").read_text())
+    theirs = {**hf.config.to_dict(), **hf.config.rope_parameters}
+    ours = {k: v for k, v in cfg.items() if k not in ("architectures", "torch_dtype")}  # not read from a GGUF
+    assert ours == {k: theirs.get(k) for k in ours}
     assert (cfg["num_hidden_layers"], cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"],
             cfg["vocab_size"], cfg["tie_word_embeddings"]) == (30, 576, 9, 3, 49152, True)
 
@@ -59,9 +66,9 @@ def test_logits_and_hidden_states_match_transformers(hf, ours):
 def test_greedy_chat_answer_identical_to_transformers(hf, ours):
     model, tok = ours
     ids = encode_chat(tok, "Write a short story about a robot who learns to paint.")
-    ref = hf.generate(torch.tensor([ids]), max_new_tokens=64, do_sample=False, pad_token_id=2)[0, len(ids):].tolist()
-    mine = generate(model, [ids], max_new_tokens=64)[0]
-    assert len(ref) == 64 and mine == ref  # 64 tokens, no EOS on the way
+    ref = hf.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False, pad_token_id=2)[0, len(ids):].tolist()
+    mine = generate(model, [ids], max_new_tokens=32)[0]
+    assert len(ref) == 32 and mine == ref  # 32 tokens, no EOS on the way
     assert "robot" in tok.decode(mine).lower()
 
 
@@ -83,7 +90,7 @@ def test_half_precision_logits_bit_identical_and_answer_identical_to_transformer
 def test_beam_search_identical_to_transformers(hf, ours, num_beams, no_repeat):
     model, tok = ours
     prompts = [encode_chat(tok, p) for p in PROMPTS[:3]]  # three lengths: left padding
-    kw = dict(num_beams=num_beams, max_new_tokens=20, no_repeat_ngram_size=no_repeat)
+    kw = dict(num_beams=num_beams, max_new_tokens=12, no_repeat_ngram_size=no_repeat)
     mine = beam_search(model, prompts, **kw)
     assert same_as_hf(mine, *hf_beam(hf, prompts, [2], **kw))
     if not no_repeat:
