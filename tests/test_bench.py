@@ -1,9 +1,11 @@
-"""`make bench`'s summary: every method's point is computed from its part's JSON as stated
-(checked against numbers worked out by hand) and names its quality metric, and --summary-only
-writes the three outputs."""
+"""The harness: `make bench`'s summary (every method's point computed from its part's JSON as
+stated, checked against numbers worked out by hand, naming its quality metric; --summary-only
+writes the three outputs), the batched Kangaroo benchmark's measures, every result's record, and
+the one runner every benchmark plugs its contenders into."""
 import json
 
 import pytest
+import torch
 
 from skip.harness import bench
 
@@ -86,7 +88,7 @@ def test_summary_only_without_results_says_so(tmp_path, capsys):
 
 # ---------------------------------------------------------------- the batched Kangaroo benchmark's measures
 def test_batch_mix_takes_the_categories_in_turn():
-    from skip.harness.bench_kangaroo_batch import mix
+    from skip.harness.data import mix
     assert mix([["a1", "a2", "a3"], ["b1"], ["c1", "c2"]], 5) == ["a1", "b1", "c1", "a2", "c2"]
 
 
@@ -142,3 +144,31 @@ def test_a_single_file_result_replaces_only_a_result_of_ours(tmp_path):
     assert writable_file(ours, "--out", RESULT) == ours and writable_file(tmp_path / "new.json", "--out", RESULT)
     with pytest.raises(ValueError, match="config.json exists and is not a result file"):
         writable_file(config, "--out", RESULT)
+
+
+# ---------------------------------------------------------------- the runner
+@torch.no_grad()
+def test_compare_runs_every_contender_in_turns_on_every_batch_and_keeps_its_last_call(llama_dir):
+    from model import generate, load_model
+    from skip.harness.runner import Contender, compare
+    m = load_model(llama_dir)
+    calls = []
+
+    def decode(name, n):
+        def run(ps):
+            calls.append((name, len(ps)))
+            return generate(m, ps, max_new_tokens=n, eos=[])
+        return run
+    batches = [[[5, 6]], [[7, 8, 9], [10]]]
+    got = compare([Contender("a", decode("a", 3), m), Contender("b", decode("b", 4), m)], batches, 2, warmup=1,
+                  record=True)
+    assert calls == [("a", 1), ("b", 1)] * 3 + [("a", 2), ("b", 2)] * 3  # turns: one warm-up round, two timed
+    assert got["b"].outputs == [generate(m, ps, max_new_tokens=4, eos=[]) for ps in batches]
+    with m.recording() as alone:
+        generate(m, batches[1], max_new_tokens=4, eos=[])
+    assert got["b"].records[1] == alone and len(got["a"].records[1]) < len(alone)  # each call's own record
+    assert all(len(r.ms) == 2 and min(r.ms) > 0 for r in got.values())
+    with pytest.raises(ValueError, match="timed whole"):  # a peer has no decode clock of ours
+        compare([Contender("peer", decode("peer", 3))], batches, 1)
+    peer = compare([Contender("peer", decode("peer", 3))], batches, 1, decode_only=False, record=True)["peer"]
+    assert peer.records == [None, None] and peer.outputs == got["a"].outputs

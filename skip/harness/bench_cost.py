@@ -22,19 +22,15 @@ all are. Writes runs/bench-cost.{json,md}.
 """
 from __future__ import annotations
 
-import argparse
 import statistics
-from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
-from model import add_load_args, generate, load_model, positions
-from model.cli import command, r_and_top_k_within, float_in, int_in, positive, threads, writable_folder
+from model import generate, positions
+from model.cli import command, r_and_top_k_within, float_in, int_in, positive
 from model.flops import HeadRun, KVRun, LayerRun
-from tokenizer import encode_chat, load_tokenizer
+from tokenizer import encode_chat
 
-from .. import DEFAULT_MODEL, RUNS
 from ..adainfer import Threshold, feature_row
 from ..adainfer_gen import generate_adainfer
 from ..baselines import ConfidenceCheck, calibrate_threshold, generate_early_exit, generate_skipdecode
@@ -42,7 +38,8 @@ from ..exit_decode import frequent_vocab
 from ..unified import generate_unified
 from .data import SPECBENCH, specbench
 from .report import markdown_table, publish, token_match
-from .timing import interleaved_ms, median_ms
+from .runner import Contender, compare, parser, settings, start
+from .timing import median_ms
 from .tune import tune
 
 
@@ -97,40 +94,35 @@ def predicted_ms(c, costs, n_tok, L):
     return other + sum(c[k] * costs[PIECE[k]] for k in c) / n_tok
 
 
-def methods(model, a, tau, vocab):
-    """name -> prompt -> (new tokens, AdaInfer checks run)."""
+def contenders(model, a, tau, vocab):
+    """Each method on one prompt (a batch of one): (new tokens, AdaInfer checks run)."""
     N, gap = a.max_new_tokens, Threshold(0.8)
 
     def ada(p, v):
         res = generate_adainfer(model, p, gap, N, vocab=v)
         return res.tokens, sum(len(c) for c in res.checks)
-    return {"plain": lambda p: (generate(model, [p], max_new_tokens=N)[0], 0),
-            f"Unified {a.r:g}x": lambda p: (generate_unified(model, [p], a.r, max_new_tokens=N)[0], 0),
-            f"SkipDecode {a.r:g}x": lambda p: (generate_skipdecode(model, [p], a.r, max_new_tokens=N)[0], 0),
-            "early exit, full-head checks": lambda p: (generate_early_exit(model, p, tau, N).tokens, 0),
-            f"early exit, top-{a.top_k} checks": lambda p: (generate_early_exit(model, p, tau, N, vocab=vocab).tokens, 0),
-            "AdaInfer gap>=0.8, full-head checks": lambda p: ada(p, None),
-            f"AdaInfer gap>=0.8, top-{a.top_k} checks": lambda p: ada(p, vocab)}
+    fns = {"plain": lambda p: (generate(model, [p], max_new_tokens=N)[0], 0),
+           f"Unified {a.r:g}x": lambda p: (generate_unified(model, [p], a.r, max_new_tokens=N)[0], 0),
+           f"SkipDecode {a.r:g}x": lambda p: (generate_skipdecode(model, [p], a.r, max_new_tokens=N)[0], 0),
+           "early exit, full-head checks": lambda p: (generate_early_exit(model, p, tau, N).tokens, 0),
+           f"early exit, top-{a.top_k} checks": lambda p: (generate_early_exit(model, p, tau, N, vocab=vocab).tokens, 0),
+           "AdaInfer gap>=0.8, full-head checks": lambda p: ada(p, None),
+           f"AdaInfer gap>=0.8, top-{a.top_k} checks": lambda p: ada(p, vocab)}
+    return [Contender(m, lambda ps, fn=fn: fn(ps[0]), model) for m, fn in fns.items()]
 
 
 @command
 @torch.no_grad()
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    ap = parser(__doc__)
     ap.add_argument("--r", type=float_in(1), default=2.0, help="target speedup of Unified, SkipDecode and the early exit")
     ap.add_argument("--per-category", type=positive, default=2)
     ap.add_argument("--max-new-tokens", type=int_in(2), default=48)
     ap.add_argument("--repeats", type=positive, default=3)
     ap.add_argument("--top-k", type=positive, default=4096, help="tokens in the cheap heads")
-    ap.add_argument("--threads", type=threads, default=2)
-    ap.add_argument("--out", type=Path, default=RUNS)
-    add_load_args(ap)
     a = ap.parse_args(argv)
     r_and_top_k_within(ap, a)
-    writable_folder(a.out)
-    torch.set_num_threads(a.threads)
-    model, tok = load_model(a.model, a.dtype, device=a.device), load_tokenizer(a.model)
+    model, tok = start(a)
     routes = tune(model)
     L, V, N = model.cfg.n_layers, model.cfg.vocab_size, a.max_new_tokens
     both = {c: [encode_chat(tok, q) for q, _ in specbench(c, 2 * a.per_category)] for c in SPECBENCH}
@@ -139,23 +131,11 @@ def main(argv=None):
     vocab = frequent_vocab(generate(model, vocab_prompts, max_new_tokens=N), n=a.top_k)
     calib = [encode_chat(tok, q) for q, _ in specbench("math_reasoning", 2)]
     tau = calibrate_threshold(model, calib, a.r, 24, 7)
-    fns = methods(model, a, tau, vocab)
-    raw = {m: {"ms": [], "tokens": [], "counts": []} for m in fns}
-    for p in tqdm(prompts, desc="cost"):
-        last = {}
-
-        def call(m, fn, p=p):
-            def run():
-                with model.recording() as rec:  # appending a record entry per layer costs all methods alike
-                    last[m] = (fn(p), rec)
-            return run
-        # interleaved, so drifts of the machine hit every method; the decode alone, from the first token fed back
-        ms = interleaved_ms([call(m, fn) for m, fn in fns.items()], a.repeats, warmup=0, models=[model] * len(fns))
-        for m, t in zip(fns, ms):
-            (out, checks), rec = last[m]
-            raw[m]["ms"].append(t)
-            raw[m]["tokens"].append(out)
-            raw[m]["counts"].append(counts(rec, V, checks, m.startswith("early exit")))
+    # the decode alone, from the first token fed back; a record of every call, for its counts
+    got = compare(contenders(model, a, tau, vocab), [[p] for p in prompts], a.repeats, record=True, desc="cost")
+    raw = {m: {"ms": r.ms, "tokens": [out for out, _ in r.outputs],
+               "counts": [counts(rec, V, checks, m.startswith("early exit"))
+                          for (_, checks), rec in zip(r.outputs, r.records)]} for m, r in got.items()}
     ctx = int(statistics.mean(len(p) for p in prompts)) + N // 2
     costs = piece_costs(model, vocab, ctx)
     per_token = {m: (sum(d["ms"]) / sum(len(t) - 1 for t in d["tokens"]),  # per token fed back
@@ -172,7 +152,7 @@ def main(argv=None):
                    "equal_to_plain": raw[m]["tokens"] == raw["plain"]["tokens"]}
     cheap = {f"{m}, top-{a.top_k} checks": raw[f"{m}, top-{a.top_k} checks"]["tokens"] == raw[f"{m}, full-head checks"]["tokens"]
              for m in ("early exit", "AdaInfer gap>=0.8")}
-    res = {"settings": {k: str(v) for k, v in vars(a).items()}, "tau": tau, "context": ctx, "costs_ms": costs,
+    res = {"settings": settings(a), "tau": tau, "context": ctx, "costs_ms": costs,
            "routes": routes, "rows": rows, "cheap_equals_full_check": cheap}
     write_report(res, a.out, L / a.r)
 

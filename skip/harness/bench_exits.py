@@ -19,80 +19,59 @@ Writes runs/bench-exits.{json,md}.
 """
 from __future__ import annotations
 
-import argparse
 import statistics
-from pathlib import Path
 
 import torch
 
-from model import add_load_args, generate, load_model
-from model.cli import command, r_and_top_k_within, float_in, int_in, non_negative, positive, threads, writable_folder
-from tokenizer import encode_chat, load_tokenizer
+from model import generate
+from model.cli import command, r_and_top_k_within, float_in, int_in, non_negative, positive
+from tokenizer import encode_chat
 
-from .. import DEFAULT_MODEL, RUNS
 from ..adainfer import Threshold
 from ..adainfer_gen import generate_adainfer
 from ..baselines import calibrate_threshold, generate_early_exit
 from ..exit_decode import frequent_vocab
-from .data import SPECBENCH, specbench
+from .data import SPECBENCH, specbench, specbench_mix
 from .report import markdown_table, publish, token_match
-from .timing import interleaved_ms
+from .runner import Contender, compare, parser, settings, start
 
 GAP = 0.8  # AdaInfer's gap threshold (the paper's)
 
 
-def specbench_mix(tok, n, skip=0):
-    """n chat-encoded first turns, round robin over the Spec-Bench categories, after the first `skip` of each round."""
-    per = -(-(n + skip) // len(SPECBENCH))
-    cats = [specbench(c, per) for c in SPECBENCH]
-    order = [cats[c][i] for i in range(per) for c in range(len(SPECBENCH))]
-    return [encode_chat(tok, q) for q, _ in order[skip:skip + n]]
+def contenders(model, tau, vocab, N):
+    return [Contender("plain", lambda ps: generate(model, ps, max_new_tokens=N, eos=[]), model),
+            Contender("early exit", lambda ps: generate_early_exit(model, ps, tau, N, eos=[], vocab=vocab), model),
+            Contender(f"AdaInfer gap>={GAP}",
+                      lambda ps: generate_adainfer(model, ps, Threshold(GAP), N, vocab=vocab, eos=[]), model)]
 
 
-def methods(model, tau, vocab, N):
-    return {"early exit": lambda ps: generate_early_exit(model, ps, tau, N, eos=[], vocab=vocab),
-            f"AdaInfer gap>={GAP}": lambda ps: generate_adainfer(model, ps, Threshold(GAP), N, vocab=vocab, eos=[])}
-
-
-def measure(model, prompts, fns, N, runs):
+def measure(model, prompts, methods, N, runs):
     """One batch: per method the layers run and wanted per generated token fed back, decode
     tokens/s against plain greedy decoding's, and token match with it."""
-    last = {}
-
-    def keep(name, fn):
-        def run():
-            last[name] = fn(prompts)
-        return run
-    plain = lambda ps: generate(model, ps, max_new_tokens=N, eos=[])
-    named = {"plain": plain, **fns}
-    ms = interleaved_ms([keep(m, fn) for m, fn in named.items()], runs, models=[model] * len(named))
+    got = compare(methods, [prompts], runs, warmup=1)
     fed = len(prompts) * (N - 1)  # tokens fed back per decode
-    plain_tps = 1000 * fed / ms[0]
+    plain = got["plain"]
     rows = {}
-    for (m, _), t in zip(fns.items(), ms[1:]):
-        out = last[m]
-        run = [x for r in out for x in r.layers_run]
-        wanted = [x for r in out for x in r.layers_wanted]
-        rows[m] = {"layers_run": statistics.fmean(run), "layers_wanted": statistics.fmean(wanted),
-                   "tokens_per_s": 1000 * fed / t, "plain_tokens_per_s": plain_tps, "speedup": ms[0] / t,
-                   "token_match": statistics.mean(token_match(r.tokens, p) for r, p in zip(out, last["plain"]))}
+    for m in methods[1:]:
+        out = got[m.name].outputs[0]
+        rows[m.name] = {"layers_run": statistics.fmean(x for r in out for x in r.layers_run),
+                        "layers_wanted": statistics.fmean(x for r in out for x in r.layers_wanted),
+                        "tokens_per_s": got[m.name].tokens_per_s(fed), "plain_tokens_per_s": plain.tokens_per_s(fed),
+                        "speedup": plain.ms[0] / got[m.name].ms[0],
+                        "token_match": statistics.mean(token_match(r.tokens, p) for r, p in zip(out, plain.outputs[0]))}
     return rows
 
 
 @command
 @torch.no_grad()
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    ap = parser(__doc__)
     ap.add_argument("--batches", type=positive, nargs="+", default=[1, 2, 4, 8])
     ap.add_argument("--max-new-tokens", type=int_in(2), default=24)
     ap.add_argument("--runs", type=positive, default=3)
     ap.add_argument("--r", type=float_in(1), default=2.0, help="the early exit's target speedup, for its tau")
     ap.add_argument("--tau", type=float_in(0, 1), help="the early exit's threshold (default: calibrated for --r)")
     ap.add_argument("--top-k", type=non_negative, default=4096, help="tokens in the cheap heads (0: full-head checks)")
-    ap.add_argument("--threads", type=threads, default=2)
-    ap.add_argument("--out", type=Path, default=RUNS)
-    add_load_args(ap)
     a = ap.parse_args(argv)
     if len(set(a.batches)) < len(a.batches):
         ap.error(f"--batches lists a size twice: {' '.join(map(str, a.batches))}")
@@ -101,9 +80,7 @@ def main(argv=None):
         ap.error(f"--batches {max(a.batches)}: the Spec-Bench pool holds {pool} prompts, "
                  f"{'two batches' if a.top_k else 'one batch'} of the largest size must fit")
     r_and_top_k_within(ap, a)
-    writable_folder(a.out)
-    torch.set_num_threads(a.threads)
-    model, tok = load_model(a.model, a.dtype, device=a.device), load_tokenizer(a.model)
+    model, tok = start(a)
     N, B_max = a.max_new_tokens, max(a.batches)
     prompts = specbench_mix(tok, B_max)
     vocab = None
@@ -112,14 +89,14 @@ def main(argv=None):
     tau = a.tau
     if tau is None:
         tau = calibrate_threshold(model, [encode_chat(tok, q) for q, _ in specbench("math_reasoning", 2)], a.r, 12, 7)
-    fns = methods(model, tau, vocab, N)
+    methods = contenders(model, tau, vocab, N)
     results = []
     for B in a.batches:
-        for m, row in measure(model, prompts[:B], fns, N, a.runs).items():
+        for m, row in measure(model, prompts[:B], methods, N, a.runs).items():
             results.append({"method": m, "batch": B, **row})
             print(f"B={B} {m}: {row['layers_run']:.1f} layers run, {row['layers_wanted']:.1f} wanted per token, "
                   f"{row['tokens_per_s']:.1f} tokens/s (plain {row['plain_tokens_per_s']:.1f})", flush=True)
-    res = {"settings": {k: str(v) for k, v in vars(a).items()}, "tau": tau, "gap": GAP,
+    res = {"settings": settings(a), "tau": tau, "gap": GAP,
            "cheap_head": 0 if vocab is None else len(vocab), "layers": model.cfg.n_layers, "rows": results}
     write_report(res, a.out)
 

@@ -21,19 +21,18 @@ Writes runs/bench-kangaroo.json, runs/bench-kangaroo.md and runs/kangaroo.png.
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from model import add_load_args, flops, generate, load_model
-from model.cli import command, float_in, non_negative, positive, threads, writable_folder
+from model import flops, generate
+from model.cli import command, float_in, non_negative, positive
 from model.jsonfile import read_json
-from tokenizer import encode_chat, load_tokenizer
+from tokenizer import encode_chat
 
-from .. import DEFAULT_MODEL, RUNS, WEIGHTS
+from .. import WEIGHTS
 from ..kangaroo import generate_kangaroo
 from ..kangaroo_files import load_adapter
 from ..peer_layerskip import drafter_settings
@@ -41,7 +40,8 @@ from .bench_kangaroo_batch import bench_batch
 from .data import SPECBENCH, specbench
 from .kangaroo_pieces import ACCEPTANCE_HEADERS, acceptance_cells, metrics, piece_costs, predicted_speedup, yes_no
 from .report import markdown_table, publish
-from .timing import interleaved_ms, timed
+from .runner import Contender, compare, parser, settings, start, tokens_of
+from .timing import timed
 from .tune import tune
 
 
@@ -62,8 +62,7 @@ def summarize(runs, plain_tps, costs=None, draft_ms=None):
 
 @command
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    ap = parser(__doc__)
     ap.add_argument("--adapter", type=Path, default=WEIGHTS / "kangaroo-l2")
     ap.add_argument("--per-category", type=positive, default=3)
     ap.add_argument("--max-new-tokens", type=positive, default=64)
@@ -71,13 +70,10 @@ def main(argv=None):
     ap.add_argument("--gamma", type=non_negative, default=6)
     ap.add_argument("--eta", type=float_in(0, 1), default=0.6)
     ap.add_argument("--top-k", type=positive, default=4096, help="K of the restricted draft head")
-    ap.add_argument("--threads", type=threads, default=2)
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--sweep-repeats", type=positive, default=1)
     ap.add_argument("--batch", type=positive, nargs="+", help="batch sizes: the batched benchmark instead")
     ap.add_argument("--prompts", type=positive, default=8, help="with --batch: prompts, a multiple of every B")
-    ap.add_argument("--out", type=Path, default=RUNS)
-    add_load_args(ap)
     a = ap.parse_args(argv)
     if a.batch and len(set(a.batch)) < len(a.batch):
         ap.error(f"--batch lists a size twice: {' '.join(map(str, a.batch))}")
@@ -85,9 +81,7 @@ def main(argv=None):
         ap.error(f"--prompts {a.prompts}: the Spec-Bench pool holds {pool}")
     if a.batch and any(a.prompts % B for B in a.batch):
         ap.error(f"--prompts {a.prompts} is not a multiple of every --batch {' '.join(map(str, a.batch))}")
-    writable_folder(a.out)
-    torch.set_num_threads(a.threads)
-    model, tok = load_model(a.model, a.dtype, device=a.device), load_tokenizer(a.model)
+    model, tok = start(a)
     adapter = load_adapter(a.adapter, model)
     if a.top_k > len(adapter.frequent):
         ap.error(f"--top-k {a.top_k}: the adapter in {a.adapter} ranks {len(adapter.frequent)} tokens")
@@ -114,35 +108,23 @@ def main(argv=None):
     methods = {"plain": lambda p: generate(model, [p], max_new_tokens=N)[0],
                "kangaroo": ours(adapter=adapter), f"kangaroo-{a.top_k}": ours(adapter=adapter, draft_vocab=a.top_k),
                "lens": ours(l=l), "hf plain": hf_run(), "hf early-exit": hf_run(assistant_early_exit=l)}
-
-    def measure(p):
-        """Per method: (tokens, median seconds of --repeats runs, rounds, decode FLOPs, = plain's
-        tokens); the methods take turns, so drifts of the machine hit every method."""
-        last = {}
-
-        def call(m, fn):
-            def run():
-                with model.recording() as rec:
-                    last[m] = (fn(p), rec)
-            return run
-        ms = interleaved_ms([call(m, fn) for m, fn in methods.items()], a.repeats, warmup=0)
-        toks = {m: out if isinstance(out, list) else out.tokens for m, (out, _) in last.items()}
-        return {m: (toks[m], t / 1000, getattr(last[m][0], "rounds", None),
-                    flops.total(model.cfg, last[m][1]) - flops.prefill_flops(model.cfg, len(p)) if last[m][1] else None,
-                    toks[m] == toks["plain"]) for m, t in zip(methods, ms)}
-
+    # the whole call timed (the transformers peers have no decode clock), each of ours recorded
+    got = compare([Contender(m, lambda ps, fn=fn: fn(ps[0]), None if m.startswith("hf") else model)
+                   for m, fn in methods.items()], [[p] for ps in prompts.values() for p in ps], a.repeats,
+                  decode_only=False, record=True, desc="spec-bench")
+    flat = [(c, p) for c, ps in prompts.items() for p in ps]
     raw = {c: {m: [] for m in methods} for c in prompts}
-    bar = tqdm(total=sum(map(len, prompts.values())), desc="spec-bench")
-    for c, ps in prompts.items():
-        for p in ps:
-            for m, r in measure(p).items():
-                raw[c][m].append(r)
-            bar.update()
-    bar.close()
+    for i, (c, p) in enumerate(flat):
+        toks = {m: tokens_of(r.outputs[i]) for m, r in got.items()}
+        for m, r in got.items():  # (tokens, seconds, rounds, decode FLOPs, = plain's tokens)
+            rec = r.records[i]
+            raw[c][m].append((toks[m], r.ms[i] / 1000, getattr(r.outputs[i], "rounds", None),
+                              flops.total(model.cfg, rec) - flops.prefill_flops(model.cfg, len(p)) if rec else None,
+                              toks[m] == toks["plain"]))
     ctx = int(statistics.mean(len(p) for ps in prompts.values() for p in ps)) + N // 2
     costs = piece_costs(model, adapter, l, a.top_k, ctx, a.gamma)
     draft_ms = {"kangaroo": costs["draft_full"], f"kangaroo-{a.top_k}": costs["draft_topk"], "lens": costs["lens_head"]}
-    result = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()},
+    result = {"settings": settings(a),
               "adapter": read_json(a.adapter / "adapter.json", "adapter record", 1 << 20), "costs_ms": costs, "routes": routes,
               "categories": {}}
     for c in list(prompts) + ["overall"]:

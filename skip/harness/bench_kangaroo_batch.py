@@ -16,26 +16,18 @@ predict from the batch's own rounds. Writes runs/bench-kangaroo-batch.json and .
 """
 from __future__ import annotations
 
-import math
 import statistics
-from pathlib import Path
 
 from tqdm import tqdm
 
 from model import generate
 from model.jsonfile import read_json
-from tokenizer import encode_chat
 
 from ..kangaroo_batch import generate_kangaroo_batch
+from .data import specbench_mix
 from .kangaroo_pieces import ACCEPTANCE_HEADERS, acceptance_cells, metrics, piece_costs, round_ms, yes_no
-from .data import SPECBENCH, specbench
 from .report import markdown_table, publish
-from .timing import interleaved_ms
-
-
-def mix(by_category, n):
-    """The first n prompts, one from each category in turn: [[a1, a2], [b1]] -> a1 b1 a2."""
-    return [ps[i] for i in range(max(map(len, by_category))) for ps in by_category if i < len(ps)][:n]
+from .runner import Contender, compare, settings
 
 
 def batch_rounds(outs):
@@ -64,22 +56,17 @@ def waste(prompts, outs):
 
 def measure(model, adapter, pool, B, a):
     """Both methods on the pool in batches of B: decode seconds, tokens, rounds, lossless."""
-    N, s = a.max_new_tokens, {"plain": 0.0, "kangaroo": 0.0}
-    outs, plains, rounds, plain_steps, prompts = [], [], [], 0, []
-    for i in range(0, len(pool), B):
-        batch, last = pool[i:i + B], {}
-        fns = [lambda: last.__setitem__("plain", generate(model, batch, max_new_tokens=N)),
-               lambda: last.__setitem__("kangaroo", generate_kangaroo_batch(
-                   model, batch, adapter, max_new_tokens=N, gamma=a.gamma, eta=a.eta, draft_vocab=a.top_k))]
-        ms = interleaved_ms(fns, a.repeats, warmup=0, models=[model, model])
-        s["plain"], s["kangaroo"] = s["plain"] + ms[0] / 1000, s["kangaroo"] + ms[1] / 1000
-        outs += last["kangaroo"]
-        plains += last["plain"]
-        rounds += batch_rounds(last["kangaroo"])
-        plain_steps += max(map(len, last["plain"])) - 1  # plain decodes until its longest row is done
-        prompts += batch
-    return s, outs, plains, rounds, plain_steps, prompts
-
+    N = a.max_new_tokens
+    got = compare([Contender("plain", lambda ps: generate(model, ps, max_new_tokens=N), model),
+                   Contender("kangaroo", lambda ps: generate_kangaroo_batch(
+                       model, ps, adapter, max_new_tokens=N, gamma=a.gamma, eta=a.eta, draft_vocab=a.top_k), model)],
+                  [pool[i:i + B] for i in range(0, len(pool), B)], a.repeats)
+    s = {m: sum(r.ms) / 1000 for m, r in got.items()}
+    outs = [o for batch in got["kangaroo"].outputs for o in batch]
+    plains = [t for batch in got["plain"].outputs for t in batch]
+    rounds = [r for batch in got["kangaroo"].outputs for r in batch_rounds(batch)]
+    plain_steps = sum(max(map(len, batch)) - 1 for batch in got["plain"].outputs)  # until its longest row is done
+    return s, outs, plains, rounds, plain_steps, pool
 
 def one_size(model, adapter, pool, B, a):
     s, outs, plains, rounds, plain_steps, prompts = measure(model, adapter, pool, B, a)
@@ -138,9 +125,8 @@ def table(result):
 
 
 def bench_batch(model, tok, adapter, routes, a):
-    per = math.ceil(a.prompts / len(SPECBENCH))
-    pool = mix([[encode_chat(tok, q) for q, _ in specbench(c, per)] for c in SPECBENCH], a.prompts)
-    result = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()},
+    pool = specbench_mix(tok, a.prompts)
+    result = {"settings": settings(a),
               "adapter": read_json(a.adapter / "adapter.json", "adapter record", 1 << 20), "routes": routes,
               "prompt_lengths": list(map(len, pool)), "batches": {}}
     for B in tqdm(a.batch, desc="batch sizes"):

@@ -25,19 +25,15 @@ runs/bench-products.{json,md}.
 """
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 
-from model import add_load_args, load_model
-from model.cli import command, int_in, positive, threads, writable_folder
+from model.cli import command, int_in, positive
 from model.products import PRODUCTS, linear
 
-from .. import DEFAULT_MODEL, RUNS
 from .bench_decoder import step_weights
 from .report import markdown_table, publish
+from .runner import parser, start
 from .timing import interleaved_ms
 
 _T = {}  # w -> w.T made contiguous once: the "stored transposed" layout (emptied per model)
@@ -146,18 +142,12 @@ def table(res, rows):
 @command
 @torch.no_grad()
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    ap = parser(__doc__, threads=torch.get_num_threads())
     ap.add_argument("--rows", type=int_in(1, 64), nargs="+", default=[1, 2, 3, 4, 5, 6, 7, 8, 12, 16],
                     help="row counts, 1..64: products of few rows (more is a GEMM, not what this measures)")
     ap.add_argument("--runs", type=positive, default=7)
-    ap.add_argument("--threads", type=threads, default=torch.get_num_threads())
-    ap.add_argument("--out", type=Path, default=RUNS)
-    add_load_args(ap)
     a = ap.parse_args(argv)
-    writable_folder(a.out)
-    torch.set_num_threads(a.threads)
-    model = load_model(a.model, a.dtype, device=a.device)
+    model = start(a, tokenizer=False)
     _T.clear()  # a freed weight's address may come back holding another
     res = bench(model, a.rows, a.runs)
     ws = whole_steps(model, [n for n in (1, 2, 4, 8) if n in a.rows] or a.rows[:1], a.runs, a.threads)

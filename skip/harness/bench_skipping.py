@@ -21,25 +21,22 @@ Writes runs/bench-skipping.json, runs/bench-skipping.md and runs/skipping.png.
 """
 from __future__ import annotations
 
-import argparse
 import statistics
-from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from model import add_load_args, beam_search, flops, generate, load_model
-from model.cli import command, non_negative, positive, writable_folder
-from tokenizer import encode_chat, load_tokenizer
+from model import beam_search, flops, generate, load_model
+from model.cli import command, non_negative, positive
+from tokenizer import encode_chat
 
-from .. import DEFAULT_MODEL, RUNS
 from ..baselines import calibrate_threshold, generate_early_exit
 from ..train.finetune import response_layer_sets, tuned_checkpoint
 from ..layerwise import layerwise_forward, prompt_then
 from .data import mtbench_references, specbench
 from .report import markdown_table, publish
-from .timing import interleaved_ms
+from .runner import Contender, compare, parser, settings, start
 
 
 class Method:
@@ -147,30 +144,26 @@ def unified_leads(rows):
 
 def throughputs(methods, prompts, batch, n_new, runs):
     """Decode tokens/s of every method: (n_new - 1) fed-back tokens per prompt over the time of
-    the decode alone (timing.DecodeClock: from the first token fed back, so the prefill, the same
-    full pass for every method, is outside); the decode FLOPs: the recorded total minus the
-    prefill's. The methods take turns within every run, so drifts in the machine's speed hit
-    all of them alike."""
+    the decode alone (the prefill, the same full pass for every method, is outside); the decode
+    FLOPs: the recorded total minus the prefill's. One untimed run first (a warm-up); then the
+    methods take turns within every run (runner.compare)."""
     chunk = prompts[:batch]
     T = max(len(p) for p in chunk)  # left-padded prompt length; the prompt pass is the same for all
-    timed = [m for m in methods if m.batchable or batch == 1]
-    decode_flops = {}
-    for m in timed:  # the recorded run also warms up
-        with m.model.recording() as record:
-            m.decode(chunk, n_new, eos=[])
-        decode_flops[m] = flops.total(m.model.cfg, record) - batch * flops.prefill_flops(m.model.cfg, T)
-    ms = interleaved_ms([lambda m=m: m.decode(chunk, n_new, eos=[]) for m in timed], runs, warmup=0,
-                        models=[m.model for m in timed])
-    decode_ms = dict(zip(timed, ms))
-    return [None if m not in decode_ms else
-            {"tokens_per_s": batch * (n_new - 1) / (decode_ms[m] / 1000), "flops": decode_flops[m]} for m in methods]
+    timed = [i for i, m in enumerate(methods) if m.batchable or batch == 1]
+    got = compare([Contender(i, lambda ps, m=methods[i]: m.decode(ps, n_new, eos=[]), methods[i].model) for i in timed],
+                  [chunk], runs, record=True, warmup=1)
+    out = [None] * len(methods)
+    for i in timed:
+        cfg = methods[i].model.cfg
+        out[i] = {"tokens_per_s": got[i].tokens_per_s(batch * (n_new - 1)),
+                  "flops": flops.total(cfg, got[i].records[0]) - batch * flops.prefill_flops(cfg, T)}
+    return out
 
 
 @command
 @torch.no_grad()  # restores the grad mode on return: main may run inside a test
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    ap = parser(__doc__, threads=None)
     ap.add_argument("--r", type=positive, nargs="+", default=[2, 3, 5])
     ap.add_argument("--n-quality", type=int, default=30, help="Spec-Bench prompts per category")
     ap.add_argument("--n-heldout", type=positive, default=10, help="MT-Bench reference answers")
@@ -180,15 +173,12 @@ def main(argv=None):
     ap.add_argument("--batches", type=positive, nargs="+", default=[1, 2, 8])
     ap.add_argument("--tok-new", type=int, default=24, help="new tokens per prompt in the throughput runs")
     ap.add_argument("--runs", type=positive, default=3)
-    ap.add_argument("--out", type=Path, default=RUNS)
-    add_load_args(ap)
     a = ap.parse_args(argv)
     if a.n_quality < 2:
         ap.error("--n-quality must be at least 2: the paired bootstrap resamples the summaries")
     if a.tok_new < 2:
         ap.error("--tok-new must be at least 2: the decode timed is that of the tokens fed back")
-    writable_folder(a.out)
-    base, tok = load_model(a.model, a.dtype, device=a.device), load_tokenizer(a.model)
+    base, tok = start(a)
     L = base.cfg.n_layers
     summ, trans = specbench("summarization", a.n_quality), specbench("translation", a.n_quality)
     texts = [(encode_chat(tok, q), tok.encode(ans)[:a.heldout_tokens])
@@ -228,7 +218,7 @@ def main(argv=None):
             if t is not None:
                 t["speedup"] = t["tokens_per_s"] / ref[b]["tokens_per_s"]
                 t["flops_ceiling"] = ref[b]["flops"] / t["flops"]
-    res = {"model": str(a.model), "args": {k: str(v) for k, v in vars(a).items()}, "rows": rows,
+    res = {"model": str(a.model), "args": settings(a), "rows": rows,
            "rougeL_paired": unified_leads(rows)}
     publish(a.out, "bench-skipping", res, table(rows, a.batches) + "\n\n" + paired_table(res["rougeL_paired"]))
     plot(rows, a.batches[0], a.out / "skipping.png")

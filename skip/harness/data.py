@@ -31,6 +31,19 @@ def specbench(category, n=None):
     return [(as_list(r["turns"])[0], as_list(r.get("reference", "[null]"))[0]) for r in rows[:n]]
 
 
+def mix(by_category, n):
+    """The first n items, one from each list in turn: [[a1, a2], [b1]] -> a1 b1 a2."""
+    return [xs[i] for i in range(max(map(len, by_category))) for xs in by_category if i < len(xs)][:n]
+
+
+def specbench_mix(tok, n, skip=0):
+    """Chat-encoded first turns, one from each Spec-Bench category in turn (so a batch mixes
+    kinds and lengths): the n after the first `skip` of that order."""
+    from tokenizer import encode_chat
+    per = -(-(n + skip) // len(SPECBENCH))
+    return [encode_chat(tok, q) for q, _ in mix([specbench(c, per) for c in SPECBENCH], n + skip)[skip:]]
+
+
 def mtbench_references(n):
     """(first turn, GPT-4 reference answer) of the MT-Bench questions that have one."""
     qs = [json.loads(line) for line in (DATA / "mtbench" / "question.jsonl").open()]

@@ -32,7 +32,6 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from model import add_load_args, flops, generate, load_model
 from model.cli import command, threads, writable_file
@@ -51,7 +50,7 @@ from .data import alpaca_instructions, specbench
 from .demo_adainfer import adainfer_task, short
 from .tasks import load_task
 from .report import RESULT, markdown_table, record, token_match
-from .timing import DecodeClock
+from .runner import Contender, compare
 
 DRAFT_VOCAB = 4096  # Kangaroo's draft head: the adapter's K most frequent tokens
 N_FIT = 2  # AlpacaEval instructions whose answers fit the per-token extension's classifier
@@ -139,35 +138,28 @@ def methods_for(model, tok, a):
 
 
 def generation(model, tok, a):
-    """Every method on each prompt, the methods taking turns within each of --runs runs; the
-    tokens are the same every run (greedy), the decode times are medians."""
+    """Every method on each prompt, the methods taking turns within each of --runs runs
+    (runner.compare); the tokens are the same every run (greedy), the decode times are medians."""
     from rouge_score import rouge_scorer  # the bench extra, which `make demo` installs
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     methods = methods_for(model, tok, a)
     prompts = [specbench(cat, i + 1)[i][0] for cat, i in GEN_PROMPTS[:a.prompts]]
-    rows, bar = [], tqdm(total=len(prompts) * a.runs, desc="generation")
-    for text in prompts:
-        ids = encode_chat(tok, text)
-        got = {label: {"ms": []} for label in methods}
-        for _ in range(a.runs):
-            for label, (m, fn) in methods.items():
-                with m.recording() as runs, DecodeClock(m) as clock:
-                    tokens, counts = fn(ids)
-                got[label].update(tokens=tokens, runs=runs, **counts)
-                got[label]["ms"].append(clock.ms)
-            bar.update()
-        full = got["full model"]
-        full_text = clean(tok.decode(full["tokens"]))
-        for label, g in got.items():
-            fed = max(1, len(g["tokens"]) - 1)  # tokens fed back: what the decode span runs
-            _, layer_tokens, fl = flops.per_decode_token(model.cfg, g["runs"])  # from the first token fed back
-            answer = clean(tok.decode(g["tokens"]))
-            rows.append({"prompt": text, "method": label, "tokens": g["tokens"], "answer": answer, "fed": fed,
-                         "layer_tokens": layer_tokens, "decode_flops": fl, "decode_ms": statistics.median(g["ms"]),
-                         "agreement": token_match(g["tokens"], full["tokens"]),
+    got = compare([Contender(label, lambda ps, fn=fn: fn(ps[0]), m) for label, (m, fn) in methods.items()],
+                  [[encode_chat(tok, text)] for text in prompts], a.runs, record=True, desc="generation")
+    rows = []
+    for i, text in enumerate(prompts):
+        full_tokens = got["full model"].outputs[i][0]
+        full_text = clean(tok.decode(full_tokens))
+        for label, r in got.items():
+            tokens, counts = r.outputs[i]
+            fed = max(1, len(tokens) - 1)  # tokens fed back: what the decode span runs
+            _, layer_tokens, fl = flops.per_decode_token(model.cfg, r.records[i])  # from the first token fed back
+            answer = clean(tok.decode(tokens))
+            rows.append({"prompt": text, "method": label, "tokens": tokens, "answer": answer, "fed": fed,
+                         "layer_tokens": layer_tokens, "decode_flops": fl, "decode_ms": r.ms[i],
+                         "agreement": token_match(tokens, full_tokens),
                          "rougeL_vs_full": scorer.score(full_text, answer)["rougeL"].fmeasure,
-                         **{k: g.get(k) for k in ("rounds", "drafted", "accepted")}})
-    bar.close()
+                         **{k: counts.get(k) for k in ("rounds", "drafted", "accepted")}})
     summary = summarize(rows)
     print_generation(rows, summary, len(prompts), a, model.cfg.n_layers)
     return {"rows": rows, "summary": summary}

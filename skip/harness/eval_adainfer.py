@@ -21,7 +21,6 @@ Writes runs/adainfer.json, runs/adainfer.md, runs/adainfer-sweep.png, runs/adain
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import sys
 from pathlib import Path
@@ -32,16 +31,17 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from model import add_load_args, flops, load_model
-from model.cli import command, threads, writable_folder
+from model import flops, load_model
+from model.cli import command, writable_folder
 from tokenizer import load_tokenizer
 from weights.files import atomic_file, cache_key, device_tag
 
-from .. import DEFAULT_MODEL, RUNS
+from .. import RUNS
 from ..adainfer import (DEFAULT_FEATURES, FEATURES, LABEL_RULES, SVM, CRFClassifier, Threshold, Trace,
                         oracle_layer, predict, trace)
 from .report import markdown_table, publish
 from .tasks import TASKS, encode, load_task
+from .runner import parser, settings, start
 from .timing import interleaved_ms
 
 CACHE = RUNS / "adainfer-cache"
@@ -114,8 +114,7 @@ def wall_clock_ratios(model, encoded, rules, vocab_of, runs, warmup=1):
 @command
 @torch.no_grad()  # restores the grad mode on return: main may run inside a test
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    ap = parser(__doc__, threads=torch.get_num_threads())
     ap.add_argument("--tasks", nargs="+", default=list(TASKS))
     ap.add_argument("--shots", type=int, nargs="+", default=[0], help="for every task without its own ':k'")
     ap.add_argument("--modes", nargs="+", default=["full", "choices"], choices=["full", "choices"])
@@ -125,11 +124,8 @@ def main(argv=None):
     ap.add_argument("--rule", default="gold", choices=LABEL_RULES)
     ap.add_argument("--features", nargs="+", default=list(DEFAULT_FEATURES), choices=FEATURES)
     ap.add_argument("--tau", type=float, default=0.8, help="the gap threshold baseline (paper: 0.8)")
-    ap.add_argument("--threads", type=threads, default=torch.get_num_threads())
     ap.add_argument("--transfer-model", type=Path,
                     help="also apply each SVM fitted here to this model's traces of the same test prompts")
-    ap.add_argument("--out", type=Path, default=RUNS)
-    add_load_args(ap)
     a = ap.parse_args(argv)
     if not (a.n_train >= 1 and a.n_test >= 1 and a.time_n >= 0 and 0 <= a.tau <= 1 and a.threads >= 1
             and min(a.shots) >= 0):
@@ -155,8 +151,7 @@ def main(argv=None):
         if (name, k) not in encoded:
             encoded[name, k] = {s: [encode(tok, task.with_shots(i, k, seed=j)) for j, i in enumerate(getattr(task, s))]
                                 for s in ("train", "test")}
-    torch.set_num_threads(a.threads)
-    model = load_model(a.model, a.dtype, device=a.device)
+    model = start(a, tokenizer=False)
     other = load_model(a.transfer_model, a.dtype, device=a.device) if a.transfer_model else None
     tag = cache_key(a.model, [], *device_tag(model))
     other_tag = a.transfer_model and cache_key(a.transfer_model, [], *device_tag(model))
@@ -202,8 +197,7 @@ def main(argv=None):
         bar.update()
     bar.close()
     cross = cross_task(store, cfg, a.shots[0], a.features, a.rule)
-    a.out.mkdir(parents=True, exist_ok=True)
-    res = {"model": str(a.model), "args": {k: str(v) for k, v in vars(a).items()}, "results": results,
+    res = {"model": str(a.model), "args": settings(a), "results": results,
            "skipped": skipped, "cross_task": cross}
     publish(a.out, "adainfer", res, "\n\n".join([
         table(results, a.tau), *(["Not run: " + "; ".join(skipped)] if skipped else []), cross_table(cross, a.shots[0]),
