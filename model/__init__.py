@@ -1,5 +1,5 @@
 from .cache import CacheError, KVCache
-from .config import Config, UnsupportedConfig, from_hf, load_config
+from .config import Config, UnsupportedConfig, from_hf, layer_window, load_config
 from .decoder import Decoder, attention_mask, positions
 from .generate import (beam_search, check_eos, check_length, check_prompts, check_sampling, filter_logits, generate,
                        left_pad, next_token)
@@ -7,5 +7,5 @@ from .loader import LoadError, add_load_args, load_model, save_model
 
 __all__ = ["add_load_args", "beam_search", "CacheError", "Config", "Decoder", "KVCache", "LoadError",
            "UnsupportedConfig", "attention_mask", "check_eos", "check_length", "check_prompts", "check_sampling",
-           "filter_logits", "from_hf", "generate", "left_pad", "load_config", "load_model", "next_token", "positions",
+           "filter_logits", "from_hf", "generate", "layer_window", "left_pad", "load_config", "load_model", "next_token", "positions",
            "save_model"]

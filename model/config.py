@@ -1,8 +1,11 @@
 """One flat config for every decoder we run, and the one mapping from a HF config.json.
 
-Two families are supported: Llama (RMSNorm, RoPE, SwiGLU, GQA) and OPT (LayerNorm,
-learned positions, ReLU MLP, pre- or post-LN). Any field value that would change the
-computation in a way this decoder does not implement raises UnsupportedConfig.
+Two architectures: Llama (RMSNorm, RoPE, SwiGLU, GQA) and OPT (LayerNorm, learned positions,
+ReLU MLP, pre- or post-LN). The Llama-shaped families read through the Llama mapping, each
+difference one field: Mistral (a sliding attention window), Qwen2 and Qwen2.5 (biases on the
+query, key and value projections; a window on some layers when enabled), Qwen3 (RMSNorm on each
+head's queries and keys before RoPE). Any field value that would change the computation in a way
+this decoder does not implement raises UnsupportedConfig.
 """
 from __future__ import annotations
 
@@ -36,6 +39,7 @@ class Config:
     act: str = "silu"  # "silu" | "relu"
     gated_mlp: bool = True  # SwiGLU: down(act(gate(x)) * up(x)); else fc2(act(fc1(x)))
     attn_bias: bool = False  # bias on q/k/v projections
+    qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on every head's q and k, before RoPE
     out_bias: bool = False  # bias on the attention output projection
     mlp_bias: bool = False
     pos: str = "rope"  # "rope" | "learned"
@@ -46,6 +50,8 @@ class Config:
     rope_low_freq_factor: float = 1.0
     rope_high_freq_factor: float = 4.0
     rope_original_max_len: int = 8192
+    sliding_window: int | None = None  # a query at position p sees keys at positions > p - window ...
+    sliding_layers: list[int] = field(default_factory=list)  # ... in these layers (Mistral: all)
     embed_dim: int = 0  # OPT word_embed_proj_dim; != dim adds project_in/out. 0 means dim
     tie_embeddings: bool = False
     bos_token_id: int | None = None
@@ -59,6 +65,11 @@ class Config:
             raise UnsupportedConfig(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
 
 
+def layer_window(cfg: Config, layer):
+    """The sliding window of one layer, or None (full attention)."""
+    return cfg.sliding_window if layer in cfg.sliding_layers else None
+
+
 def _unsupported(field_name, value, allowed):
     raise UnsupportedConfig(
         f"unsupported config value {field_name}={value!r} (this decoder implements {allowed})")
@@ -68,7 +79,23 @@ def _eos_list(v):
     return [] if v is None else ([v] if isinstance(v, int) else list(v))
 
 
-def _llama(c: dict) -> Config:
+def _sliding(c: dict, kind: str):
+    """(window, the layers it applies to) as transformers reads them for this model_type."""
+    n = c["num_hidden_layers"]
+    if kind == "mistral":  # every layer, when a window is set (transformers ignores Mistral's layer_types)
+        window = c.get("sliding_window")
+        return window, list(range(n)) if window is not None else []
+    if kind in ("qwen2", "qwen3"):  # the window only when enabled; by default the layers from max_window_layers
+        window = c.get("sliding_window", 4096) if c.get("use_sliding_window", False) else None
+        types = c.get("layer_types") or ["sliding_attention" if window is not None and i >= c.get(
+            "max_window_layers", 28) else "full_attention" for i in range(n)]
+        if not isinstance(types, list) or len(types) != n or set(types) - {"sliding_attention", "full_attention"}:
+            _unsupported("layer_types", types, f"{n} of 'full_attention' and 'sliding_attention'")
+        return window, [i for i, t in enumerate(types) if t == "sliding_attention" and window is not None]
+    return None, []
+
+
+def _llama(c: dict, kind: str = "llama") -> Config:
     if c.get("hidden_act", "silu") != "silu":
         _unsupported("hidden_act", c["hidden_act"], "'silu'")
     if c.get("pretraining_tp", 1) != 1:
@@ -79,6 +106,11 @@ def _llama(c: dict) -> Config:
     if rope_type not in ("default", "linear", "llama3"):
         _unsupported("rope_scaling.rope_type", rope_type, "'default', 'linear', 'llama3'")
     n_heads = c["num_attention_heads"]
+    window, sliding = _sliding(c, kind)
+    # fixed by the family, not read: Qwen2's q/k/v projections always carry a bias and its output
+    # projection never does; Mistral's never do
+    qkv_bias = {"qwen2": True, "mistral": False}.get(kind, c.get("attention_bias", False))
+    out_bias = {"qwen2": False, "mistral": False}.get(kind, c.get("attention_bias", False))
     return Config(
         arch="llama",
         vocab_size=c["vocab_size"],
@@ -93,9 +125,10 @@ def _llama(c: dict) -> Config:
         norm_eps=c.get("rms_norm_eps", 1e-6),
         act="silu",
         gated_mlp=True,
-        attn_bias=c.get("attention_bias", False),
-        out_bias=c.get("attention_bias", False),
-        mlp_bias=c.get("mlp_bias", False),
+        attn_bias=qkv_bias,
+        out_bias=out_bias,
+        qk_norm=kind == "qwen3",
+        mlp_bias=False if kind in ("qwen2", "qwen3", "mistral") else c.get("mlp_bias", False),
         pos="rope",
         rope_theta=rope.get("rope_theta", c.get("rope_theta", 10000.0)),
         rope_type=rope_type,
@@ -103,6 +136,8 @@ def _llama(c: dict) -> Config:
         rope_low_freq_factor=rope.get("low_freq_factor", 1.0),
         rope_high_freq_factor=rope.get("high_freq_factor", 4.0),
         rope_original_max_len=rope.get("original_max_position_embeddings", 8192),
+        sliding_window=window,
+        sliding_layers=sliding,
         tie_embeddings=c.get("tie_word_embeddings", False),
         bos_token_id=c.get("bos_token_id"),
         eos_token_id=_eos_list(c.get("eos_token_id")),
@@ -163,7 +198,8 @@ LIMITS = {"vocab_size": 1 << 22, "dim": 1 << 16, "embed_dim": 1 << 16, "n_layers
           "rope_original_max_len": 1 << 24}
 MAX_PARAMS = 1 << 41  # about 2.2 trillion
 MAX_CONFIG_BYTES = 1 << 20  # a model's config.json is a few kB
-FLAGS = ("norm_affine", "pre_norm", "final_norm", "attn_bias", "out_bias", "mlp_bias", "tie_embeddings")
+FLAGS = ("norm_affine", "pre_norm", "final_norm", "attn_bias", "out_bias", "qk_norm", "mlp_bias", "tie_embeddings")
+LLAMA_SHAPED = ("llama", "mistral", "qwen2", "qwen3")  # model_types read by the Llama mapping
 
 
 def is_int(v):
@@ -200,6 +236,11 @@ def check(cfg: Config) -> Config:
             bad(name, f"must be null or a token id in [0, {cfg.vocab_size})")
     if not all(is_int(t) and 0 <= t < cfg.vocab_size for t in cfg.eos_token_id):
         bad("eos_token_id", f"must be token ids in [0, {cfg.vocab_size})")
+    if cfg.sliding_window is not None and (not is_int(cfg.sliding_window) or cfg.sliding_window <= 0):
+        bad("sliding_window", "must be null or a positive integer")
+    if not (isinstance(cfg.sliding_layers, list) and all(is_int(i) and 0 <= i < cfg.n_layers for i in cfg.sliding_layers)
+            and (cfg.sliding_window is not None or not cfg.sliding_layers)):
+        bad("sliding_layers", f"must be layer indices in [0, {cfg.n_layers}), and only with a sliding_window")
     if n_params(cfg) > MAX_PARAMS:
         raise ConfigError(f"config describes {n_params(cfg):,} parameters, above this project's limit "
                           f"{MAX_PARAMS:,} (far above any released model)")
@@ -212,7 +253,8 @@ def n_params(cfg: Config) -> int:
     d, e, hd, f = cfg.dim, cfg.embed_dim, cfg.head_dim, cfg.ffn_dim
     q, kv = cfg.n_heads * hd, cfg.n_kv_heads * hd
     norm = (d if cfg.norm_affine else 0) * (2 if cfg.norm == "layer" and cfg.norm_affine else 1)
-    attn = 2 * d * q + 2 * d * kv + (q + 2 * kv if cfg.attn_bias else 0) + (d if cfg.out_bias else 0)
+    attn = 2 * d * q + 2 * d * kv + (q + 2 * kv if cfg.attn_bias else 0) + (d if cfg.out_bias else 0) \
+        + (2 * hd if cfg.qk_norm and cfg.norm_affine else 0)
     mats = 3 if cfg.gated_mlp else 2
     mlp = mats * d * f + ((mats - 1) * f + d if cfg.mlp_bias else 0)
     block = 2 * norm + attn + mlp
@@ -225,10 +267,10 @@ def from_hf(c: dict) -> Config:
     if not isinstance(c, dict):
         raise ConfigError(f"a config must be a JSON object, got {type(c).__name__}")
     kind = c.get("model_type")
-    if kind not in ("llama", "opt"):
-        _unsupported("model_type", kind, "'llama', 'opt'")
+    if kind not in (*LLAMA_SHAPED, "opt"):
+        _unsupported("model_type", kind, ", ".join(f"'{k}'" for k in (*LLAMA_SHAPED, "opt")))
     try:
-        return check(_llama(c) if kind == "llama" else _opt(c))
+        return check(_opt(c) if kind == "opt" else _llama(c, kind))
     except KeyError as e:
         raise ConfigError(f"config has no {e.args[0]!r}, which a {kind} model needs") from None
     except TypeError as e:  # a value of the wrong type inside the mapping, e.g. a string where a number goes

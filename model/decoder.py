@@ -36,11 +36,12 @@ class Norm(nn.Module):
     """RMSNorm (Llama) in fp32, or LayerNorm (OPT) by torch's kernel in the model's dtype, each as
     transformers computes it (so bf16 and fp16 runs round alike)."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, width=None):  # width: cfg.dim, or head_dim for Qwen3's q/k norm
         super().__init__()
+        width = width or cfg.dim
         self.kind, self.eps = cfg.norm, cfg.norm_eps
-        self.weight = nn.Parameter(torch.ones(cfg.dim)) if cfg.norm_affine else None
-        self.bias = nn.Parameter(torch.zeros(cfg.dim)) if cfg.norm_affine and cfg.norm == "layer" else None
+        self.weight = nn.Parameter(torch.ones(width)) if cfg.norm_affine else None
+        self.bias = nn.Parameter(torch.zeros(width)) if cfg.norm_affine and cfg.norm == "layer" else None
 
     def forward(self, x):
         if self.kind == "rms":  # x / sqrt(mean(x^2) + eps): HF order is cast back, then scale
@@ -88,21 +89,35 @@ def positions(pad_mask, start, T, device="cpu"):
     return (pad_mask.long().cumsum(-1) - 1).clamp(min=0)[:, start:start + T]  # (B, T)
 
 
-def attention_mask(pad_mask, start, T, device="cpu"):
+def attention_mask(pad_mask, start, T, device="cpu", window=None):
     """Boolean (B|1, 1, T, S) allowed-mask for queries at slots [start, start+T), or None,
     from the (B, S) padding mask (True = a real token).
 
     A query may see real keys at or before its own slot. It always sees itself, so a pad
-    query never has an empty row (which would make NaNs that leak through 0 * NaN)."""
+    query never has an empty row (which would make NaNs that leak through 0 * NaN).
+
+    window: a sliding window (Mistral, Qwen), counted in positions, not slots: a query at position
+    p sees keys at positions > p - window, so a row with padding or holes sees what it sees alone.
+    The mask then covers only the last slots, from the first that any query sees, and Attention
+    reads only those keys: what transformers' sliding cache holds (the last window - 1 keys and
+    the new ones), so that half-precision runs round as it does."""
     S = start + T
-    if pad_mask is None and T == 1:
+    if window is not None and S <= window:
+        window = None  # no key is old enough to fall out
+    if pad_mask is None and T == 1 and window is None:
         return None  # one new token, no padding: every cached key is visible
     q = torch.arange(start, S, device=device)[:, None]
     k = torch.arange(S, device=device)[None, :]
     allowed = k <= q  # (T, S)
+    if window is not None:
+        pos = positions(pad_mask, 0, S, device)  # (B|1, S)
+        allowed = allowed & (pos[:, None, :] > pos[:, start:, None] - window)  # (B|1, T, S)
     if pad_mask is not None:
         allowed = (allowed & pad_mask[:, None, :S]) | (k == q)  # (B, T, S)
-    return allowed.reshape(-1, 1, T, S)
+    if window is not None:
+        seen = allowed.flatten(0, 1).any(0)  # (S,): keys some query sees
+        allowed = allowed[..., int(seen.int().argmax()):]  # from the first of them: (B|1, T, S')
+    return allowed.reshape(-1, 1, T, allowed.shape[-1])
 
 
 class Linear(nn.Linear):
@@ -132,10 +147,14 @@ class Attention(nn.Module):
         self.wk = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.attn_bias)
         self.wv = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.attn_bias)
         self.wo = Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.out_bias)
+        self.q_norm, self.k_norm = (Norm(cfg, cfg.head_dim), Norm(cfg, cfg.head_dim)) if cfg.qk_norm else (None, None)
 
     def kv(self, x, rope):
         B, T, _ = x.shape
-        k = self.wk(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, n_kv, T, hd)
+        k = self.wk(x).view(B, T, self.n_kv, self.hd)  # (B, T, n_kv, hd)
+        if self.k_norm is not None:
+            k = self.k_norm(k)
+        k = k.transpose(1, 2)  # (B, n_kv, T, hd)
         v = self.wv(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, n_kv, T, hd)
         return (k if rope is None else rotate(k, *rope)), v
 
@@ -144,7 +163,10 @@ class Attention(nn.Module):
         q = self.wq(x)
         if self.prescale:
             q = q * self.hd ** -0.5
-        q = q.view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, n_h, T, hd)
+        q = q.view(B, T, self.n_heads, self.hd)  # (B, T, n_h, hd)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+        q = q.transpose(1, 2)  # (B, n_h, T, hd)
         if rope is not None:
             q = rotate(q, *rope)
         k, v = self.kv(x, rope)
@@ -152,6 +174,8 @@ class Attention(nn.Module):
             k, v = cache.write(layer, start, k, v)  # (B, n_kv, start+T, hd)
         elif start:
             raise CacheError("start > 0 needs a cache holding the earlier slots")
+        if attn_mask is not None and attn_mask.shape[-1] < k.shape[2]:  # a sliding window's last S' keys
+            k, v = k[:, :, -attn_mask.shape[-1]:], v[:, :, -attn_mask.shape[-1]:]  # (B, n_kv, S', hd)
         causal = attn_mask is None and T > 1 and start == 0
         if impl == "sdpa":
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal, enable_gqa=True,
@@ -276,8 +300,11 @@ class Decoder(nn.Module):
     def run_layers(self, h, pos, layers=None, cache=None, start=0, pad_mask=None, callback=None):
         """Run the given layers, in the given order, on hidden states h (B, T, d)."""
         B, T, _ = h.shape
-        rope, attn_mask = self.rope(pos), attention_mask(pad_mask, start, T, h.device)
+        rope, full = self.rope(pos), attention_mask(pad_mask, start, T, h.device)
+        window = attention_mask(pad_mask, start, T, h.device, self.cfg.sliding_window) if self.cfg.sliding_layers \
+            else None
         for i in range(self.cfg.n_layers) if layers is None else layers:
+            attn_mask = window if i in self.cfg.sliding_layers else full
             h, a, m = self.blocks[i](h, rope, attn_mask, cache, i, start, self.attn_impl)
             self.emit(LayerRun(i, B, T, start), h)
             if callback is not None and callback(i, h, a, m):

@@ -2,7 +2,8 @@
 
 Norms, RoPE, softmax, activations, residual adds and embedding lookups are O(n*d) and
 left out, as FlopCounterMode leaves them out. Attention is counted as computed: n new
-queries against all S + n visible keys (the full rectangle, masked or not).
+queries against all S + n visible keys (the full rectangle, masked or not); in a layer with a
+sliding window W, against the last min(S + n, n + W - 1), the keys Attention reads.
 
 Per layer, n new tokens, S cached tokens, d = dim, h = n_heads, h_kv = n_kv_heads,
 hd = head_dim, f = ffn_dim, m = 3 matrices for SwiGLU (Llama) or 2 (OPT):
@@ -19,6 +20,8 @@ and filling a skipped layer's keys/values (state propagation) 2*n*d*hd*2*h_kv.
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from .config import layer_window
 
 
 @dataclass(frozen=True)
@@ -55,15 +58,17 @@ class KVRun:  # Decoder.fill_kv: only a layer's K and V projections
     n: int
 
 
-def attn_flops(cfg, n, S=0):
+def attn_flops(cfg, n, S=0, window=None):
     d, hd, h, h_kv = cfg.dim, cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
     proj = 2 * n * d * hd * (2 * h + 2 * h_kv)
-    attn = 2 * 2 * n * (S + n) * h * hd
+    keys = S + n if window is None else min(S + n, n + window - 1)
+    attn = 2 * 2 * n * keys * h * hd
     return proj + attn
 
 
-def layer_flops(cfg, n, S=0):
-    return attn_flops(cfg, n, S) + 2 * n * cfg.dim * cfg.ffn_dim * (3 if cfg.gated_mlp else 2)
+def layer_flops(cfg, n, S=0, layer=0):
+    mlp = 2 * n * cfg.dim * cfg.ffn_dim * (3 if cfg.gated_mlp else 2)
+    return attn_flops(cfg, n, S, layer_window(cfg, layer)) + mlp
 
 
 def kv_flops(cfg, n):
@@ -80,12 +85,13 @@ def embed_flops(cfg, n):
 
 
 def prefill_flops(cfg, T, last_only=True):
-    return embed_flops(cfg, T) + cfg.n_layers * layer_flops(cfg, T, 0) + head_flops(cfg, 1 if last_only else T)
+    layers = sum(layer_flops(cfg, T, 0, i) for i in range(cfg.n_layers))
+    return embed_flops(cfg, T) + layers + head_flops(cfg, 1 if last_only else T)
 
 
 def decode_flops(cfg, S):
     """One generated token with S tokens already cached."""
-    return embed_flops(cfg, 1) + cfg.n_layers * layer_flops(cfg, 1, S) + head_flops(cfg, 1)
+    return embed_flops(cfg, 1) + sum(layer_flops(cfg, 1, S, i) for i in range(cfg.n_layers)) + head_flops(cfg, 1)
 
 
 def total(cfg, runs):
@@ -93,7 +99,7 @@ def total(cfg, runs):
     flops = 0
     for r in runs:
         if isinstance(r, LayerRun):
-            flops += r.batch * layer_flops(cfg, r.n, r.ctx)
+            flops += r.batch * layer_flops(cfg, r.n, r.ctx, r.layer)
         elif isinstance(r, HeadRun):
             flops += r.batch * head_flops(cfg, r.n, r.vocab)
         elif isinstance(r, KVRun):

@@ -48,7 +48,8 @@ from typing import NamedTuple
 
 import torch
 
-from model import attention_mask, check_eos, check_length, check_prompts, check_sampling, filter_logits, positions
+from model import (attention_mask, check_eos, check_length, check_prompts, check_sampling, filter_logits, layer_window,
+                   positions)
 from model.config import is_int
 from model.flops import AttnRun, HeadRun
 
@@ -85,10 +86,12 @@ def probs(logits, temperature, top_p):
 # ---------------------------------------------------------------- the draft model's two pieces
 def adapt(model, A, h, cache, start, pad_mask=None):
     """A's output (B, T, d) on exited states h (B, T, d) at slots [start, start + T) of its cache,
-    reading and extending it; reported to M's observers (model.emit), so FLOPs records count it."""
+    reading and extending it; reported to M's observers (model.emit), so FLOPs records count it.
+    A's attention is layer l's, sliding window included (Mistral, Qwen)."""
     B, T = h.shape[:2]
     pos = positions(pad_mask, start, T, h.device)  # (B|1, T)
-    z = A(h, A.rope(model, pos), cache, start, attention_mask(pad_mask, start, T, h.device), model.attn_impl)
+    mask = attention_mask(pad_mask, start, T, h.device, layer_window(model.cfg, A.l))
+    z = A(h, A.rope(model, pos), cache, start, mask, model.attn_impl)
     model.emit(AttnRun(B, T, start))
     return z
 

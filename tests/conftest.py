@@ -29,17 +29,23 @@ VARIANTS = {
     "llama_rope_llama3": ("llama", dict(LLAMA, num_key_value_heads=2, rope_scaling={
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 32})),
+    "qwen2": ("qwen2", dict(LLAMA, num_key_value_heads=2, tie_word_embeddings=True)),
+    # windows shorter than the tests' prompts, so that they matter: Qwen3 on its layers 2 and 3
+    "qwen3_window": ("qwen3", dict(LLAMA, num_key_value_heads=2, head_dim=24, use_sliding_window=True,
+                                   sliding_window=5, max_window_layers=2)),
+    "mistral_window": ("mistral", dict(LLAMA, num_key_value_heads=1, sliding_window=6)),
     "opt_pre": ("opt", dict(OPT, do_layer_norm_before=True)),
     "opt_post_proj": ("opt", dict(OPT, do_layer_norm_before=False, word_embed_proj_dim=32)),
 }
 
 
+FAMILIES = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral", "opt": "OPT"}
+
+
 def build_hf(kind, kw, seed=0):
     torch.manual_seed(seed)
-    if kind == "llama":
-        hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**kw))
-    else:
-        hf = transformers.OPTForCausalLM(transformers.OPTConfig(**kw))
+    name = FAMILIES[kind]
+    hf = getattr(transformers, f"{name}ForCausalLM")(getattr(transformers, f"{name}Config")(**kw))
     # Larger than the default 0.02 init so every layer changes the output visibly.
     with torch.no_grad():
         for name, p in hf.named_parameters():

@@ -84,7 +84,8 @@ def test_greedy_generation_identical_to_transformers(pair):
     g = torch.Generator().manual_seed(5)
     for n in (1, 7):
         prompt = torch.randint(3, ours.cfg.vocab_size, (1, n), generator=g)
-        ref = hf.generate(prompt, max_new_tokens=32, do_sample=False, min_new_tokens=32,
+        # no EOS on either side (min_new_tokens would instead mask EOS out of transformers' argmax)
+        ref = hf.generate(prompt, max_new_tokens=32, do_sample=False, eos_token_id=[],
                           pad_token_id=ours.cfg.pad_token_id)[0, n:].tolist()
         assert len(ref) == 32
         assert generate(ours, prompt.tolist(), max_new_tokens=32, eos=[])[0] == ref

@@ -57,7 +57,10 @@ with atomic_dir(Path(sys.argv[1]), "done.json") as tmp:
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
 def test_a_write_killed_midway_leaves_nothing_partial_and_the_next_run_succeeds(tmp_path, sig):
     out = tmp_path / "out"
-    p = subprocess.Popen([sys.executable, "-c", WRITER, str(out)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    # SIGINT at its default in the child, even when the suite runs in the background (where a shell
+    # starts it ignored and Python then never raises KeyboardInterrupt)
+    p = subprocess.Popen([sys.executable, "-c", WRITER, str(out)], cwd=ROOT, stdout=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert p.stdout.readline().strip() == "writing"
     p.send_signal(sig)
     p.wait(timeout=30)

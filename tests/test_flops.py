@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from model import Config, Decoder, KVCache, flops, positions
+from model import Config, Decoder, KVCache, flops, layer_window, positions
 
 torch.manual_seed(0)
 
@@ -34,7 +34,9 @@ def test_formula_equals_flop_counter_prefill_and_decode(pair, impl):
     assert flops.total(cfg, decode_runs) == B * flops.decode_flops(cfg, T)
     # On CPU FlopCounterMode sees nothing inside scaled_dot_product_attention, so the sdpa
     # path must fall short by exactly the attention term and the math path must match.
-    attn = lambda n, S: B * cfg.n_layers * 2 * 2 * n * (S + n) * cfg.n_heads * cfg.head_dim  # noqa: E731
+    # (a layer with a sliding window reads only the last n + window - 1 keys)
+    keys = [lambda n, S, w=layer_window(cfg, i): S + n if w is None else min(S + n, n + w - 1) for i in range(cfg.n_layers)]
+    attn = lambda n, S: B * sum(2 * 2 * n * k(n, S) * cfg.n_heads * cfg.head_dim for k in keys)  # noqa: E731
     missing = (attn(T, 0), attn(1, T)) if impl == "sdpa" else (0, 0)
     assert n_prefill == flops.total(cfg, prefill_runs) - missing[0]
     assert n_decode == flops.total(cfg, decode_runs) - missing[1]
