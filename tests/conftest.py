@@ -31,8 +31,8 @@ VARIANTS = {
         "original_max_position_embeddings": 32})),
     "qwen2": ("qwen2", dict(LLAMA, num_key_value_heads=2, tie_word_embeddings=True)),
     # windows shorter than the tests' prompts, so that they matter: Qwen3 on its layers 2 and 3
-    "qwen3_window": ("qwen3", dict(LLAMA, num_key_value_heads=2, head_dim=24, use_sliding_window=True,
-                                   sliding_window=5, max_window_layers=2)),
+    "qwen3_window": ("qwen3", dict(LLAMA, num_key_value_heads=2, head_dim=24, attention_bias=True,
+                                   use_sliding_window=True, sliding_window=5, max_window_layers=2)),
     "mistral_window": ("mistral", dict(LLAMA, num_key_value_heads=1, sliding_window=6)),
     "opt_pre": ("opt", dict(OPT, do_layer_norm_before=True)),
     "opt_post_proj": ("opt", dict(OPT, do_layer_norm_before=False, word_embed_proj_dim=32)),

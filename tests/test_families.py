@@ -1,0 +1,113 @@
+"""The Llama-shaped families beside Llama: Qwen2 (biases on q, k, v), Qwen3 (RMSNorm on each
+head's q and k; here with biases and a sliding window on its last two layers) and Mistral (a
+sliding window on every layer), windows shorter than the prompts plus their tokens. The decoder
+tests run them as golden variants (tests/conftest.py VARIANTS); here every method runs on each
+against its oracle, as on Llama: the cache-free reference, the rows' unbatched runs, plain greedy
+decoding, transformers' trace."""
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from model import Decoder, generate, layer_window
+from skip.kangaroo_adapter import Adapter
+from skip.kangaroo_files import save_adapter
+from skip.train.kangaroo import exit_states, self_distill, train
+from skip.trace.compare import compare
+from skip.trace.methods import trace
+from skip.trace.port import write_transformers_trace
+from skip.unified import generate_unified, kept_layers
+
+from conftest import build_pair, reference_decode
+from test_exits_batch import PROMPTS, check_adainfer, check_early_exit
+from test_kangaroo_batch import same_as_alone
+
+FAMILIES = ["qwen2", "qwen3_window", "mistral_window"]
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request, tmp_path_factory):
+    hf, model = build_pair(request.param, tmp_path_factory)
+    return request.param, hf, model
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", ["qwen3_window", "mistral_window"])
+def test_a_window_changes_exactly_the_positions_past_it(name, tmp_path_factory):
+    _, m = build_pair(name, tmp_path_factory)
+    full = Decoder(replace(m.cfg, sliding_window=None, sliding_layers=[])).eval()
+    full.load_state_dict(m.state_dict())
+    ids = torch.randint(3, m.cfg.vocab_size, (1, 3 * m.cfg.sliding_window), generator=torch.Generator().manual_seed(0))
+    ours, theirs = m(ids)[0], full(ids)[0]  # (T, V)
+    W = m.cfg.sliding_window
+    assert torch.equal(ours[:W], theirs[:W])  # every key inside the window
+    assert all((ours[t] - theirs[t]).abs().max() > 1e-3 for t in range(W, 3 * W))
+
+
+@torch.no_grad()
+def test_layer_skipping_and_the_exits_equal_their_oracles(family):
+    _, _, model = family
+    K = kept_layers(model.cfg.n_layers, 2, False)
+    assert generate_unified(model, PROMPTS, 2, max_new_tokens=10, eos=[]) == \
+        reference_decode(model, PROMPTS, lambda i: K, 10)
+    check_early_exit(model)  # batched rows equal their unbatched runs, those the cache-free reference
+    check_adainfer(model)
+
+
+def test_a_trained_adapter_decodes_losslessly_and_its_rows_equal_their_runs_alone(family):
+    _, _, model = family
+    adapter = Adapter.from_model(model, 2)
+    seqs = self_distill(model, PROMPTS, 12)
+    before = [p.detach().clone() for p in adapter.parameters()]
+    train(model, adapter, exit_states(model, seqs, 2), seqs, list(range(len(seqs))), steps=3, batch=2)
+    assert any(not torch.equal(a, b) for a, b in zip(before, adapter.parameters()))  # it trained
+    plain = [generate(model, [p], max_new_tokens=12, eos=[])[0] for p in PROMPTS]
+    with torch.no_grad():
+        for gamma, eta in [(3, 0.0), (6, 0.4)]:
+            rows = same_as_alone(model, PROMPTS, adapter=adapter, max_new_tokens=12, gamma=gamma, eta=eta, eos=[])
+            assert [r.tokens for r in rows] == plain
+
+
+def test_traces_equal_transformers_and_kangaroos_tokens_are_plain(family, tmp_path):
+    name, hf, model = family
+    prompt = PROMPTS[2]
+    model.cfg.eos_token_id, hf.generation_config.eos_token_id = [], None  # the full length on both sides
+    trace(model, prompt, tmp_path / "ours", "full", max_new_tokens=10)
+    write_transformers_trace(hf, prompt, tmp_path / "hf", 10)
+    assert compare(tmp_path / "hf", tmp_path / "ours") == []
+    save_adapter(Adapter.from_model(model, 2), tmp_path / "adapter")
+    trace(model, prompt, tmp_path / "k", "kangaroo", max_new_tokens=10, settings={"adapter": tmp_path / "adapter"})
+    assert compare(tmp_path / "k", tmp_path / "k", atol=0, rtol=0) == []
+    tokens = [json.loads((tmp_path / t / "trace.json").read_text())["tokens"] for t in ("k", "ours")]
+    assert tokens[0] == tokens[1]
+
+
+@pytest.mark.parametrize("kind, kw", [
+    ("qwen2", {}), ("qwen2", {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1}),
+    ("qwen2", {"use_sliding_window": False, "sliding_window": 4}),
+    ("qwen3", {"use_sliding_window": True, "sliding_window": 3,
+               "layer_types": ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]}),
+    ("mistral", {"sliding_window": 5}), ("mistral", {"sliding_window": None})])
+def test_each_layers_window_is_the_one_transformers_reads(kind, kw):
+    import transformers
+    from conftest import FAMILIES, LLAMA
+    from model import from_hf
+    hf_cfg = getattr(transformers, f"{FAMILIES[kind]}Config")(**LLAMA, num_key_value_heads=2, **kw)
+    ours = from_hf(hf_cfg.to_dict())
+    hf = getattr(transformers, f"{FAMILIES[kind]}ForCausalLM")(hf_cfg)
+    theirs = [layer.self_attn.sliding_window if hasattr(layer.self_attn, "sliding_window") else hf_cfg.sliding_window
+              for layer in hf.model.layers]
+    assert [layer_window(ours, i) for i in range(ours.n_layers)] == theirs
+
+
+@pytest.mark.parametrize("change, said", [
+    ({"model_type": "qwen2_moe"}, "model_type"),
+    ({"model_type": "qwen3", "use_sliding_window": True, "layer_types": ["chunked_attention"] * 4}, "layer_types"),
+    ({"model_type": "qwen2", "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_type"),
+    ({"model_type": "mistral", "sliding_window": 0}, "sliding_window")])
+def test_what_the_decoder_does_not_implement_is_refused_by_name(change, said):
+    from conftest import LLAMA
+    from model import UnsupportedConfig, from_hf
+    with pytest.raises(UnsupportedConfig, match=said):
+        from_hf({**LLAMA, **change})
