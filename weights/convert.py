@@ -1,9 +1,14 @@
 """GGUF (llama.cpp) -> a HF-style directory: config.json, model.safetensors (fp32), tokenizer files.
 
-Dequantization uses the `gguf` package of the llama.cpp project (Q4_1, Q8_0, F16, F32 and
-the rest it knows). llama.cpp's converter permutes the rows of the Q and K projections
-(per head, from HF's "rotate_half" pairing to interleaved pairs); we undo that here so the
-tensors are in HF layout. The output is written by weights.files.atomic_dir (a temporary
+Architectures: llama (Llama, and Mistral, which llama.cpp writes as llama, without its window),
+qwen2 (Qwen2, Qwen2.5: q/k/v biases) and qwen3 (q/k norms; biases when present). Dequantization
+uses the `gguf` package of the llama.cpp project (Q4_1, Q8_0, F16, F32 and the rest it knows).
+For llama, llama.cpp's converter permutes the rows of the Q and K projections (per head, from HF's
+"rotate_half" pairing to interleaved pairs); we undo that here so the tensors are in HF layout.
+Qwen's it leaves in HF's pairing (llama.cpp runs them with NeoX-style RoPE). Tokenizer files are
+written for the byte-level BPE pre-tokenizers the project implements (GPT-2's, SmolLM2's); for any
+other (Qwen2's, a SentencePiece vocabulary) the weights are converted and the tokenizer is not,
+which the log and conversion.json say. The output is written by weights.files.atomic_dir (a temporary
 directory beside the target, moved in at the end), so a failure never leaves a half-written model
 behind nor loses the one it replaces; an output that is or holds the GGUF is refused.
 """
@@ -25,8 +30,10 @@ DONE = "conversion.json"  # written last: its presence means the directory is co
 
 LAYER_NAMES = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
                "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-               "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-               "ffn_down": "mlp.down_proj"}
+               "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+               "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+ARCHITECTURES = ("llama", "qwen2", "qwen3")  # GGUF general.architecture, each also its HF model_type
+PRE_TOKENIZERS = (None, "default", "gpt-2", "smollm")  # tokenizer.ggml.pre values written (GPT-2's regex)
 TOP_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
              "output.weight": "lm_head.weight"}
 
@@ -67,24 +74,35 @@ def field(reader, key, default=None):
     return default if f is None else f.contents()
 
 
-def hf_config(reader, has_output: bool) -> dict:
+def hf_config(reader, names) -> dict:
     arch = field(reader, "general.architecture")
-    if arch != "llama":
-        raise ConvertError(f"GGUF architecture {arch!r} is not supported (only 'llama')")
-    p = lambda k, d=None: field(reader, f"llama.{k}", d)  # noqa: E731
+    if arch not in ARCHITECTURES:
+        raise ConvertError(f"GGUF architecture {arch!r} is not supported ({', '.join(ARCHITECTURES)})")
+    p = lambda k, d=None: field(reader, f"{arch}.{k}", d)  # noqa: E731
     n_heads, dim = p("attention.head_count"), p("embedding_length")
+    head_dim = p("attention.key_length", p("rope.dimension_count", dim // n_heads))
     return {
-        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_act": "silu",
+        "model_type": arch, "architectures": [f"{arch.title()}ForCausalLM"], "hidden_act": "silu",
         "vocab_size": len(field(reader, "tokenizer.ggml.tokens")), "hidden_size": dim,
         "intermediate_size": p("feed_forward_length"), "num_hidden_layers": p("block_count"),
         "num_attention_heads": n_heads, "num_key_value_heads": p("attention.head_count_kv", n_heads),
-        "head_dim": p("rope.dimension_count", dim // n_heads), "max_position_embeddings": p("context_length"),
+        "head_dim": head_dim, "max_position_embeddings": p("context_length"),
         "rms_norm_eps": p("attention.layer_norm_rms_epsilon"), "rope_theta": p("rope.freq_base", 10000.0),
-        "tie_word_embeddings": not has_output, "attention_bias": False, "mlp_bias": False,
-        "bos_token_id": field(reader, "tokenizer.ggml.bos_token_id"),
+        "tie_word_embeddings": "output.weight" not in names, "attention_bias": "blk.0.attn_q.bias" in names,
+        "mlp_bias": False, "bos_token_id": field(reader, "tokenizer.ggml.bos_token_id"),
         "eos_token_id": field(reader, "tokenizer.ggml.eos_token_id"),
         "pad_token_id": field(reader, "tokenizer.ggml.padding_token_id"), "torch_dtype": "float32",
     }
+
+
+def unsupported_tokenizer(reader):
+    """Why this GGUF's tokenizer cannot be written as one the project reads, or None."""
+    model, pre = field(reader, "tokenizer.ggml.model"), field(reader, "tokenizer.ggml.pre")
+    if model != "gpt2":
+        return f"tokenizer model {model!r} is not byte-level BPE ('gpt2')"
+    if pre not in PRE_TOKENIZERS:
+        return f"pre-tokenizer {pre!r} is not implemented ({', '.join(map(str, PRE_TOKENIZERS[1:]))})"
+    return None
 
 
 def tokenizer_files(reader, path) -> dict[str, dict]:
@@ -140,16 +158,17 @@ def convert(gguf_path, out_dir, log=print, force=False) -> bool:
             raise ConvertError(f"{out_dir} holds a different conversion; pass --force to replace it")
     reader = read_gguf(gguf_path)
     names = {t.name for t in reader.tensors}
-    cfg = hf_config(reader, has_output="output.weight" in names)
+    cfg = hf_config(reader, names)
+    no_tokenizer = unsupported_tokenizer(reader)
 
     from gguf import dequantize
 
     tensors = {}
     for t in reader.tensors:
         w = dequantize(t.data, t.tensor_type).astype(np.float32).reshape([int(s) for s in reversed(t.shape)])
-        if t.name.endswith("attn_q.weight"):
+        if cfg["model_type"] == "llama" and t.name.endswith(("attn_q.weight", "attn_q.bias")):
             w = unpermute(w, cfg["num_attention_heads"])
-        elif t.name.endswith("attn_k.weight"):
+        elif cfg["model_type"] == "llama" and t.name.endswith(("attn_k.weight", "attn_k.bias")):
             w = unpermute(w, cfg["num_key_value_heads"])
         tensors[hf_tensor_name(t.name)] = torch.from_numpy(np.ascontiguousarray(w))
         log(f"  {t.name:28s} {t.tensor_type.name:5s} -> {hf_tensor_name(t.name)} {tuple(w.shape)}")
@@ -157,8 +176,9 @@ def convert(gguf_path, out_dir, log=print, force=False) -> bool:
     with atomic_dir(out_dir, DONE, force=True, reads=(gguf_path,)) as tmp:  # checked above, before the slow part
         save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
-        for name, content in tokenizer_files(reader, gguf_path).items():
+        for name, content in ({} if no_tokenizer else tokenizer_files(reader, gguf_path)).items():
             (tmp / name).write_text(json.dumps(content, ensure_ascii=False, indent=1))
-        (tmp / DONE).write_text(json.dumps(dict(src, tensors=len(tensors)), indent=2))
-    log(f"wrote {out_dir} ({len(tensors)} tensors, fp32)")
+        record = dict(src, tensors=len(tensors), **({"tokenizer": f"not converted: {no_tokenizer}"} if no_tokenizer else {}))
+        (tmp / DONE).write_text(json.dumps(record, indent=2))
+    log(f"wrote {out_dir} ({len(tensors)} tensors, fp32)" + (f"; no tokenizer files: {no_tokenizer}" if no_tokenizer else ""))
     return True
