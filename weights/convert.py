@@ -178,7 +178,9 @@ def convert(gguf_path, out_dir, log=print, force=False) -> bool:
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
         for name, content in ({} if no_tokenizer else tokenizer_files(reader, gguf_path)).items():
             (tmp / name).write_text(json.dumps(content, ensure_ascii=False, indent=1))
-        record = dict(src, tensors=len(tensors), **({"tokenizer": f"not converted: {no_tokenizer}"} if no_tokenizer else {}))
+        record = dict(src, tensors=len(tensors))
+        if no_tokenizer:
+            record["tokenizer"] = f"not converted: {no_tokenizer}"
         (tmp / DONE).write_text(json.dumps(record, indent=2))
-    log(f"wrote {out_dir} ({len(tensors)} tensors, fp32)" + (f"; no tokenizer files: {no_tokenizer}" if no_tokenizer else ""))
+    log(f"wrote {out_dir} ({len(tensors)} tensors, fp32)" + (no_tokenizer and f"; no tokenizer files: {no_tokenizer}" or ""))
     return True

@@ -105,7 +105,8 @@ def contenders(model, a, tau, vocab):
            f"Unified {a.r:g}x": lambda p: (generate_unified(model, [p], a.r, max_new_tokens=N)[0], 0),
            f"SkipDecode {a.r:g}x": lambda p: (generate_skipdecode(model, [p], a.r, max_new_tokens=N)[0], 0),
            "early exit, full-head checks": lambda p: (generate_early_exit(model, p, tau, N).tokens, 0),
-           f"early exit, top-{a.top_k} checks": lambda p: (generate_early_exit(model, p, tau, N, vocab=vocab).tokens, 0),
+           f"early exit, top-{a.top_k} checks":
+               lambda p: (generate_early_exit(model, p, tau, N, vocab=vocab).tokens, 0),
            "AdaInfer gap>=0.8, full-head checks": lambda p: ada(p, None),
            f"AdaInfer gap>=0.8, top-{a.top_k} checks": lambda p: ada(p, vocab)}
     return [Contender(m, lambda ps, fn=fn: fn(ps[0]), model) for m, fn in fns.items()]
