@@ -17,6 +17,9 @@ from skip.train.kangaroo import exit_states, self_distill, train
 from skip.trace.compare import compare
 from skip.trace.methods import trace
 from skip.trace.port import write_transformers_trace
+from skip.adainfer import Threshold
+from skip.adainfer_gen import generate_adainfer
+from skip.baselines import generate_skipdecode, skipdecode_layers, skipdecode_schedule
 from skip.unified import generate_unified, kept_layers
 
 from conftest import VARIANTS, build_hf, build_pair, reference_decode
@@ -48,9 +51,12 @@ def test_a_window_changes_exactly_the_positions_past_it(name, tmp_path_factory):
 @torch.no_grad()
 def test_layer_skipping_and_the_exits_equal_their_oracles(family):
     _, _, model = family
-    K = kept_layers(model.cfg.n_layers, 2, False)
+    L, K = model.cfg.n_layers, kept_layers(model.cfg.n_layers, 2, False)
     assert generate_unified(model, PROMPTS, 2, max_new_tokens=10, eos=[]) == \
         reference_decode(model, PROMPTS, lambda i: K, 10)
+    schedule = skipdecode_schedule(L, 2, 10)
+    assert generate_skipdecode(model, PROMPTS, 2, max_new_tokens=10, eos=[]) == \
+        reference_decode(model, PROMPTS, lambda i: skipdecode_layers(L, schedule, i), 10)
     check_early_exit(model)  # batched rows equal their unbatched runs, those the cache-free reference
     check_adainfer(model)
 
@@ -69,18 +75,23 @@ def test_a_trained_adapter_decodes_losslessly_and_its_rows_equal_their_runs_alon
             assert [r.tokens for r in rows] == plain
 
 
-def test_traces_equal_transformers_and_kangaroos_tokens_are_plain(family, tmp_path):
+def test_every_methods_trace_holds_its_run_and_transformers_trace_equals_ours(family, tmp_path):
     name, hf, model = family
     prompt = PROMPTS[2]
     model.cfg.eos_token_id, hf.generation_config.eos_token_id = [], None  # the full length on both sides
-    trace(model, prompt, tmp_path / "ours", "full", max_new_tokens=10)
+    trace(model, prompt, tmp_path / "full", "full", max_new_tokens=10)
     write_transformers_trace(hf, prompt, tmp_path / "hf", 10)
-    assert compare(tmp_path / "hf", tmp_path / "ours") == []
+    assert compare(tmp_path / "hf", tmp_path / "full") == []
     save_adapter(Adapter.from_model(model, 2), tmp_path / "adapter")
-    trace(model, prompt, tmp_path / "k", "kangaroo", max_new_tokens=10, settings={"adapter": tmp_path / "adapter"})
-    assert compare(tmp_path / "k", tmp_path / "k", atol=0, rtol=0) == []
-    tokens = [json.loads((tmp_path / t / "trace.json").read_text())["tokens"] for t in ("k", "ours")]
-    assert tokens[0] == tokens[1]
+    runs = {"unified": ({"r": 2}, generate_unified(model, [prompt], 2, max_new_tokens=10, eos=[])[0]),
+            "skipdecode": ({"r": 2}, generate_skipdecode(model, [prompt], 2, max_new_tokens=10, eos=[])[0]),
+            "adainfer": ({"tau": 0.5}, generate_adainfer(model, prompt, Threshold(0.5), 10, eos=[]).tokens),
+            "kangaroo": ({"adapter": tmp_path / "adapter"}, None)}  # lossless: plain greedy's tokens
+    plain = json.loads((tmp_path / "full" / "trace.json").read_text())["tokens"]
+    for method, (settings, tokens) in runs.items():
+        trace(model, prompt, tmp_path / method, method, max_new_tokens=10, settings=settings)
+        assert compare(tmp_path / method, tmp_path / method, atol=0, rtol=0) == []
+        assert json.loads((tmp_path / method / "trace.json").read_text())["tokens"] == (tokens or plain), method
 
 
 @pytest.mark.parametrize("kind, kw", [
