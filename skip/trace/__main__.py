@@ -1,6 +1,8 @@
 """python -m skip.trace write --method full|kangaroo|unified|skipdecode|adainfer --prompt TEXT --out DIR
 python -m skip.trace write --method adainfer --classifier FILE.json --prompt TEXT --out DIR   (skip/adainfer_files.py)
 python -m skip.trace write --method M --prompt A --prompt B ... --out DIR   (a batch: skip/trace/batch.py)
+    --ids "1 2 3" in place of --prompt (token ids, no template), --no-chat (the text without the chat
+    template), --eos ID ... or --no-eos (default: the model's EOS), --l L (kangaroo without an adapter)
 python -m skip.trace compare REFERENCE OTHER [--atol A] [--rtol R]   (defaults by dtype: TOLERANCES; batches row by row)
     status 0: the traces agree, 1: they diverge, 2: unusable input (one line on stderr; skip/trace/check.py)
 python -m skip.trace show DIR [--against OTHER] [--out FILE.png] [--model MODEL_DIR]   (skip/trace/show.py)
@@ -11,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from model import add_load_args, load_model
+from model import add_load_args, check_eos, check_prompts, load_model
 from model.cli import bad_input, message, output_failed, stdout_checked, writable_file
 from model.jsonfile import parse_json
 from weights import DEFAULT_MODEL
@@ -22,8 +24,19 @@ from .format import DEFAULTS, TraceError, settings_used
 from .methods import trace
 
 
+def token_ids(text):
+    """--ids: token ids separated by spaces or commas."""
+    try:
+        ids = [int(t) for t in text.replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"token ids separated by spaces or commas, got {text!r}") from None
+    if not ids or min(ids) < 0:
+        raise argparse.ArgumentTypeError(f"at least one token id, none negative, got {text!r}")
+    return ids
+
+
 def write_trace(a):
-    """`write`: the trace of --method on the chat-templated --prompt."""
+    """`write`: the trace of --method on each --prompt (chat-templated unless --no-chat) or --ids."""
     from tokenizer import encode_chat, load_tokenizer
 
     def refuse(name):
@@ -38,11 +51,20 @@ def write_trace(a):
         if a.method != "adainfer":
             raise TraceError(f"--classifier is AdaInfer's stop classifier, not {a.method}'s")
         settings["classifier"] = a.classifier
+    if a.l is not None:
+        if a.method != "kangaroo":
+            raise TraceError(f"--l is adapter-free Kangaroo's exit layer, not {a.method}'s")
+        settings["l"] = a.l
     used = settings_used(a.method, settings)  # the files it reads are never its output, --force or not
     check_not_reading(a.out, a.model, *(used[k] for k in ("adapter", "classifier") if isinstance(used.get(k), str)))
     model = load_model(a.model, a.dtype, device=a.device)
-    tok = load_tokenizer(a.model)
-    prompts = [encode_chat(tok, p) for p in a.prompt]
+    if a.eos is not None or a.no_eos:  # every method stops at the model's EOS ids: these, or none
+        model.cfg.eos_token_id = sorted(check_eos(model.cfg, [] if a.no_eos else a.eos))
+    if a.ids:
+        prompts = check_prompts(model.cfg, a.ids)
+    else:
+        tok = load_tokenizer(a.model)
+        prompts = [tok.encode(p) if a.no_chat else encode_chat(tok, p) for p in a.prompt]
     if len(prompts) > 1:  # one batched run, a trace per row
         trace_batch(model, prompts, a.out, a.method, a.max_new_tokens, settings, a.force)
     else:
@@ -56,8 +78,17 @@ def main(argv=None):
     w = sub.add_parser("write")
     w.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     w.add_argument("--method", default="full", choices=list(DEFAULTS))
-    w.add_argument("--prompt", required=True, action="append", help="twice or more: one batched run, "
-                   "a trace per row (skip/trace/batch.py)")
+    given = w.add_mutually_exclusive_group(required=True)
+    given.add_argument("--prompt", action="append", help="twice or more: one batched run, "
+                       "a trace per row (skip/trace/batch.py)")
+    given.add_argument("--ids", type=token_ids, action="append", help='token ids, e.g. "1 2 3" (no chat template); '
+                       "twice or more: a batch")
+    w.add_argument("--no-chat", action="store_true", help="--prompt as plain text, without the chat template")
+    ends = w.add_mutually_exclusive_group()
+    ends.add_argument("--eos", type=int, nargs="+", metavar="ID", help="stop at these ids (default: the model's EOS)")
+    ends.add_argument("--no-eos", action="store_true", help="never stop before --max-new-tokens")
+    w.add_argument("--l", type=int, help="kangaroo without an adapter: draft from layer l with the model's own "
+                   "norm and head (the settings' adapter becomes null)")
     w.add_argument("--max-new-tokens", type=int, default=16)
     w.add_argument("--settings", default="{}", help='JSON, e.g. \'{"gamma": 6, "eta": 0.6}\' or \'{"r": 2}\'')
     w.add_argument("--classifier", type=Path, help="adainfer: a stop classifier file (skip/adainfer_files.py) "

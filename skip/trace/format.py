@@ -87,7 +87,12 @@ def settings_used(method, settings):
     unknown = set(settings) - set(defaults)
     if unknown:
         raise TraceError(f"unknown setting(s) {sorted(unknown)} for {name} (known: {sorted(defaults)})")
+    if method == "kangaroo" and settings.get("l") is not None:  # l alone: the adapter-free draft from layer l
+        settings = {"adapter": None, **settings}
     settings = {**defaults, **{k: str(v) if isinstance(v, Path) else v for k, v in settings.items()}}
+    if method == "kangaroo" and (settings["adapter"] is None) == (settings["l"] is None):
+        raise TraceError("kangaroo drafts with an adapter or, adapter-free, from layer l: give one of "
+                         f"adapter and l, got adapter {settings['adapter']!r} and l {settings['l']!r}")
     for k, v in settings.items():  # the settings no method checks itself (r, gamma, eta: theirs do)
         if k in SETTING_CHECKS and not SETTING_CHECKS[k][0](v):
             raise TraceError(f"setting {k} must be {SETTING_CHECKS[k][1]}, got {v!r}")
@@ -100,12 +105,13 @@ SETTING_CHECKS = {
             "a number in [0, 1] (the gap is a difference of probabilities)"),
     "draft_vocab": (lambda v: v is None or (is_int(v) and v >= 1), "null or an integer >= 1"),
     "check_every": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
-    "adapter": (lambda v: isinstance(v, str), "the path of an adapter folder")}
+    "adapter": (lambda v: v is None or isinstance(v, str), "the path of an adapter folder, or null with l"),
+    "l": (lambda v: v is None or (is_int(v) and v >= 1), "null or an integer >= 1 (the adapter-free exit layer)")}
 
 
 # the settings of each method, with their defaults (what each records: skip/trace/methods.py)
 DEFAULTS = {"full": {}, "unified": {"r": 2}, "skipdecode": {"r": 2}, "adainfer": {"tau": 0.8},
-            "kangaroo": {"adapter": str(WEIGHTS / "kangaroo-l2"), "gamma": 6, "eta": 0.6, "draft_vocab": None}}
+            "kangaroo": {"adapter": str(WEIGHTS / "kangaroo-l2"), "l": None, "gamma": 6, "eta": 0.6, "draft_vocab": None}}
 # AdaInfer with a stop classifier file (skip/adainfer_files.py) in place of tau; vocab: the cheap head's ids
 ADAINFER_CLASSIFIER = {"classifier": None, "check_every": 1, "vocab": None}
 

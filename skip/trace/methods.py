@@ -66,7 +66,7 @@ def own_lengths(cache, b):
 
 
 def kangaroo_steps(model, prompts, max_new_tokens, settings):
-    adapter = load_adapter(settings["adapter"], model)
+    adapter = None if settings["adapter"] is None else load_adapter(settings["adapter"], model)
     steps = [[] for _ in prompts]
     seen = [{"draft_top_ids": [], "draft_top_probs": []} for _ in prompts]
     order = []  # the prompt of each batch row this round: verify, then on_round, see every row in batch order
@@ -84,12 +84,13 @@ def kangaroo_steps(model, prompts, max_new_tokens, settings):
 
     def on_round(tokens, caches, row=0):
         b = order.index(row)
-        steps[row].append({"cache_lengths": own_lengths(caches[0], b),
-                           "adapter_cache_length": own_lengths(caches[1], b)[0], **seen[row]})
+        steps[row].append({"cache_lengths": own_lengths(caches[0], b),  # adapter-free: no adapter cache, 0
+                           "adapter_cache_length": 0 if caches[1] is None else own_lengths(caches[1], b)[0],
+                           **seen[row]})
         seen[row] = {"draft_top_ids": [], "draft_top_probs": []}
         if b == len(order) - 1:  # the round's last row
             order.clear()
-    kw = dict(max_new_tokens=max_new_tokens, gamma=settings["gamma"], eta=settings["eta"],
+    kw = dict(l=settings["l"], max_new_tokens=max_new_tokens, gamma=settings["gamma"], eta=settings["eta"],
               draft_vocab=settings["draft_vocab"], on_round=on_round, observe=observe)
     outs = (generate_kangaroo_batch(model, prompts, adapter, **kw) if len(prompts) > 1 else
             [generate_kangaroo(model, prompts[0], adapter, **kw)])  # one prompt: the paper's file

@@ -116,7 +116,8 @@ def kangaroo_rounds(grid, meta, T):
         raise TraceError(f"the rounds hold {c - 1} passes, the layer runs {len(grid.slots) - 1}")
     grid.l = next((layer for slot, layer, norms in meta["layer_runs"] if slot >= T and len(norms) > 1), None)
     if grid.l is None:  # every round drafted nothing: no run shows l
-        grid.l = adapter_l(meta["settings"].get("adapter"), len(grid.states))
+        l = meta["settings"].get("l")  # adapter-free: the setting; else the adapter's record
+        grid.l = l if is_int(l) and 0 < l < len(grid.states) else adapter_l(meta["settings"].get("adapter"), len(grid.states))
     if grid.l is not None:
         kept = grid.states[:, 1:] == RAN
         grid.states[:, 1:][kept & (np.arange(len(grid.states))[:, None] < grid.l)] = DRAFT

@@ -1,0 +1,65 @@
+"""`skip.trace write` from the command line as a port's check needs it: token ids without a
+template (--ids), text without one (--no-chat), the stop ids (--eos, --no-eos), and Kangaroo
+without an adapter (--l), each trace equal to what the Python API decodes for the same input."""
+import json
+
+import pytest
+import torch
+
+from model import generate, load_model
+from skip.kangaroo import generate_kangaroo
+from skip.trace.__main__ import main
+from tokenizer import encode_chat, load_tokenizer
+
+from conftest import trace_cli
+
+IDS = [5, 17, 200, 31, 9]
+
+
+def written(tiny_chat_dir, out, *args):
+    main(["write", "--model", str(tiny_chat_dir), "--out", str(out), *map(str, args)])
+    return json.loads((out / "trace.json").read_text())
+
+
+@torch.no_grad()
+def test_ids_text_and_stop_ids_reach_the_decoder_as_given(tiny_chat_dir, tmp_path):
+    m, tok = load_model(tiny_chat_dir), load_tokenizer(tiny_chat_dir)
+    free = written(tiny_chat_dir, tmp_path / "ids", "--ids", " ".join(map(str, IDS)), "--no-eos",
+                   "--max-new-tokens", 12)
+    assert free["prompt"] == IDS and free["tokens"] == generate(m, [IDS], max_new_tokens=12, eos=[])[0]
+    stop = free["tokens"][3]  # a stop id met on the way: the run ends at its first occurrence
+    ended = written(tiny_chat_dir, tmp_path / "eos", "--ids", ",".join(map(str, IDS)), "--eos", stop,
+                    "--max-new-tokens", 12)
+    assert ended["tokens"] == free["tokens"][:free["tokens"].index(stop) + 1]
+    plain = written(tiny_chat_dir, tmp_path / "text", "--prompt", "Name three colours.", "--no-chat", "--no-eos",
+                    "--max-new-tokens", 4)
+    chat = written(tiny_chat_dir, tmp_path / "chat", "--prompt", "Name three colours.", "--no-eos",
+                   "--max-new-tokens", 4)
+    assert plain["prompt"] == tok.encode("Name three colours.")
+    assert chat["prompt"] == encode_chat(tok, "Name three colours.")
+
+
+@torch.no_grad()
+def test_adapter_free_kangaroo_is_written_from_the_cli_as_the_api_runs_it(tiny_chat_dir, tmp_path):
+    m = load_model(tiny_chat_dir)
+    meta = written(tiny_chat_dir, tmp_path / "k", "--method", "kangaroo", "--l", 2, "--ids", " ".join(map(str, IDS)),
+                   "--no-eos", "--settings", '{"gamma": 3, "eta": 0.0}', "--max-new-tokens", 10)
+    api = generate_kangaroo(m, IDS, None, l=2, max_new_tokens=10, gamma=3, eta=0.0, eos=[])
+    assert meta["settings"] == {"adapter": None, "l": 2, "gamma": 3, "eta": 0.0, "draft_vocab": None}
+    assert meta["tokens"] == api.tokens == generate(m, [IDS], max_new_tokens=10, eos=[])[0]
+    assert [(s["drafted"], s["accepted"], s["drafts"]) for s in meta["steps"]] == \
+        [(r.drafted, r.accepted, r.drafts) for r in api.rounds]
+    assert {layer for _, layer, _ in meta["layer_runs"]} == set(range(m.cfg.n_layers))  # what show draws
+
+
+@pytest.mark.parametrize("args, said", [
+    (["--ids", "5 x 7"], "token ids separated"), (["--ids", "5 -1"], "none negative"),
+    (["--ids", "5 99999"], "vocab"), (["--ids", "5", "--eos", "99999"], "eos"),
+    (["--ids", "5", "--l", "2"], "--l is adapter-free Kangaroo's"),
+    (["--ids", "5", "--method", "kangaroo", "--l", "2", "--settings", '{"adapter": "a"}'], "one of adapter and l"),
+    (["--ids", "5", "--method", "kangaroo", "--l", "0"], "setting l"),
+    (["--ids", "5", "--prompt", "x"], "not allowed with"), (["--ids", "5", "--eos", "2", "--no-eos"], "not allowed")])
+def test_bad_write_options_end_in_one_line_with_status_2(tiny_chat_dir, tmp_path, capsys, args, said):
+    status, _, err = trace_cli(capsys, "write", "--model", tiny_chat_dir, "--out", tmp_path / "t", *args)
+    assert status == 2 and said in err.strip().splitlines()[-1] and "Traceback" not in err, err
+    assert not (tmp_path / "t").exists()
