@@ -79,6 +79,14 @@ def _eos_list(v):
     return [] if v is None else ([v] if isinstance(v, int) else list(v))
 
 
+# what transformers assumes for a key a config.json leaves out, where it differs from Llama's default
+FAMILY_DEFAULTS = {
+    "qwen2": {"num_key_value_heads": 32, "max_position_embeddings": 32768},
+    "qwen3": {"num_key_value_heads": 32, "head_dim": 128, "max_position_embeddings": 32768},
+    "mistral": {"num_key_value_heads": 8, "sliding_window": 4096, "max_position_embeddings": 131072,
+                "bos_token_id": 1, "eos_token_id": 2}}
+
+
 def _sliding(c: dict, kind: str):
     """(window, the layers it applies to) as transformers reads them for this model_type."""
     n = c["num_hidden_layers"]
@@ -91,11 +99,14 @@ def _sliding(c: dict, kind: str):
             "max_window_layers", 28) else "full_attention" for i in range(n)]
         if not isinstance(types, list) or len(types) != n or set(types) - {"sliding_attention", "full_attention"}:
             _unsupported("layer_types", types, f"{n} of 'full_attention' and 'sliding_attention'")
+        if window is None and "sliding_attention" in types:  # transformers cannot build that mask either
+            _unsupported("layer_types", types, "'sliding_attention' only with use_sliding_window and a sliding_window")
         return window, [i for i, t in enumerate(types) if t == "sliding_attention" and window is not None]
     return None, []
 
 
 def _llama(c: dict, kind: str = "llama") -> Config:
+    c = {**FAMILY_DEFAULTS.get(kind, {}), **c}
     if c.get("hidden_act", "silu") != "silu":
         _unsupported("hidden_act", c["hidden_act"], "'silu'")
     if c.get("pretraining_tp", 1) != 1:

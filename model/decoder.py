@@ -114,9 +114,9 @@ def attention_mask(pad_mask, start, T, device="cpu", window=None):
         allowed = allowed & (pos[:, None, :] > pos[:, start:, None] - window)  # (B|1, T, S)
     if pad_mask is not None:
         allowed = (allowed & pad_mask[:, None, :S]) | (k == q)  # (B, T, S)
-    if window is not None:
-        seen = allowed.flatten(0, 1).any(0)  # (S,): keys some query sees
-        allowed = allowed[..., int(seen.int().argmax()):]  # from the first of them: (B|1, T, S')
+    if window is not None:  # from the first key some query sees (known on the host without padding)
+        first = max(0, start - window + 1) if pad_mask is None else int(allowed.flatten(0, 1).any(0).int().argmax())
+        allowed = allowed[..., first:]  # (B|1, T, S')
     return allowed.reshape(-1, 1, T, allowed.shape[-1])
 
 
@@ -238,6 +238,7 @@ class Decoder(nn.Module):
         self.pos_embed = Embedding(cfg.max_seq_len + cfg.pos_offset, cfg.dim) if cfg.pos == "learned" else None
         self.proj_in = Linear(cfg.embed_dim, cfg.dim, bias=False) if cfg.embed_dim != cfg.dim else None
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.sliding = [i in cfg.sliding_layers for i in range(cfg.n_layers)]  # layers with the window
         self.norm = Norm(cfg) if cfg.final_norm else None
         self.proj_out = Linear(cfg.dim, cfg.embed_dim, bias=False) if cfg.embed_dim != cfg.dim else None
         self.head = Linear(cfg.embed_dim, cfg.vocab_size, bias=False)
@@ -304,7 +305,7 @@ class Decoder(nn.Module):
         window = attention_mask(pad_mask, start, T, h.device, self.cfg.sliding_window) if self.cfg.sliding_layers \
             else None
         for i in range(self.cfg.n_layers) if layers is None else layers:
-            attn_mask = window if i in self.cfg.sliding_layers else full
+            attn_mask = window if self.sliding[i] else full
             h, a, m = self.blocks[i](h, rope, attn_mask, cache, i, start, self.attn_impl)
             self.emit(LayerRun(i, B, T, start), h)
             if callback is not None and callback(i, h, a, m):

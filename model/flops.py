@@ -3,7 +3,8 @@
 Norms, RoPE, softmax, activations, residual adds and embedding lookups are O(n*d) and
 left out, as FlopCounterMode leaves them out. Attention is counted as computed: n new
 queries against all S + n visible keys (the full rectangle, masked or not); in a layer with a
-sliding window W, against the last min(S + n, n + W - 1), the keys Attention reads.
+sliding window W, against the last min(S + n, n + W - 1), the keys Attention reads for a row
+without padding or holes (a batch's widest row may make it read more: the count is one row's).
 
 Per layer, n new tokens, S cached tokens, d = dim, h = n_heads, h_kv = n_kv_heads,
 hd = head_dim, f = ffn_dim, m = 3 matrices for SwiGLU (Llama) or 2 (OPT):
@@ -50,6 +51,7 @@ class AttnRun:  # an attention-only block beside the model (Kangaroo's adapter)
     batch: int
     n: int
     ctx: int
+    window: int | None = None  # the sliding window of the layer whose attention it copies
 
 
 @dataclass(frozen=True)
@@ -105,7 +107,7 @@ def total(cfg, runs):
         elif isinstance(r, KVRun):
             flops += r.batch * kv_flops(cfg, r.n)
         elif isinstance(r, AttnRun):
-            flops += r.batch * attn_flops(cfg, r.n, r.ctx)
+            flops += r.batch * attn_flops(cfg, r.n, r.ctx, r.window)
         else:
             flops += r.batch * embed_flops(cfg, r.n)
     return flops

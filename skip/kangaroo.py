@@ -90,9 +90,9 @@ def adapt(model, A, h, cache, start, pad_mask=None):
     A's attention is layer l's, sliding window included (Mistral, Qwen)."""
     B, T = h.shape[:2]
     pos = positions(pad_mask, start, T, h.device)  # (B|1, T)
-    mask = attention_mask(pad_mask, start, T, h.device, layer_window(model.cfg, A.l))
-    z = A(h, A.rope(model, pos), cache, start, mask, model.attn_impl)
-    model.emit(AttnRun(B, T, start))
+    window = layer_window(model.cfg, A.l)
+    z = A(h, A.rope(model, pos), cache, start, attention_mask(pad_mask, start, T, h.device, window), model.attn_impl)
+    model.emit(AttnRun(B, T, start, window))
     return z
 
 

@@ -14,6 +14,7 @@ from model import Decoder, generate, layer_window, load_model
 from skip.kangaroo_adapter import Adapter
 from skip.kangaroo_files import save_adapter
 from skip.train.kangaroo import exit_states, self_distill, train
+from skip.trace.check import read
 from skip.trace.compare import compare
 from skip.trace.methods import trace
 from skip.trace.port import write_transformers_trace
@@ -69,16 +70,21 @@ def test_a_trained_adapter_decodes_losslessly_and_its_rows_equal_their_runs_alon
     train(model, adapter, exit_states(model, seqs, 2), seqs, list(range(len(seqs))), steps=3, batch=2)
     assert any(not torch.equal(a, b) for a, b in zip(before, adapter.parameters()))  # it trained
     plain = [generate(model, [p], max_new_tokens=12, eos=[])[0] for p in PROMPTS]
+    holes = accepted = 0
     with torch.no_grad():
         for gamma, eta in [(3, 0.0), (6, 0.4)]:
             rows = same_as_alone(model, PROMPTS, adapter=adapter, max_new_tokens=12, gamma=gamma, eta=eta, eos=[])
             assert [r.tokens for r in rows] == plain
+            holes += sum(r.holes for o in rows for r in o.rounds)
+            accepted += sum(r.accepted for o in rows for r in o.rounds)
+    assert holes > 0 and accepted > 0  # rows with holes, keys past the window (prompt + 12 > 6): both paths ran
 
 
-def test_every_methods_trace_holds_its_run_and_transformers_trace_equals_ours(family, tmp_path):
+def test_every_methods_trace_holds_its_run_and_transformers_trace_equals_ours(family, tmp_path, monkeypatch):
     name, hf, model = family
     prompt = PROMPTS[2]
-    model.cfg.eos_token_id, hf.generation_config.eos_token_id = [], None  # the full length on both sides
+    monkeypatch.setattr(model.cfg, "eos_token_id", [])  # the full length on both sides
+    monkeypatch.setattr(hf.generation_config, "eos_token_id", None)
     trace(model, prompt, tmp_path / "full", "full", max_new_tokens=10)
     write_transformers_trace(hf, prompt, tmp_path / "hf", 10)
     assert compare(tmp_path / "hf", tmp_path / "full") == []
@@ -90,8 +96,8 @@ def test_every_methods_trace_holds_its_run_and_transformers_trace_equals_ours(fa
     plain = json.loads((tmp_path / "full" / "trace.json").read_text())["tokens"]
     for method, (settings, tokens) in runs.items():
         trace(model, prompt, tmp_path / method, method, max_new_tokens=10, settings=settings)
-        assert compare(tmp_path / method, tmp_path / method, atol=0, rtol=0) == []
-        assert json.loads((tmp_path / method / "trace.json").read_text())["tokens"] == (tokens or plain), method
+        meta, _ = read(tmp_path / method)  # a valid trace (skip/trace/check.py)
+        assert meta["tokens"] == (tokens or plain), method
 
 
 @pytest.mark.parametrize("kind, kw", [
@@ -100,28 +106,50 @@ def test_every_methods_trace_holds_its_run_and_transformers_trace_equals_ours(fa
     ("qwen3", {"use_sliding_window": True, "sliding_window": 3,
                "layer_types": ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]}),
     ("mistral", {"sliding_window": 5}), ("mistral", {"sliding_window": None})])
-def test_each_layers_window_is_the_one_transformers_reads(kind, kw):
+def test_each_layers_window_and_shape_are_the_ones_transformers_reads(kind, kw):
+    """From a config.json as a hub model ships it (only what differs from the family's defaults,
+    no layer_types unless given) and from transformers' full one."""
     import transformers
-    from conftest import FAMILIES, LLAMA
+    from conftest import FAMILIES
     from model import from_hf
-    hf_cfg = getattr(transformers, f"{FAMILIES[kind]}Config")(**LLAMA, num_key_value_heads=2, **kw)
-    ours = from_hf(hf_cfg.to_dict())
+    given = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, **kw)
+    hf_cfg = getattr(transformers, f"{FAMILIES[kind]}Config")(**given)
     hf = getattr(transformers, f"{FAMILIES[kind]}ForCausalLM")(hf_cfg)
     theirs = [layer.self_attn.sliding_window if hasattr(layer.self_attn, "sliding_window") else hf_cfg.sliding_window
               for layer in hf.model.layers]
-    assert [layer_window(ours, i) for i in range(ours.n_layers)] == theirs
+    attn = hf.model.layers[0].self_attn
+    for c in ({"model_type": kind, **given}, hf_cfg.to_dict()):
+        ours = from_hf(c)
+        assert [layer_window(ours, i) for i in range(ours.n_layers)] == theirs
+        assert (ours.n_kv_heads, ours.head_dim) == (attn.k_proj.out_features // attn.head_dim, attn.head_dim)
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "qwen3", "mistral"])
+def test_what_a_config_leaves_out_is_what_transformers_assumes(kind):
+    import transformers
+    from conftest import FAMILIES
+    from model import from_hf
+    given = dict(vocab_size=97, hidden_size=4096, intermediate_size=96, num_hidden_layers=2, num_attention_heads=32)
+    hf = getattr(transformers, f"{FAMILIES[kind]}Config")(**given)
+    ours = from_hf({"model_type": kind, **given})
+    assert (ours.n_kv_heads, ours.head_dim, ours.sliding_window, ours.max_seq_len, ours.bos_token_id,
+            ours.eos_token_id) == (hf.num_key_value_heads, getattr(hf, "head_dim", None) or 4096 // 32,
+                                   hf.sliding_window, hf.max_position_embeddings, hf.bos_token_id,
+                                   [] if hf.eos_token_id is None else [hf.eos_token_id])
 
 
 @pytest.mark.parametrize("change, said", [
     ({"model_type": "qwen2_moe"}, "model_type"),
     ({"model_type": "qwen3", "use_sliding_window": True, "layer_types": ["chunked_attention"] * 4}, "layer_types"),
+    ({"model_type": "qwen2", "layer_types": ["sliding_attention"] * 4}, "use_sliding_window"),
     ({"model_type": "qwen2", "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_type"),
     ({"model_type": "mistral", "sliding_window": 0}, "sliding_window")])
 def test_what_the_decoder_does_not_implement_is_refused_by_name(change, said):
     from conftest import LLAMA
     from model import UnsupportedConfig, from_hf
     with pytest.raises(UnsupportedConfig, match=said):
-        from_hf({**LLAMA, **change})
+        from_hf({**LLAMA, "num_key_value_heads": 2, **change})
 
 
 # ---------------------------------------------------------------- GGUF files of these families
@@ -136,9 +164,10 @@ def llama_cpp_permute(w, n_head):
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_gguf(hf, arch, path):
+def write_gguf(hf, arch, path, scaling=None):
     """hf's tensors in F32 as llama.cpp writes an `arch` GGUF, with a vocabulary of placeholder
-    tokens and Qwen2's pre-tokenizer (which the converter does not implement)."""
+    tokens and Qwen2's pre-tokenizer (which the converter does not implement); scaling: (type,
+    factor) of its RoPE scaling."""
     import gguf
     c = hf.config
     w = gguf.GGUFWriter(str(path), arch)
@@ -153,6 +182,9 @@ def write_gguf(hf, arch, path):
     w.add_context_length(c.max_position_embeddings)
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
     w.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    if scaling:
+        w.add_rope_scaling_type(gguf.RopeScalingType(scaling[0]))
+        w.add_rope_scaling_factor(scaling[1])
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("qwen2")
     w.add_token_list([f"t{i}" for i in range(c.vocab_size)])
@@ -179,12 +211,14 @@ def write_gguf(hf, arch, path):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("name, arch", [("qwen2", "qwen2"), ("qwen3_window", "qwen3"), ("mistral_window", "llama")])
+@pytest.mark.parametrize("name, arch", [("qwen2", "qwen2"), ("qwen3_window", "qwen3"), ("mistral_window", "llama"),
+                                        ("llama_rope_linear", "llama")])
 def test_a_gguf_of_each_family_converts_to_the_tensors_it_came_from(name, arch, tmp_path):
     from safetensors.torch import load_file
     from weights.convert import DONE, convert
     hf = build_hf(*VARIANTS[name])
-    write_gguf(hf, arch, tmp_path / "m.gguf")
+    rope = hf.config.rope_parameters
+    write_gguf(hf, arch, tmp_path / "m.gguf", rope["rope_type"] != "default" and (rope["rope_type"], rope["factor"]))
     said = []
     convert(tmp_path / "m.gguf", tmp_path / "out", log=said.append)
     ours = load_file(str(tmp_path / "out" / "model.safetensors"))
@@ -192,9 +226,18 @@ def test_a_gguf_of_each_family_converts_to_the_tensors_it_came_from(name, arch, 
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in theirs)
     m = load_model(tmp_path / "out")
     assert m.cfg.qk_norm == (arch == "qwen3") and m.cfg.attn_bias == (arch != "llama")
+    assert (m.cfg.rope_type, m.cfg.rope_factor) == (rope["rope_type"], rope.get("factor", 1.0))
     T = VARIANTS[name][1].get("sliding_window", 12)  # llama.cpp writes no window: logits within it
     ids = torch.randint(3, m.cfg.vocab_size, (1, T), generator=torch.Generator().manual_seed(0))
     assert (m(ids) - hf(ids).logits).abs().max() <= 1e-5
     assert "no tokenizer files: pre-tokenizer 'qwen2' is not implemented" in said[-1]
     record = json.loads((tmp_path / "out" / DONE).read_text())
     assert record["tokenizer"].startswith("not converted") and not (tmp_path / "out" / "tokenizer.json").exists()
+
+
+def test_a_gguf_whose_rope_scaling_changes_numbers_we_do_not_implement_is_refused(tmp_path):
+    from weights.convert import ConvertError, convert
+    write_gguf(build_hf(*VARIANTS["qwen2"]), "qwen2", tmp_path / "m.gguf", ("yarn", 4.0))
+    with pytest.raises(ConvertError, match="rope scaling 'yarn'"):
+        convert(tmp_path / "m.gguf", tmp_path / "out")
+    assert not (tmp_path / "out").exists()

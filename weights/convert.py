@@ -33,7 +33,7 @@ LAYER_NAMES = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layer
                "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
                "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
 ARCHITECTURES = ("llama", "qwen2", "qwen3")  # GGUF general.architecture, each also its HF model_type
-PRE_TOKENIZERS = (None, "default", "gpt-2", "smollm")  # tokenizer.ggml.pre values written (GPT-2's regex)
+PRE_TOKENIZERS = ("gpt-2", "smollm")  # tokenizer.ggml.pre values written (GPT-2's regex; SmolLM2's digits first)
 TOP_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
              "output.weight": "lm_head.weight"}
 
@@ -81,7 +81,11 @@ def hf_config(reader, names) -> dict:
     p = lambda k, d=None: field(reader, f"{arch}.{k}", d)  # noqa: E731
     n_heads, dim = p("attention.head_count"), p("embedding_length")
     head_dim = p("attention.key_length", p("rope.dimension_count", dim // n_heads))
-    return {
+    scaling = p("rope.scaling.type")
+    if scaling not in (None, "none", "linear"):  # YaRN and the rest change every logit
+        raise ConvertError(f"GGUF rope scaling {scaling!r} is not supported ('none', 'linear')")
+    rope = {"rope_scaling": {"rope_type": "linear", "factor": p("rope.scaling.factor")}} if scaling == "linear" else {}
+    return {**rope,
         "model_type": arch, "architectures": [f"{arch.title()}ForCausalLM"], "hidden_act": "silu",
         "vocab_size": len(field(reader, "tokenizer.ggml.tokens")), "hidden_size": dim,
         "intermediate_size": p("feed_forward_length"), "num_hidden_layers": p("block_count"),
@@ -101,7 +105,7 @@ def unsupported_tokenizer(reader):
     if model != "gpt2":
         return f"tokenizer model {model!r} is not byte-level BPE ('gpt2')"
     if pre not in PRE_TOKENIZERS:
-        return f"pre-tokenizer {pre!r} is not implemented ({', '.join(map(str, PRE_TOKENIZERS[1:]))})"
+        return f"pre-tokenizer {pre!r} is not implemented ({', '.join(PRE_TOKENIZERS)})"
     return None
 
 

@@ -68,6 +68,7 @@ def measure(model, adapter, pool, B, a):
     plain_steps = sum(max(map(len, batch)) - 1 for batch in got["plain"].outputs)  # until its longest row is done
     return s, outs, plains, rounds, plain_steps, pool
 
+
 def one_size(model, adapter, pool, B, a):
     s, outs, plains, rounds, plain_steps, prompts = measure(model, adapter, pool, B, a)
     decoded = {m: sum(len(t) - 1 for t in ts) for m, ts in (("plain", plains), ("kangaroo", [o.tokens for o in outs]))}

@@ -145,19 +145,20 @@ def unified_leads(rows):
 def throughputs(methods, prompts, batch, n_new, runs):
     """Decode tokens/s of every method: (n_new - 1) fed-back tokens per prompt over the time of
     the decode alone (the prefill, the same full pass for every method, is outside); the decode
-    FLOPs: the recorded total minus the prefill's. One untimed run first (a warm-up); then the
-    methods take turns within every run (runner.compare)."""
+    FLOPs: the recorded total minus the prefill's, from one untimed recorded run (which also warms
+    up); then the methods take turns within every run (runner.compare), unrecorded."""
     chunk = prompts[:batch]
     T = max(len(p) for p in chunk)  # left-padded prompt length; the prompt pass is the same for all
-    timed = [i for i, m in enumerate(methods) if m.batchable or batch == 1]
-    got = compare([Contender(i, lambda ps, m=methods[i]: m.decode(ps, n_new, eos=[]), methods[i].model) for i in timed],
-                  [chunk], runs, record=True, warmup=1)
-    out = [None] * len(methods)
-    for i in timed:
-        cfg = methods[i].model.cfg
-        out[i] = {"tokens_per_s": got[i].tokens_per_s(batch * (n_new - 1)),
-                  "flops": flops.total(cfg, got[i].records[0]) - batch * flops.prefill_flops(cfg, T)}
-    return out
+    timed = [m for m in methods if m.batchable or batch == 1]
+    decode_flops = {}
+    for m in timed:
+        with m.model.recording() as record:
+            m.decode(chunk, n_new, eos=[])
+        decode_flops[m.label] = flops.total(m.model.cfg, record) - batch * flops.prefill_flops(m.model.cfg, T)
+    got = compare([Contender(m.label, lambda ps, m=m: m.decode(ps, n_new, eos=[]), m.model) for m in timed],
+                  [chunk], runs)
+    return [{"tokens_per_s": got[m.label].tokens_per_s(batch * (n_new - 1)), "flops": decode_flops[m.label]}
+            if m.label in got else None for m in methods]
 
 
 @command

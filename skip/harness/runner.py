@@ -5,9 +5,9 @@ alike; the benchmark then reads what it measures from the outputs, records and m
 publishes rows through report.publish. parser() and start() are the command line every
 benchmark shares (its model, threads, output folder, device and dtype).
 
-    runs = compare([Contender("plain", plain, model), Contender("early exit", exit_, model)],
-                   batches=[prompts[:4]], runs=3)
-    runs["early exit"].tokens_per_s(fed) / runs["plain"].tokens_per_s(fed)  # the speedup
+    got = compare([Contender("plain", plain, model), Contender("early exit", exit_, model)],
+                  batches=[prompts[:4]], rounds=3)
+    got["early exit"].tokens_per_s(fed) / got["plain"].tokens_per_s(fed)  # the speedup
 """
 from __future__ import annotations
 
@@ -52,15 +52,17 @@ class Runs:
         return 1000 * tokens / sum(self.ms)
 
 
-def compare(contenders, batches, runs, *, decode_only=True, record=False, warmup=0, desc=None):
-    """Every contender on every batch, the contenders taking turns within each of `runs` rounds
-    (after `warmup` untimed ones). decode_only: time each call's decode alone (timing.DecodeClock on
+def compare(contenders, batches, rounds, *, decode_only=True, record=False, warmup=0, desc=None):
+    """Every contender on every batch, the contenders taking turns within each of `rounds` rounds
+    (after `warmup` untimed ones; the medians are over the timed ones). decode_only: time each call's decode alone (timing.DecodeClock on
     the contender's model: the prompt pass, the same full pass for every method, is outside), else
     the whole call. record: run every call inside its model's recording() (a record entry per
     layer, paid by every contender alike) and keep the last one, for FLOPs and layer counts.
     Returns {name: Runs}, in the contenders' order; desc: a progress bar over the batches."""
     if decode_only and any(c.model is None for c in contenders):
         raise ValueError("a contender without our model can only be timed whole (decode_only=False)")
+    if len({c.name for c in contenders}) < len(contenders):
+        raise ValueError(f"contenders need distinct names, got {[c.name for c in contenders]}")
     out = {c.name: Runs() for c in contenders}
     for batch in tqdm(batches, desc=desc, disable=desc is None):
         last = {}
@@ -70,7 +72,7 @@ def compare(contenders, batches, runs, *, decode_only=True, record=False, warmup
                 with (c.model.recording() if record and c.model is not None else nullcontext()) as rec:
                     last[c.name] = (c.run(batch), rec)
             return go
-        ms = interleaved_ms([call(c) for c in contenders], runs, warmup=warmup,
+        ms = interleaved_ms([call(c) for c in contenders], rounds, warmup=warmup,
                             models=[c.model for c in contenders] if decode_only else None)
         for c, t in zip(contenders, ms):
             got = out[c.name]
