@@ -63,3 +63,41 @@ def test_bad_write_options_end_in_one_line_with_status_2(tiny_chat_dir, tmp_path
     status, _, err = trace_cli(capsys, "write", "--model", tiny_chat_dir, "--out", tmp_path / "t", *args)
     assert status == 2 and said in err.strip().splitlines()[-1] and "Traceback" not in err, err
     assert not (tmp_path / "t").exists()
+
+
+# ---------------------------------------------------------------- compare --all and --expect
+def edited(src, dst, edit):
+    import shutil
+    shutil.copytree(src, dst)
+    meta = json.loads((dst / "trace.json").read_text())
+    edit(meta)
+    (dst / "trace.json").write_text(json.dumps(meta))
+    return dst
+
+
+def test_compare_reports_every_difference_with_all_and_notes_the_expected_ones(tiny_chat_dir, tmp_path, capsys):
+    ref = tmp_path / "ref"
+    written(tiny_chat_dir, ref, "--method", "kangaroo", "--l", 2, "--ids", " ".join(map(str, IDS)), "--no-eos",
+            "--settings", '{"gamma": 3, "eta": 0.0}', "--max-new-tokens", 10)
+    steps = json.loads((ref / "trace.json").read_text())["steps"]
+    assert len(steps) >= 3
+
+    def edit(meta):  # a peer's batch-wide cap shows in `drafted` at rounds 0 and 2; one real slip at round 1
+        meta["steps"][0]["drafted"] += 1
+        meta["steps"][2]["drafted"] += 1
+        meta["steps"][1]["accepted"] += 1
+    other = edited(ref, tmp_path / "other", edit)
+    status, out, _ = trace_cli(capsys, "compare", ref, other)
+    assert status == 1 and [line for line in out.splitlines() if line.startswith("step")] == \
+        [f"step 0 of kangaroo differs at drafted: reference {steps[0]['drafted']}, other {steps[0]['drafted'] + 1}"]
+    status, out, _ = trace_cli(capsys, "compare", ref, other, "--all")
+    assert [line.split(" differs")[0] for line in out.splitlines() if line.startswith("step")] == \
+        ["step 0 of kangaroo", "step 1 of kangaroo", "step 2 of kangaroo"]
+    status, out, _ = trace_cli(capsys, "compare", ref, other, "--all", "--expect", "drafted")
+    lines = out.splitlines()
+    assert status == 1 and [line for line in lines if line.startswith("step")] == \
+        [f"step 1 of kangaroo differs at accepted: reference {steps[1]['accepted']}, "
+         f"other {steps[1]['accepted'] + 1}"]  # the one that was not expected
+    assert sum("as expected" in line for line in lines) == 2
+    status, _, err = trace_cli(capsys, "compare", ref, other, "--expect", "drafted_typo")
+    assert status == 2 and "not a step key both traces record" in err

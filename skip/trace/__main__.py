@@ -4,6 +4,7 @@ python -m skip.trace write --method M --prompt A --prompt B ... --out DIR   (a b
     --ids "1 2 3" in place of --prompt (token ids, no template), --no-chat (the text without the chat
     template), --eos ID ... or --no-eos (default: the model's EOS), --l L (kangaroo without an adapter)
 python -m skip.trace compare REFERENCE OTHER [--atol A] [--rtol R]   (defaults by dtype: TOLERANCES; batches row by row)
+    [--all] (every differing token and step, not only the first) [--expect KEY ...] (step keys that may differ)
     status 0: the traces agree, 1: they diverge, 2: unusable input (one line on stderr; skip/trace/check.py)
 python -m skip.trace show DIR [--against OTHER] [--out FILE.png] [--model MODEL_DIR]   (skip/trace/show.py)
 """
@@ -101,6 +102,9 @@ def main(argv=None):
     c.add_argument("other", type=Path)
     c.add_argument("--atol", type=float, help="default: by the traces' dtypes (TOLERANCES)")
     c.add_argument("--rtol", type=float, help="default: by the traces' dtypes (TOLERANCES)")
+    c.add_argument("--all", action="store_true", help="every differing token and step, not only the first of each")
+    c.add_argument("--expect", nargs="+", default=(), metavar="KEY",
+                   help="step keys whose differences are expected (a peer's convention): noted, not findings")
     s = sub.add_parser("show", help="draw what the method ran (skip/trace/show.py)")
     s.add_argument("trace", type=Path)
     s.add_argument("--against", type=Path, help="a second trace: its first divergence is marked")
@@ -114,7 +118,7 @@ def main(argv=None):
             check_not_reading(a.out, *(p for p in (a.trace, a.against, a.model) if p is not None))
             a.out = show(a.trace, a.against, a.out, a.model)
         elif a.cmd == "compare":
-            notes, found = compare_any(a.reference, a.other, a.atol, a.rtol)
+            notes, found = compare_any(a.reference, a.other, a.atol, a.rtol, a.all, a.expect)
             print("\n".join(notes))
             print("\n".join(found) if found else "the traces agree within the tolerances")
             sys.exit(1 if found else 0)

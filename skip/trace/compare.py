@@ -15,7 +15,10 @@ the others: probabilities, features, AdaInfer's classifier scores), the layer ru
 (every layer each token ran, with its hidden-state norms) in order, so that a divergence inside
 a method is named by its slot and layer, and the FLOPs exactly where both record them (null: a
 port that does not count). `findings` gives the same as data (Finding: the words and where they
-point), for the viewer (skip/trace/show.py).
+point), for the viewer (skip/trace/show.py). every: every differing token and step, not only the
+first of each; expect: step keys whose differences the user declares expected (a peer's own
+convention, e.g. a batch-wide draft cap that changes `drafted`): each is reported in the notes as
+expected and every other key goes on being checked.
 """
 from __future__ import annotations
 
@@ -131,14 +134,15 @@ def compare_layer_runs(ref_runs, oth_runs, T, atol, rtol):
     return None
 
 
-def compare(ref_path, other_path, atol=None, rtol=None, notes=None):
+def compare(ref_path, other_path, atol=None, rtol=None, notes=None, every=False, expect=()):
     """Check other against ref; returns [] or plain-words findings, the first divergence first.
     Tolerances default to those of the lower precision of the two runs (tolerances()). notes, a
-    list, receives what was not compared (step keys only one trace records)."""
-    return [f.words for f in findings(ref_path, other_path, atol, rtol, notes)]
+    list, receives what was not compared (step keys only one trace records) and the expected
+    differences (expect)."""
+    return [f.words for f in findings(ref_path, other_path, atol, rtol, notes, every, expect)]
 
 
-def findings(ref_path, other_path, atol=None, rtol=None, notes=None):
+def findings(ref_path, other_path, atol=None, rtol=None, notes=None, every=False, expect=()):
     """compare's findings as Findings: the words and the place each names."""
     (ref, rt), (oth, ot) = read(ref_path, False), read(other_path, False)
     tol, per_vector, _ = tolerances(ref, oth, atol, rtol)
@@ -173,7 +177,16 @@ def findings(ref_path, other_path, atol=None, rtol=None, notes=None):
         out.append(Finding(f"the steps share no key: reference records {sorted(rk)}, other {sorted(ok)}"))
     elif shared and shared != rk | ok:
         notes.append(f"steps compared on {sorted(shared)}; not in both traces: {sorted((rk | ok) - shared)}")
-    ref, oth = ({**m, "steps": [{k: st[k] for k in sorted(shared)} for st in m["steps"]]} for m in (ref, oth))
+    if set(expect) - shared:
+        raise TraceError(f"--expect {' '.join(sorted(set(expect) - shared))}: not a step key both traces record "
+                         f"({', '.join(sorted(shared)) or 'none'})")
+    for s, (a, b) in enumerate(zip(ref["steps"], oth["steps"])):  # the expected differences: notes
+        for k in sorted(expect):
+            if found := first_difference(a[k], b[k], tol, k):
+                notes.append(f"as expected, step {s} of {ref['method']} differs at {k}{found[0]}: "
+                             f"reference {found[1]}, other {found[2]}")
+    checked = sorted(shared - set(expect))
+    ref, oth = ({**m, "steps": [{k: st[k] for k in checked} for st in m["steps"]]} for m in (ref, oth))
     for what, label in (("tokens", "generated token {}"), ("steps", f"step {{}} of {ref['method']}")):
         for s, (a, b) in enumerate(zip(ref[what], oth[what])):
             found = first_difference(a, b, tol)
@@ -181,10 +194,10 @@ def findings(ref_path, other_path, atol=None, rtol=None, notes=None):
                 at = f" at {found[0].removeprefix('.')}" if found[0] else ""
                 out.append(Finding(f"{label.format(s)} differs{at}: reference {found[1]}, other {found[2]}",
                                    **{what.removesuffix("s"): s}))
-                break
-        else:
-            if len(ref[what]) != len(oth[what]):
-                out.append(Finding(f"{len(oth[what])} {what}, reference {len(ref[what])}"))
+                if not every:
+                    break
+        if len(ref[what]) != len(oth[what]):
+            out.append(Finding(f"{len(oth[what])} {what}, reference {len(ref[what])}"))
     if ref.get("flops") is not None and oth.get("flops") is not None and ref["flops"] != oth["flops"]:
         out.append(Finding(f"the FLOPs differ: reference {ref['flops']}, other {oth['flops']}"))
     return out
