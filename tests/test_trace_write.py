@@ -101,3 +101,28 @@ def test_compare_reports_every_difference_with_all_and_notes_the_expected_ones(t
     assert sum("as expected" in line for line in lines) == 2
     status, _, err = trace_cli(capsys, "compare", ref, other, "--expect", "drafted_typo")
     assert status == 2 and "not a step key both traces record" in err
+
+
+# ---------------------------------------------------------------- a port's batch folder
+@torch.no_grad()
+def test_a_ports_batch_folder_compares_row_by_row_with_ours(tiny_chat_dir, tmp_path, capsys):
+    """transformers' rows and a hand-written port's rows (format.write), each a batch folder, against
+    our batched trace: equal row by row; a port whose row 1 slips is named at row 1."""
+    import transformers
+    from skip.trace.batch import trace_batch, write_batch
+    from skip.trace.format import prompt_pass, write
+    from skip.trace.port import write_transformers_trace
+    m = load_model(tiny_chat_dir)
+    m.cfg.eos_token_id = []
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_chat_dir, dtype=torch.float32).eval()
+    hf.generation_config.eos_token_id = None
+    prompts = [IDS, IDS[:2], [7, 8, 9, 10, 11, 12, 13]]
+    trace_batch(m, prompts, tmp_path / "ours", "full", max_new_tokens=6)
+    write_transformers_trace(hf, prompts, tmp_path / "hf", 6)
+    assert trace_cli(capsys, "compare", tmp_path / "ours", tmp_path / "hf")[0] == 0
+    tokens = generate(m, prompts, max_new_tokens=6, eos=[])
+    tokens[1] = tokens[1][:3] + [(tokens[1][3] + 1) % m.cfg.vocab_size] + tokens[1][4:]
+    write_batch(tmp_path / "port", "full", {}, [
+        lambda folder, p=p, t=t: write(folder, m.cfg, p, t, prompt_pass(m, p)) for p, t in zip(prompts, tokens)])
+    status, out, _ = trace_cli(capsys, "compare", tmp_path / "ours", tmp_path / "port")
+    assert status == 1 and out.strip().splitlines()[-1].startswith("row 1: generated token 3 differs")

@@ -35,6 +35,19 @@ BATCH_FIELDS = ("version", "rows", "method", "settings")
 ROW = "row-{}"
 
 
+def write_batch(path, method, settings, rows, force=False):
+    """A batch folder from any writer, ours or a port's: rows, one function per row, each writing
+    that row's trace into the folder it is given (format.write, port.write_transformers_trace);
+    batch.json is written last, the folder moved in whole (weights/files.py)."""
+    if not rows:
+        raise TraceError("a batch needs at least one row")
+    with atomic_dir(path, BATCH_FILE, force) as tmp:
+        for i, row in enumerate(rows):
+            row(tmp / ROW.format(i))
+        meta = {"version": VERSION, "rows": len(rows), "method": method, "settings": settings}
+        (tmp / BATCH_FILE).write_text(json.dumps(meta, indent=1, allow_nan=False) + "\n")
+
+
 def trace_batch(model, prompts, path, method="full", max_new_tokens=16, settings=None, force=False):
     """Write the traces of our decoder running method on the prompts (lists of ids) as one batch."""
     if not prompts:
@@ -42,12 +55,10 @@ def trace_batch(model, prompts, path, method="full", max_new_tokens=16, settings
     settings = settings_used(method, settings or {})
     rows = METHODS[method](model, [list(p) for p in prompts], max_new_tokens, settings)  # one batched run
     dtype = str(model.dtype).removeprefix("torch.")
-    with atomic_dir(path, BATCH_FILE, force) as tmp:
-        for i, (ids, (tokens, steps)) in enumerate(zip(prompts, rows)):
-            write(tmp / ROW.format(i), model.cfg, ids, tokens, prompt_pass(model, ids), method, settings, steps,
-                  None, dtype)
-        meta = {"version": VERSION, "rows": len(prompts), "method": method, "settings": settings}
-        (tmp / BATCH_FILE).write_text(json.dumps(meta, indent=1, allow_nan=False) + "\n")
+    write_batch(path, method, settings, [
+        lambda folder, ids=ids, tokens=tokens, steps=steps: write(
+            folder, model.cfg, ids, tokens, prompt_pass(model, ids), method, settings, steps, None, dtype)
+        for ids, (tokens, steps) in zip(prompts, rows)], force)
 
 
 def is_batch(path):

@@ -18,6 +18,7 @@ from types import SimpleNamespace
 
 import torch
 
+from .batch import write_batch
 from .format import tensors, write
 
 
@@ -46,7 +47,18 @@ def write_transformers_trace(hf, ids, path, max_new_tokens=16, method="full", se
                              norm=None, n_pos=4, k=5, force=False):
     """Write a trace of a transformers model on prompt ids (a list of token ids) to directory path.
     tokens: the port's generated tokens (default: hf.generate's greedy ones, for method "full");
-    norm: the final norm for the logit lens, when final_norm() cannot find it."""
+    norm: the final norm for the logit lens, when final_norm() cannot find it. A batched port:
+    ids a list of prompts, tokens and steps one entry per row (tokens default: each row's greedy
+    tokens alone); path becomes a batch folder (skip/trace/batch.py) that compares row by row."""
+    if ids and isinstance(ids[0], (list, tuple)):
+        rows = len(ids)
+        tokens, steps = tokens or [None] * rows, steps or [()] * rows
+        if len(tokens) != rows or len(steps) != rows:
+            raise ValueError(f"{rows} prompts: give tokens and steps for each row, got {len(tokens)} and {len(steps)}")
+        return write_batch(path, method, settings or {}, [
+            lambda folder, i=i: write_transformers_trace(hf, ids[i], folder, max_new_tokens, method, settings,
+                                                         tokens[i], steps[i], norm, n_pos, k)
+            for i in range(rows)], force)
     norm = norm or final_norm(hf)
     head = hf.get_output_embeddings()
     x = torch.tensor([ids], device=hf.device)
