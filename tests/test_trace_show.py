@@ -153,7 +153,13 @@ def test_show_draws_a_png_and_answers_bad_input_with_status_2(tiny, tmp_path):
     (tmp_path / "k2" / "trace.json").write_text(json.dumps(meta))
     assert show(tmp_path / "k", tmp_path / "k2") == tmp_path / "k" / "trace.png"
     assert (tmp_path / "k" / "trace.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    del meta["layer_runs"]
+    del meta["layer_runs"]  # a port's trace: drawn from its steps
+    (tmp_path / "k2" / "trace.json").write_text(json.dumps(meta))
+    p = subprocess.run([sys.executable, "-m", "skip.trace", "show", str(tmp_path / "k2")], capture_output=True,
+                       text=True)
+    assert p.returncode == 0 and (tmp_path / "k2" / "trace.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", p.stderr
+    for st in meta["steps"]:  # and one whose steps do not say what ran: nothing to draw
+        del st["drafted"]
     (tmp_path / "k2" / "trace.json").write_text(json.dumps(meta))
     for bad in (tmp_path / "k2", tmp_path / "missing"):
         p = subprocess.run([sys.executable, "-m", "skip.trace", "show", str(bad)], capture_output=True, text=True)

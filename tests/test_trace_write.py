@@ -126,3 +126,34 @@ def test_a_ports_batch_folder_compares_row_by_row_with_ours(tiny_chat_dir, tmp_p
         lambda folder, p=p, t=t: write(folder, m.cfg, p, t, prompt_pass(m, p)) for p, t in zip(prompts, tokens)])
     status, out, _ = trace_cli(capsys, "compare", tmp_path / "ours", tmp_path / "port")
     assert status == 1 and out.strip().splitlines()[-1].startswith("row 1: generated token 3 differs")
+
+
+# ---------------------------------------------------------------- show, any valid trace alone
+@torch.no_grad()
+def test_a_trace_without_layer_runs_is_drawn_from_its_steps_as_ours_records_them(llama_dir, tmp_path):
+    """The layer runs inferred from each method's steps are exactly the ones our decoder recorded,
+    so a port's trace (which records none) is drawn as ours would be."""
+    import numpy as np
+    from conftest import random_adapter
+    from skip.kangaroo_files import save_adapter
+    from skip.trace.methods import trace
+    from skip.trace.show import PNG, cells, inferred_runs, show
+    m = load_model(llama_dir)
+    m.cfg.eos_token_id = []
+    save_adapter(random_adapter(m, 2, 0, lens_like=True), tmp_path / "adapter")
+    runs = {"full": {}, "unified": {"r": 2}, "skipdecode": {"r": 2}, "adainfer": {"tau": 0.3},
+            "kangaroo": {"l": 2, "gamma": 3, "eta": 0.0}, "kangaroo-adapter": {"adapter": str(tmp_path / "adapter")}}
+    for name, settings in runs.items():
+        trace(m, [3, 14, 15, 92], tmp_path / name, name.split("-")[0], max_new_tokens=9, settings=settings)
+        meta = json.loads((tmp_path / name / "trace.json").read_text())
+        port = {k: v for k, v in meta.items() if k != "layer_runs"}
+        assert [(s, layer, len(n)) for s, layer, n in inferred_runs(port)] == \
+            [(s, layer, len(n)) for s, layer, n in meta["layer_runs"]], name
+        assert np.array_equal(cells(port).states, cells(meta).states) and cells(port).l == cells(meta).l
+    bare = tmp_path / "port"
+    (bare).mkdir()
+    (bare / "trace.safetensors").write_bytes((tmp_path / "kangaroo" / "trace.safetensors").read_bytes())
+    meta = json.loads((tmp_path / "kangaroo" / "trace.json").read_text())
+    del meta["layer_runs"]
+    (bare / "trace.json").write_text(json.dumps(meta))
+    assert show(bare).read_bytes().startswith(PNG)

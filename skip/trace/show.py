@@ -11,8 +11,10 @@ layer (layer 0 at the bottom), each cell coloured by what happened to that layer
                then layers [l, L) once over all of them; the rejected drafts' slots are cropped and
                run again by the next round, so they get their own columns.
 The cells come from the trace's layer_runs (what the decoder ran), the decisions (exits, rounds,
-acceptances) from its steps; `cells` checks that the two agree. With a second trace, the first
-divergence that `compare` finds (skip/compare.findings) is boxed.
+acceptances) from its steps; `cells` checks that the two agree. A trace without layer_runs (a
+port's) is drawn from its steps alone, the layers each pass ran inferred from the method's rule
+(inferred_runs; the title says so). With a second trace, the first divergence that `compare`
+finds (skip/compare.findings) is boxed.
 
 python -m skip.trace show DIR [--against OTHER] [--out FILE.png] [--model MODEL_DIR]
 """
@@ -52,11 +54,40 @@ class Grid:
     l: int | None = None  # Kangaroo: the exit layer of the draft model M^s
 
 
+def inferred_runs(meta):
+    """The layer runs a trace's steps imply, for a trace that records none: every layer over the
+    prompt, then per pass of a fed-back token the method's layers (full: all; unified: the kept
+    ones; skipdecode: its schedule's, skip/baselines.py; adainfer: up to the exit; kangaroo: per
+    round [0, l) on x and on each draft, then [l, L) over all of them). Norms are not known: 0."""
+    from ..baselines import skipdecode_layers
+    L, T, steps, tokens = meta["model"]["n_layers"], len(meta["prompt"]), meta["steps"], meta["tokens"]
+    need = {"unified": "kept_layers", "skipdecode": "schedule", "adainfer": "exit_layer",
+            "kangaroo": "drafted"}.get(meta["method"])
+    if need and not (steps and need in steps[0]):
+        raise TraceError(f"the trace has no layer_runs and its {meta['method']} steps no {need}, so nothing to draw")
+    runs = [[0, i, [0.0] * T] for i in range(L)]
+    if meta["method"] == "kangaroo":
+        l = meta["settings"].get("l")
+        l = l if is_int(l) and 0 < l < L else adapter_l(meta["settings"].get("adapter"), L)
+        if l is None:
+            raise TraceError("the trace has no layer_runs and names no exit layer l (settings l or an adapter)")
+        n = T
+        for st in steps:
+            runs += [[n + i, layer, [0.0]] for i in range(st["drafted"] + 1) for layer in range(l)]
+            runs += [[n, layer, [0.0] * (st["drafted"] + 1)] for layer in range(l, L)]
+            n += st["accepted"] + 1
+        return runs
+    for s in range(len(tokens) - 1):  # the passes of tokens fed back
+        layers = {"unified": lambda: steps[0]["kept_layers"],
+                  "skipdecode": lambda: skipdecode_layers(L, steps[0]["schedule"], s),
+                  "adainfer": lambda: range(steps[s]["exit_layer"] + 1)}.get(meta["method"], lambda: range(L))()
+        runs += [[T + s, layer, [0.0]] for layer in layers]
+    return runs
+
+
 def cells(meta):
     """The grid of a trace's metadata (trace.json): which state each layer is in at each pass."""
-    L, T, runs = meta["model"]["n_layers"], len(meta["prompt"]), meta.get("layer_runs")
-    if not runs:
-        raise TraceError("the trace has no layer_runs, so nothing to draw (skip.trace write records them)")
+    L, T, runs = meta["model"]["n_layers"], len(meta["prompt"]), meta.get("layer_runs") or inferred_runs(meta)
     layers, slots, latest, run_columns = [set()], [None], {}, []
     for slot, layer, norms in runs:
         where = []
@@ -114,7 +145,8 @@ def kangaroo_rounds(grid, meta, T):
                                                              REJECTED, SKIPPED)
     if c != len(grid.slots):
         raise TraceError(f"the rounds hold {c - 1} passes, the layer runs {len(grid.slots) - 1}")
-    grid.l = next((layer for slot, layer, norms in meta["layer_runs"] if slot >= T and len(norms) > 1), None)
+    grid.l = next((layer for slot, layer, norms in meta.get("layer_runs") or inferred_runs(meta)
+                   if slot >= T and len(norms) > 1), None)
     if grid.l is None:  # every round drafted nothing: no run shows l
         l = meta["settings"].get("l")  # adapter-free: the setting; else the adapter's record
         grid.l = l if is_int(l) and 0 < l < len(grid.states) else adapter_l(meta["settings"].get("adapter"), len(grid.states))
@@ -178,7 +210,8 @@ def title(meta, grid):
     m = meta["model"]
     return (f"{meta['method']}" + (f" ({shown})" if shown else "") + f": {len(meta['tokens'])} tokens generated\n"
             f"model: {m['n_layers']} layers, d {m['dim']}, {meta.get('dtype', 'float32')}; "
-            f"prompt: {len(meta['prompt'])} tokens" + (f"; draft exit l = {grid.l}" if grid.l is not None else ""))
+            f"prompt: {len(meta['prompt'])} tokens" + (f"; draft exit l = {grid.l}" if grid.l is not None else "")
+            + ("" if meta.get("layer_runs") else "; layers inferred from the steps (no layer_runs)"))
 
 
 def draw(grid, meta, out, tok=None, mark=None, words=None):
