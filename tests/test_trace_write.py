@@ -157,3 +157,17 @@ def test_a_trace_without_layer_runs_is_drawn_from_its_steps_as_ours_records_them
     del meta["layer_runs"]
     (bare / "trace.json").write_text(json.dumps(meta))
     assert show(bare).read_bytes().startswith(PNG)
+
+
+def test_settings_are_compared_by_meaning_not_by_spelling(tiny_chat_dir, tmp_path, capsys):
+    ref = tmp_path / "ref"
+    written(tiny_chat_dir, ref, "--method", "kangaroo", "--l", 2, "--ids", " ".join(map(str, IDS)), "--no-eos",
+            "--settings", '{"gamma": 3, "eta": 0.0}', "--max-new-tokens", 6)
+    spellings = [{"l": 2, "gamma": 3, "eta": 0.0},  # adapter and draft_vocab omitted: null, the default
+                 {"adapter": None, "l": 2, "gamma": 3, "eta": 0.0, "draft_vocab": None}]
+    for i, settings in enumerate(spellings):
+        other = edited(ref, tmp_path / f"o{i}", lambda meta: meta.update(settings=settings))
+        assert trace_cli(capsys, "compare", ref, other)[0] == 0
+    other = edited(ref, tmp_path / "gamma", lambda meta: meta.update(settings={"l": 2, "gamma": 4, "eta": 0.0}))
+    status, out, _ = trace_cli(capsys, "compare", ref, other)
+    assert status == 1 and "the runs differ" in out

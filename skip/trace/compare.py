@@ -4,8 +4,9 @@ Both traces are checked first (skip/trace/check.py): a file that is not a trace,
 or tensor, token ids that are not integers, an empty tensor or step, or a tolerance that is not a
 finite number >= 0 raises TraceError (the command's status 2), never a comparison. Then every
 field and tensor is compared: the model (another model: TraceError), the prompt, the method and
-its settings (a path by the content of the files it names, so one adapter under two spellings is
-one run; a path not found here by its spelling, with a note), the tensors within tolerances chosen
+its settings by meaning (defaults filled in, so an omitted setting is its default; a path by the
+content of the files it names, so one adapter under two spellings is one run; a path not found
+here by its spelling, with a note), the tensors within tolerances chosen
 by the traces' dtypes (TOLERANCES), the logit lens's ids at every rank (rank 0 exactly; below it
 two ids may swap only where their probabilities tie within the tolerance), tokens exactly, the
 method's steps on the keys both traces record (a key only one records, a port's own, is named in
@@ -31,7 +32,7 @@ import torch
 from model.config import is_real
 
 from .check import check_tensors, read
-from .format import DTYPES, TraceError
+from .format import DTYPES, TraceError, settings_used
 
 # compare's default (atol, rtol) per dtype (by increasing rounding error) and tensor: a value passes
 # when |diff| <= atol + rtol |ref|. In fp32 per element (implementations differ by summation order);
@@ -153,7 +154,8 @@ def findings(ref_path, other_path, atol=None, rtol=None, notes=None, every=False
     if ref["prompt"] != oth["prompt"]:
         return [Finding("the prompts differ: nothing else is comparable")]
     out, notes = [], [] if notes is None else notes
-    if ref["method"] != oth["method"] or not same_settings(ref["settings"], oth["settings"], notes):
+    if ref["method"] != oth["method"] or not same_settings(*(meaning(m["method"], m["settings"]) for m in (ref, oth)),
+                                                          notes):
         out.append(Finding(f"the runs differ: reference {ref['method']} {ref['settings']}, "
                            f"other {oth['method']} {oth['settings']}"))
     for name in TENSORS:  # trace_check: both traces hold exactly these and lens_ids
@@ -226,6 +228,15 @@ def compare_lens_ids(rt, ot, atol, rtol):
 
 # settings that name a file (None) or a folder (the files of it that its reader reads)
 PATH_SETTINGS = {"adapter": ("adapter.json", "adapter.safetensors"), "classifier": None}
+
+
+def meaning(method, settings):
+    """A run's settings as the method runs them: defaults filled in, Kangaroo's adapter null when
+    only l is given (format.settings_used); a port's settings the method does not know, as given."""
+    try:
+        return settings_used(method, settings)
+    except TraceError:
+        return settings
 
 
 def same_settings(a, b, notes):
