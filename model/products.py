@@ -4,14 +4,22 @@ Products of few rows (decoding: 1 row; Kangaroo's verification: 2-8) are memory-
 BLAS routine that reads the weights fastest depends on the shape: on the CPU a one-row GEMV
 (what F.linear calls) runs on one core, while the same row given twice takes the two-row GEMM
 path that uses every core; for 2-8 rows, w @ x.T (the weight as the left operand) reads it
-faster than F.linear's x @ w.T. The rule (route()):
-    fp32 on the CPU   1 row: "dup"   2-8 rows: "transposed"   more: F.linear
+faster than F.linear's x @ w.T. Which one-row route is fastest depends on the CPU: "dup" was
+on AMD EPYC (35.8 ms for one SmolLM2 step's products against F.linear's 49.6,
+docs/results-decoder.md), F.linear on Intel Xeon (15.3 ms against the duplicated row's 36.7,
+MKL 2024.2), so the rule reads the CPU's vendor, which the machine fixes, never what ran before:
+    fp32 on the CPU   1 row: "dup" on AMD, F.linear elsewhere   2-8 rows: "transposed"   more: F.linear
     anything else     F.linear, as transformers computes it (bf16 and fp16 round as its runs do)
-Routes differ only in float rounding. The measurements behind the rule, and a tuner that picks
+On a CPU of neither vendor a row takes F.linear, the route whose worst case measured is the
+smaller (1.39x the fastest on AMD, against the duplicate's 2.4x on Intel). Routes differ only in
+float rounding. The measurements behind the rule, and a tuner that picks
 the fastest route on the machine at hand for a benchmark, are in skip/harness/ (bench_products,
 tune); a tuned table reaches a model only through a Linear's `routes`, which the model never sets.
 """
 from __future__ import annotations
+
+import functools
+import platform
 
 import torch
 import torch.nn.functional as F
@@ -24,11 +32,27 @@ PRODUCTS = {
 MAX_ROUTED = 8  # more rows: F.linear, a GEMM that is no longer memory-bound
 
 
-def route(rows, w):
-    """The fixed rule: which of PRODUCTS takes a product of `rows` rows with weight w."""
+@functools.cache
+def cpu_vendor():
+    """The CPU's vendor as the kernel reports it ("AuthenticAMD", "GenuineIntel"), or "" unknown."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() if platform.processor() in ("AuthenticAMD", "GenuineIntel") else ""
+
+
+def route(rows, w, vendor=None):
+    """The fixed rule: which of PRODUCTS takes a product of `rows` rows with weight w on a CPU of
+    this vendor (default: this machine's, cpu_vendor())."""
     if rows > MAX_ROUTED or w.dtype != torch.float32 or w.device.type != "cpu":
         return "linear"
-    return "dup" if rows == 1 else "transposed"
+    if rows > 1:
+        return "transposed"
+    return "dup" if (cpu_vendor() if vendor is None else vendor) == "AuthenticAMD" else "linear"
 
 
 def linear(x, w, b=None, routes=None):

@@ -26,8 +26,10 @@ def test_every_route_computes_x_times_w_transposed(rows):
 
 def test_the_fixed_rule():
     w = torch.zeros(8, 4)
-    assert [products.route(n, w) for n in (1, 2, 8, 9)] == ["dup", "transposed", "transposed", "linear"]
-    assert products.route(1, w.bfloat16()) == products.route(1, w.half()) == "linear"
+    for vendor, one in (("AuthenticAMD", "dup"), ("GenuineIntel", "linear"), ("", "linear")):
+        assert [products.route(n, w, vendor) for n in (1, 2, 8, 9)] == [one, "transposed", "transposed", "linear"]
+        assert products.route(1, w.bfloat16(), vendor) == products.route(1, w.half(), vendor) == "linear"
+    assert products.route(1, w) == products.route(1, w, products.cpu_vendor())  # this machine's, every call
 
 
 @torch.no_grad()
