@@ -241,3 +241,21 @@ def test_a_gguf_whose_rope_scaling_changes_numbers_we_do_not_implement_is_refuse
     with pytest.raises(ConvertError, match="rope scaling 'yarn'"):
         convert(tmp_path / "m.gguf", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", ["qwen3_window", "mistral_window"])
+def test_a_chunk_after_the_prefill_sees_its_window_as_transformers_does(name, tmp_path_factory):
+    """Several tokens at once past the window (Kangaroo's verification), in a left-padded batch:
+    their logits are transformers' for the whole sequences."""
+    from model import KVCache, left_pad
+    hf, m = build_pair(name, tmp_path_factory)
+    W, g = m.cfg.sliding_window, torch.Generator().manual_seed(1)
+    seqs = [torch.randint(3, m.cfg.vocab_size, (n,), generator=g).tolist() for n in (3 * W, 2 * W + 1)]
+    ids, mask = left_pad(seqs, 0)  # (B, S) and the real-token mask
+    P, S = 2 * W, ids.shape[1]  # the prefill's slots, then one chunk of the rest
+    cache = KVCache.for_model(m.cfg, 2, S)
+    m(ids[:, :P], cache=cache, pad_mask=mask[:, :P])
+    ours = m(ids[:, P:], cache=cache, start=P, pad_mask=mask)
+    theirs = hf(ids, attention_mask=mask.long()).logits[:, P:]
+    assert (ours - theirs)[mask[:, P:]].abs().max() <= 1e-4
