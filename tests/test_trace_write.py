@@ -2,6 +2,7 @@
 template (--ids), text without one (--no-chat), the stop ids (--eos, --no-eos), and Kangaroo
 without an adapter (--l), each trace equal to what the Python API decodes for the same input."""
 import json
+import re
 
 import pytest
 import torch
@@ -58,7 +59,9 @@ def test_adapter_free_kangaroo_is_written_from_the_cli_as_the_api_runs_it(tiny_c
     (["--ids", "5", "--l", "2"], "--l is adapter-free Kangaroo's"),
     (["--ids", "5", "--method", "kangaroo", "--l", "2", "--settings", '{"adapter": "a"}'], "one of adapter and l"),
     (["--ids", "5", "--method", "kangaroo", "--l", "0"], "setting l"),
-    (["--ids", "5", "--prompt", "x"], "not allowed with"), (["--ids", "5", "--eos", "2", "--no-eos"], "not allowed")])
+    (["--ids", "5", "--prompt", "x"], "not allowed with"), (["--ids", "5", "--eos", "2", "--no-eos"], "not allowed"),
+    (["--ids", "5", "--no-chat"], "--no-chat is for --prompt"),
+    (["--ids", "5", "--method", "kangaroo", "--l", "2", "--settings", '{"l": 3}'], "l is given twice")])
 def test_bad_write_options_end_in_one_line_with_status_2(tiny_chat_dir, tmp_path, capsys, args, said):
     status, _, err = trace_cli(capsys, "write", "--model", tiny_chat_dir, "--out", tmp_path / "t", *args)
     assert status == 2 and said in err.strip().splitlines()[-1] and "Traceback" not in err, err
@@ -93,7 +96,7 @@ def test_compare_reports_every_difference_with_all_and_notes_the_expected_ones(t
     status, out, _ = trace_cli(capsys, "compare", ref, other, "--all")
     assert [line.split(" differs")[0] for line in out.splitlines() if line.startswith("step")] == \
         ["step 0 of kangaroo", "step 1 of kangaroo", "step 2 of kangaroo"]
-    status, out, _ = trace_cli(capsys, "compare", ref, other, "--all", "--expect", "drafted")
+    status, out, _ = trace_cli(capsys, "compare", ref, other, "--all", "--expect", "drafted")  # one key per --expect
     lines = out.splitlines()
     assert status == 1 and [line for line in lines if line.startswith("step")] == \
         [f"step 1 of kangaroo differs at accepted: reference {steps[1]['accepted']}, "
@@ -150,6 +153,15 @@ def test_a_trace_without_layer_runs_is_drawn_from_its_steps_as_ours_records_them
         assert [(s, layer, len(n)) for s, layer, n in inferred_runs(port)] == \
             [(s, layer, len(n)) for s, layer, n in meta["layer_runs"]], name
         assert np.array_equal(cells(port).states, cells(meta).states) and cells(port).l == cells(meta).l
+    from skip.trace.format import TraceError
+    k = json.loads((tmp_path / "kangaroo" / "trace.json").read_text())
+    a = json.loads((tmp_path / "adainfer" / "trace.json").read_text())
+    del k["layer_runs"], a["layer_runs"]
+    for bad, said in (({**k, "steps": [{"drafted": s["drafted"]} for s in k["steps"]]}, "lack ['accepted']"),
+                      ({**a, "steps": a["steps"][:-1]}, "AdaInfer steps")):
+        with pytest.raises(TraceError, match=re.escape(said)):  # refused in words, never a KeyError
+            cells(bad)
+    assert cells({**k, "tokens": k["tokens"][:1], "steps": []}).states.shape[1] == 1  # one token: the prompt alone
     bare = tmp_path / "port"
     (bare).mkdir()
     (bare / "trace.safetensors").write_bytes((tmp_path / "kangaroo" / "trace.safetensors").read_bytes())

@@ -4,7 +4,7 @@ python -m skip.trace write --method M --prompt A --prompt B ... --out DIR   (a b
     --ids "1 2 3" in place of --prompt (token ids, no template), --no-chat (the text without the chat
     template), --eos ID ... or --no-eos (default: the model's EOS), --l L (kangaroo without an adapter)
 python -m skip.trace compare REFERENCE OTHER [--atol A] [--rtol R]   (defaults by dtype: TOLERANCES; batches row by row)
-    [--all] (every differing token and step, not only the first) [--expect KEY ...] (step keys that may differ)
+    [--all] (every differing token and step, not only the first) [--expect KEY] ... (step keys that may differ)
     status 0: the traces agree, 1: they diverge, 2: unusable input (one line on stderr; skip/trace/check.py)
 python -m skip.trace show DIR [--against OTHER] [--out FILE.png] [--model MODEL_DIR]   (skip/trace/show.py)
 """
@@ -55,7 +55,11 @@ def write_trace(a):
     if a.l is not None:
         if a.method != "kangaroo":
             raise TraceError(f"--l is adapter-free Kangaroo's exit layer, not {a.method}'s")
+        if "l" in settings:
+            raise TraceError("l is given twice: in --settings and as --l")
         settings["l"] = a.l
+    if a.no_chat and a.ids:
+        raise TraceError("--no-chat is for --prompt text; --ids are token ids already")
     used = settings_used(a.method, settings)  # the files it reads are never its output, --force or not
     check_not_reading(a.out, a.model, *(used[k] for k in ("adapter", "classifier") if isinstance(used.get(k), str)))
     model = load_model(a.model, a.dtype, device=a.device)
@@ -103,8 +107,9 @@ def main(argv=None):
     c.add_argument("--atol", type=float, help="default: by the traces' dtypes (TOLERANCES)")
     c.add_argument("--rtol", type=float, help="default: by the traces' dtypes (TOLERANCES)")
     c.add_argument("--all", action="store_true", help="every differing token and step, not only the first of each")
-    c.add_argument("--expect", nargs="+", default=(), metavar="KEY",
-                   help="step keys whose differences are expected (a peer's convention): noted, not findings")
+    c.add_argument("--expect", action="append", default=[], metavar="KEY",
+                   help="a step key whose differences are expected (a peer's convention): noted, not a finding; "
+                   "once per key")
     s = sub.add_parser("show", help="draw what the method ran (skip/trace/show.py)")
     s.add_argument("trace", type=Path)
     s.add_argument("--against", type=Path, help="a second trace: its first divergence is marked")

@@ -50,6 +50,7 @@ def write_transformers_trace(hf, ids, path, max_new_tokens=16, method="full", se
     norm: the final norm for the logit lens, when final_norm() cannot find it. A batched port:
     ids a list of prompts, tokens and steps one entry per row (tokens default: each row's greedy
     tokens alone); path becomes a batch folder (skip/trace/batch.py) that compares row by row."""
+    ids = ids.tolist() if isinstance(ids, torch.Tensor) else ids  # (T,) or (B, T) input_ids
     if ids and isinstance(ids[0], (list, tuple)):
         rows = len(ids)
         tokens, steps = tokens or [None] * rows, steps or [()] * rows

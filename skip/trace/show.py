@@ -59,12 +59,22 @@ def inferred_runs(meta):
     prompt, then per pass of a fed-back token the method's layers (full: all; unified: the kept
     ones; skipdecode: its schedule's, skip/baselines.py; adainfer: up to the exit; kangaroo: per
     round [0, l) on x and on each draft, then [l, L) over all of them). Norms are not known: 0."""
-    from ..baselines import skipdecode_layers
+    from ..baselines import WARMUP, skipdecode_layers
     L, T, steps, tokens = meta["model"]["n_layers"], len(meta["prompt"]), meta["steps"], meta["tokens"]
-    need = {"unified": "kept_layers", "skipdecode": "schedule", "adainfer": "exit_layer",
-            "kangaroo": "drafted"}.get(meta["method"])
-    if need and not (steps and need in steps[0]):
-        raise TraceError(f"the trace has no layer_runs and its {meta['method']} steps no {need}, so nothing to draw")
+    need = {"unified": {"kept_layers"}, "skipdecode": {"schedule"}, "adainfer": {"exit_layer"},
+            "kangaroo": {"drafted", "accepted"}}.get(meta["method"], set())
+    fed = len(tokens) - 1  # passes of tokens fed back
+    if need and steps and not need <= set(steps[0]) or need and not steps and fed > 0 and meta["method"] in (
+            "unified", "skipdecode"):
+        raise TraceError(f"the trace has no layer_runs and its {meta['method']} steps lack "
+                         f"{sorted(need - set(steps[0] if steps else ()))}, so nothing to draw")
+    if meta["method"] == "adainfer" and len(steps) != fed:
+        raise TraceError(f"{len(tokens)} tokens but {len(steps)} AdaInfer steps (one per token fed back)")
+    if meta["method"] == "unified" and fed and not all(is_int(i) and 0 <= i < L for i in steps[0]["kept_layers"]):
+        raise TraceError(f"kept_layers {steps[0]['kept_layers']!r:.60}: layer indices in [0, {L})")
+    if meta["method"] == "skipdecode" and fed and not (steps[0]["schedule"] and all(
+            is_int(n) and WARMUP < n <= L for n in steps[0]["schedule"])):
+        raise TraceError(f"schedule {steps[0]['schedule']!r:.60}: layer counts in ({WARMUP}, {L}]")
     runs = [[0, i, [0.0] * T] for i in range(L)]
     if meta["method"] == "kangaroo":
         l = meta["settings"].get("l")
