@@ -65,17 +65,19 @@ def main(argv=None):
 
     def decode(**kw):
         return lambda ps: generate_adainfer(model, ps[0], max_new_tokens=a.max_new, eos=[], **kw)
+    labels = [f"{name}, every {every}, {'full' if vocab is None else 'cheap'} head, {fill}"
+              for name, _, every, vocab, fill in rules]
     # every setting and the full model take turns on each prompt; the decode alone is timed
     got = compare([Contender("full", decode(), model)]
-                  + [Contender(i, decode(clf=clf, check_every=every, vocab=vocab, fill=fill), model)
-                     for i, (_, clf, every, vocab, fill) in enumerate(rules)],
+                  + [Contender(label, decode(clf=clf, check_every=every, vocab=vocab, fill=fill), model)
+                     for label, (_, clf, every, vocab, fill) in zip(labels, rules)],
                   [[p] for p in test], 1, record=True, desc="test prompts")
     full = got["full"].outputs
     full_flops = decode_flops(model, test, got["full"].records)
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     results = []
-    for i, (name, clf, every, vocab, fill) in enumerate(rules):
-        outs = got[i].outputs
+    for label, (name, clf, every, vocab, fill) in zip(labels, rules):
+        outs = got[label].outputs
         match = statistics.mean(token_match(o.tokens, f.tokens) for o, f in zip(outs, full))
         rouge = statistics.mean(scorer.score(tok.decode(f.tokens), tok.decode(o.tokens))["rougeL"].fmeasure
                                 for o, f in zip(outs, full))
@@ -83,8 +85,8 @@ def main(argv=None):
         results.append({"rule": name, "check_every": every, "head": "full" if vocab is None else f"cheap {len(cheap)}",
                         "fill": fill, "token_match": match, "rougeL": 100 * rouge,
                         "avg_layers": statistics.fmean(layers),
-                        "flops_ratio": decode_flops(model, test, got[i].records) / full_flops,
-                        "wall_clock_ratio": sum(got[i].ms) / sum(got["full"].ms)})
+                        "flops_ratio": decode_flops(model, test, got[label].records) / full_flops,
+                        "wall_clock_ratio": sum(got[label].ms) / sum(got["full"].ms)})
     keys = ("rule", "check_every", "head", "fill", "token_match", "rougeL", "avg_layers", "flops_ratio", "wall_clock_ratio")
     lines = [markdown_table([[r[k] for k in keys] for r in results],
                             ["stop rule", "checks every", "head for checks", "fill", "token match", "ROUGE-L",

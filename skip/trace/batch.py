@@ -44,6 +44,9 @@ def write_batch(path, method, settings, rows, force=False):
     with atomic_dir(path, BATCH_FILE, force) as tmp:
         for i, row in enumerate(rows):
             row(tmp / ROW.format(i))
+            written, _ = read(tmp / ROW.format(i), False)  # a row function that wrote no trace fails here, not later
+            if written["method"] != method:
+                raise TraceError(f"row {i} is a {written['method']} trace, the batch's method is {method}")
         meta = {"version": VERSION, "rows": len(rows), "method": method, "settings": settings}
         (tmp / BATCH_FILE).write_text(json.dumps(meta, indent=1, allow_nan=False) + "\n")
 
