@@ -183,3 +183,46 @@ def test_settings_are_compared_by_meaning_not_by_spelling(tiny_chat_dir, tmp_pat
     other = edited(ref, tmp_path / "gamma", lambda meta: meta.update(settings={"l": 2, "gamma": 4, "eta": 0.0}))
     status, out, _ = trace_cli(capsys, "compare", ref, other)
     assert status == 1 and "the runs differ" in out
+
+
+# ---------------------------------------------------------------- the walkthrough: a broken batched port
+def test_a_batched_port_that_lets_rows_see_their_rejected_drafts_is_found_row_by_row(llama_dir, tmp_path, capsys):
+    """docs/traces.md, "Check a batched port": ours written from the command line, the port's batch
+    folder by write_batch; compare names the first wrong row and step, and each row run alone
+    agrees (the bug lives in how the batch masks a row's rejected slots)."""
+    from model import KVCache, save_model
+    from skip.kangaroo_batch import generate_kangaroo_batch
+    from skip.trace.batch import write_batch
+    from skip.trace.format import prompt_pass, write
+    m = load_model(llama_dir)
+    with torch.no_grad():  # deeper layers damped: drafts from layer 2 are often accepted, by different rows
+        for b in m.blocks[1:]:
+            b.attn.wo.weight.mul_(0.3)
+            b.mlp.down.weight.mul_(0.3)
+    save_model(m, tmp_path / "model", llama_dir)
+    prompts = [[5, 6, 7, 8, 9], [9, 3, 4], [11, 12, 13, 14, 15, 16, 17]]
+    common = ["write", "--model", tmp_path / "model", "--method", "kangaroo", "--l", 2, "--no-eos",
+              "--settings", '{"gamma": 3, "eta": 0.0}', "--max-new-tokens", 12]
+    main([str(a) for a in common + [x for p in prompts for x in ("--ids", " ".join(map(str, p)))]
+          + ["--out", tmp_path / "ours"]])
+
+    def broken_port(batch):  # keeps every row's rejected drafts visible: the cache never hides them
+        hide, KVCache.hide = KVCache.hide, lambda self, start, kept: None
+        try:
+            return generate_kangaroo_batch(m, batch, None, l=2, max_new_tokens=12, gamma=3, eta=0.0, eos=[])
+        finally:
+            KVCache.hide = hide
+    settings = {"l": 2, "gamma": 3, "eta": 0.0}
+    steps = lambda out: [{"drafted": r.drafted, "accepted": r.accepted, "drafts": r.drafts} for r in out.rounds]  # noqa
+    write_batch(tmp_path / "port", "kangaroo", settings, [
+        lambda folder, p=p, o=o: write(folder, m.cfg, p, o.tokens, prompt_pass(m, p), "kangaroo", settings, steps(o))
+        for p, o in zip(prompts, broken_port(prompts))])
+    status, out, _ = trace_cli(capsys, "compare", tmp_path / "ours", tmp_path / "port", "--all")
+    found = [line for line in out.splitlines() if line.startswith("row ")]
+    assert status == 1 and {line.split(":")[0] for line in found} == {"row 0", "row 1", "row 2"}
+    assert any(" step " in line and "differs at accepted" in line for line in found)
+    for i, p in enumerate(prompts):  # alone, the port has no holes to mask: each row agrees
+        main([str(a) for a in common + ["--ids", " ".join(map(str, p)), "--out", tmp_path / f"ours-{i}"]])
+        (alone,) = broken_port([p])
+        write(tmp_path / f"port-{i}", m.cfg, p, alone.tokens, prompt_pass(m, p), "kangaroo", settings, steps(alone))
+        assert trace_cli(capsys, "compare", tmp_path / f"ours-{i}", tmp_path / f"port-{i}")[0] == 0
