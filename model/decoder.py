@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .cache import CacheError, KVCache
-from .config import Config
+from .config import Config, layer_window
 from .flops import EmbedRun, HeadRun, KVRun, LayerRun
 from .products import linear
 
@@ -238,7 +238,7 @@ class Decoder(nn.Module):
         self.pos_embed = Embedding(cfg.max_seq_len + cfg.pos_offset, cfg.dim) if cfg.pos == "learned" else None
         self.proj_in = Linear(cfg.embed_dim, cfg.dim, bias=False) if cfg.embed_dim != cfg.dim else None
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
-        self.sliding = [i in cfg.sliding_layers for i in range(cfg.n_layers)]  # layers with the window
+        self.windows = [layer_window(cfg, i) for i in range(cfg.n_layers)]  # each layer's window or None
         self.norm = Norm(cfg) if cfg.final_norm else None
         self.proj_out = Linear(cfg.dim, cfg.embed_dim, bias=False) if cfg.embed_dim != cfg.dim else None
         self.head = Linear(cfg.embed_dim, cfg.vocab_size, bias=False)
@@ -305,7 +305,7 @@ class Decoder(nn.Module):
         window = attention_mask(pad_mask, start, T, h.device, self.cfg.sliding_window) if self.cfg.sliding_layers \
             else None
         for i in range(self.cfg.n_layers) if layers is None else layers:
-            attn_mask = window if self.sliding[i] else full
+            attn_mask = full if self.windows[i] is None else window
             h, a, m = self.blocks[i](h, rope, attn_mask, cache, i, start, self.attn_impl)
             self.emit(LayerRun(i, B, T, start), h)
             if callback is not None and callback(i, h, a, m):

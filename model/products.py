@@ -32,17 +32,23 @@ PRODUCTS = {
 MAX_ROUTED = 8  # more rows: F.linear, a GEMM that is no longer memory-bound
 
 
-@functools.cache
-def cpu_vendor():
-    """The CPU's vendor as the kernel reports it ("AuthenticAMD", "GenuineIntel"), or "" unknown."""
+def cpu_field(name):
+    """A field of the kernel's /proc/cpuinfo for the first CPU ("vendor_id", "model name"), or None."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("vendor_id"):
+                if line.split(":", 1)[0].strip() == name:
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() if platform.processor() in ("AuthenticAMD", "GenuineIntel") else ""
+    return None
+
+
+@functools.cache
+def cpu_vendor():
+    """The CPU's vendor as the kernel reports it ("AuthenticAMD", "GenuineIntel"), or "" unknown."""
+    vendor = cpu_field("vendor_id") or platform.processor()
+    return vendor if vendor in ("AuthenticAMD", "GenuineIntel") else ""
 
 
 def route(rows, w, vendor=None):

@@ -48,8 +48,7 @@ from typing import NamedTuple
 
 import torch
 
-from model import (attention_mask, check_eos, check_length, check_prompts, check_sampling, filter_logits, layer_window,
-                   positions)
+from model import attention_mask, check_eos, check_length, check_prompts, check_sampling, filter_logits, positions
 from model.config import is_int
 from model.flops import AttnRun, HeadRun
 
@@ -90,7 +89,7 @@ def adapt(model, A, h, cache, start, pad_mask=None):
     A's attention is layer l's, sliding window included (Mistral, Qwen)."""
     B, T = h.shape[:2]
     pos = positions(pad_mask, start, T, h.device)  # (B|1, T)
-    window = layer_window(model.cfg, A.l)
+    window = model.windows[A.l]
     z = A(h, A.rope(model, pos), cache, start, attention_mask(pad_mask, start, T, h.device, window), model.attn_impl)
     model.emit(AttnRun(B, T, start, window))
     return z

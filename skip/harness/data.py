@@ -5,6 +5,8 @@ from __future__ import annotations
 import ast
 import json
 
+from tokenizer import encode_chat
+
 from .. import DATA
 
 SPECBENCH = ("mt_bench", "translation", "summarization", "qa", "math_reasoning", "rag")
@@ -39,7 +41,6 @@ def mix(by_category, n):
 def specbench_mix(tok, n, skip=0):
     """Chat-encoded first turns, one from each Spec-Bench category in turn (so a batch mixes
     kinds and lengths): the n after the first `skip` of that order."""
-    from tokenizer import encode_chat
     per = -(-(n + skip) // len(SPECBENCH))
     return [encode_chat(tok, q) for q, _ in mix([specbench(c, per) for c in SPECBENCH], n + skip)[skip:]]
 

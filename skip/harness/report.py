@@ -16,16 +16,12 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
+from model.products import cpu_field
+
 
 def cpu_name():
     """The CPU as the kernel names it (benchmarks differ between Intel and AMD machines)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return cpu_field("model name") or platform.processor() or platform.machine()
 
 
 def run_record():

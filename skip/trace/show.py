@@ -98,6 +98,7 @@ def inferred_runs(meta):
 def cells(meta):
     """The grid of a trace's metadata (trace.json): which state each layer is in at each pass."""
     L, T, runs = meta["model"]["n_layers"], len(meta["prompt"]), meta.get("layer_runs") or inferred_runs(meta)
+    meta = {**meta, "layer_runs": runs}  # recorded or inferred, once: kangaroo_rounds reads them too
     layers, slots, latest, run_columns = [set()], [None], {}, []
     for slot, layer, norms in runs:
         where = []
@@ -155,8 +156,7 @@ def kangaroo_rounds(grid, meta, T):
                                                              REJECTED, SKIPPED)
     if c != len(grid.slots):
         raise TraceError(f"the rounds hold {c - 1} passes, the layer runs {len(grid.slots) - 1}")
-    grid.l = next((layer for slot, layer, norms in meta.get("layer_runs") or inferred_runs(meta)
-                   if slot >= T and len(norms) > 1), None)
+    grid.l = next((layer for slot, layer, norms in meta["layer_runs"] if slot >= T and len(norms) > 1), None)
     if grid.l is None:  # every round drafted nothing: no run shows l
         l = meta["settings"].get("l")  # adapter-free: the setting; else the adapter's record
         grid.l = l if is_int(l) and 0 < l < len(grid.states) else adapter_l(meta["settings"].get("adapter"), len(grid.states))
