@@ -191,10 +191,25 @@ def smollm2_dir(smollm2_gguf):
     return DEFAULT_MODEL
 
 
+def refused(main, argv, capsys):
+    """main(argv), run in this process, ends with status 2; its last stderr line (the error), with
+    no traceback before."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err, err
+    last = err.strip().splitlines()[-1]
+    assert "error: " in last
+    return last
+
+
 def trace_cli(capsys, *args):
     """(status, stdout, stderr) of python -m skip.trace ARGS, run in this process."""
     from skip.trace.__main__ import main
-    with pytest.raises(SystemExit) as e:
+    try:
         main([str(a) for a in args])
+        status = 0
+    except SystemExit as e:
+        status = e.code
     out, err = capsys.readouterr()
-    return e.value.code, out, err
+    return status, out, err

@@ -19,18 +19,7 @@ from skip import ROOT
 from model.cli import command, float_in, int_in, threads, writable_file, writable_folder
 from weights.files import OutputExists
 
-from conftest import random_adapter
-
-
-def refused(main, argv, capsys):
-    """main(argv) ends with status 2; its last stderr line (the error), with no traceback before."""
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and "Traceback" not in err, err
-    last = err.strip().splitlines()[-1]
-    assert "error: " in last
-    return last
+from conftest import random_adapter, refused
 
 
 # ---------------------------------------------------------------- the handler and the types

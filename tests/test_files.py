@@ -19,6 +19,8 @@ from weights.files import OutputExists, atomic_dir, atomic_file, sweep, write_te
 
 from skip import ROOT
 
+from conftest import LLAMA, build_hf
+
 
 def write(out, word):
     """A complete output: done.json (the marker) and WORD.txt holding word."""
@@ -389,21 +391,33 @@ def kill_while_writing(cmd, out, sig=signal.SIGTERM):
 
 # Killed mid-write, a command leaves its folder exactly as before it started (empty), so the next
 # run starts as a first run does; that a first run completes is every other test of these commands
-# (the session's conversion of SmolLM2, tests/test_devices.py's fine-tunes). One real conversion
-# and one real fine-tune, each killed: the two writers of the largest files.
-def test_a_conversion_killed_mid_write_leaves_nothing_behind(smollm2_gguf, tmp_path):
-    out = tmp_path / "smollm2"
-    cmd = [sys.executable, "-m", "weights", "convert", str(smollm2_gguf), "--out", str(out)]
+# (the session's conversion of SmolLM2, tests/test_devices.py's fine-tunes). The two writers of the
+# largest files, each killed, on a model wide enough (50 MB of tensors, one real process each)
+# that the kill lands while its tensors are written, yet cheap to run: four thin layers over SmolLM2's
+# vocabulary and tokenizer.
+WIDE = dict(LLAMA, vocab_size=49152, hidden_size=128, num_attention_heads=2, num_key_value_heads=1,
+            intermediate_size=32, num_hidden_layers=4, max_position_embeddings=4096, eos_token_id=2, pad_token_id=2)
+
+
+def test_a_conversion_killed_mid_write_leaves_nothing_behind(tmp_path):
+    from test_families import write_gguf
+    write_gguf(build_hf("llama", WIDE), "llama", tmp_path / "wide.gguf")
+    out = tmp_path / "wide"
+    cmd = [sys.executable, "-m", "weights", "convert", str(tmp_path / "wide.gguf"), "--out", str(out)]
     assert kill_while_writing(cmd, out) != 0
-    assert not out.exists() and not list(tmp_path.iterdir())
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["wide.gguf"]
 
 
 def test_a_fine_tune_killed_mid_write_leaves_nothing_behind(smollm2_dir, data_dir, tmp_path):
+    model = tmp_path / "wide"
+    build_hf("llama", WIDE).save_pretrained(model, safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(smollm2_dir / name, model / name)
     out = tmp_path / "unified-2x"
-    cmd = [sys.executable, "-m", "skip.train.finetune", "--model", str(smollm2_dir), "--steps", "1",
+    cmd = [sys.executable, "-m", "skip.train.finetune", "--model", str(model), "--steps", "1",
            "--max-tokens", "64", "--out", str(out)]
     assert kill_while_writing(cmd, out) != 0
-    assert not out.exists() and not list(tmp_path.iterdir())
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["wide"]
 
 
 def test_a_full_disk_while_writing_names_the_output_and_leaves_the_old_one(tmp_path):

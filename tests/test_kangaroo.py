@@ -39,18 +39,18 @@ def tiny(llama_dir, deep_scale):
 def test_greedy_equals_plain_greedy_decoding(llama_dir, deep_scale, seed):
     m = tiny(llama_dir, deep_scale)
     prompt = PROMPT[:3 + seed]
-    ref = generate(m, [prompt], max_new_tokens=24, eos=[])[0]
+    ref = generate(m, [prompt], max_new_tokens=16, eos=[])[0]
     accepted = 0
     # every gamma and every eta, each gamma beside two etas (tests/test_kangaroo_batch.py runs more
     # settings through this file, row by row)
     for eta, gamma in [(0.0, 0), (0.6, 0), (0.3, 1), (1.0, 1), (0.0, 3), (0.6, 3), (0.3, 6), (1.0, 6)]:
         for a in [random_adapter(m, 2, seed, lens_like=seed != 1), None]:
-            out = generate_kangaroo(m, prompt, a, l=2, max_new_tokens=24, gamma=gamma, eta=eta, eos=[])
+            out = generate_kangaroo(m, prompt, a, l=2, max_new_tokens=16, gamma=gamma, eta=eta, eos=[])
             assert out.tokens == ref, (eta, gamma, a is None)
             assert len(out.tokens) == sum(r.accepted + 1 for r in out.rounds) + 1
             assert all(r.drafted <= gamma for r in out.rounds)
             accepted += sum(r.accepted for r in out.rounds)
-        cheap = generate_kangaroo(m, prompt, random_adapter(m, 2, seed, True), max_new_tokens=24, gamma=gamma,
+        cheap = generate_kangaroo(m, prompt, random_adapter(m, 2, seed, True), max_new_tokens=16, gamma=gamma,
                                   eta=eta, draft_vocab=20, eos=[])
         assert cheap.tokens == ref
     if deep_scale == 0.0:
@@ -222,9 +222,9 @@ def test_smollm2_with_the_trained_adapter_equals_plain_greedy(smollm2_dir):
     a = load_adapter(path, m)
     for text in SMOL_PROMPTS:
         ids = encode_chat(tok, text)
-        ref = generate(m, [ids], max_new_tokens=24)[0]
-        assert generate_kangaroo(m, ids, a, max_new_tokens=24).tokens == ref
-        assert generate_kangaroo(m, ids, a, max_new_tokens=24, draft_vocab=4096).tokens == ref
+        ref = generate(m, [ids], max_new_tokens=16)[0]
+        assert generate_kangaroo(m, ids, a, max_new_tokens=16).tokens == ref
+        assert generate_kangaroo(m, ids, a, max_new_tokens=16, draft_vocab=4096).tokens == ref
 
 
 def test_prompt_mix_has_each_kind_in_its_share_and_is_reproducible(data_dir):

@@ -143,11 +143,11 @@ def smollm2(smollm2_dir):
     return hf, load_model(smollm2_dir), [encode_chat(tok, text) for text in SMOL]
 
 
-@pytest.mark.parametrize("l, gamma, eta", [(20, 3, 0.4), (26, 6, 0.6)])
-def test_smollm2_drafts_and_accepts_the_same_tokens_every_round(smollm2, l, gamma, eta):
+@pytest.mark.parametrize("l, gamma, eta, which", [(20, 3, 0.4, slice(0, 2)), (26, 6, 0.6, slice(2, 3))])
+def test_smollm2_drafts_and_accepts_the_same_tokens_every_round(smollm2, l, gamma, eta, which):
     hf, m, prompts = smollm2
     accepted = 0
-    for prompt in prompts:
+    for prompt in prompts[which]:
         ours, _ = check(hf, m, prompt, l, gamma, eta, n=12)
         accepted += sum(r.accepted for r in ours.rounds)
     assert accepted > 0

@@ -3,8 +3,6 @@ schedule, AdaInfer's exits (from the method run directly), Kangaroo's rounds; th
 boxes is the perturbed slot and layer; bad input is one line and status 2."""
 import json
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -22,7 +20,7 @@ from skip.trace.compare import compare, findings
 from skip.trace.show import DRAFT, EXIT, FILLED, RAN, REJECTED, SKIPPED, VERIFIED, cells, divergence, show
 from skip.unified import kept_layers
 
-from conftest import VARIANTS, build_hf, random_adapter
+from conftest import VARIANTS, build_hf, random_adapter, trace_cli
 
 PROMPT = [3, 14, 15, 92, 65, 35, 89, 79]
 T, L, N = len(PROMPT), 4, 10
@@ -143,7 +141,7 @@ def test_the_boxed_divergence_is_the_perturbed_slot_and_layer(tiny, tmp_path, me
     assert grid.states[layer, c] != SKIPPED and divergence(grid, meta, first) == (layer, c, c)
 
 
-def test_show_draws_a_png_and_answers_bad_input_with_status_2(tiny, tmp_path):
+def test_show_draws_a_png_and_answers_bad_input_with_status_2(tiny, tmp_path, capsys):
     pytest.importorskip("matplotlib")
     tmp, model = tiny
     trace(model, PROMPT, tmp_path / "k", "kangaroo", N, {"adapter": str(tmp / "adapter")})
@@ -155,12 +153,11 @@ def test_show_draws_a_png_and_answers_bad_input_with_status_2(tiny, tmp_path):
     assert (tmp_path / "k" / "trace.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     del meta["layer_runs"]  # a port's trace: drawn from its steps
     (tmp_path / "k2" / "trace.json").write_text(json.dumps(meta))
-    p = subprocess.run([sys.executable, "-m", "skip.trace", "show", str(tmp_path / "k2")], capture_output=True,
-                       text=True)
-    assert p.returncode == 0 and (tmp_path / "k2" / "trace.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", p.stderr
+    assert trace_cli(capsys, "show", tmp_path / "k2")[0] == 0
+    assert (tmp_path / "k2" / "trace.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for st in meta["steps"]:  # and one whose steps do not say what ran: nothing to draw
         del st["drafted"]
     (tmp_path / "k2" / "trace.json").write_text(json.dumps(meta))
     for bad in (tmp_path / "k2", tmp_path / "missing"):
-        p = subprocess.run([sys.executable, "-m", "skip.trace", "show", str(bad)], capture_output=True, text=True)
-        assert p.returncode == 2 and p.stderr.count("\n") == 1 and p.stderr.startswith("error: "), p.stderr
+        status, _, err = trace_cli(capsys, "show", bad)
+        assert status == 2 and err.count("\n") == 1 and err.startswith("error: "), err
