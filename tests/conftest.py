@@ -191,6 +191,20 @@ def smollm2_dir(smollm2_gguf):
     return DEFAULT_MODEL
 
 
+@pytest.fixture(scope="session")
+def smollm2(smollm2_dir):
+    """(our SmolLM2-135M-Instruct in fp32, its tokenizer), loaded once: tests only read them."""
+    from tokenizer import load_tokenizer
+    return load_model(smollm2_dir), load_tokenizer(smollm2_dir)
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf(smollm2_dir):
+    """transformers' SmolLM2-135M-Instruct in fp32 from the same files, loaded once."""
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+
+
 def refused(main, argv, capsys):
     """main(argv), run in this process, ends with status 2; its last stderr line (the error), with
     no traceback before."""

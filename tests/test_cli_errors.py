@@ -198,12 +198,11 @@ def test_a_failing_chat_template_ends_the_command_in_one_line(tiny_chat_dir, tmp
                                                  capsys)
 
 
-# A few real processes: the status, one error line, and no traceback or crash (a segfault at
-# --threads 100000 before), each refused before any model loads or any data is read.
+# Two real processes: the status, one error line, and no traceback or crash (a segfault at
+# --threads 100000 before), each refused before any model loads or any data is read; the tables
+# above run every command's refusals in-process.
 PROCESSES = [
     (["skip.harness.bench_products", "--threads", "100000"], "--threads: 100000 is not in 1.."),
-    (["skip.train.finetune", "--minutes", "0"], "--minutes: 0 is not"),
-    (["skip.train.kangaroo", "--prompts", "5", "--held-out", "5"], "leaves 0 training sequences"),
     (["skip.harness.eval_adainfer", "--tasks", "{dir}/list.jsonl", "--out", "{dir}/o"], "list.jsonl, line 2"),
 ]
 

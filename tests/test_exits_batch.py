@@ -186,10 +186,8 @@ def test_batched_classification_pass_equals_unbatched_predict_and_trace(llama_di
 
 
 @torch.no_grad()
-def test_smollm2_batched_early_exit_equals_unbatched(smollm2_dir):
-    from model import load_model
-    from tokenizer import load_tokenizer
-    model, tok = load_model(smollm2_dir), load_tokenizer(smollm2_dir)
+def test_smollm2_batched_early_exit_equals_unbatched(smollm2):
+    model, tok = smollm2
     texts = ["The capital of France is", "1, 2, 3, 4,", "Once upon a time, in a small village by the sea, there",
              "Water boils at"]
     prompts, vocab = [tok.encode(t) for t in texts], torch.arange(4096)  # a cheap head screens the checks

@@ -243,6 +243,22 @@ def test_a_gguf_whose_rope_scaling_changes_numbers_we_do_not_implement_is_refuse
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("keep", [0.5, 0.05])  # the share of the file left
+def test_a_truncated_gguf_gives_a_clear_error_and_leaves_nothing_behind(tmp_path, keep):
+    from weights.convert import ConvertError, convert
+    write_gguf(build_hf(*VARIANTS["qwen2"]), "qwen2", tmp_path / "m.gguf")
+    whole = (tmp_path / "m.gguf").read_bytes()
+    bad, out = tmp_path / "broken.gguf", tmp_path / "out"
+    bad.write_bytes(whole[:int(len(whole) * keep)])
+    with pytest.raises(ConvertError, match="not a readable GGUF file"):
+        convert(bad, out)
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["broken.gguf", "m.gguf"]
+    bad.write_bytes(b"GGUF" + b"\x00" * 100)
+    with pytest.raises(ConvertError, match="not a readable GGUF file"):
+        convert(bad, out)
+    assert not out.exists()
+
+
 @torch.no_grad()
 @pytest.mark.parametrize("name", ["qwen3_window", "mistral_window"])
 def test_a_chunk_after_the_prefill_sees_its_window_as_transformers_does(name, tmp_path_factory):

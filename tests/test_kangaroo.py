@@ -14,7 +14,7 @@ from skip.kangaroo import accept_sampled, generate_kangaroo, probs
 from skip.kangaroo_adapter import Adapter, AdapterError
 from skip.kangaroo_files import load_adapter, save_adapter
 from skip.train.kangaroo import RECIPES, distill_loss, linear_lr, tokens_by_frequency
-from tokenizer import encode_chat, load_tokenizer
+from tokenizer import encode_chat
 
 from skip import WEIGHTS
 
@@ -216,9 +216,9 @@ SMOL_PROMPTS = ["Explain in two sentences why the sky is blue.", "Solve: 12 * 7 
 # tests/test_kangaroo_batch.py
 
 
-def test_smollm2_with_the_trained_adapter_equals_plain_greedy(smollm2_dir):
+def test_smollm2_with_the_trained_adapter_equals_plain_greedy(smollm2):
     path = WEIGHTS / "kangaroo-l2"
-    m, tok = load_model(smollm2_dir), load_tokenizer(smollm2_dir)
+    m, tok = smollm2
     a = load_adapter(path, m)
     for text in SMOL_PROMPTS:
         ids = encode_chat(tok, text)

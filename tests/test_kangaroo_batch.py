@@ -8,7 +8,7 @@ from model import KVCache, generate, left_pad, load_model
 from skip.kangaroo import generate_kangaroo, probs
 from skip.kangaroo_batch import generate_kangaroo_batch
 from skip.kangaroo_files import load_adapter
-from tokenizer import encode_chat, load_tokenizer
+from tokenizer import encode_chat
 
 from skip import WEIGHTS
 
@@ -191,8 +191,8 @@ SMOL_PROMPTS = ["What is the capital of France?", "Write a haiku about autumn le
                 "Explain in two sentences why the sky is blue, for a child.", "Hi"]
 
 
-def test_smollm2_batch_of_four_rows_equals_each_row_alone(smollm2_dir):
-    m, tok = load_model(smollm2_dir), load_tokenizer(smollm2_dir)
+def test_smollm2_batch_of_four_rows_equals_each_row_alone(smollm2):
+    m, tok = smollm2
     a = load_adapter(WEIGHTS / "kangaroo-l2", m)
     ids = [encode_chat(tok, text) for text in SMOL_PROMPTS]
     assert len({len(p) for p in ids}) == 4

@@ -8,7 +8,7 @@ import torch
 from model import load_model
 from skip.kangaroo import generate_kangaroo
 from skip.peer_layerskip import as_transformers, drafter_settings, layerskip_rounds, recording
-from tokenizer import encode_chat, load_tokenizer
+from tokenizer import encode_chat
 
 from conftest import VARIANTS, build_hf
 
@@ -135,20 +135,12 @@ def test_transformers_cannot_exit_early_on_opt_or_assist_a_batch(gqa, tmp_path_f
         gqa[0].generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=8, assistant_early_exit=2)
 
 
-@pytest.fixture(scope="module")
-def smollm2(smollm2_dir):
-    from transformers import AutoModelForCausalLM
-    hf = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
-    tok = load_tokenizer(smollm2_dir)
-    return hf, load_model(smollm2_dir), [encode_chat(tok, text) for text in SMOL]
-
-
 @pytest.mark.parametrize("l, gamma, eta, which", [(20, 3, 0.4, slice(0, 2)), (26, 6, 0.6, slice(2, 3))])
-def test_smollm2_drafts_and_accepts_the_same_tokens_every_round(smollm2, l, gamma, eta, which):
-    hf, m, prompts = smollm2
+def test_smollm2_drafts_and_accepts_the_same_tokens_every_round(smollm2, smollm2_hf, l, gamma, eta, which):
+    m, tok = smollm2
     accepted = 0
-    for prompt in prompts[which]:
-        ours, _ = check(hf, m, prompt, l, gamma, eta, n=12)
+    for prompt in [encode_chat(tok, text) for text in SMOL[which]]:
+        ours, _ = check(smollm2_hf, m, prompt, l, gamma, eta, n=12)
         accepted += sum(r.accepted for r in ours.rounds)
     assert accepted > 0
 
