@@ -9,6 +9,8 @@ on AMD EPYC (35.8 ms for one SmolLM2 step's products against F.linear's 49.6,
 docs/results-decoder.md), F.linear on Intel Xeon (15.3 ms against the duplicated row's 36.7,
 MKL 2024.2), so the rule reads the CPU's vendor, which the machine fixes, never what ran before:
     fp32 on the CPU   1 row: "dup" on AMD, F.linear elsewhere   2-8 rows: "transposed"   more: F.linear
+    a weight < 2^16   F.linear: it sits in a core's L2, so the extra ops of a route cost more than
+                      they save (a 96x64 weight, one row, AMD EPYC: 3.9 us F.linear, 24.6 us "dup")
     anything else     F.linear, as transformers computes it (bf16 and fp16 round as its runs do)
 On a CPU of neither vendor a row takes F.linear, the route whose worst case measured is the
 smaller (1.39x the fastest on AMD, against the duplicate's 2.4x on Intel). Routes differ only in
@@ -30,6 +32,7 @@ PRODUCTS = {
     "dup": lambda x2, w: (w @ torch.cat([x2, x2]).T)[:, :1].T,  # one row twice: the 2-row path
 }
 MAX_ROUTED = 8  # more rows: F.linear, a GEMM that is no longer memory-bound
+MIN_ROUTED = 2 ** 16  # smaller weights (256 KB in fp32, within a core's L2): F.linear, reading them is not the cost
 
 
 def cpu_field(name):
@@ -54,7 +57,7 @@ def cpu_vendor():
 def route(rows, w, vendor=None):
     """The fixed rule: which of PRODUCTS takes a product of `rows` rows with weight w on a CPU of
     this vendor (default: this machine's, cpu_vendor())."""
-    if rows > MAX_ROUTED or w.dtype != torch.float32 or w.device.type != "cpu":
+    if rows > MAX_ROUTED or w.numel() < MIN_ROUTED or w.dtype != torch.float32 or w.device.type != "cpu":
         return "linear"
     if rows > 1:
         return "transposed"

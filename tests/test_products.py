@@ -25,9 +25,10 @@ def test_every_route_computes_x_times_w_transposed(rows):
 
 
 def test_the_fixed_rule():
-    w = torch.zeros(8, 4)
+    w, small = torch.zeros(256, 256), torch.zeros(255, 256)
     for vendor, one in (("AuthenticAMD", "dup"), ("GenuineIntel", "linear"), ("", "linear")):
         assert [products.route(n, w, vendor) for n in (1, 2, 8, 9)] == [one, "transposed", "transposed", "linear"]
+        assert [products.route(n, small, vendor) for n in (1, 2, 8, 9)] == ["linear"] * 4
         assert products.route(1, w.bfloat16(), vendor) == products.route(1, w.half(), vendor) == "linear"
     assert products.route(1, w) == products.route(1, w, products.cpu_vendor())  # this machine's, every call
 
