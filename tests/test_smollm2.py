@@ -89,7 +89,7 @@ def test_half_precision_logits_bit_identical_and_answer_identical_to_transformer
 def test_beam_search_identical_to_transformers(hf, ours, num_beams, no_repeat):
     model, tok = ours
     prompts = [encode_chat(tok, p) for p in PROMPTS[:3]]  # three lengths: left padding
-    kw = dict(num_beams=num_beams, max_new_tokens=12, no_repeat_ngram_size=no_repeat)
+    kw = dict(num_beams=num_beams, max_new_tokens=9, no_repeat_ngram_size=no_repeat)
     mine = beam_search(model, prompts, **kw)
     assert same_as_hf(mine, *hf_beam(hf, prompts, [2], **kw))
     if not no_repeat:
