@@ -91,13 +91,16 @@ def layerskip_rounds(hf, prompt, l, gamma, eta, max_new_tokens, eos=None):
     return KangarooOutput(seq[0, len(prompt):].tolist(), rounds)
 
 
+def transformers_round(drafts, accepted, eos):
+    """One round of ours as transformers records it, (drafted, accepted, drafts), by its two rules
+    that differ (docs/traces.md): its drafter stops after a draft that is an EOS id (an
+    EosTokenCriteria in the drafter's generate; Kangaroo drafts on), and its accepted count stops
+    before an accepted EOS (the accepted tokens are cut after the first EOS, then n_matches = what
+    is left - 1)."""
+    j = next((i for i, t in enumerate(drafts) if t in eos), None)
+    return (len(drafts), accepted, drafts) if j is None else (j + 1, min(accepted, j), drafts[:j + 1])
+
+
 def as_transformers(rounds, eos):
-    """Our rounds as transformers records them, by its two rules that differ (docs/traces.md):
-    its drafter stops after a draft that is an EOS id (an EosTokenCriteria in the drafter's
-    generate; Kangaroo drafts on), and its accepted count stops before an accepted EOS (the
-    accepted tokens are cut after the first EOS, then n_matches = what is left - 1)."""
-    out = []
-    for r in rounds:
-        j = next((i for i, t in enumerate(r.drafts) if t in eos), None)
-        out.append(r if j is None else Round(j + 1, min(r.accepted, j), r.drafts[:j + 1]))
-    return out
+    """Our rounds as transformers records them (transformers_round)."""
+    return [Round(*transformers_round(r.drafts, r.accepted, eos)) for r in rounds]

@@ -21,6 +21,7 @@ from weights import DEFAULT_MODEL
 from weights.files import check_not_reading
 
 from .batch import compare_any, trace_batch
+from .convention import CONVENTIONS
 from .format import DEFAULTS, TraceError, settings_used
 from .methods import trace
 
@@ -110,6 +111,10 @@ def main(argv=None):
     c.add_argument("--expect", action="append", default=[], metavar="KEY",
                    help="a step key whose differences are expected (a peer's convention): noted, not a finding; "
                    "once per key")
+    c.add_argument("--convention", choices=list(CONVENTIONS), help="a peer's round convention: ours (the reference) "
+                   "is rewritten as that peer records the run (skip/trace/convention.py)")
+    c.add_argument("--eos", type=int, nargs="+", metavar="ID", help="the EOS ids the run stopped at, for a "
+                   "convention that treats EOS drafts its own way (transformers)")
     s = sub.add_parser("show", help="draw what the method ran (skip/trace/show.py)")
     s.add_argument("trace", type=Path)
     s.add_argument("--against", type=Path, help="a second trace: its first divergence is marked")
@@ -123,7 +128,7 @@ def main(argv=None):
             check_not_reading(a.out, *(p for p in (a.trace, a.against, a.model) if p is not None))
             a.out = show(a.trace, a.against, a.out, a.model)
         elif a.cmd == "compare":
-            notes, found = compare_any(a.reference, a.other, a.atol, a.rtol, a.all, a.expect)
+            notes, found = compare_any(a.reference, a.other, a.atol, a.rtol, a.all, a.expect, a.convention, a.eos)
             print("\n".join(notes))
             print("\n".join(found) if found else "the traces agree within the tolerances")
             sys.exit(1 if found else 0)

@@ -103,13 +103,13 @@ def read_batch(path):
     return meta, rows
 
 
-def compare_any(ref, other, atol=None, rtol=None, every=False, expect=()):
+def compare_any(ref, other, atol=None, rtol=None, every=False, expect=(), convention=None, eos=None):
     """compare (skip/trace/compare.py) of two traces, or of two batch folders row by row: (notes,
     findings); a finding of a batch starts with its row ("row 2: step 3 of kangaroo differs ...")."""
     kinds = is_batch(ref), is_batch(other)
     if kinds == (False, False):
         notes = [tolerances(read(ref)[0], read(other)[0], atol, rtol)[2]]
-        return notes, compare(ref, other, atol, rtol, notes, every, expect)
+        return notes, compare(ref, other, atol, rtol, notes, every, expect, convention, eos)
     if kinds != (True, True):
         batch, single = (ref, other) if kinds[0] else (other, ref)
         raise TraceError(f"{batch} is a batch of traces and {single} is not: compare a row of it "
@@ -120,7 +120,7 @@ def compare_any(ref, other, atol=None, rtol=None, every=False, expect=()):
     found, notes, where = [], [tolerances(read(ra[0])[0], read(oa[0])[0], atol, rtol)[2]], {}
     for i, (a, b) in enumerate(zip(ra, oa)):
         row_notes = []
-        found += [f"row {i}: {w}" for w in compare(a, b, atol, rtol, row_notes, every, expect)]
+        found += [f"row {i}: {w}" for w in compare(a, b, atol, rtol, row_notes, every, expect, convention, eos)]
         for note in row_notes:
             where.setdefault(note, []).append(i)
     notes += [f"row{'s' if len(rows) > 1 else ''} {', '.join(map(str, rows))}: {note}" for note, rows in where.items()]

@@ -19,7 +19,8 @@ port that does not count). `findings` gives the same as data (Finding: the words
 point), for the viewer (skip/trace/show.py). every: every differing token and step, not only the
 first of each; expect: step keys whose differences the user declares expected (a peer's own
 convention, e.g. a batch-wide draft cap that changes `drafted`): each is reported in the notes as
-expected and every other key goes on being checked.
+expected and every other key goes on being checked; convention: a peer's way of recording rounds
+(skip/trace/convention.py), to which the reference is rewritten first.
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ import torch
 from model.config import is_real
 
 from .check import check_tensors, read
+from .convention import apply
 from .format import DTYPES, TraceError, settings_used
 
 # compare's default (atol, rtol) per dtype (by increasing rounding error) and tensor: a value passes
@@ -135,15 +137,18 @@ def compare_layer_runs(ref_runs, oth_runs, T, atol, rtol):
     return None
 
 
-def compare(ref_path, other_path, atol=None, rtol=None, notes=None, every=False, expect=()):
+def compare(ref_path, other_path, atol=None, rtol=None, notes=None, every=False, expect=(), convention=None,
+            eos=None):
     """Check other against ref; returns [] or plain-words findings, the first divergence first.
     Tolerances default to those of the lower precision of the two runs (tolerances()). notes, a
     list, receives what was not compared (step keys only one trace records) and the expected
-    differences (expect)."""
-    return [f.words for f in findings(ref_path, other_path, atol, rtol, notes, every, expect)]
+    differences (expect). convention: a peer's (skip/trace/convention.py) that ref is rewritten
+    to first; eos: the EOS ids it may need."""
+    return [f.words for f in findings(ref_path, other_path, atol, rtol, notes, every, expect, convention, eos)]
 
 
-def findings(ref_path, other_path, atol=None, rtol=None, notes=None, every=False, expect=()):
+def findings(ref_path, other_path, atol=None, rtol=None, notes=None, every=False, expect=(), convention=None,
+             eos=None):
     """compare's findings as Findings: the words and the place each names."""
     (ref, rt), (oth, ot) = read(ref_path, False), read(other_path, False)
     tol, per_vector, _ = tolerances(ref, oth, atol, rtol)
@@ -154,6 +159,8 @@ def findings(ref_path, other_path, atol=None, rtol=None, notes=None, every=False
     if ref["prompt"] != oth["prompt"]:
         return [Finding("the prompts differ: nothing else is comparable")]
     out, notes = [], [] if notes is None else notes
+    if convention is not None:
+        ref = apply(convention, {**ref, "settings": meaning(ref["method"], ref["settings"], [])}, oth, notes, eos)
     if ref["method"] != oth["method"] or not same_settings(
             *(meaning(m["method"], m["settings"], notes) for m in (ref, oth)), notes):
         out.append(Finding(f"the runs differ: reference {ref['method']} {ref['settings']}, "

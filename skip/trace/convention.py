@@ -1,0 +1,75 @@
+"""Peers' round conventions, as named mappings: `compare --convention NAME` rewrites our Kangaroo
+trace (the reference) as that peer records the same run, then compares as usual, so a port that
+follows a peer's convention is checked round by round, not only token by token.
+
+  official      Equationliu/Kangaroo, evaluation/inference_kangaroo.py (greedy). It records per
+                round `accept_length`, the tokens the round committed (accepted drafts + 1; its
+                list's leading 1 is the prefill's token, not a round), and an EOS that M emits ends
+                the round there; a port records it as the step key `accept_length`. Its loop runs
+                a round only while more than gamma tokens are left to make (`start_index <
+                max_infer_steps - 1 - SPECULATIVE_DECODING_STEPS`), so it ends up to gamma tokens
+                before max_new_tokens, where ours drafts fewer and goes on: where the port's tokens
+                are fewer than ours by at most gamma, ours are cut after the round that reaches its
+                count. Everything else (the two exits, drafts, the crop) is ours already.
+  transformers  `generate(assistant_early_exit=l)`, skip/peer_layerskip.py, rules 1-3 of
+                docs/traces.md: run it on the prompt plus our first token (it has no prefill
+                token), and write its trace with our first token in front of its tokens; given
+                the EOS ids (`--eos`), a round's drafts stop after its first EOS draft and
+                `accepted` stops before an accepted EOS (as_transformers).
+
+Each mapping takes (ours, port, notes, eos): the two traces' trace.json as read, the list that
+compare's notes go to, and the EOS ids or None; it returns ours rewritten.
+"""
+from __future__ import annotations
+
+from ..peer_layerskip import transformers_round
+from .format import TraceError
+
+# a Kangaroo step's lists: one entry per draft, or per verified position (x and the drafts)
+PER_DRAFT = ("drafts", "draft_top_ids", "draft_top_probs")
+PER_VERIFIED = ("exited_norms", "verify_top_ids", "verify_top_probs")
+
+
+def official(ours, port, notes, eos):
+    tokens, made, steps = ours["tokens"], 1, []  # the prefill makes token 0
+    for st in ours["steps"]:
+        n = min(st["accepted"] + 1, len(tokens) - made)  # fewer where an EOS ended the output
+        steps.append({**st, "accept_length": n})
+        made += n
+    short, gamma = len(tokens) - len(port["tokens"]), ours["settings"].get("gamma")
+    if gamma is not None and 0 < short <= gamma:  # the port's loop ended with at most gamma tokens left to make
+        made, kept = 1, []
+        for st in steps:
+            if made >= len(port["tokens"]):
+                break
+            kept.append(st)
+            made += st["accept_length"]
+        steps, tokens = kept, tokens[:made]
+        notes.append(f"official: its loop stops with at most gamma ({gamma}) tokens left: ours compared on its "
+                     f"first {len(kept)} rounds and {made} tokens, of {len(ours['steps'])} and {len(ours['tokens'])}")
+    return {**ours, "tokens": tokens, "steps": steps}
+
+
+def transformers(ours, port, notes, eos):
+    if not eos:
+        notes.append("transformers: no --eos ids given, so rules 2 and 3 (an EOS draft) are not applied")
+        return ours
+    steps = []
+    for st in ours["steps"]:
+        drafted, accepted, _ = transformers_round(st["drafts"], st["accepted"], eos)
+        cut = {k: st[k][:drafted] for k in PER_DRAFT if k in st}
+        cut.update({k: st[k][:drafted + 1] for k in PER_VERIFIED if k in st})
+        steps.append({**st, **cut, "drafted": drafted, "accepted": accepted})
+    return {**ours, "steps": steps}
+
+
+CONVENTIONS = {"official": official, "transformers": transformers}
+
+
+def apply(name, ours, port, notes, eos=None):
+    """Our trace `ours` as the peer `name` records it (CONVENTIONS), beside the port's trace."""
+    if name not in CONVENTIONS:
+        raise TraceError(f"unknown convention {name!r} ({', '.join(CONVENTIONS)})")
+    if ours["method"] != "kangaroo":
+        raise TraceError(f"the {name} convention maps Kangaroo's rounds, not {ours['method']}'s")
+    return CONVENTIONS[name](ours, port, notes, None if eos is None else set(eos))
