@@ -86,9 +86,10 @@ class Batch:
     """The paper's draft model kg (its A, H, exit_logits and pick; skip/kangaroo.py) over the rows
     of `rows`, with caches of B rows whose `valid` masks say which slots hold a row's states."""
 
-    def __init__(self, kg, rows, max_len, observe=None):
+    def __init__(self, kg, rows, max_len, observe=None, on_layer=None):
         B = len(rows.prompts)
         self.kg, self.model, self.l, self.rows, self.observe = kg, kg.model, kg.l, rows, observe
+        self.on_layer = on_layer
         self.cache = self.model.new_cache(B, max_len)
         # A's catch-ups take slots of their own when some rows catch up and others do not: at most one
         # a round, at most max_new_tokens rounds; one row catches up in its own next slot, as alone
@@ -101,13 +102,30 @@ class Batch:
         stopped row's filler): the exited states h_l (B, T, d)."""
         mask = self.cache.open(ids.shape[1], real)  # None while every slot is real
         pos = positions(mask, start, ids.shape[1], ids.device)  # (B|1, T)
-        return self.model.run_layers(self.model.embed_tokens(ids, pos), pos, range(self.l), self.cache, start, mask)
+        return self.model.run_layers(self.model.embed_tokens(ids, pos), pos, range(self.l), self.cache, start, mask,
+                                     self.rows_seen(pos, mask, start))
 
     def deep(self, h_l, start):
         """Layers [l, L) on exited states h_l (B, T, d) at slots [start, start + T), opened by shallow."""
         mask = self.cache.pad_mask(start + h_l.shape[1])
         pos = positions(mask, start, h_l.shape[1], h_l.device)  # (B|1, T)
-        return self.model.run_layers(h_l, pos, range(self.l, self.model.cfg.n_layers), self.cache, start, mask)
+        return self.model.run_layers(h_l, pos, range(self.l, self.model.cfg.n_layers), self.cache, start, mask,
+                                     self.rows_seen(pos, mask, start))
+
+    def rows_seen(self, pos, mask, start):
+        """run_layers' callback for on_layer: each layer's output on each row's real slots, told as
+        that row alone would run them (at its own position, without padding, holes or filler)."""
+        if self.on_layer is None:
+            return None
+        T = pos.shape[1]
+        real = torch.ones(len(self.rows.active), T, dtype=torch.bool) if mask is None else mask[:, start:].cpu()
+
+        def seen(i, h, a, m):
+            for b, r in enumerate(self.rows.active):
+                if real[b].any():  # a row's real slots in one run are consecutive positions
+                    self.on_layer(i, int(pos[min(b, len(pos) - 1)][real[b]][0]), h[b:b + 1, real[b].to(h.device)],
+                                  row=r)
+        return seen
 
     def prefill(self, h_l, real):
         if self.acache is not None:  # A reads the prompts' exited states (B, T, d)
@@ -212,10 +230,12 @@ def round_rows(bt: Batch, xs, n, ks, eta, s: Sampling):
 @torch.inference_mode()
 def generate_kangaroo_batch(model, prompts, adapter=None, l=None, max_new_tokens=64, gamma=6, eta=0.6,
                             draft_vocab=None, temperature=0.0, top_p=1.0, generator=None, eos=None, on_round=None,
-                            observe=None):
+                            observe=None, on_layer=None):
     """generate_kangaroo (skip/kangaroo.py) over a list of prompts (lists of ids, any lengths) as
     one batch: one KangarooOutput per prompt, with RowRounds. on_round and observe as there, called
-    once per row and told row=the prompt's index (the caches hold every row still in the batch)."""
+    once per row and told row=the prompt's index (the caches hold every row still in the batch).
+    on_layer(layer, position, h, row=...): after every layer run, each row's output h (1, m, d) on
+    its m real slots, from its own position (what the row's run alone reports as a LayerRun)."""
     prompts = check_settings(model.cfg, prompts, adapter, l, max_new_tokens, gamma, eta, temperature, top_p,
                              draft_vocab)
     B, s = len(prompts), Sampling(temperature, top_p, generator)
@@ -225,7 +245,7 @@ def generate_kangaroo_batch(model, prompts, adapter=None, l=None, max_new_tokens
     # each row); n - T is also at most B * max_new_tokens (the longest row's tokens, each round)
     moved = min(B * max_new_tokens, (max_new_tokens - 1) * (gamma + 1))
     room = rows.T + moved + min(gamma, max_new_tokens) + 1
-    bt = Batch(self_draft(model, adapter, l, draft_vocab, 0), rows, room, observe)  # kg's one-row caches: empty, unused
+    bt = Batch(self_draft(model, adapter, l, draft_vocab, 0), rows, room, observe, on_layer)  # kg's caches: unused
 
     # prefill: M on the prompts, A on their exited states
     real = rows.padding()

@@ -160,13 +160,13 @@ def test_the_qa_pooled_svm_is_the_svm_fitted_on_the_qa_traces_together(llama_dir
     assert {k.split("->")[0] for k in cross} == {"csqa", "mmlu", "sst2", "csqa+mmlu"}
 
 
-def test_settings_whose_prompts_exceed_the_context_are_reported_not_run(smollm2_dir, tmp_path):
+def test_settings_whose_prompts_exceed_the_context_are_reported_not_run(tiny_chat_dir, tmp_path):
     from skip.harness.eval_adainfer import main
     f = tmp_path / "long.jsonl"
-    f.write_text("".join(json.dumps({"prompt": "word " * 9000 + str(i), "answer": " A"}) + "\n" for i in range(4)))
-    main(["--model", str(smollm2_dir), "--tasks", str(f), "--n-train", "2", "--n-test", "2", "--out", str(tmp_path)])
+    f.write_text("".join(json.dumps({"prompt": "word " * 5000 + str(i), "answer": " A"}) + "\n" for i in range(4)))
+    main(["--model", str(tiny_chat_dir), "--tasks", str(f), "--n-train", "2", "--n-test", "2", "--out", str(tmp_path)])
     res = json.loads((tmp_path / "adainfer.json").read_text())
-    assert res["results"] == [] and "exceeds the context of 8192" in res["skipped"][0]
+    assert res["results"] == [] and "exceeds the context of 4096" in res["skipped"][0]
 
 
 def test_grid_traces_are_cached_by_model_content_and_inputs(llama_dir, tmp_path, monkeypatch):

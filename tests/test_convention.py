@@ -1,8 +1,9 @@
 """`compare --convention NAME` (skip/trace/convention.py): a port that records its rounds as a peer
-does agrees with our trace under that peer's name, and a slip in any round is still found. The
-oracles: the official Kangaroo loop (Equationliu/Kangaroo evaluation/inference_kangaroo.py, greedy)
-restated here from scratch, every pass recomputed without caches, and transformers' own
-self-speculative decoding (skip/peer_layerskip.py)."""
+does agrees with our trace under that peer's name, and a slip in any round, or in where the run
+stops, is still found. The oracles: the official Kangaroo loop (Equationliu/Kangaroo
+evaluation/inference_kangaroo.py, greedy) restated here, its rounds, stop and acceptance written
+anew over the decoder's passes recomputed without caches (the draft pass itself is the adapter's),
+and transformers' own self-speculative decoding (skip/peer_layerskip.py)."""
 import json
 import shutil
 
@@ -80,41 +81,54 @@ def test_a_port_of_the_official_loop_agrees_round_by_round(llama_dir, tmp_path, 
     tokens, steps = official_loop(m, A, PROMPT, N, 4, 0.3, set(eos))
     port = port_trace(ours, tmp_path / "port", tokens, steps)
     notes = []
-    assert compare(ours, port, convention="official", notes=notes) == []
+    assert compare(ours, port, convention="official", eos=eos, notes=notes) == []
     mine = json.loads((ours / "trace.json").read_text())
     if stop is None:  # the official loop ended early; ours made all N
-        assert len(tokens) < len(mine["tokens"]) == N and any(n.startswith("official: its loop stops") for n in notes)
-        assert compare(ours, port)  # without the mapping: the lengths differ
+        assert len(tokens) < len(mine["tokens"]) == N and any(n.startswith("official: its loop starts") for n in notes)
     else:  # the EOS ended the last round before the drafts M agreed with
         assert tokens[-1] == eos[0] and len(tokens) < N
         assert steps[-1]["accept_length"] < mine["steps"][-1]["accepted"] + 1, (steps[-1], mine["steps"][-1])
     assert any(s["accept_length"] > 1 for s in steps)  # rounds accepted drafts
     slipped = [dict(s) for s in steps]
     slipped[1]["accept_length"] += 1
-    found = compare(ours, port_trace(ours, tmp_path / "slipped", tokens, slipped), convention="official")
+    found = compare(ours, port_trace(ours, tmp_path / "slipped", tokens, slipped), convention="official", eos=eos)
     assert found == ["step 1 of kangaroo differs at accept_length: reference "
                      f"{steps[1]['accept_length']}, other {steps[1]['accept_length'] + 1}"]
+    if stop is None:  # a port that ignores the official stop and makes all N tokens, round for round as ours
+        runs_on = [{"drafts": s["drafts"], "accept_length": s["accepted"] + 1} for s in mine["steps"]]
+        found = compare(ours, port_trace(ours, tmp_path / "runs-on", mine["tokens"], runs_on), convention="official",
+                        eos=eos)
+        assert f"{N} tokens, reference {len(tokens)}" in found
 
 
-def test_a_port_of_transformers_self_speculation_agrees_with_its_eos_rules(tmp_path_factory, tmp_path, capsys):
+# (l, gamma, EOS): rule 2, the EOS 2 drafted and rejected with drafts after it; rule 3, 22 as the EOS
+# drafted last and accepted (test_peer_layerskip.py)
+@pytest.mark.parametrize("l, gamma, eos, rule", [(2, 6, 2, 2), (3, 3, 22, 3)])
+def test_a_port_of_transformers_self_speculation_agrees_with_its_eos_rules(tmp_path_factory, tmp_path, capsys, l,
+                                                                          gamma, eos, rule):
     hf, m = tiny_pair("llama_gqa", tmp_path_factory)
-    prompt, l, gamma, N = [11, 3, 40, 7], 3, 3, 24
-    settings = {"l": l, "gamma": gamma, "eta": 0.0}
-    m.cfg.eos_token_id = [22]  # drafted and accepted on this prompt (test_peer_layerskip.py)
+    prompt, N, settings = [11, 3, 40, 7], 24, {"l": l, "gamma": gamma, "eta": 0.0}
+    m.cfg.eos_token_id = [eos]
     ours = tmp_path / "ours"
     trace(m, prompt, ours, "kangaroo", N, settings)
     first = json.loads((ours / "trace.json").read_text())["tokens"][:1]
-    peer = layerskip_rounds(hf, prompt + first, l, gamma, 0.0, N - 1, eos=[22])  # rule 1: fed our first token
+    peer = layerskip_rounds(hf, prompt + first, l, gamma, 0.0, N - 1, eos=[eos])  # rule 1: fed our first token
     steps = [{"drafted": r.drafted, "accepted": r.accepted, "drafts": r.drafts} for r in peer.rounds]
     write_transformers_trace(hf, prompt, tmp_path / "port", method="kangaroo", settings=settings,
                              tokens=first + peer.tokens, steps=steps)
     port = tmp_path / "port"
-    assert compare(ours, port, convention="transformers", eos=[22]) == []
-    assert any("differs at accepted" in f for f in compare(ours, port))  # rule 3 unmapped: an accepted EOS
+    assert compare(ours, port, convention="transformers", eos=[eos]) == []
+    mine = json.loads((ours / "trace.json").read_text())["steps"]
+    if rule == 2:  # ours drafted past the EOS, transformers did not
+        assert any(eos in s["drafts"][:-1] for s in mine)
+        assert any("differs at drafted" in f for f in compare(ours, port))
+    else:  # ours counts an accepted EOS draft, transformers does not
+        assert any(eos in s["drafts"][:s["accepted"]] for s in mine)
+        assert any("differs at accepted" in f for f in compare(ours, port))
     notes = []
     assert compare(ours, port, convention="transformers", notes=notes)  # no EOS ids: rules 2 and 3 not applied
     assert any("no --eos ids given" in n for n in notes)
-    status, out, _ = trace_cli(capsys, "compare", ours, port, "--convention", "transformers", "--eos", 22)
+    status, out, _ = trace_cli(capsys, "compare", ours, port, "--convention", "transformers", "--eos", eos)
     assert status == 0 and out.strip().endswith("the traces agree within the tolerances")
 
 

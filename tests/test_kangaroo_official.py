@@ -174,9 +174,9 @@ def test_a_converted_official_adapter_drafts_as_transformers_at_base_10000(pair,
     assert [r.drafts for r in wrong.rounds] == model_rope
 
 
-def test_the_committed_adapter_keeps_the_models_rope(smollm2_dir):
+def test_the_committed_adapter_keeps_the_models_rope(smollm2):
     from skip import WEIGHTS
-    m = load_model(smollm2_dir)
+    m, _ = smollm2
     a = load_adapter(WEIGHTS / "kangaroo-l2", m)
     assert a.own == {} and a.inv_freq is None
     torch.manual_seed(0)

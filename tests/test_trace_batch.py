@@ -58,8 +58,9 @@ def test_every_row_of_a_batch_equals_the_unbatched_trace_of_its_prompt(batches, 
         notes = []
         assert compare(alone, row, notes=notes) == [], (name, i)
         assert compare(row, alone) == []
-        # the batch-level fields are left out of a row, so compare says it did not compare them
-        assert notes == ["layer runs are in one trace only: not compared"]
+        # the batch-level fields are left out of a row, so compare says it did not compare them;
+        # Kangaroo's rows record their layer runs at their own slots, which compare checks
+        assert notes == ([] if name.startswith("kangaroo") else ["layer runs are in one trace only: not compared"])
         assert json.loads((row / "trace.json").read_text())["flops"] is None
     assert json.loads((batches / name / "batch.json").read_text())["rows"] == len(PROMPTS)
     code, out, _ = trace_cli(capsys, "compare", batches / name, batches / name, "--atol", "0", "--rtol", "0")

@@ -194,6 +194,7 @@ def test_a_batched_port_that_lets_rows_see_their_rejected_drafts_is_found_row_by
     from skip.kangaroo_batch import generate_kangaroo_batch
     from skip.trace.batch import write_batch
     from skip.trace.format import prompt_pass, write
+    from skip.trace.methods import layer_run
     m = load_model(llama_dir)
     with torch.no_grad():  # deeper layers damped: drafts from layer 2 are often accepted, by different rows
         for b in m.blocks[1:]:
@@ -207,22 +208,29 @@ def test_a_batched_port_that_lets_rows_see_their_rejected_drafts_is_found_row_by
           + ["--out", tmp_path / "ours"]])
 
     def broken_port(batch):  # keeps every row's rejected drafts visible: the cache never hides them
+        runs = [[] for _ in batch]  # each row's layer runs at its own slots, as ours records them
         hide, KVCache.hide = KVCache.hide, lambda self, start, kept: None
         try:
-            return generate_kangaroo_batch(m, batch, None, l=2, max_new_tokens=12, gamma=3, eta=0.0, eos=[])
+            outs = generate_kangaroo_batch(m, batch, None, l=2, max_new_tokens=12, gamma=3, eta=0.0, eos=[],
+                                           on_layer=lambda i, p, h, row: runs[row].append(layer_run(p, i, h)))
         finally:
             KVCache.hide = hide
+        return [(o, r) for o, r in zip(outs, runs)]
     settings = {"l": 2, "gamma": 3, "eta": 0.0}
     steps = lambda out: [{"drafted": r.drafted, "accepted": r.accepted, "drafts": r.drafts} for r in out.rounds]  # noqa
     write_batch(tmp_path / "port", "kangaroo", settings, [
-        lambda folder, p=p, o=o: write(folder, m.cfg, p, o.tokens, prompt_pass(m, p), "kangaroo", settings, steps(o))
-        for p, o in zip(prompts, broken_port(prompts))])
+        lambda folder, p=p, o=o, r=r: write(folder, m.cfg, p, o.tokens, prompt_pass(m, p), "kangaroo", settings,
+                                            steps(o), layer_runs=r)
+        for p, (o, r) in zip(prompts, broken_port(prompts))])
     status, out, _ = trace_cli(capsys, "compare", tmp_path / "ours", tmp_path / "port", "--all")
     found = [line for line in out.splitlines() if line.startswith("row ")]
     assert status == 1 and {line.split(":")[0] for line in found} == {"row 0", "row 1", "row 2"}
     assert any(" step " in line and "differs at accepted" in line for line in found)
+    # and the first wrong layer of each row: the first slot after its first hidden draft
+    assert {line.split(":")[0] for line in found if "layer" in line and "slot" in line} == {"row 0", "row 1", "row 2"}
     for i, p in enumerate(prompts):  # alone, the port has no holes to mask: each row agrees
         main([str(a) for a in common + ["--ids", " ".join(map(str, p)), "--out", tmp_path / f"ours-{i}"]])
-        (alone,) = broken_port([p])
-        write(tmp_path / f"port-{i}", m.cfg, p, alone.tokens, prompt_pass(m, p), "kangaroo", settings, steps(alone))
+        ((alone, runs),) = broken_port([p])
+        write(tmp_path / f"port-{i}", m.cfg, p, alone.tokens, prompt_pass(m, p), "kangaroo", settings, steps(alone),
+              layer_runs=runs)
         assert trace_cli(capsys, "compare", tmp_path / f"ours-{i}", tmp_path / f"port-{i}")[0] == 0

@@ -6,10 +6,13 @@ batch.json, written last (weights/files.py's marker): {"version", "rows" (the ba
 "settings"}. A row's trace records what the batched run did for that row: its prompt, its tokens
 and its steps (Kangaroo's rounds from the row= callbacks, cache lengths counting the row's own
 slots, not the padding and holes the rows share; AdaInfer's exit layers and checks; the kept
-layers or schedule), and the prompt-pass tensors of its prompt run alone. What is the batch's, not
-the row's, is left out (both fields are optional in the format): "flops" (the work of all rows
-together, padding included) and "layer_runs" (slots shared by the rows, with holes). So a row
-compares equal (status 0) to the unbatched trace of its prompt.
+layers or schedule), and the prompt-pass tensors of its prompt run alone. Kangaroo's rows also
+record their "layer_runs" as each row alone would run them: every layer run on the row's real
+slots, at its own positions (padding, holes and filler left out: generate_kangaroo_batch's
+on_layer), so a batched row's first wrong layer is named as an unbatched run's. What is the
+batch's, not the row's, is left out (both fields are optional in the format): "flops" (the work of
+all rows together, padding included) and the other methods' "layer_runs" (slots shared by the
+rows). So a row compares equal (status 0) to the unbatched trace of its prompt.
 
 compare on two batch folders compares row i with row i (skip/trace/compare.py); each finding
 names its row, the first divergence (of the lowest row) first. A batch against a single trace,
@@ -28,7 +31,7 @@ from weights.files import atomic_dir
 from .check import read
 from .compare import compare, tolerances
 from .format import DEFAULTS, VERSION, TraceError, prompt_pass, settings_used, write
-from .methods import METHODS
+from .methods import METHODS, kangaroo_steps
 
 BATCH_FILE = "batch.json"
 BATCH_FIELDS = ("version", "rows", "method", "settings")
@@ -56,12 +59,14 @@ def trace_batch(model, prompts, path, method="full", max_new_tokens=16, settings
     if not prompts:
         raise TraceError("a batch needs at least one prompt")
     settings = settings_used(method, settings or {})
-    rows = METHODS[method](model, [list(p) for p in prompts], max_new_tokens, settings)  # one batched run
+    prompts, runs = [list(p) for p in prompts], [[] for _ in prompts]  # runs: each row's layer runs (Kangaroo's)
+    rows = (kangaroo_steps(model, prompts, max_new_tokens, settings, runs) if method == "kangaroo" else
+            METHODS[method](model, prompts, max_new_tokens, settings))  # one batched run
     dtype = str(model.dtype).removeprefix("torch.")
     write_batch(path, method, settings, [
-        lambda folder, ids=ids, tokens=tokens, steps=steps: write(
-            folder, model.cfg, ids, tokens, prompt_pass(model, ids), method, settings, steps, None, dtype)
-        for ids, (tokens, steps) in zip(prompts, rows)], force)
+        lambda folder, ids=ids, tokens=tokens, steps=steps, own=own: write(
+            folder, model.cfg, ids, tokens, prompt_pass(model, ids), method, settings, steps, None, dtype, own or None)
+        for ids, (tokens, steps), own in zip(prompts, rows, runs)], force)
 
 
 def is_batch(path):

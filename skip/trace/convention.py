@@ -3,14 +3,18 @@ trace (the reference) as that peer records the same run, then compares as usual,
 follows a peer's convention is checked round by round, not only token by token.
 
   official      Equationliu/Kangaroo, evaluation/inference_kangaroo.py (greedy). It records per
-                round `accept_length`, the tokens the round committed (accepted drafts + 1; its
-                list's leading 1 is the prefill's token, not a round), and an EOS that M emits ends
-                the round there; a port records it as the step key `accept_length`. Its loop runs
-                a round only while more than gamma tokens are left to make (`start_index <
-                max_infer_steps - 1 - SPECULATIVE_DECODING_STEPS`), so it ends up to gamma tokens
-                before max_new_tokens, where ours drafts fewer and goes on: where the port's tokens
-                are fewer than ours by at most gamma, ours are cut after the round that reaches its
-                count. Everything else (the two exits, drafts, the crop) is ours already.
+                round `accept_length`, the tokens the round committed: accepted drafts + 1, fewer
+                where the full model emits an EOS (the official verification stops there, where
+                ours counts every agreeing draft and cuts the output after); its list's leading 1
+                is the prefill's token, not a round. A port records it as the step key
+                `accept_length`. Its loop starts a round only while more than gamma tokens are
+                left to make (`start_index < max_infer_steps - 1 - SPECULATIVE_DECODING_STEPS`,
+                start_index the newest token's slot, max_infer_steps the prompt's length plus
+                max_new_tokens N), so it can stop up to gamma tokens short of N, where ours drafts
+                at most what is left and makes all N: ours is cut before its first round that
+                starts with at most gamma tokens left. N is ours' token count unless ours ended on
+                an EOS, which the EOS ids (`--eos`) tell; then every round is kept, as the
+                official run also ends on it. The drafting and its two exits are ours already.
   transformers  `generate(assistant_early_exit=l)`, skip/peer_layerskip.py, rules 1-3 of
                 docs/traces.md: run it on the prompt plus our first token (it has no prefill
                 token), and write its trace with our first token in front of its tokens; given
@@ -36,18 +40,23 @@ def official(ours, port, notes, eos):
         n = min(st["accepted"] + 1, len(tokens) - made)  # fewer where an EOS ended the output
         steps.append({**st, "accept_length": n})
         made += n
-    short, gamma = len(tokens) - len(port["tokens"]), ours["settings"].get("gamma")
-    if gamma is not None and 0 < short <= gamma:  # the port's loop ended with at most gamma tokens left to make
-        made, kept = 1, []
-        for st in steps:
-            if made >= len(port["tokens"]):
-                break
-            kept.append(st)
-            made += st["accept_length"]
-        steps, tokens = kept, tokens[:made]
-        notes.append(f"official: its loop stops with at most gamma ({gamma}) tokens left: ours compared on its "
-                     f"first {len(kept)} rounds and {made} tokens, of {len(ours['steps'])} and {len(ours['tokens'])}")
-    return {**ours, "tokens": tokens, "steps": steps}
+    if eos is None:
+        notes.append("official: no --eos ids given, so ours is taken to have made all max_new_tokens")
+    elif tokens and tokens[-1] in eos:
+        return {**ours, "steps": steps}  # ended on an EOS: the official run ends in the same round
+    N, gamma = len(tokens), ours["settings"].get("gamma")
+    if gamma is None:
+        raise TraceError(f"the official convention needs the reference's gamma; its settings: {ours['settings']}")
+    made, kept = 1, []
+    for st in steps:
+        if made >= N - gamma:  # the official loop starts no round with at most gamma tokens left
+            break
+        kept.append(st)
+        made += st["accept_length"]
+    if len(kept) < len(steps):
+        notes.append(f"official: its loop starts no round with at most gamma ({gamma}) tokens left: ours compared "
+                     f"on its first {len(kept)} rounds and {made} tokens, of {len(steps)} and {N}")
+    return {**ours, "tokens": tokens[:made], "steps": kept}
 
 
 def transformers(ours, port, notes, eos):

@@ -65,7 +65,14 @@ def own_lengths(cache, b):
     return cache.lengths[:] if cache.valid is None else [int(cache.valid[b, :n].sum()) for n in cache.lengths]
 
 
-def kangaroo_steps(model, prompts, max_new_tokens, settings):
+def layer_run(position, layer, h):
+    """A trace's record of one layer run: its first slot (a row's own position), the layer, and the
+    norm of its output h (1, T, d) at each slot."""
+    return [position, layer, h[0].float().norm(dim=-1).tolist()]
+
+
+def kangaroo_steps(model, prompts, max_new_tokens, settings, layer_runs=None):
+    """layer_runs: one list per prompt, filled with that row's layer runs at its own slots."""
     adapter = None if settings["adapter"] is None else load_adapter(settings["adapter"], model)
     steps = [[] for _ in prompts]
     seen = [{"draft_top_ids": [], "draft_top_probs": []} for _ in prompts]
@@ -90,10 +97,19 @@ def kangaroo_steps(model, prompts, max_new_tokens, settings):
         seen[row] = {"draft_top_ids": [], "draft_top_probs": []}
         if b == len(order) - 1:  # the round's last row
             order.clear()
+    def on_layer(layer, position, h, row):
+        layer_runs[row].append(layer_run(position, layer, h))
+
+    def watch(run, h):  # one prompt: its layer runs as the decoder reports them
+        if layer_runs is not None and isinstance(run, flops.LayerRun):
+            layer_runs[0].append(layer_run(run.ctx, run.layer, h))
     kw = dict(l=settings["l"], max_new_tokens=max_new_tokens, gamma=settings["gamma"], eta=settings["eta"],
               draft_vocab=settings["draft_vocab"], on_round=on_round, observe=observe)
-    outs = (generate_kangaroo_batch(model, prompts, adapter, **kw) if len(prompts) > 1 else
-            [generate_kangaroo(model, prompts[0], adapter, **kw)])  # one prompt: the paper's file
+    if len(prompts) > 1:
+        outs = generate_kangaroo_batch(model, prompts, adapter, **kw, on_layer=on_layer if layer_runs else None)
+    else:
+        with model.observing(watch):
+            outs = [generate_kangaroo(model, prompts[0], adapter, **kw)]  # one prompt: the paper's file
     for out, own in zip(outs, steps):
         for s, r in zip(own, out.rounds):
             s.update(drafted=r.drafted, accepted=r.accepted, drafts=r.drafts)
@@ -112,7 +128,7 @@ def trace(model, ids, path, method="full", max_new_tokens=16, settings=None, for
 
     def watch(run, h):  # every layer the method runs: the slots it ran at and their norms
         if isinstance(run, flops.LayerRun):
-            layer_runs.append([run.ctx, run.layer, h[0].float().norm(dim=-1).tolist()])
+            layer_runs.append(layer_run(run.ctx, run.layer, h))
     with model.recording() as runs, model.observing(watch):
         (tokens, steps), = METHODS[method](model, [ids], max_new_tokens, settings)
     write(path, model.cfg, ids, tokens, prompt_pass(model, ids), method, settings, steps, flops.total(model.cfg, runs),
