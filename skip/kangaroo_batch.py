@@ -123,8 +123,8 @@ class Batch:
         def seen(i, h, a, m):
             for b, r in enumerate(self.rows.active):
                 if real[b].any():  # a row's real slots in one run are consecutive positions
-                    self.on_layer(i, int(pos[min(b, len(pos) - 1)][real[b]][0]), h[b:b + 1, real[b].to(h.device)],
-                                  row=r)
+                    own = pos[min(b, len(pos) - 1)]  # pos is (1, T) while no row has padding or holes
+                    self.on_layer(i, int(own[real[b]][0]), h[b:b + 1, real[b].to(h.device)], row=r)
         return seen
 
     def prefill(self, h_l, real):

@@ -114,7 +114,7 @@ def main(argv=None):
     c.add_argument("--convention", choices=list(CONVENTIONS), help="a peer's round convention: ours (the reference) "
                    "is rewritten as that peer records the run (skip/trace/convention.py)")
     c.add_argument("--eos", type=int, nargs="+", metavar="ID", help="the EOS ids the run stopped at, for a "
-                   "convention that treats EOS drafts its own way (transformers)")
+                   "convention that treats an EOS its own way (official, transformers)")
     s = sub.add_parser("show", help="draw what the method ran (skip/trace/show.py)")
     s.add_argument("trace", type=Path)
     s.add_argument("--against", type=Path, help="a second trace: its first divergence is marked")

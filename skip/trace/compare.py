@@ -160,7 +160,7 @@ def findings(ref_path, other_path, atol=None, rtol=None, notes=None, every=False
         return [Finding("the prompts differ: nothing else is comparable")]
     out, notes = [], [] if notes is None else notes
     if convention is not None:
-        ref = apply(convention, {**ref, "settings": meaning(ref["method"], ref["settings"], [])}, oth, notes, eos)
+        ref = apply(convention, {**ref, "settings": meaning(ref["method"], ref["settings"], [])}, notes, eos)
     if ref["method"] != oth["method"] or not same_settings(
             *(meaning(m["method"], m["settings"], notes) for m in (ref, oth)), notes):
         out.append(Finding(f"the runs differ: reference {ref['method']} {ref['settings']}, "

@@ -21,8 +21,8 @@ follows a peer's convention is checked round by round, not only token by token.
                 the EOS ids (`--eos`), a round's drafts stop after its first EOS draft and
                 `accepted` stops before an accepted EOS (as_transformers).
 
-Each mapping takes (ours, port, notes, eos): the two traces' trace.json as read, the list that
-compare's notes go to, and the EOS ids or None; it returns ours rewritten.
+Each mapping takes (ours, notes, eos): our trace.json as read (settings with their defaults), the
+list that compare's notes go to, and the EOS ids or None; it returns ours rewritten.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ PER_DRAFT = ("drafts", "draft_top_ids", "draft_top_probs")
 PER_VERIFIED = ("exited_norms", "verify_top_ids", "verify_top_probs")
 
 
-def official(ours, port, notes, eos):
+def official(ours, notes, eos):
     tokens, made, steps = ours["tokens"], 1, []  # the prefill makes token 0
     for st in ours["steps"]:
         n = min(st["accepted"] + 1, len(tokens) - made)  # fewer where an EOS ended the output
@@ -59,7 +59,7 @@ def official(ours, port, notes, eos):
     return {**ours, "tokens": tokens[:made], "steps": kept}
 
 
-def transformers(ours, port, notes, eos):
+def transformers(ours, notes, eos):
     if not eos:
         notes.append("transformers: no --eos ids given, so rules 2 and 3 (an EOS draft) are not applied")
         return ours
@@ -75,10 +75,10 @@ def transformers(ours, port, notes, eos):
 CONVENTIONS = {"official": official, "transformers": transformers}
 
 
-def apply(name, ours, port, notes, eos=None):
-    """Our trace `ours` as the peer `name` records it (CONVENTIONS), beside the port's trace."""
+def apply(name, ours, notes, eos=None):
+    """Our trace `ours` as the peer `name` records it (CONVENTIONS)."""
     if name not in CONVENTIONS:
         raise TraceError(f"unknown convention {name!r} ({', '.join(CONVENTIONS)})")
     if ours["method"] != "kangaroo":
         raise TraceError(f"the {name} convention maps Kangaroo's rounds, not {ours['method']}'s")
-    return CONVENTIONS[name](ours, port, notes, None if eos is None else set(eos))
+    return CONVENTIONS[name](ours, notes, None if eos is None else set(eos))
