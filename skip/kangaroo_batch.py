@@ -16,6 +16,16 @@ the keys and positions it would see alone. A's cache keeps its own mask: A catch
 round late (as skip/kangaroo.py explains) in a slot of A's own, so A's slots may run ahead of
 M's by one a round while each state keeps the row's own position. A row that meets EOS or its
 token budget leaves the batch (KVCache.reorder).
+
+How many tokens a row drafts is a policy (step 1); every policy is exact (greedy: plain greedy's
+tokens; sampled: the target distribution), since verification alone decides what is kept:
+  "row"         the paper's, per row: each row to its own k (gamma, fewer near its budget) or eta;
+  "batch_k"     every row drafts the same k, the smallest of the rows' (no eta: eta must be 0),
+                as batched peers with a fixed draft length do;
+  "batch_stop"  each row to its own k, but drafting stops for every row after a draft below eta
+                in any row.
+Only "row" leaves each row equal to its run alone; under the others a row's rounds depend on its
+mates. With one row all three are the paper file's run.
 """
 from __future__ import annotations
 
@@ -186,7 +196,7 @@ def keep(cache, start, kept):
     cache.hide(start, kept)
 
 
-def draft_rows(bt: Batch, xs, n, ks, eta, s: Sampling):
+def draft_rows(bt: Batch, xs, n, ks, eta, s: Sampling, policy="row"):
     """Step 1 for every row (skip/kangaroo.py's draft, per row): each row's d_1..d_k and their q,
     and the exited states h_l (B, K + 1, d), K the most any row drafted."""
     drafts, qs, hs = [[] for _ in xs], [[] for _ in xs], []
@@ -195,7 +205,11 @@ def draft_rows(bt: Batch, xs, n, ks, eta, s: Sampling):
     for i in range(max(ks) + 1):
         ids = torch.tensor(toks, device=bt.model.device)[:, None]  # (B, 1): a stopped row's is filler
         hs.append(bt.shallow(ids, n + i, [[g] for g in going]))  # (B, 1, d)
-        going = [g and i < k and c >= eta for g, k, c in zip(going, ks, conf)]  # the rows that draft at n + i
+        if policy == "batch_stop":  # a draft below eta in any row ends every row's drafting
+            confident = [all(c >= eta for g, c in zip(going, conf) if g)] * len(xs)
+        else:
+            confident = [c >= eta for c in conf]
+        going = [g and i < k and c for g, k, c in zip(going, ks, confident)]  # the rows that draft at n + i
         if not any(going):
             break
         z = bt.draft_logits(hs[-1], going)  # (B, V')
@@ -206,10 +220,13 @@ def draft_rows(bt: Batch, xs, n, ks, eta, s: Sampling):
     return drafts, qs, torch.cat(hs, 1)
 
 
-def round_rows(bt: Batch, xs, n, ks, eta, s: Sampling):
-    """One round from each row's x at slot n, row b drafting at most ks[b]: draft, verify, accept,
-    crop. Returns each row's RowRound and the a + 1 tokens it commits."""
-    drafts, qs, h = draft_rows(bt, xs, n, ks, eta, s)  # 1. draft: h (B, K + 1, d)
+def round_rows(bt: Batch, xs, n, ks, eta, s: Sampling, policy="row"):
+    """One round from each row's x at slot n, row b drafting at most ks[b] (batch_k: every row the
+    smallest): draft, verify, accept, crop. Returns each row's RowRound and the a + 1 tokens it
+    commits."""
+    if policy == "batch_k":
+        ks = [min(ks)] * len(ks)
+    drafts, qs, h = draft_rows(bt, xs, n, ks, eta, s, policy)  # 1. draft: h (B, K + 1, d)
     drafted = [len(d) for d in drafts]
     p_logits = bt.verify(h, n, drafted)  # 2. verify: (B, K + 1, V), one pass for all rows
     accepted, new = [], []
@@ -227,15 +244,27 @@ def round_rows(bt: Batch, xs, n, ks, eta, s: Sampling):
     return [RowRound(k, a, d, idle=K - k) for k, a, d in zip(drafted, accepted, drafts)], new
 
 
+POLICIES = ("row", "batch_k", "batch_stop")
+
+
+def check_policy(policy, eta):
+    if policy not in POLICIES:
+        raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
+    if policy == "batch_k" and eta != 0:
+        raise ValueError(f"policy batch_k drafts a fixed k for every row, without eta: give eta 0, got {eta!r}")
+
+
 @torch.inference_mode()
 def generate_kangaroo_batch(model, prompts, adapter=None, l=None, max_new_tokens=64, gamma=6, eta=0.6,
                             draft_vocab=None, temperature=0.0, top_p=1.0, generator=None, eos=None, on_round=None,
-                            observe=None, on_layer=None):
+                            observe=None, on_layer=None, policy="row"):
     """generate_kangaroo (skip/kangaroo.py) over a list of prompts (lists of ids, any lengths) as
     one batch: one KangarooOutput per prompt, with RowRounds. on_round and observe as there, called
     once per row and told row=the prompt's index (the caches hold every row still in the batch).
     on_layer(layer, position, h, row=...): after every layer run, each row's output h (1, m, d) on
-    its m real slots, from its own position (what the row's run alone reports as a LayerRun)."""
+    its m real slots, from its own position (what the row's run alone reports as a LayerRun).
+    policy: how many tokens each row drafts (POLICIES, this file's docstring)."""
+    check_policy(policy, eta)
     prompts = check_settings(model.cfg, prompts, adapter, l, max_new_tokens, gamma, eta, temperature, top_p,
                              draft_vocab)
     B, s = len(prompts), Sampling(temperature, top_p, generator)
@@ -260,7 +289,7 @@ def generate_kangaroo_batch(model, prompts, adapter=None, l=None, max_new_tokens
             bt.keep_rows(keep_)
         if not rows.active:
             return [KangarooOutput(t, r) for t, r in zip(rows.tokens, rows.rounds)]
-        rounds, new = round_rows(bt, rows.last(), rows.n, rows.budgets(gamma), eta, s)
+        rounds, new = round_rows(bt, rows.last(), rows.n, rows.budgets(gamma), eta, s, policy)
         rows.commit(rounds, new)
         assert bt.cache.lengths[0] == rows.n  # the caches end where the rows' next tokens go
         if on_round is not None:

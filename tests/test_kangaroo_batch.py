@@ -4,7 +4,7 @@ B >= 2), and the caches' own record of each row's real slots."""
 import pytest
 import torch
 
-from model import KVCache, generate, left_pad, load_model
+from model import KVCache, generate, left_pad, load_model, positions
 from skip.kangaroo import generate_kangaroo, probs
 from skip.kangaroo_batch import generate_kangaroo_batch
 from skip.kangaroo_files import load_adapter
@@ -213,3 +213,60 @@ def test_a_large_batch_sizes_its_caches_by_what_its_rows_can_hold(llama_dir):
     cache, acache = seen[0]
     bound = 2 + 2 * 7 + 3 + 1  # T + (N - 1)(gamma + 1) + min(gamma, N) + 1
     assert cache.max_len == bound and acache.max_len == bound + 3 and cache.k.shape[3] <= bound
+
+
+# ---------------------------------------------------------------- draft-length policies
+@torch.no_grad()
+def policy_rounds(m, prompts, l, N, gamma, eta, policy):
+    """A batch's tokens and rounds under a draft-length policy (skip/kangaroo_batch.py), restated
+    with every pass recomputed without caches: adapter-free drafts (layers [0, l), then M's own
+    norm and head), M's verification, greedy acceptance; every row runs to N tokens."""
+    def draft(seq):
+        ids, pos = torch.tensor([seq]), positions(None, 0, len(seq))
+        p = m.logits(m.run_layers(m.embed_tokens(ids, pos), pos, layers=range(l)), last_only=True)[0, -1].softmax(-1)
+        return int(p.argmax()), float(p.max())
+    tokens = [[int(m(torch.tensor([p]))[0, -1].argmax())] for p in prompts]
+    rounds, active = [[] for _ in prompts], list(range(len(prompts)))
+    while active := [b for b in active if len(tokens[b]) < N]:
+        ks = {b: min(gamma, N - len(tokens[b]) - 1) for b in active}
+        if policy == "batch_k":
+            ks = dict.fromkeys(active, min(ks.values()))
+        drafts, conf, going, i = {b: [] for b in active}, dict.fromkeys(active, 1.0), set(active), 0
+        while going:  # going: the rows whose token at step i is real; then those that draft from it
+            sure = {b: (all(conf[c] >= eta for c in going) if policy == "batch_stop" else conf[b] >= eta) for b in going}
+            going = {b for b in going if i < ks[b] and sure[b]}
+            for b in going:
+                t, conf[b] = draft(prompts[b] + tokens[b] + drafts[b])
+                drafts[b].append(t)
+            i += 1
+        for b in active:
+            seq, d = prompts[b] + tokens[b], drafts[b]
+            target = m(torch.tensor([seq + d]))[0, len(seq) - 1:].argmax(-1).tolist()
+            a = next(j for j in range(len(d) + 1) if j == len(d) or d[j] != target[j])
+            rounds[b].append((len(d), a, d))
+            tokens[b] += (d[:a] + [target[a]])[:N - len(tokens[b])]
+    return tokens, rounds
+
+
+@pytest.mark.parametrize("policy, eta", [("row", 0.3), ("batch_k", 0.0), ("batch_stop", 0.3)])
+def test_each_draft_length_policy_is_exact_and_drafts_as_it_says(llama_dir, policy, eta):
+    m = tiny(llama_dir, 0.3)  # rows accept different numbers of drafts
+    N, gamma = 14, 3
+    outs = generate_kangaroo_batch(m, PROMPTS, None, l=2, max_new_tokens=N, gamma=gamma, eta=eta, eos=[],
+                                   policy=policy)
+    tokens, want = policy_rounds(m, PROMPTS, 2, N, gamma, eta, policy)
+    assert [o.tokens for o in outs] == tokens == [generate(m, [p], max_new_tokens=N, eos=[])[0] for p in PROMPTS]
+    assert [[(r.drafted, r.accepted, r.drafts) for r in o.rounds] for o in outs] == want
+    assert sum(a for row in want for _, a, _ in row) > 0
+    alone = [[(r.drafted, r.accepted, r.drafts) for r in generate_kangaroo(m, p, None, l=2, max_new_tokens=N,
+                                                                            gamma=gamma, eta=eta, eos=[]).rounds]
+             for p in PROMPTS]
+    assert (want == alone) == (policy == "row")  # only ours leaves every row as it runs alone
+
+
+def test_a_policy_is_refused_where_it_means_nothing(llama_dir):
+    m = load_model(llama_dir)
+    with pytest.raises(ValueError, match="policy must be one of row, batch_k, batch_stop"):
+        generate_kangaroo_batch(m, PROMPTS, None, l=2, policy="batch")
+    with pytest.raises(ValueError, match="without eta: give eta 0"):
+        generate_kangaroo_batch(m, PROMPTS, None, l=2, eta=0.6, policy="batch_k")

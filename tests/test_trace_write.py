@@ -46,7 +46,7 @@ def test_adapter_free_kangaroo_is_written_from_the_cli_as_the_api_runs_it(tiny_c
     meta = written(tiny_chat_dir, tmp_path / "k", "--method", "kangaroo", "--l", 2, "--ids", " ".join(map(str, IDS)),
                    "--no-eos", "--settings", '{"gamma": 3, "eta": 0.0}', "--max-new-tokens", 10)
     api = generate_kangaroo(m, IDS, None, l=2, max_new_tokens=10, gamma=3, eta=0.0, eos=[])
-    assert meta["settings"] == {"adapter": None, "l": 2, "gamma": 3, "eta": 0.0, "draft_vocab": None}
+    assert meta["settings"] == {"adapter": None, "l": 2, "gamma": 3, "eta": 0.0, "draft_vocab": None, "policy": "row"}
     assert meta["tokens"] == api.tokens == generate(m, [IDS], max_new_tokens=10, eos=[])[0]
     assert [(s["drafted"], s["accepted"], s["drafts"]) for s in meta["steps"]] == \
         [(r.drafted, r.accepted, r.drafts) for r in api.rounds]
@@ -175,8 +175,8 @@ def test_settings_are_compared_by_meaning_not_by_spelling(tiny_chat_dir, tmp_pat
     ref = tmp_path / "ref"
     written(tiny_chat_dir, ref, "--method", "kangaroo", "--l", 2, "--ids", " ".join(map(str, IDS)), "--no-eos",
             "--settings", '{"gamma": 3, "eta": 0.0}', "--max-new-tokens", 6)
-    spellings = [{"l": 2, "gamma": 3, "eta": 0.0},  # adapter and draft_vocab omitted: null, the default
-                 {"adapter": None, "l": 2, "gamma": 3, "eta": 0.0, "draft_vocab": None}]
+    spellings = [{"l": 2, "gamma": 3, "eta": 0.0},  # adapter, draft_vocab and policy omitted: the defaults
+                 {"adapter": None, "l": 2, "gamma": 3, "eta": 0.0, "draft_vocab": None, "policy": "row"}]
     for i, settings in enumerate(spellings):
         other = edited(ref, tmp_path / f"o{i}", lambda meta: meta.update(settings=settings))
         assert trace_cli(capsys, "compare", ref, other)[0] == 0
@@ -234,3 +234,31 @@ def test_a_batched_port_that_lets_rows_see_their_rejected_drafts_is_found_row_by
         write(tmp_path / f"port-{i}", m.cfg, p, alone.tokens, prompt_pass(m, p), "kangaroo", settings, steps(alone),
               layer_runs=runs)
         assert trace_cli(capsys, "compare", tmp_path / f"ours-{i}", tmp_path / f"port-{i}")[0] == 0
+
+
+# ---------------------------------------------------------------- a batched peer with a batch-wide draft cap
+def test_a_batched_port_with_a_batch_wide_draft_cap_is_checked_round_by_round(llama_dir, tmp_path, capsys):
+    """docs/traces.md: ours written with the peer's draft-length policy compares round by round with
+    a port that drafts the same k in every row (here the policy restated without caches,
+    tests/test_kangaroo_batch.py); ours with its own per-row policy finds the drafts differ."""
+    from model import save_model
+    from skip.trace.batch import write_batch
+    from skip.trace.format import prompt_pass, write
+    from test_kangaroo import tiny
+    from test_kangaroo_batch import PROMPTS, policy_rounds
+    m = tiny(llama_dir, 0.3)
+    save_model(m, tmp_path / "model", llama_dir)
+    capped = {"l": 2, "gamma": 3, "eta": 0.0, "policy": "batch_k"}
+    tokens, rounds = policy_rounds(m, PROMPTS, 2, 10, 3, 0.0, "batch_k")
+    write_batch(tmp_path / "port", "kangaroo", capped, [
+        lambda folder, p=p, t=t, r=r: write(folder, m.cfg, p, t, prompt_pass(m, p), "kangaroo", capped,
+                                            [{"drafted": k, "accepted": a, "drafts": d} for k, a, d in r])
+        for p, t, r in zip(PROMPTS, tokens, rounds)])
+    ids = [x for p in PROMPTS for x in ("--ids", " ".join(map(str, p)))]
+    for policy, out in (("batch_k", "ours-capped"), ("row", "ours-row")):
+        main(["write", "--model", str(tmp_path / "model"), "--method", "kangaroo", "--l", "2", "--no-eos",
+              "--settings", json.dumps({"gamma": 3, "eta": 0.0, "policy": policy}), "--max-new-tokens", "10", *ids,
+              "--out", str(tmp_path / out)])
+    assert trace_cli(capsys, "compare", tmp_path / "ours-capped", tmp_path / "port")[0] == 0
+    status, out, _ = trace_cli(capsys, "compare", tmp_path / "ours-row", tmp_path / "port", "--all")
+    assert status == 1 and "the runs differ" in out and "differs at drafted" in out

@@ -106,12 +106,14 @@ SETTING_CHECKS = {
     "draft_vocab": (lambda v: v is None or (is_int(v) and v >= 1), "null or an integer >= 1"),
     "check_every": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
     "adapter": (lambda v: v is None or isinstance(v, str), "the path of an adapter folder, or null with l"),
-    "l": (lambda v: v is None or (is_int(v) and v >= 1), "null or an integer >= 1 (the adapter-free exit layer)")}
+    "l": (lambda v: v is None or (is_int(v) and v >= 1), "null or an integer >= 1 (the adapter-free exit layer)"),
+    "policy": (lambda v: v in ("row", "batch_k", "batch_stop"), "row, batch_k or batch_stop (skip/kangaroo_batch.py)")}
 
 
 # the settings of each method, with their defaults (what each records: skip/trace/methods.py)
 DEFAULTS = {"full": {}, "unified": {"r": 2}, "skipdecode": {"r": 2}, "adainfer": {"tau": 0.8},
-            "kangaroo": {"adapter": str(WEIGHTS / "kangaroo-l2"), "l": None, "gamma": 6, "eta": 0.6, "draft_vocab": None}}
+            "kangaroo": {"adapter": str(WEIGHTS / "kangaroo-l2"), "l": None, "gamma": 6, "eta": 0.6, "draft_vocab": None,
+                         "policy": "row"}}
 # AdaInfer with a stop classifier file (skip/adainfer_files.py) in place of tau; vocab: the cheap head's ids
 ADAINFER_CLASSIFIER = {"classifier": None, "check_every": 1, "vocab": None}
 

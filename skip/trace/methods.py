@@ -15,7 +15,7 @@ from ..adainfer_files import load_classifier, params
 from ..adainfer_gen import generate_adainfer
 from ..baselines import generate_skipdecode, generation_schedule
 from ..kangaroo import generate_kangaroo
-from ..kangaroo_batch import generate_kangaroo_batch
+from ..kangaroo_batch import check_policy, generate_kangaroo_batch
 from ..kangaroo_files import load_adapter
 from ..unified import generate_unified, kept_layers
 from .format import TOP_K, TraceError, prompt_pass, settings_used, write
@@ -73,6 +73,7 @@ def layer_run(position, layer, h):
 
 def kangaroo_steps(model, prompts, max_new_tokens, settings, layer_runs=None):
     """layer_runs: one list per prompt, filled with that row's layer runs at its own slots."""
+    check_policy(settings["policy"], settings["eta"])  # one prompt: every policy is the paper file's run
     adapter = None if settings["adapter"] is None else load_adapter(settings["adapter"], model)
     steps = [[] for _ in prompts]
     seen = [{"draft_top_ids": [], "draft_top_probs": []} for _ in prompts]
@@ -106,7 +107,8 @@ def kangaroo_steps(model, prompts, max_new_tokens, settings, layer_runs=None):
     kw = dict(l=settings["l"], max_new_tokens=max_new_tokens, gamma=settings["gamma"], eta=settings["eta"],
               draft_vocab=settings["draft_vocab"], on_round=on_round, observe=observe)
     if len(prompts) > 1:
-        outs = generate_kangaroo_batch(model, prompts, adapter, **kw, on_layer=on_layer if layer_runs else None)
+        outs = generate_kangaroo_batch(model, prompts, adapter, **kw, on_layer=on_layer if layer_runs else None,
+                                       policy=settings["policy"])
     else:
         with model.observing(watch):
             outs = [generate_kangaroo(model, prompts[0], adapter, **kw)]  # one prompt: the paper's file
