@@ -138,6 +138,8 @@ CASES = {
         (["--repeats", "0"], "--repeats"), (["--out", "{dir}/file"], "is not a folder"),
         (["--batch", "4", "4"], "--batch lists a size twice: 4 4"),
         (["--batch", "100000", "--prompts", "100000"], "--prompts 100000: the Spec-Bench pool holds"),
+        (["--policy", "batch_stop"], "a policy of the batch, for --batch"),
+        (["--batch", "2", "--policy", "batch_k"], "--policy batch_k drafts a fixed k without eta: give --eta 0"),
         (["--model", "{model}", "--adapter", "{adapter}", "--top-k", "60000", "--out", "{dir}/k"],
          "--top-k 60000: the adapter in {adapter} ranks 49152 tokens")],
     "skip.harness.bench_products": [

@@ -34,6 +34,7 @@ from tokenizer import encode_chat
 
 from .. import WEIGHTS
 from ..kangaroo import generate_kangaroo
+from ..kangaroo_batch import POLICIES
 from ..kangaroo_files import load_adapter
 from ..peer_layerskip import drafter_settings
 from .bench_kangaroo_batch import bench_batch
@@ -74,7 +75,13 @@ def main(argv=None):
     ap.add_argument("--sweep-repeats", type=positive, default=1)
     ap.add_argument("--batch", type=positive, nargs="+", help="batch sizes: the batched benchmark instead")
     ap.add_argument("--prompts", type=positive, default=8, help="with --batch: prompts, a multiple of every B")
+    ap.add_argument("--policy", choices=POLICIES, default="row", help="with --batch: how many tokens each row drafts "
+                    "(skip/kangaroo_batch.py; batch_k needs --eta 0)")
     a = ap.parse_args(argv)
+    if a.policy != "row" and not a.batch:
+        ap.error(f"--policy {a.policy}: a policy of the batch, for --batch")
+    if a.policy == "batch_k" and a.eta != 0:
+        ap.error(f"--policy batch_k drafts a fixed k without eta: give --eta 0, got {a.eta}")
     if a.batch and len(set(a.batch)) < len(a.batch):
         ap.error(f"--batch lists a size twice: {' '.join(map(str, a.batch))}")
     if a.batch and a.prompts > (pool := sum(len(specbench(c)) for c in SPECBENCH)):

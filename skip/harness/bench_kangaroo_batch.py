@@ -2,6 +2,7 @@
 batched greedy decoding at the same batch size B, run through bench_kangaroo:
 
 python -m skip.harness.bench_kangaroo --batch 1 2 4 8 [--prompts 8] [--max-new-tokens 24] [--repeats 2]
+                                      [--policy row|batch_k|batch_stop]
 
 The --prompts prompts are taken from the six categories in turn (so a batch mixes lengths) and
 decode in consecutive batches of B, Kangaroo (adapter, top-K draft head) and plain batched
@@ -59,7 +60,8 @@ def measure(model, adapter, pool, B, a):
     N = a.max_new_tokens
     got = compare([Contender("plain", lambda ps: generate(model, ps, max_new_tokens=N), model),
                    Contender("kangaroo", lambda ps: generate_kangaroo_batch(
-                       model, ps, adapter, max_new_tokens=N, gamma=a.gamma, eta=a.eta, draft_vocab=a.top_k), model)],
+                       model, ps, adapter, max_new_tokens=N, gamma=a.gamma, eta=a.eta, draft_vocab=a.top_k,
+                       policy=a.policy), model)],
                   [pool[i:i + B] for i in range(0, len(pool), B)], a.repeats)
     s = {m: sum(r.ms) / 1000 for m, r in got.items()}
     outs = [o for batch in got["kangaroo"].outputs for o in batch]
