@@ -4,8 +4,8 @@ different lengths decoded as one batch, each row exactly as skip/kangaroo.py dec
 one generator). tests/test_kangaroo_batch.py binds every row to its run alone.
 
 The same four steps as the paper file, per row:
-  1. draft: each row drafts to its own k or eta; a row that has stopped waits while the others
-     draft, its slots filler, never accepted;
+  1. draft: each row drafts to its own k or eta (under the default policy, below); a row that has
+     stopped waits while the others draft, its slots filler, never accepted;
   2. verify: one pass of layers [l, L) for all rows, over the batch's longest draft;
   3. accept: each row by its own drafts and M's logits;
   4. crop: each row keeps x and its accepted drafts; the caches end at the longest row, and the
@@ -23,7 +23,7 @@ tokens; sampled: the target distribution), since verification alone decides what
   "batch_k"     every row drafts the same k, the smallest of the rows' (no eta: eta must be 0),
                 as batched peers with a fixed draft length do;
   "batch_stop"  each row to its own k, but drafting stops for every row after a draft below eta
-                in any row.
+                in any row (a row's last draft before its own k included).
 Only "row" leaves each row equal to its run alone; under the others a row's rounds depend on its
 mates. With one row all three are the paper file's run.
 """
@@ -132,7 +132,9 @@ class Batch:
 
         def seen(i, h, a, m):
             for b, r in enumerate(self.rows.active):
-                if real[b].any():  # a row's real slots in one run are consecutive positions
+                # a row's real slots in one run are consecutive positions: its padding comes first, and a
+                # row that stops drafting does not start again in that round
+                if real[b].any():
                     own = pos[min(b, len(pos) - 1)]  # pos is (1, T) while no row has padding or holes
                     self.on_layer(i, int(own[real[b]][0]), h[b:b + 1, real[b].to(h.device)], row=r)
         return seen

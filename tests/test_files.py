@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from model import load_model
 from weights.convert import ConvertError, convert
@@ -19,7 +20,6 @@ from weights.files import OutputExists, atomic_dir, atomic_file, sweep, write_te
 
 from skip import ROOT
 
-from conftest import LLAMA, build_hf
 
 
 def write(out, word):
@@ -392,16 +392,38 @@ def kill_while_writing(cmd, out, sig=signal.SIGTERM):
 # Killed mid-write, a command leaves its folder exactly as before it started (empty), so the next
 # run starts as a first run does; that a first run completes is every other test of these commands
 # (the session's conversion of SmolLM2, tests/test_devices.py's fine-tunes). The two writers of the
-# largest files, each killed, on a model wide enough (50 MB of tensors, one real process each)
-# that the kill lands while its tensors are written, yet cheap to run: four thin layers over SmolLM2's
-# vocabulary and tokenizer.
-WIDE = dict(LLAMA, vocab_size=49152, hidden_size=128, num_attention_heads=2, num_key_value_heads=1,
-            intermediate_size=32, num_hidden_layers=4, max_position_embeddings=4096, eos_token_id=2, pad_token_id=2)
+# largest files, each killed (one real process each), on a model wide enough (200 MB of tensors)
+# that the kill lands while its tensors are written, yet cheap to run: a few thin layers over
+# SmolLM2's tokenizer, its tensors written directly (random, no initialisation). V: a smaller
+# vocabulary (a GGUF's token list is parsed token by token; the fine-tune needs the tokenizer's).
+def wide_model(path, smollm2_dir, d=512, f=64, L=4, V=None):
+    from safetensors.torch import save_file
+    cfg = json.loads((smollm2_dir / "config.json").read_text())
+    cfg.update(hidden_size=d, intermediate_size=f, num_hidden_layers=L, num_attention_heads=4, num_key_value_heads=2,
+               head_dim=d // 4, tie_word_embeddings=False, vocab_size=V or cfg["vocab_size"])
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps(cfg))
+    V, kv = cfg["vocab_size"], d // 2
+    shapes = {"model.embed_tokens.weight": (V, d), "lm_head.weight": (V, d), "model.norm.weight": (d,)}
+    for i in range(L):
+        shapes.update({f"model.layers.{i}.{k}.weight": s for k, s in {
+            "input_layernorm": (d,), "post_attention_layernorm": (d,), "self_attn.q_proj": (d, d),
+            "self_attn.k_proj": (kv, d), "self_attn.v_proj": (kv, d), "self_attn.o_proj": (d, d),
+            "mlp.gate_proj": (f, d), "mlp.up_proj": (f, d), "mlp.down_proj": (d, f)}.items()})
+    g = torch.Generator().manual_seed(0)
+    save_file({k: torch.ones(s) if len(s) == 1 else 0.02 * torch.randn(s, generator=g) for k, s in shapes.items()},
+              path / "model.safetensors")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(smollm2_dir / name, path / name)
+    return path
 
 
-def test_a_conversion_killed_mid_write_leaves_nothing_behind(tmp_path):
+def test_a_conversion_killed_mid_write_leaves_nothing_behind(smollm2_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
     from test_families import write_gguf
-    write_gguf(build_hf("llama", WIDE), "llama", tmp_path / "wide.gguf")
+    hf = AutoModelForCausalLM.from_pretrained(wide_model(tmp_path / "m", smollm2_dir, d=2048, L=1, V=8192))
+    write_gguf(hf, "llama", tmp_path / "wide.gguf")
+    shutil.rmtree(tmp_path / "m")
     out = tmp_path / "wide"
     cmd = [sys.executable, "-m", "weights", "convert", str(tmp_path / "wide.gguf"), "--out", str(out)]
     assert kill_while_writing(cmd, out) != 0
@@ -409,10 +431,7 @@ def test_a_conversion_killed_mid_write_leaves_nothing_behind(tmp_path):
 
 
 def test_a_fine_tune_killed_mid_write_leaves_nothing_behind(smollm2_dir, data_dir, tmp_path):
-    model = tmp_path / "wide"
-    build_hf("llama", WIDE).save_pretrained(model, safe_serialization=True)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(smollm2_dir / name, model / name)
+    model = wide_model(tmp_path / "wide", smollm2_dir)
     out = tmp_path / "unified-2x"
     cmd = [sys.executable, "-m", "skip.train.finetune", "--model", str(model), "--steps", "1",
            "--max-tokens", "64", "--out", str(out)]

@@ -233,7 +233,8 @@ def policy_rounds(m, prompts, l, N, gamma, eta, policy):
             ks = dict.fromkeys(active, min(ks.values()))
         drafts, conf, going, i = {b: [] for b in active}, dict.fromkeys(active, 1.0), set(active), 0
         while going:  # going: the rows whose token at step i is real; then those that draft from it
-            sure = {b: (all(conf[c] >= eta for c in going) if policy == "batch_stop" else conf[b] >= eta) for b in going}
+            every = all(conf[c] >= eta for c in going)  # batch_stop: no row's draft at step i - 1 below eta
+            sure = {b: every if policy == "batch_stop" else conf[b] >= eta for b in going}
             going = {b for b in going if i < ks[b] and sure[b]}
             for b in going:
                 t, conf[b] = draft(prompts[b] + tokens[b] + drafts[b])

@@ -212,7 +212,7 @@ def test_a_batched_port_that_lets_rows_see_their_rejected_drafts_is_found_row_by
         hide, KVCache.hide = KVCache.hide, lambda self, start, kept: None
         try:
             outs = generate_kangaroo_batch(m, batch, None, l=2, max_new_tokens=12, gamma=3, eta=0.0, eos=[],
-                                           on_layer=lambda i, p, h, row: runs[row].append(layer_run(p, i, h)))
+                                           on_layer=lambda i, p, h, row: runs[row].append(layer_run(i, p, h)))
         finally:
             KVCache.hide = hide
         return [(o, r) for o, r in zip(outs, runs)]

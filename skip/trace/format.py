@@ -112,8 +112,8 @@ SETTING_CHECKS = {
 
 # the settings of each method, with their defaults (what each records: skip/trace/methods.py)
 DEFAULTS = {"full": {}, "unified": {"r": 2}, "skipdecode": {"r": 2}, "adainfer": {"tau": 0.8},
-            "kangaroo": {"adapter": str(WEIGHTS / "kangaroo-l2"), "l": None, "gamma": 6, "eta": 0.6, "draft_vocab": None,
-                         "policy": "row"}}
+            "kangaroo": {"adapter": str(WEIGHTS / "kangaroo-l2"), "l": None, "gamma": 6, "eta": 0.6,
+                         "draft_vocab": None, "policy": "row"}}
 # AdaInfer with a stop classifier file (skip/adainfer_files.py) in place of tau; vocab: the cheap head's ids
 ADAINFER_CLASSIFIER = {"classifier": None, "check_every": 1, "vocab": None}
 

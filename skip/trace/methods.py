@@ -65,15 +65,16 @@ def own_lengths(cache, b):
     return cache.lengths[:] if cache.valid is None else [int(cache.valid[b, :n].sum()) for n in cache.lengths]
 
 
-def layer_run(position, layer, h):
-    """A trace's record of one layer run: its first slot (a row's own position), the layer, and the
-    norm of its output h (1, T, d) at each slot."""
+def layer_run(layer, position, h):
+    """A trace's record of one run of `layer` from slot `position` (a batched row's own position),
+    its output h (1, T, d): [position, layer, the norm of h at each slot]."""
     return [position, layer, h[0].float().norm(dim=-1).tolist()]
 
 
 def kangaroo_steps(model, prompts, max_new_tokens, settings, layer_runs=None):
     """layer_runs: one list per prompt, filled with that row's layer runs at its own slots."""
-    check_policy(settings["policy"], settings["eta"])  # one prompt: every policy is the paper file's run
+    # one prompt: each policy is the paper file's run (batch_k's with eta 0)
+    check_policy(settings["policy"], settings["eta"])
     adapter = None if settings["adapter"] is None else load_adapter(settings["adapter"], model)
     steps = [[] for _ in prompts]
     seen = [{"draft_top_ids": [], "draft_top_probs": []} for _ in prompts]
@@ -99,11 +100,11 @@ def kangaroo_steps(model, prompts, max_new_tokens, settings, layer_runs=None):
         if b == len(order) - 1:  # the round's last row
             order.clear()
     def on_layer(layer, position, h, row):
-        layer_runs[row].append(layer_run(position, layer, h))
+        layer_runs[row].append(layer_run(layer, position, h))
 
     def watch(run, h):  # one prompt: its layer runs as the decoder reports them
         if layer_runs is not None and isinstance(run, flops.LayerRun):
-            layer_runs[0].append(layer_run(run.ctx, run.layer, h))
+            layer_runs[0].append(layer_run(run.layer, run.ctx, h))
     kw = dict(l=settings["l"], max_new_tokens=max_new_tokens, gamma=settings["gamma"], eta=settings["eta"],
               draft_vocab=settings["draft_vocab"], on_round=on_round, observe=observe)
     if len(prompts) > 1:
@@ -130,7 +131,7 @@ def trace(model, ids, path, method="full", max_new_tokens=16, settings=None, for
 
     def watch(run, h):  # every layer the method runs: the slots it ran at and their norms
         if isinstance(run, flops.LayerRun):
-            layer_runs.append(layer_run(run.ctx, run.layer, h))
+            layer_runs.append(layer_run(run.layer, run.ctx, h))
     with model.recording() as runs, model.observing(watch):
         (tokens, steps), = METHODS[method](model, [ids], max_new_tokens, settings)
     write(path, model.cfg, ids, tokens, prompt_pass(model, ids), method, settings, steps, flops.total(model.cfg, runs),
