@@ -301,12 +301,12 @@ class Decoder(nn.Module):
     def run_layers(self, h, pos, layers=None, cache=None, start=0, pad_mask=None, callback=None):
         """Run the given layers, in the given order, on hidden states h (B, T, d)."""
         B, T, _ = h.shape
-        rope, full = self.rope(pos), attention_mask(pad_mask, start, T, h.device)
-        window = attention_mask(pad_mask, start, T, h.device, self.cfg.sliding_window) if self.cfg.sliding_layers \
-            else None
+        rope, masks = self.rope(pos), {}  # masks: one per window the layers run use (None: full attention)
         for i in range(self.cfg.n_layers) if layers is None else layers:
-            attn_mask = full if self.windows[i] is None else window
-            h, a, m = self.blocks[i](h, rope, attn_mask, cache, i, start, self.attn_impl)
+            w = self.windows[i]
+            if w not in masks:
+                masks[w] = attention_mask(pad_mask, start, T, h.device, w)
+            h, a, m = self.blocks[i](h, rope, masks[w], cache, i, start, self.attn_impl)
             self.emit(LayerRun(i, B, T, start), h)
             if callback is not None and callback(i, h, a, m):
                 break

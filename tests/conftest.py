@@ -227,3 +227,11 @@ def trace_cli(capsys, *args):
         status = e.code
     out, err = capsys.readouterr()
     return status, out, err
+
+
+def trace_refused(capsys, *args):
+    """python -m skip.trace ARGS, run in this process, ends with status 2 and one line on stderr,
+    no traceback; that line."""
+    code, out, err = trace_cli(capsys, *args)
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, (code, err)
+    return err

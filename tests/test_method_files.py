@@ -19,7 +19,7 @@ from skip.adainfer_files import PARAM_MAX, STD_MIN, ClassifierError, load_classi
 from skip.kangaroo_adapter import AdapterError
 from skip.kangaroo_files import load_adapter, save_adapter
 
-from conftest import random_adapter
+from conftest import random_adapter, trace_refused
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -88,17 +88,13 @@ def test_a_good_adapter_loads_as_saved(adapter):
 
 
 def test_the_trace_command_refuses_a_nan_adapter_in_one_line(tiny_chat_dir, tmp_path, capsys):
-    from skip.trace.__main__ import main
     model = load_model(tiny_chat_dir)
     save_adapter(random_adapter(model, 2, 0, lens_like=False), tmp_path / "a")
     edited_adapter(tmp_path / "a", tmp_path / "nan", None, lambda t: t[weight(t)].view(-1).__setitem__(0, float("nan")))
     argv = ["write", "--model", str(tiny_chat_dir), "--method", "kangaroo", "--settings",
             json.dumps({"adapter": str(tmp_path / "nan")}), "--prompt", "hi", "--max-new-tokens", "2", "--out",
             str(tmp_path / "t")]
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("error: ") and "finite" in err, err
+    assert "finite" in trace_refused(capsys, *argv)
     assert not (tmp_path / "t").exists()
 
 

@@ -15,7 +15,7 @@ from skip.trace.methods import trace
 from skip.trace.batch import compare_any, trace_batch
 from skip.trace.compare import compare
 
-from conftest import random_adapter, trace_cli
+from conftest import random_adapter, trace_cli, trace_refused
 
 # of different lengths, so that the batch pads them and its rows part ways
 PROMPTS = [[3, 14, 15, 92, 65, 35, 89, 79], [5, 9], [26, 53, 58, 97 - 1, 32, 38, 46, 26, 43, 38, 32]]
@@ -121,12 +121,6 @@ def test_a_tampered_row_is_found_and_named_by_its_row_and_step(batches, tmp_path
     assert code == 1 and first[what] in out
 
 
-def refused(capsys, *args):
-    code, out, err = trace_cli(capsys, *args)
-    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, (code, err)
-    return err
-
-
 def broken(batches, tmp_path, how):
     bad = tmp_path / "bad"
     shutil.copytree(batches / "full", bad)
@@ -152,16 +146,16 @@ def broken(batches, tmp_path, how):
                                  "rows 0", "rows a string", "unknown field", "a list"])
 def test_a_garbage_batch_folder_is_refused_with_status_2(batches, tmp_path, capsys, how):
     bad = broken(batches, tmp_path, how)
-    refused(capsys, "compare", batches / "full", bad)
-    refused(capsys, "compare", bad, batches / "full")
+    trace_refused(capsys, "compare", batches / "full", bad)
+    trace_refused(capsys, "compare", bad, batches / "full")
 
 
 def test_a_batch_against_a_single_trace_or_of_another_size_is_refused(batches, model, tmp_path, capsys):
-    err = refused(capsys, "compare", batches / "full", batches / "full-alone-0")
+    err = trace_refused(capsys, "compare", batches / "full", batches / "full-alone-0")
     assert "is a batch of traces and" in err
-    refused(capsys, "compare", batches / "full-alone-0", batches / "full")
+    trace_refused(capsys, "compare", batches / "full-alone-0", batches / "full")
     trace_batch(model[0], PROMPTS[:2], tmp_path / "two", "full", 10)
-    assert "the batches hold 3 and 2 rows" in refused(capsys, "compare", batches / "full", tmp_path / "two")
+    assert "the batches hold 3 and 2 rows" in trace_refused(capsys, "compare", batches / "full", tmp_path / "two")
 
 
 def test_the_command_line_writes_a_batch_whose_rows_equal_single_runs(tiny_chat_dir, tmp_path, capsys):
@@ -175,10 +169,10 @@ def test_the_command_line_writes_a_batch_whose_rows_equal_single_runs(tiny_chat_
         code, out, _ = trace_cli(capsys, "compare", tmp_path / f"s{i}", tmp_path / "b" / f"row-{i}")
         assert code == 0, out
     # a batch never replaces a single trace (nor the reverse) unless --force
-    refused(capsys, *args, "--prompt", "a", "--prompt", "b", "--out", tmp_path / "s0")
-    refused(capsys, *args, "--prompt", "a", "--out", tmp_path / "b")
+    trace_refused(capsys, *args, "--prompt", "a", "--prompt", "b", "--out", tmp_path / "s0")
+    trace_refused(capsys, *args, "--prompt", "a", "--out", tmp_path / "b")
 
 
 def test_show_on_a_batch_folder_points_to_its_rows(batches, capsys):
     pytest.importorskip("matplotlib")
-    assert "a batch of traces: its rows are" in refused(capsys, "show", batches / "full")
+    assert "a batch of traces: its rows are" in trace_refused(capsys, "show", batches / "full")

@@ -21,7 +21,7 @@ from skip.trace.format import TraceError, write
 from skip.trace.methods import trace
 from skip.trace.compare import first_difference, tolerances
 
-from conftest import random_adapter, trace_cli
+from conftest import random_adapter, trace_cli, trace_refused
 
 PROMPT = [3, 14, 15, 92, 65, 35, 89, 79]
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,12 +54,6 @@ def edited(src, dst, meta_fn=None, tensors_fn=None):
         tensors_fn(t)
         save_file(t, str(dst / "trace.safetensors"))
     return dst
-
-
-def refused(capsys, *args):
-    code, out, err = trace_cli(capsys, *args)
-    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, (code, err)
-    return err
 
 
 def step_with_drafts(meta):
@@ -122,9 +116,9 @@ def test_a_garbage_trace_is_refused_in_one_line_with_status_2(traces, tmp_path, 
     src, meta_fn, tensors_fn, words = GARBAGE[name]
     bad = edited(tmp / src, tmp_path / "bad", meta_fn, tensors_fn)
     for args in (("compare", tmp / src, bad), ("compare", bad, tmp / src), ("compare", bad, bad)):
-        assert words in refused(capsys, *args)
+        assert words in trace_refused(capsys, *args)
     pytest.importorskip("matplotlib")
-    assert words in refused(capsys, "show", bad, "--out", tmp_path / "x.png")
+    assert words in trace_refused(capsys, "show", bad, "--out", tmp_path / "x.png")
     assert not (tmp_path / "x.png").exists()
 
 
@@ -132,13 +126,13 @@ def test_a_tensor_unknown_to_the_format_is_refused_even_where_both_traces_hold_i
     tmp, _ = traces  # 0 against 1e30 once passed, unread
     zero = edited(tmp / "f", tmp_path / "zero", None, lambda t: t.update(extra=torch.zeros(2)))
     huge = edited(tmp / "f", tmp_path / "huge", None, lambda t: t.update(extra=torch.full((2,), 1e30)))
-    assert "unknown tensors ['extra']" in refused(capsys, "compare", zero, huge)
+    assert "unknown tensors ['extra']" in trace_refused(capsys, "compare", zero, huge)
 
 
 @pytest.mark.parametrize("flag,value", [("--atol", "-1"), ("--atol", "nan"), ("--rtol", "inf"), ("--rtol", "-0.0001")])
 def test_a_tolerance_that_is_not_a_finite_number_at_least_0_is_refused(traces, capsys, flag, value):
     tmp, _ = traces
-    assert f"{flag[2:]} must be a finite number >= 0" in refused(capsys, "compare", tmp / "f", tmp / "f", flag, value)
+    assert f"{flag[2:]} must be a finite number >= 0" in trace_refused(capsys, "compare", tmp / "f", tmp / "f", flag, value)
     with pytest.raises(TraceError, match="must be a finite number >= 0"):
         tolerances({}, {}, atol=float(value) if flag == "--atol" else None, rtol=float(value) if flag == "--rtol" else None)
 
@@ -222,7 +216,7 @@ def test_an_unforeseen_error_is_one_line_and_status_2_not_1(traces, capsys, monk
     def boom(*a, **k):
         raise KeyError("two\nlines")
     monkeypatch.setattr("skip.trace.compare.findings", boom)
-    assert "KeyError" in refused(capsys, "compare", tmp / "f", tmp / "f")
+    assert "KeyError" in trace_refused(capsys, "compare", tmp / "f", tmp / "f")
 
 
 def test_the_command_line_refuses_garbage_without_a_traceback(traces, tmp_path):
@@ -253,7 +247,7 @@ def test_a_draft_vocabulary_that_is_not_a_count_of_frequent_tokens_is_refused(tr
 @pytest.mark.parametrize("text", ['{"tau": NaN}', '{"tau": Infinity}', '{"eta": -Infinity}'])
 def test_settings_that_are_not_json_are_refused_at_the_command_line(traces, tmp_path, capsys, text):
     tmp, _ = traces
-    err = refused(capsys, "write", "--method", "adainfer", "--settings", text, "--prompt", "x", "--out", tmp_path / "w")
+    err = trace_refused(capsys, "write", "--method", "adainfer", "--settings", text, "--prompt", "x", "--out", tmp_path / "w")
     assert "which is not JSON" in err
 
 

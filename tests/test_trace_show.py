@@ -20,7 +20,7 @@ from skip.trace.compare import compare, findings
 from skip.trace.show import DRAFT, EXIT, FILLED, RAN, REJECTED, SKIPPED, VERIFIED, cells, divergence, show
 from skip.unified import kept_layers
 
-from conftest import VARIANTS, build_hf, random_adapter, trace_cli
+from conftest import VARIANTS, build_hf, random_adapter, trace_cli, trace_refused
 
 PROMPT = [3, 14, 15, 92, 65, 35, 89, 79]
 T, L, N = len(PROMPT), 4, 10
@@ -159,5 +159,4 @@ def test_show_draws_a_png_and_answers_bad_input_with_status_2(tiny, tmp_path, ca
         del st["drafted"]
     (tmp_path / "k2" / "trace.json").write_text(json.dumps(meta))
     for bad in (tmp_path / "k2", tmp_path / "missing"):
-        status, _, err = trace_cli(capsys, "show", bad)
-        assert status == 2 and err.count("\n") == 1 and err.startswith("error: "), err
+        trace_refused(capsys, "show", bad)

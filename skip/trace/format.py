@@ -38,6 +38,8 @@ from model.config import is_int, is_real
 from weights import WEIGHTS
 from weights.files import atomic_dir
 
+from ..kangaroo_batch import POLICIES
+
 VERSION = 1
 MODEL_FIELDS = ("n_layers", "dim", "n_heads", "n_kv_heads", "vocab_size")
 FILES = ("trace.json", "trace.safetensors")
@@ -107,7 +109,7 @@ SETTING_CHECKS = {
     "check_every": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
     "adapter": (lambda v: v is None or isinstance(v, str), "the path of an adapter folder, or null with l"),
     "l": (lambda v: v is None or (is_int(v) and v >= 1), "null or an integer >= 1 (the adapter-free exit layer)"),
-    "policy": (lambda v: v in ("row", "batch_k", "batch_stop"), "row, batch_k or batch_stop (skip/kangaroo_batch.py)")}
+    "policy": (lambda v: v in POLICIES, f"one of {', '.join(POLICIES)} (skip/kangaroo_batch.py)")}
 
 
 # the settings of each method, with their defaults (what each records: skip/trace/methods.py)

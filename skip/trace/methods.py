@@ -6,6 +6,8 @@ callbacks of generate_kangaroo, its cache lengths counted over the row's own slo
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from model import flops, generate
@@ -71,6 +73,15 @@ def layer_run(layer, position, h):
     return [position, layer, h[0].float().norm(dim=-1).tolist()]
 
 
+def layer_watcher(runs):
+    """An observer (Decoder.observing) that appends each layer the decoder runs to runs, as the
+    decoder reports it (one sequence: its slots are its positions)."""
+    def watch(run, h):
+        if isinstance(run, flops.LayerRun):
+            runs.append(layer_run(run.layer, run.ctx, h))
+    return watch
+
+
 def kangaroo_steps(model, prompts, max_new_tokens, settings, layer_runs=None):
     """layer_runs: one list per prompt, filled with that row's layer runs at its own slots."""
     # one prompt: each policy is the paper file's run (batch_k's with eta 0)
@@ -101,18 +112,14 @@ def kangaroo_steps(model, prompts, max_new_tokens, settings, layer_runs=None):
             order.clear()
     def on_layer(layer, position, h, row):
         layer_runs[row].append(layer_run(layer, position, h))
-
-    def watch(run, h):  # one prompt: its layer runs as the decoder reports them
-        if layer_runs is not None and isinstance(run, flops.LayerRun):
-            layer_runs[0].append(layer_run(run.layer, run.ctx, h))
     kw = dict(l=settings["l"], max_new_tokens=max_new_tokens, gamma=settings["gamma"], eta=settings["eta"],
               draft_vocab=settings["draft_vocab"], on_round=on_round, observe=observe)
     if len(prompts) > 1:
         outs = generate_kangaroo_batch(model, prompts, adapter, **kw, on_layer=on_layer if layer_runs else None,
                                        policy=settings["policy"])
-    else:
-        with model.observing(watch):
-            outs = [generate_kangaroo(model, prompts[0], adapter, **kw)]  # one prompt: the paper's file
+    else:  # one prompt: the paper's file, its layer runs as the decoder reports them
+        with model.observing(layer_watcher(layer_runs[0])) if layer_runs else contextlib.nullcontext():
+            outs = [generate_kangaroo(model, prompts[0], adapter, **kw)]
     for out, own in zip(outs, steps):
         for s, r in zip(own, out.rounds):
             s.update(drafted=r.drafted, accepted=r.accepted, drafts=r.drafts)
@@ -127,12 +134,8 @@ METHODS = {"full": full_steps, "unified": unified_steps, "skipdecode": skipdecod
 def trace(model, ids, path, method="full", max_new_tokens=16, settings=None, force=False):
     """Write the trace of our decoder running method on prompt ids to directory path."""
     settings = settings_used(method, settings or {})
-    layer_runs = []
-
-    def watch(run, h):  # every layer the method runs: the slots it ran at and their norms
-        if isinstance(run, flops.LayerRun):
-            layer_runs.append(layer_run(run.layer, run.ctx, h))
-    with model.recording() as runs, model.observing(watch):
+    layer_runs = []  # every layer the method runs: the slots it ran at and their norms
+    with model.recording() as runs, model.observing(layer_watcher(layer_runs)):
         (tokens, steps), = METHODS[method](model, [ids], max_new_tokens, settings)
     write(path, model.cfg, ids, tokens, prompt_pass(model, ids), method, settings, steps, flops.total(model.cfg, runs),
           str(model.dtype).removeprefix("torch."), layer_runs, force)

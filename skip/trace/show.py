@@ -77,8 +77,7 @@ def inferred_runs(meta):
         raise TraceError(f"schedule {steps[0]['schedule']!r:.60}: layer counts in ({WARMUP}, {L}]")
     runs = [[0, i, [0.0] * T] for i in range(L)]
     if meta["method"] == "kangaroo":
-        l = meta["settings"].get("l")
-        l = l if is_int(l) and 0 < l < L else adapter_l(meta["settings"].get("adapter"), L)
+        l = exit_layer(meta["settings"], L)
         if l is None:
             raise TraceError("the trace has no layer_runs and names no exit layer l (settings l or an adapter)")
         n = T
@@ -158,19 +157,21 @@ def kangaroo_rounds(grid, meta, T):
         raise TraceError(f"the rounds hold {c - 1} passes, the layer runs {len(grid.slots) - 1}")
     grid.l = next((layer for slot, layer, norms in meta["layer_runs"] if slot >= T and len(norms) > 1), None)
     if grid.l is None:  # every round drafted nothing: no run shows l
-        l = meta["settings"].get("l")  # adapter-free: the setting; else the adapter's record
-        grid.l = l if is_int(l) and 0 < l < len(grid.states) else adapter_l(meta["settings"].get("adapter"), len(grid.states))
+        grid.l = exit_layer(meta["settings"], len(grid.states))
     if grid.l is not None:
         kept = grid.states[:, 1:] == RAN
         grid.states[:, 1:][kept & (np.arange(len(grid.states))[:, None] < grid.l)] = DRAFT
         grid.states[:, 1:][kept & (np.arange(len(grid.states))[:, None] >= grid.l)] = VERIFIED
 
 
-def adapter_l(path, L):
-    """The exit layer l an adapter folder's adapter.json records, or None where there is none
-    (the picture is drawn without l)."""
+def exit_layer(settings, L):
+    """Kangaroo's exit layer l as a trace's settings give it: l itself (adapter-free), else what the
+    adapter folder's adapter.json records; None where neither does (drawn without l)."""
+    l = settings.get("l")
+    if is_int(l) and 0 < l < L:
+        return l
     try:
-        l = read_json(Path(path) / "adapter.json", "adapter record", 1 << 20)["l"]
+        l = read_json(Path(settings.get("adapter")) / "adapter.json", "adapter record", 1 << 20)["l"]
     except (TypeError, OSError, ValueError, KeyError, IndexError):
         return None
     return l if is_int(l) and 0 < l < L else None
