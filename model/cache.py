@@ -35,6 +35,14 @@ rejected slots into holes, reorder() drops finished rows (or copies beams).
 A row that leaves takes its slots with it (reorder drops the row); nothing is cleared, because a
 write always precedes a read of the same slot and `valid` says which slots are a row's.
 
+A queue of prompts through B rows (ours, as servers decode: skip/kangaroo_batch.py, model/queue.py)
+reuses a finished row for the next prompt: seat() copies the prompt's slots, prefilled alone in a
+one-row cache, into the row, right-aligned to end where the other rows' next tokens go; the row's
+older slots become its left padding (its keys stay, unread), so its RoPE positions restart at 0
+and it sees exactly its own keys. A prompt longer than the slots so far first gives every row
+more left padding (shift). trim() then drops the leading slots that are padding in every row, so
+the slots in use stay those of the oldest row, not of everything the queue has decoded.
+
 A sliding attention window (Mistral, Qwen) evicts nothing either: every slot stays, so crop()
 still rolls back, and the window is part of the mask (decoder.attention_mask, counted in a row's
 positions like RoPE, so holes and padding do not shrink it); attention then reads only the last
@@ -109,6 +117,62 @@ class KVCache:
             self.lengths[i] = min(self.lengths[i], length)
         if layers is None and self.opened > length:
             self.opened = length  # the columns past it are written again by open() before they are read
+
+    # ------------------------------------------------ a queue: rows reused for new prompts (ours)
+    def seat(self, row, solo):
+        """Row `row` takes the slots of `solo`, a one-row cache holding a prompt prefilled alone,
+        right-aligned to end where every layer of this cache ends; the row's earlier slots become
+        its padding. Every layer of both caches must end at one slot."""
+        end, P = self._end(), solo._end()
+        if P > end:  # a prompt longer than every row so far: room on the left for it
+            self.shift(P - end)
+            end = P
+        self._mark(self.k.shape[1])
+        self.k[:, row, :, end - P:end] = solo.k[:, 0, :, :P]  # (L, n_kv, P, hd)
+        self.v[:, row, :, end - P:end] = solo.v[:, 0, :, :P]
+        self.valid[row, :end] = False
+        self.valid[row, end - P:end] = True if solo.valid is None else solo.valid[0, :P]
+
+    def shift(self, d):
+        """Move every slot d columns: d > 0 gives every row d more slots of left padding; d < 0 drops
+        the first -d slots, which must be padding in every row. Positions count a row's real slots,
+        so none changes."""
+        S = self._end()
+        if d < 0 and (self.valid is None or bool(self.valid[:, :-d].any())):
+            raise CacheError(f"cannot drop the first {-d} slots: some row holds a real token there")
+        if S + d > self.max_len:
+            raise CacheError(f"KV cache holds {self.max_len} positions; a shift by {d} needs {S + d}. "
+                             f"Make a larger cache (max_len).")
+        cap = self._capacity(S + d)
+        for name in ("k", "v"):
+            t = getattr(self, name)
+            moved = t.new_zeros(t.shape[:3] + (cap, t.shape[4]))  # (L, B, n_kv, cap, hd)
+            moved[:, :, :, max(d, 0):S + d] = t[:, :, :, max(-d, 0):S]
+            setattr(self, name, moved)
+        if d > 0:
+            self._mark(self.k.shape[1])
+        if self.valid is not None:
+            moved = self.valid.new_zeros(self.valid.shape[0], cap)  # (B, cap)
+            moved[:, max(d, 0):S + d] = self.valid[:, max(-d, 0):S]
+            self.valid = None if bool(moved[:, :S + d].all()) else moved
+        self.lengths = [S + d] * len(self.lengths)
+        self.opened = S + d
+
+    def trim(self):
+        """Drop the leading slots that are padding in every row; returns how many (every slot moves
+        left by as many)."""
+        if self.valid is None:
+            return 0
+        f = int(self.valid[:, :self._end()].any(0).int().argmax())  # the first slot real in some row
+        if f:
+            self.shift(-f)
+        return f
+
+    def _end(self):
+        if len(set(self.lengths)) > 1 or self.opened != self.lengths[0]:
+            raise CacheError(f"the layers end at different slots ({sorted(set(self.lengths))}); "
+                             f"a row can be seated or slots moved only when all end at one")
+        return self.lengths[0]
 
     # ------------------------------------------------ which slots are real, per row
     def open(self, T, real=None):

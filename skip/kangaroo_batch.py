@@ -17,6 +17,12 @@ round late (as skip/kangaroo.py explains) in a slot of A's own, so A's slots may
 M's by one a round while each state keeps the row's own position. A row that meets EOS or its
 token budget leaves the batch (KVCache.reorder).
 
+A queue (batch_size below the number of prompts; continuous batching, as servers decode): the
+first batch_size prompts start as one batch, and when a row ends the next waiting prompt takes
+its row at the round boundary: it is prefilled alone, exactly as its run alone starts, and
+seated in that row of M's and A's caches (KVCache.seat), its x at slot n as every row's. Every
+row still equals its run alone, whatever joins or leaves around it.
+
 How many tokens a row drafts is a policy (step 1); every policy is exact (greedy: plain greedy's
 tokens; sampled: the target distribution), since verification alone decides what is kept:
   "row"         the paper's, per row: each row to its own k (gamma, fewer near its budget) or eta;
@@ -33,7 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
-from model import check_eos, left_pad, positions
+from model import boundary, check_batch_size, check_eos, left_pad, positions
 
 from .kangaroo import (KangarooOutput, Round, Sampling, accept_greedy, accept_sampled, adapt, check_settings, probs,
                        self_draft)
@@ -47,19 +53,20 @@ class RowRound(Round):
 
 
 class Rows:
-    """Which prompts are still in the batch (`active`: the prompt of each batch row), each one's
-    tokens and rounds, and the slot n where every row's next token x goes."""
+    """Which prompts are in the batch (`active`: the prompt of each batch row) and which wait
+    (`queue`), each one's tokens and rounds, and the slot n where every row's next token x goes."""
 
-    def __init__(self, prompts, max_new_tokens, eos):
+    def __init__(self, prompts, max_new_tokens, eos, active):
         self.prompts, self.max_new_tokens, self.eos = prompts, max_new_tokens, eos
-        self.T = max(map(len, prompts))  # the padded prompt length
+        self.active = list(active)
+        self.queue = [r for r in range(len(prompts)) if r not in self.active]
+        self.T = max(len(prompts[r]) for r in self.active)  # the padded prompt length
         self.n = self.T  # the slot of every row's x, the newest committed token (not cached yet)
-        self.active = list(range(len(prompts)))
         self.tokens, self.rounds = [[] for _ in prompts], [[] for _ in prompts]
 
     def padding(self):
-        """Which slots of the left-padded prompts (B, T) hold real tokens."""
-        return [[False] * (self.T - len(p)) + [True] * len(p) for p in self.prompts]
+        """Which slots of the active rows' left-padded prompts (B, T) hold real tokens."""
+        return [[False] * (self.T - len(self.prompts[r])) + [True] * len(self.prompts[r]) for r in self.active]
 
     def last(self):
         return [self.tokens[r][-1] for r in self.active]  # each batch row's x
@@ -83,21 +90,13 @@ class Rows:
     def done(self, r):
         return self.tokens[r][-1] in self.eos or len(self.tokens[r]) == self.max_new_tokens
 
-    def leave(self):
-        """Drop the finished rows: the batch rows that stay, or None when all do."""
-        keep = [i for i, r in enumerate(self.active) if not self.done(r)]
-        if len(keep) == len(self.active):
-            return None
-        self.active = [self.active[i] for i in keep]
-        return keep
-
 
 class Batch:
     """The paper's draft model kg (its A, H, exit_logits and pick; skip/kangaroo.py) over the rows
     of `rows`, with caches of B rows whose `valid` masks say which slots hold a row's states."""
 
     def __init__(self, kg, rows, max_len, observe=None, on_layer=None):
-        B = len(rows.prompts)
+        B = len(rows.active)
         self.kg, self.model, self.l, self.rows, self.observe = kg, kg.model, kg.l, rows, observe
         self.on_layer = on_layer
         self.cache = self.model.new_cache(B, max_len)
@@ -183,6 +182,21 @@ class Batch:
             self.pending = h_l[torch.arange(len(kept), device=h_l.device), drafted][:, None]  # (B, 1, d) at n + k_b
             self.lagging = [a == k for a, k in zip(accepted, drafted)]
 
+    def seat(self, b, solo):
+        """Batch row b takes the caches of solo, a one-row Batch that prefilled a prompt alone
+        (KVCache.seat); n moves if the prompt needed more slots than the batch had."""
+        self.cache.seat(b, solo.cache)
+        self.rows.n = self.cache.lengths[0]
+        if self.acache is not None:
+            self.acache.seat(b, solo.acache)
+            self.lagging[b] = False  # A has read the whole prompt, as after a prefill
+
+    def trim(self):
+        """Drop the slots that are padding in every row (KVCache.trim); n moves left with them."""
+        self.rows.n -= self.cache.trim()
+        if self.acache is not None:
+            self.acache.trim()
+
     def keep_rows(self, rows):
         """Drop the finished rows: row i becomes the old row rows[i]."""
         for cache in (self.cache, self.acache) if self.acache is not None else (self.cache,):
@@ -256,41 +270,64 @@ def check_policy(policy, eta):
         raise ValueError(f"policy batch_k drafts a fixed k for every row, without eta: give eta 0, got {eta!r}")
 
 
+def prefill(bt: Batch, s: Sampling):
+    """M on the batch's prompts (left-padded), A on their exited states: each row's first token."""
+    rows, model = bt.rows, bt.model
+    real = rows.padding()
+    ids = left_pad([rows.prompts[r] for r in rows.active], model.cfg.pad_token_id or 0, model.device)[0]  # (B, T)
+    h = bt.shallow(ids, 0, real)  # (B, T, d)
+    bt.prefill(h, real)
+    logits = model.logits(bt.deep(h, 0), last_only=True)[:, -1]  # (B, V)
+    for b, r in enumerate(rows.active):
+        rows.tokens[r].append(int(logits[b].argmax()) if s.temperature == 0 else int(
+            torch.multinomial(probs(logits[b], s.temperature, s.top_p), 1, generator=s.generator)))
+
+
+def join(bt: Batch, b, r, s: Sampling):
+    """Prompt r takes batch row b (a queue, ours): prefilled alone, as its run alone starts, then
+    seated in the row's slots of every cache."""
+    rows = bt.rows
+    solo = Batch(bt.kg, Rows(rows.prompts, rows.max_new_tokens, rows.eos, [r]), len(rows.prompts[r]), bt.observe,
+                 bt.on_layer)
+    prefill(solo, s)
+    bt.seat(b, solo)
+    rows.tokens[r] = solo.rows.tokens[r]
+
+
 @torch.inference_mode()
 def generate_kangaroo_batch(model, prompts, adapter=None, l=None, max_new_tokens=64, gamma=6, eta=0.6,
                             draft_vocab=None, temperature=0.0, top_p=1.0, generator=None, eos=None, on_round=None,
-                            observe=None, on_layer=None, policy="row"):
+                            observe=None, on_layer=None, policy="row", batch_size=None):
     """generate_kangaroo (skip/kangaroo.py) over a list of prompts (lists of ids, any lengths) as
     one batch: one KangarooOutput per prompt, with RowRounds. on_round and observe as there, called
     once per row and told row=the prompt's index (the caches hold every row still in the batch).
     on_layer(layer, position, h, row=...): after every layer run, each row's output h (1, m, d) on
     its m real slots, from its own position (what the row's run alone reports as a LayerRun).
-    policy: how many tokens each row drafts (POLICIES, this file's docstring)."""
+    policy: how many tokens each row drafts (POLICIES, this file's docstring). batch_size: how many
+    rows decode at once, the other prompts waiting in a queue (this file's docstring); None: all."""
     check_policy(policy, eta)
+    check_batch_size(batch_size, allow_none=True)
     prompts = check_settings(model.cfg, prompts, adapter, l, max_new_tokens, gamma, eta, temperature, top_p,
                              draft_vocab)
-    B, s = len(prompts), Sampling(temperature, top_p, generator)
-    rows = Rows(prompts, max_new_tokens, check_eos(model.cfg, eos))
-    # slots, holes included (model/cache.py): a round moves n by the longest accepted row, at most
-    # gamma + 1, and there are at most max_new_tokens - 1 rounds (every round commits a token of
-    # each row); n - T is also at most B * max_new_tokens (the longest row's tokens, each round)
-    moved = min(B * max_new_tokens, (max_new_tokens - 1) * (gamma + 1))
-    room = rows.T + moved + min(gamma, max_new_tokens) + 1
+    s = Sampling(temperature, top_p, generator)
+    rows = Rows(prompts, max_new_tokens, check_eos(model.cfg, eos), range(min(batch_size or len(prompts),
+                                                                             len(prompts))))
+    # slots, holes included (model/cache.py), from the oldest row's first (trim drops the slots before
+    # it): a round moves n by the longest accepted row, at most gamma + 1, and a row lives at most
+    # max_new_tokens - 1 rounds (each commits a token of it); n moves at most by every token committed
+    moved = min(len(prompts) * max_new_tokens, (max_new_tokens - 1) * (gamma + 1))
+    room = max(map(len, prompts)) + moved + min(gamma, max_new_tokens) + 1
     bt = Batch(self_draft(model, adapter, l, draft_vocab, 0), rows, room, observe, on_layer)  # kg's caches: unused
-
-    # prefill: M on the prompts, A on their exited states
-    real = rows.padding()
-    h = bt.shallow(left_pad(prompts, model.cfg.pad_token_id or 0, model.device)[0], 0, real)  # (B, T, d)
-    bt.prefill(h, real)
-    logits = model.logits(bt.deep(h, 0), last_only=True)[:, -1]  # (B, V)
-    for b in range(B):
-        rows.tokens[b].append(int(logits[b].argmax()) if temperature == 0 else
-                              int(torch.multinomial(probs(logits[b], temperature, top_p), 1, generator=generator)))
-    while True:  # a row that meets EOS or max_new_tokens leaves the batch's work
-        if (keep_ := rows.leave()) is not None:
+    queued = bool(rows.queue)  # a static batch keeps its slots; a queue trims them (model/cache.py)
+    prefill(bt, s)  # M on the prompts, A on their exited states
+    while True:  # a row that meets EOS or max_new_tokens leaves the batch's work, or the next prompt takes its row
+        rows.active, keep_ = boundary(rows.active, rows.queue, rows.done, lambda b, r: join(bt, b, r, s))
+        if keep_ is not None:
             bt.keep_rows(keep_)
         if not rows.active:
             return [KangarooOutput(t, r) for t, r in zip(rows.tokens, rows.rounds)]
+        if queued:
+            bt.trim()
         rounds, new = round_rows(bt, rows.last(), rows.n, rows.budgets(gamma), eta, s, policy)
         rows.commit(rounds, new)
         assert bt.cache.lengths[0] == rows.n  # the caches end where the rows' next tokens go

@@ -1,0 +1,120 @@
+"""A queue of prompts through B rows (model/queue.py, ours) against its oracles: a seated row's
+logits against its whole sequence run without a cache; every prompt's tokens (and Kangaroo's
+drafts and accepted counts) against its run alone, whatever joins or leaves around it and
+whenever; sampled Kangaroo rows that join a running batch against the exact distribution."""
+import pytest
+import torch
+
+from model import CacheError, KVCache, generate, generate_queue, left_pad, load_model
+from skip.kangaroo import generate_kangaroo, probs
+from skip.kangaroo_batch import generate_kangaroo_batch
+
+from conftest import chi_square_pvalue, random_adapter
+from test_kangaroo import tiny
+
+SHORT = [[5, 6, 7], [11, 12, 13, 14, 15, 16, 17, 18], [20], [30, 31, 32, 33, 34]]
+LONG = list(range(40, 90))  # longer than every running row's slots: the batch shifts right to seat it
+
+
+@torch.no_grad()
+def test_a_seated_row_sees_its_own_sequence_alone(llama_dir):
+    """Two rows run with padding and a hole; a third prompt, prefilled alone, takes row 0, then a
+    prompt longer than every slot so far takes row 1 (the batch shifts right); after trim each
+    row's next logits equal its whole sequence run without any cache."""
+    m = load_model(llama_dir)
+    p = [SHORT[0], SHORT[3]]
+    cache = KVCache.for_model(m.cfg, 2, 128)
+    m(left_pad(p, 0)[0], cache=cache, pad_mask=cache.open(5, [[False, False, True, True, True], [True] * 5]))
+    m(torch.tensor([[40, 41, 42], [50, 51, 52]]), cache=cache, start=5, pad_mask=cache.open(3))
+    cache.crop(8)
+    cache.hide(5, [1, 3])
+    seqs = [None, p[1] + [50, 51, 52]]
+    for b, prompt in [(0, SHORT[1]), (1, LONG[:12])]:
+        solo = KVCache.for_model(m.cfg, 1, len(prompt))
+        m(torch.tensor([prompt]), cache=solo, pad_mask=solo.open(len(prompt)))
+        cache.seat(b, solo)
+        seqs[b] = list(prompt)
+    assert cache.lengths[0] == 12 and cache.trim() == 0  # shifted right by 4, row 1 real from slot 0
+    nxt = torch.tensor([[60], [61]])
+    z = m(nxt, cache=cache, start=12, pad_mask=cache.open(1))[:, -1]  # (2, V)
+    for b, seq in enumerate(seqs):
+        assert torch.allclose(z[b], m(torch.tensor([seq + [60 + b]]))[0, -1], atol=1e-5)
+    solo = KVCache.for_model(m.cfg, 1, 2)
+    m(torch.tensor([[7, 8]]), cache=solo, pad_mask=solo.open(2))
+    cache.seat(1, solo)  # row 1's slots become padding: slots 0..3 are padding in every row
+    assert cache.trim() == 4 and cache.lengths[0] == 9
+    z = m(nxt, cache=cache, start=9, pad_mask=cache.open(1))[:, -1]
+    for b, seq in enumerate([seqs[0] + [60], [7, 8]]):
+        assert torch.allclose(z[b], m(torch.tensor([seq + [60 + b]]))[0, -1], atol=1e-5)
+    with pytest.raises(CacheError, match="real token"):
+        cache.shift(-1)
+    cache.crop(9, layers=[0])
+    m(nxt, cache=cache, start=9, pad_mask=cache.open(1), layers=[0])
+    with pytest.raises(CacheError, match="different slots"):
+        cache.trim()
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 3])
+def test_plain_queue_rows_are_their_runs_alone(llama_dir, batch_size):
+    m = load_model(llama_dir)
+    prompts = [SHORT[0], SHORT[1], LONG, SHORT[2], SHORT[3], SHORT[0]]
+    plain = [generate(m, [p], max_new_tokens=12, eos=[])[0] for p in prompts]
+    for stop in [plain[0][3], plain[1][0], plain[3][8]]:  # rows end at different steps; one at its first token
+        alone = [generate(m, [p], max_new_tokens=12, eos=[stop])[0] for p in prompts]
+        assert generate_queue(m, prompts, batch_size, max_new_tokens=12, eos=[stop]) == alone
+    assert generate_queue(m, prompts, 2, max_new_tokens=1) == [p[:1] for p in plain]
+    with pytest.raises(ValueError, match="batch_size"):
+        generate_queue(m, prompts, 0)
+
+
+def rounds(out):
+    return [(r.drafts, r.accepted) for r in out.rounds]
+
+
+def queue_as_alone(m, prompts, batch_size, **kw):
+    """The queue's outputs, after checking each prompt against its run alone."""
+    outs = generate_kangaroo_batch(m, prompts, batch_size=batch_size, **kw)
+    for p, o in zip(prompts, outs):
+        alone = generate_kangaroo(m, p, **kw)
+        assert o.tokens == alone.tokens and rounds(o) == rounds(alone), (p, batch_size, kw)
+    return outs
+
+
+def test_kangaroo_queue_rows_are_their_runs_alone_whenever_they_join(llama_dir):
+    """Row 1's prompt ends after every possible round in turn (its EOS is each of its tokens), so
+    the next prompt joins after each; the rows accept drafts (holes); the last prompt is longer
+    than every running row; the queue empties while rows still run; a pool of 1."""
+    m = tiny(llama_dir, 0.0)
+    a = random_adapter(m, 2, 0, lens_like=True)
+    with torch.no_grad():  # A's attention reads its cache (a row's stale state there changes its drafts)
+        a.attn.wo.weight.normal_(0, 0.05)
+    prompts = [SHORT[3], SHORT[0], SHORT[1], SHORT[2], LONG]
+    plain = generate(m, [prompts[1]], max_new_tokens=16, eos=[])[0]
+    holes = 0
+    for stop in dict.fromkeys(plain):  # every distinct token of row 1: it ends after each round in turn
+        outs = queue_as_alone(m, prompts, 2, adapter=a, max_new_tokens=16, gamma=4, eta=0.3, eos=[stop])
+        holes += sum(r.holes for o in outs for r in o.rounds)
+    assert holes > 0
+    for batch_size, kw in [(1, dict(adapter=a)), (3, dict(adapter=None, l=2)), (2, dict(adapter=a, draft_vocab=20))]:
+        queue_as_alone(m, prompts, batch_size, max_new_tokens=12, gamma=3, eta=0.0, eos=[], **kw)
+
+
+def test_sampled_kangaroo_rows_that_join_are_in_distribution(llama_dir):
+    """N rows of a short prompt run; when they end, N copies of a longer prompt join (prefilled
+    alone, seated after a shift); each joined row's second token against the exact distribution."""
+    m = tiny(llama_dir, 0.3)
+    a = random_adapter(m, 2, 2, lens_like=True)
+    t, top_p, p = 0.8, 0.9, SHORT[1]
+    g, N = torch.Generator().manual_seed(0), 1000  # N: chi_square_pvalue's power
+    outs = generate_kangaroo_batch(m, [SHORT[2]] * N + [p] * N, a, max_new_tokens=3, gamma=2, eta=0.0, temperature=t,
+                                   top_p=top_p, generator=g, eos=[], batch_size=N)
+    counts = torch.zeros(m.cfg.vocab_size)
+    for o in outs[N:]:
+        counts[o.tokens[1]] += 1
+    with torch.no_grad():
+        p1 = probs(m(torch.tensor([p]), last_only=True)[0, -1], t, top_p)
+        x1 = p1.nonzero()[:, 0]
+        p2 = probs(m(torch.tensor([p + [int(x)] for x in x1]), last_only=True)[:, -1], t, top_p)
+        exact = (p1[x1, None] * p2).sum(0)  # (V,)
+    assert counts[exact == 0].sum() == 0
+    assert chi_square_pvalue(counts, exact, N) > 0.01
