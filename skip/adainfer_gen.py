@@ -108,9 +108,10 @@ class StopCheck:
 
 
 def generate_adainfer(model, prompts, clf=None, max_new_tokens=32, check_every=1, vocab=None, fill="propagate",
-                      eos=None, collect=False):
+                      eos=None, collect=False, batch_size=None):
     """Greedy; prompts: a list of ids (-> a GenResult) or a list of such lists (-> one GenResult
-    per prompt, decoded as one batch, each row stopping at its own layer: exit_decode.py).
+    per prompt, decoded as one batch, or batch_size rows at a time from a queue, each row stopping
+    at its own layer: exit_decode.py).
     Checks after layers k-1, 2k-1, ... below the last (k = check_every); vocab: the cheap head's
     ids (V',) or None for the full head; clf=None never stops (the full model, optionally
     collecting traces)."""
@@ -121,18 +122,18 @@ def generate_adainfer(model, prompts, clf=None, max_new_tokens=32, check_every=1
     checks = set(range(check_every - 1, L - 1, check_every))
     if isinstance(clf, CRFClassifier) and check_every != 1:
         raise ValueError("the CRF is a chain over consecutive layers; use check_every=1 with it")
-    passes = []  # one StopCheck per step: it keeps the features of the step's live rows
+    passes = []  # per step: its StopCheck, which keeps the features of the step's live rows, and their prompts
     cheap = (None, None) if vocab is None else (vocab.to(model.device), vocab.tolist())
 
-    def new_check(h):
-        passes.append(StopCheck(model, h, clf, checks, cheap, collect))
-        return passes[-1]
+    def new_check(h, rows):
+        passes.append((StopCheck(model, h, clf, checks, cheap, collect), rows))
+        return passes[-1][0]
     batch, one = as_batch(prompts)
-    res = decode_with_exit(model, batch, new_check, max_new_tokens, eos, fill=fill)
+    res = decode_with_exit(model, batch, new_check, max_new_tokens, eos, fill=fill, batch_size=batch_size)
     out = [GenResult(**vars(r)) for r in res]
-    for step, c in enumerate(passes):  # a step's live rows: the prompts still decoding then, in order
-        for i, r in enumerate(r for r in out if len(r.exit_layers) > step):
-            r.checks.append(c.records(i))
+    for c, rows in passes:
+        for i, r in enumerate(rows):
+            out[r].checks.append(c.records(i))
             if c.traces[i] is not None:
-                r.traces.append(c.traces[i])
+                out[r].traces.append(c.traces[i])
     return out[0] if one else out

@@ -112,9 +112,10 @@ class ConfidenceCheck:
 
 
 def generate_early_exit(model, prompts, tau, max_new_tokens=32, eos=None, forced=None, vocab=None, fill="propagate",
-                        **sampling):
+                        batch_size=None, **sampling):
     """prompts: a list of ids (-> an ExitDecode: tokens, exit_layers, logits, layers_run) or a
-    list of such lists (-> one ExitDecode per prompt, decoded as one batch; exit_decode.py).
+    list of such lists (-> one ExitDecode per prompt, decoded as one batch, or batch_size rows at
+    a time from a queue; exit_decode.py).
     forced: feed these tokens instead of the model's own (teacher forcing, for perplexity; one
     list per prompt with a batch); vocab: 1-D ids of the cheap head that screens each check
     (exit_decode.frequent_vocab); fill: how the layers above an exit get their keys/values."""
@@ -123,8 +124,8 @@ def generate_early_exit(model, prompts, tau, max_new_tokens=32, eos=None, forced
                          f"got {tau!r}")
     vocab = check_vocab(model.cfg, vocab)
     vocab = None if vocab is None else vocab.to(model.device)
-    return decode_with_exit(model, prompts, lambda h: ConfidenceCheck(model, tau, vocab), max_new_tokens, eos, forced,
-                            fill, **sampling)
+    return decode_with_exit(model, prompts, lambda h, rows: ConfidenceCheck(model, tau, vocab), max_new_tokens, eos,
+                            forced, fill, batch_size, **sampling)
 
 
 def calibrate_threshold(model, prompts, r, max_new_tokens=32, iters=8):

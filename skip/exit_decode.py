@@ -18,8 +18,8 @@ yields exactly the keys/values that "propagate" fills (a layer's K/V with the ex
 its input), and the row's outputs there are discarded; with "recompute" the row just runs on.
 When every row has exited the pass stops, and the layers no row ran are filled as at batch 1.
 Prompts of different lengths are left-padded, the padding kept by the cache (model/cache.py);
-a row that ends (EOS or its budget) leaves the batch (KVCache.reorder), so the depth is that of
-the rows still decoding. One prompt is the same code at B = 1, with no pad mask, so its numerics
+a row that ends (EOS or its budget) leaves the batch (KVCache.reorder), or with a queue the next
+prompt takes its row (model/queue.py), so the depth is that of the rows decoding. One prompt is the same code at B = 1, with no pad mask, so its numerics
 are those of the unbatched loop. Per token, `layers_run` is what the batch ran (the deepest
 row's exit + 1) against what the row wanted (its own exit + 1), the cost of keeping a batch in step.
 
@@ -37,7 +37,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from model import check_eos, check_length, check_prompts, check_sampling, left_pad, next_token, positions
+from model import (boundary, check_batch_size, check_eos, check_length, check_prompts, check_sampling, left_pad,
+                   next_token, positions)
 
 
 @dataclass
@@ -130,14 +131,17 @@ def exit_pass(model, h, pos, cache, start, pad_mask, check, fill):
 
 @torch.inference_mode()
 def decode_with_exit(model, prompts, new_check, max_new_tokens=32, eos=None, forced=None, fill="propagate",
-                     **sampling):
+                     batch_size=None, **sampling):
     """prompts: one prompt (token ids) -> an ExitDecode, or a list of them -> one per prompt.
-    new_check(h) -> the check of one step, given the embeddings h (b, 1, d) of its live rows
-    (the rows still decoding, in prompt order).
+    new_check(h, rows) -> the check of one step, given the embeddings h (b, 1, d) of its live rows
+    and the prompt of each (rows: the indices into prompts, in batch order).
     forced: feed these tokens instead of the model's own (teacher forcing, for perplexity); with a
-    batch, one list per prompt (each row's budget is its length)."""
+    batch, one list per prompt (each row's budget is its length).
+    batch_size: how many rows decode at once, the other prompts waiting in a queue
+    (model/queue.py); None: every prompt at once."""
     if fill not in ("propagate", "recompute"):
         raise ValueError(f"fill={fill!r}: 'propagate' or 'recompute'")
+    check_batch_size(batch_size, allow_none=True)
     prompts, one = as_batch(prompts)
     prompts, eos = check_prompts(model.cfg, prompts), check_eos(model.cfg, eos)
     check_sampling(sampling.get("temperature", 0.0), sampling.get("top_p", 1.0), sampling.get("top_k", 0))
@@ -146,34 +150,50 @@ def decode_with_exit(model, prompts, new_check, max_new_tokens=32, eos=None, for
         if len(forced) != len(prompts):
             raise ValueError(f"forced gives {len(forced)} rows for {len(prompts)} prompts")
     dev = model.device
-    ids, mask = left_pad(prompts, model.cfg.pad_token_id or 0, dev)  # (B, T)
     budget = [max_new_tokens] * len(prompts) if forced is None else [len(f) for f in forced]
-    (B, T), n = ids.shape, max(budget)
-    check_length(model.cfg, T, n)
-    cache = model.new_cache(B, T + n)  # and the home of the padding
-    logits = model(ids, cache=cache, pad_mask=cache.open(T, mask), last_only=True)[:, -1]  # (B, V)
+    check_length(model.cfg, max(map(len, prompts)), max(budget))
     res = [ExitDecode([], [], []) for _ in prompts]
-    live = list(range(B))  # the prompt of each cache row
-    logits = list(logits)
-    for step in range(n):
+
+    def prefill(rows, cache):
+        """The rows' prompts through every layer into cache: the logits (V,) of each one's first token."""
+        ids, mask = left_pad([prompts[r] for r in rows], model.cfg.pad_token_id or 0, dev)  # (b, T)
+        return list(model(ids, cache=cache, pad_mask=cache.open(ids.shape[1], mask), last_only=True)[:, -1])
+
+    def pick(rows, logits):
+        """Each row's next token from its logits (V,), or its forced one."""
         toks = next_token(torch.stack(logits).float(), **sampling).tolist() if forced is None else \
-            [forced[b][step] for b in live]
-        for b, lg, tok in zip(live, logits, toks):
-            res[b].logits.append(lg.float())
-            res[b].tokens.append(tok)
-        keep = [i for i, (b, tok) in enumerate(zip(live, toks))
-                if not ((forced is None and tok in eos) or step == budget[b] - 1)]
-        if not keep:
-            break
-        if len(keep) < len(live):  # finished rows leave the batch
+            [forced[r][len(res[r].tokens)] for r in rows]
+        for r, lg, tok in zip(rows, logits, toks):
+            res[r].logits.append(lg.float())
+            res[r].tokens.append(tok)
+
+    def ended(r):
+        return (forced is None and res[r].tokens[-1] in eos) or len(res[r].tokens) == budget[r]
+
+    def join(b, r):  # prompt r takes row b: prefilled alone, then seated (model/queue.py)
+        solo = model.new_cache(1, len(prompts[r]))
+        pick([r], prefill([r], solo))
+        cache.seat(b, solo)
+
+    live = list(range(min(batch_size or len(prompts), len(prompts))))  # the prompt of each cache row
+    queue = list(range(len(live), len(prompts)))
+    queued = bool(queue)
+    cache = model.new_cache(len(live), max(map(len, prompts)) + max(budget))  # and the home of the padding
+    pick(live, prefill(live, cache))
+    while True:
+        live, keep = boundary(live, queue, ended, join)  # finished rows leave, or the next prompts take them
+        if not live:
+            return res[0] if one else res
+        if keep is not None:
             cache.reorder(torch.tensor(keep, device=dev))
-            live, toks = [live[i] for i in keep], [toks[i] for i in keep]
-        start = T + step
+        if queued:  # a static batch keeps its slots; a queue trims them (model/cache.py)
+            cache.trim()
+        start = cache.lengths[0]
         pad_mask = cache.open(1)  # (b, start + 1), or None when no live row is padded
         pos = positions(pad_mask, start, 1, dev)
-        h = model.embed_tokens(torch.tensor([[t] for t in toks], device=dev), pos)  # (b, 1, d)
-        exits, logits = exit_pass(model, h, pos, cache, start, pad_mask, new_check(h), fill)
-        for b, e in zip(live, exits):
-            res[b].exit_layers.append(e)
-            res[b].layers_run.append(max(exits) + 1)
-    return res[0] if one else res
+        h = model.embed_tokens(torch.tensor([[res[r].tokens[-1]] for r in live], device=dev), pos)  # (b, 1, d)
+        exits, logits = exit_pass(model, h, pos, cache, start, pad_mask, new_check(h, live), fill)
+        for r, e in zip(live, exits):
+            res[r].exit_layers.append(e)
+            res[r].layers_run.append(max(exits) + 1)
+        pick(live, logits)

@@ -1,15 +1,20 @@
 """A queue of prompts through B rows (model/queue.py, ours) against its oracles: a seated row's
 logits against its whole sequence run without a cache; every prompt's tokens (and Kangaroo's
-drafts and accepted counts) against its run alone, whatever joins or leaves around it and
-whenever; sampled Kangaroo rows that join a running batch against the exact distribution."""
+drafts and accepted counts; the exits' layers and AdaInfer's records) against its run alone,
+whatever joins or leaves around it and whenever; sampled Kangaroo rows that join a running batch
+against the exact distribution."""
 import pytest
 import torch
 
 from model import CacheError, KVCache, generate, generate_queue, left_pad, load_model
+from skip.adainfer import SVM
+from skip.adainfer_gen import generate_adainfer
+from skip.baselines import generate_early_exit
 from skip.kangaroo import generate_kangaroo, probs
 from skip.kangaroo_batch import generate_kangaroo_batch
 
 from conftest import chi_square_pvalue, random_adapter
+from test_exits_batch import PROMPTS as EXIT_PROMPTS, N, ending_tokens, lens_quantile
 from test_kangaroo import tiny
 
 SHORT = [[5, 6, 7], [11, 12, 13, 14, 15, 16, 17, 18], [20], [30, 31, 32, 33, 34]]
@@ -118,3 +123,31 @@ def test_sampled_kangaroo_rows_that_join_are_in_distribution(llama_dir):
         exact = (p1[x1, None] * p2).sum(0)  # (V,)
     assert counts[exact == 0].sum() == 0
     assert chi_square_pvalue(counts, exact, N) > 0.01
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("batch_size", [1, 2])
+def test_exit_and_adainfer_queue_rows_are_their_runs_alone(llama_dir, batch_size):
+    """The confidence exit and AdaInfer (its features and checks recorded) through a queue: each
+    prompt's tokens, exit layers, logits and records are its run alone's; a batch runs at least
+    as deep as each row wants."""
+    m = load_model(llama_dir)
+    prompts = [*EXIT_PROMPTS, LONG[:20], EXIT_PROMPTS[1]]
+    tau = lens_quantile(m, 1)
+    eos = ending_tokens([generate_early_exit(m, p, tau, N, eos=[]) for p in EXIT_PROMPTS])
+    alone = [generate_early_exit(m, p, tau, N, eos=eos) for p in prompts]
+    queue = generate_early_exit(m, prompts, tau, N, eos=eos, batch_size=batch_size)
+    svm = SVM().fit([t for p in EXIT_PROMPTS for t in generate_adainfer(m, p, None, N, eos=[], collect=True).traces],
+                    "final")
+    alone += [generate_adainfer(m, p, svm, N, eos=eos, collect=True) for p in prompts]
+    queue += generate_adainfer(m, prompts, svm, N, eos=eos, collect=True, batch_size=batch_size)
+    assert len({len(r.tokens) for r in alone}) > 1  # rows end at different steps: others join then
+    for q, a in zip(queue, alone):
+        assert q.tokens == a.tokens and q.exit_layers == a.exit_layers
+        assert all(torch.allclose(x, y, rtol=0, atol=1e-4) for x, y in zip(q.logits, a.logits))
+        assert all(r >= w for r, w in zip(q.layers_run, q.layers_wanted))
+        if hasattr(a, "checks"):
+            assert len(q.checks) == len(a.checks) == len(a.exit_layers)
+            for cq, ca in zip(q.checks, a.checks):
+                assert [x[0] for x in cq] == [x[0] for x in ca] and [x[2] for x in cq] == [x[2] for x in ca]
+                assert torch.allclose(torch.tensor([x[1] for x in cq]), torch.tensor([x[1] for x in ca]), atol=1e-5)

@@ -162,7 +162,7 @@ def test_cheap_exit_check_decides_as_the_full_head(method_pair):
             stop = super().__call__(*args)
             top1.add(int(self.logits.argmax()))
             return stop
-    full = decode_with_exit(model, prompt, lambda h: Watched(model, tau), n, eos=[])
+    full = decode_with_exit(model, prompt, lambda h, rows: Watched(model, tau), n, eos=[])
     vocab = torch.tensor(sorted(top1 | set(torch.randperm(V, generator=torch.Generator().manual_seed(0))[:8].tolist())))
     assert len(vocab) < V
     with model.recording() as runs_full:
