@@ -11,7 +11,7 @@ from skip.adainfer import Threshold
 from skip.adainfer_files import save_classifier
 from skip.kangaroo_files import save_adapter
 from skip.trace.__main__ import main
-from skip.trace.methods import trace
+from skip.trace.methods import QUEUED, trace
 from skip.trace.batch import compare_any, trace_batch
 from skip.trace.compare import compare
 
@@ -46,6 +46,8 @@ def batches(model, tmp_path_factory):
     for name in RUNS:
         method, s = name.split("_")[0], settings_of(name, files)
         trace_batch(m, PROMPTS, tmp / name, method, 10, s)
+        if method in QUEUED:  # two rows: row 1 leaves at its third token, and prompt 2 takes its row
+            trace_batch(m, PROMPTS, tmp / f"{name}-queue", method, 10, s, batch_size=2)
         for i, p in enumerate(PROMPTS):
             trace(m, p, tmp / f"{name}-alone-{i}", method, 10, s)
     return tmp
@@ -65,6 +67,12 @@ def test_every_row_of_a_batch_equals_the_unbatched_trace_of_its_prompt(batches, 
     assert json.loads((batches / name / "batch.json").read_text())["rows"] == len(PROMPTS)
     code, out, _ = trace_cli(capsys, "compare", batches / name, batches / name, "--atol", "0", "--rtol", "0")
     assert code == 0 and out.endswith("the traces agree within the tolerances\n"), out
+
+
+@pytest.mark.parametrize("name", [n for n in RUNS if n.split("_")[0] in QUEUED])
+def test_a_queue_writes_each_prompts_unbatched_trace(batches, name):
+    for i in range(len(PROMPTS)):
+        assert compare(batches / f"{name}-alone-{i}", batches / f"{name}-queue" / f"row-{i}") == [], (name, i)
 
 
 def test_the_batch_is_not_trivial(batches):
@@ -168,6 +176,12 @@ def test_the_command_line_writes_a_batch_whose_rows_equal_single_runs(tiny_chat_
         main([str(a) for a in args + ["--prompt", p, "--out", tmp_path / f"s{i}"]])
         code, out, _ = trace_cli(capsys, "compare", tmp_path / f"s{i}", tmp_path / "b" / f"row-{i}")
         assert code == 0, out
+    main([str(a) for a in args + ["--prompt", prompts[1], "--prompt", prompts[0], "--batch-size", "1",
+                                  "--out", tmp_path / "q"]])  # a queue through one row
+    assert trace_cli(capsys, "compare", tmp_path / "s1", tmp_path / "q" / "row-0")[0] == 0
+    assert "queue" in trace_refused(capsys, *args, "--prompt", "a", "--batch-size", "1", "--out", tmp_path / "q1")
+    assert "queue" in trace_refused(capsys, "write", "--model", tiny_chat_dir, "--method", "unified", "--prompt", "a",
+                                    "--prompt", "b", "--batch-size", "1", "--out", tmp_path / "q2")
     # a batch never replaces a single trace (nor the reverse) unless --force
     trace_refused(capsys, *args, "--prompt", "a", "--prompt", "b", "--out", tmp_path / "s0")
     trace_refused(capsys, *args, "--prompt", "a", "--out", tmp_path / "b")

@@ -61,6 +61,8 @@ def write_trace(a):
         settings["l"] = a.l
     if a.no_chat and a.ids:
         raise TraceError("--no-chat is for --prompt text; --ids are token ids already")
+    if a.batch_size is not None and (len(a.ids or a.prompt) < 2 or a.batch_size < 1):
+        raise TraceError("--batch-size B: a queue of two or more prompts through B >= 1 rows")
     used = settings_used(a.method, settings)  # the files it reads are never its output, --force or not
     check_not_reading(a.out, a.model, *(used[k] for k in ("adapter", "classifier") if isinstance(used.get(k), str)))
     model = load_model(a.model, a.dtype, device=a.device)
@@ -72,7 +74,7 @@ def write_trace(a):
         tok = load_tokenizer(a.model)
         prompts = [tok.encode(p) if a.no_chat else encode_chat(tok, p) for p in a.prompt]
     if len(prompts) > 1:  # one batched run, a trace per row
-        trace_batch(model, prompts, a.out, a.method, a.max_new_tokens, settings, a.force)
+        trace_batch(model, prompts, a.out, a.method, a.max_new_tokens, settings, a.force, a.batch_size)
     else:
         trace(model, prompts[0], a.out, a.method, a.max_new_tokens, settings, a.force)
 
@@ -95,6 +97,8 @@ def main(argv=None):
     ends.add_argument("--no-eos", action="store_true", help="never stop before --max-new-tokens")
     w.add_argument("--l", type=int, help="kangaroo without an adapter: draft from layer l with the model's own "
                    "norm and head (the settings' adapter becomes null)")
+    w.add_argument("--batch-size", type=int, help="with two or more prompts: a queue through this many rows, "
+                   "the next prompt taking a row when one ends (model/queue.py; full, adainfer, kangaroo)")
     w.add_argument("--max-new-tokens", type=int, default=16)
     w.add_argument("--settings", default="{}", help='JSON, e.g. \'{"gamma": 6, "eta": 0.6}\' or \'{"r": 2}\'')
     w.add_argument("--classifier", type=Path, help="adainfer: a stop classifier file (skip/adainfer_files.py) "

@@ -18,6 +18,10 @@ compare on two batch folders compares row i with row i (skip/trace/compare.py); 
 names its row, the first divergence (of the lowest row) first. A batch against a single trace,
 batches of different sizes, a batch.json that is not one, or a row missing or extra: TraceError
 (status 2, one line).
+
+A queue (trace_batch's batch_size; model/queue.py) writes the same folder: each row's trace is its
+prompt's, whichever rows it shared the batch with, so it too compares equal to the prompt's
+unbatched trace.
 """
 from __future__ import annotations
 
@@ -31,7 +35,7 @@ from weights.files import atomic_dir
 from .check import read
 from .compare import compare, tolerances
 from .format import DEFAULTS, VERSION, TraceError, prompt_pass, settings_used, write
-from .methods import METHODS, kangaroo_steps
+from .methods import METHODS, QUEUED, kangaroo_steps
 
 BATCH_FILE = "batch.json"
 BATCH_FIELDS = ("version", "rows", "method", "settings")
@@ -54,14 +58,18 @@ def write_batch(path, method, settings, rows, force=False):
         (tmp / BATCH_FILE).write_text(json.dumps(meta, indent=1, allow_nan=False) + "\n")
 
 
-def trace_batch(model, prompts, path, method="full", max_new_tokens=16, settings=None, force=False):
-    """Write the traces of our decoder running method on the prompts (lists of ids) as one batch."""
+def trace_batch(model, prompts, path, method="full", max_new_tokens=16, settings=None, force=False, batch_size=None):
+    """Write the traces of our decoder running method on the prompts (lists of ids) as one batch,
+    or batch_size rows at a time from a queue (the methods of QUEUED; model/queue.py)."""
     if not prompts:
         raise TraceError("a batch needs at least one prompt")
+    if batch_size is not None and method not in QUEUED:
+        raise TraceError(f"a queue (batch_size) is for {', '.join(QUEUED)}; {method} decodes its prompts as one batch")
     settings = settings_used(method, settings or {})
     prompts, runs = [list(p) for p in prompts], [[] for _ in prompts]  # runs: each row's layer runs (Kangaroo's)
-    rows = (kangaroo_steps(model, prompts, max_new_tokens, settings, runs) if method == "kangaroo" else
-            METHODS[method](model, prompts, max_new_tokens, settings))  # one batched run
+    queue = {} if batch_size is None else {"batch_size": batch_size}
+    rows = (kangaroo_steps(model, prompts, max_new_tokens, settings, batch_size, runs) if method == "kangaroo" else
+            METHODS[method](model, prompts, max_new_tokens, settings, **queue))  # one batched run
     dtype = str(model.dtype).removeprefix("torch.")
     write_batch(path, method, settings, [
         lambda folder, ids=ids, tokens=tokens, steps=steps, own=own: write(

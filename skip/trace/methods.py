@@ -1,7 +1,8 @@
 """What a trace records of each method (skip/trace/format.py): one function per method runs it on a list
-of prompts decoded as one batch (one prompt: a batch of one, the unbatched run) and returns, per
-prompt, the generated tokens and the per-step records that trace.py's docstring describes. A batch
-of more than one (skip/trace/batch.py) records each row's own steps: Kangaroo's through the row=
+of prompts decoded as one batch (one prompt: a batch of one, the unbatched run), or batch_size rows
+at a time from a queue (model/queue.py; the methods of QUEUED), and returns, per prompt, the
+generated tokens and the per-step records that trace.py's docstring describes. A batch of more
+than one (skip/trace/batch.py) records each row's own steps: Kangaroo's through the row=
 callbacks of generate_kangaroo, its cache lengths counted over the row's own slots.
 """
 from __future__ import annotations
@@ -10,7 +11,7 @@ import contextlib
 
 import torch
 
-from model import flops, generate
+from model import flops, generate, generate_queue
 
 from ..adainfer import Threshold
 from ..adainfer_files import load_classifier, params
@@ -23,8 +24,9 @@ from ..unified import generate_unified, kept_layers
 from .format import TOP_K, TraceError, prompt_pass, settings_used, write
 
 
-def full_steps(model, prompts, max_new_tokens, settings):
-    return [(t, []) for t in generate(model, prompts, max_new_tokens=max_new_tokens)]
+def full_steps(model, prompts, max_new_tokens, settings, batch_size=None):
+    return [(t, []) for t in (generate(model, prompts, max_new_tokens=max_new_tokens) if batch_size is None else
+                              generate_queue(model, prompts, batch_size, max_new_tokens=max_new_tokens))]
 
 
 def unified_steps(model, prompts, max_new_tokens, settings):
@@ -38,9 +40,10 @@ def skipdecode_steps(model, prompts, max_new_tokens, settings):
     return [(t, [{"schedule": schedule}]) for t in generate_skipdecode(model, prompts, settings["r"], max_new_tokens)]
 
 
-def adainfer_steps(model, prompts, max_new_tokens, settings):
+def adainfer_steps(model, prompts, max_new_tokens, settings, batch_size=None):
     if "classifier" not in settings:  # the paper's gap threshold
-        outs = generate_adainfer(model, prompts, Threshold(settings["tau"]), max_new_tokens, collect=False)
+        outs = generate_adainfer(model, prompts, Threshold(settings["tau"]), max_new_tokens, collect=False,
+                                 batch_size=batch_size)
         return [(o.tokens, [{"exit_layer": e, "checks": c} for e, c in zip(o.exit_layers, o.checks)]) for o in outs]
     clf = load_classifier(settings["classifier"], model.cfg)
     # the trace holds the file's content, not its path, so that a port's trace compares wherever its copy lies
@@ -50,7 +53,7 @@ def adainfer_steps(model, prompts, max_new_tokens, settings):
                                   all(isinstance(i, int) and 0 <= i < model.cfg.vocab_size for i in vocab)):
         raise TraceError(f"vocab must be null or a list of at least 2 token ids below {model.cfg.vocab_size}")
     outs = generate_adainfer(model, prompts, clf, max_new_tokens, settings["check_every"],
-                             None if vocab is None else torch.tensor(vocab))
+                             None if vocab is None else torch.tensor(vocab), batch_size=batch_size)
     rows = []
     for out in outs:
         steps = []
@@ -82,7 +85,7 @@ def layer_watcher(runs):
     return watch
 
 
-def kangaroo_steps(model, prompts, max_new_tokens, settings, layer_runs=None):
+def kangaroo_steps(model, prompts, max_new_tokens, settings, batch_size=None, layer_runs=None):
     """layer_runs: one list per prompt, filled with that row's layer runs at its own slots."""
     # one prompt: each policy is the paper file's run (batch_k's with eta 0)
     check_policy(settings["policy"], settings["eta"])
@@ -116,7 +119,7 @@ def kangaroo_steps(model, prompts, max_new_tokens, settings, layer_runs=None):
               draft_vocab=settings["draft_vocab"], on_round=on_round, observe=observe)
     if len(prompts) > 1:
         outs = generate_kangaroo_batch(model, prompts, adapter, **kw, on_layer=on_layer if layer_runs else None,
-                                       policy=settings["policy"])
+                                       policy=settings["policy"], batch_size=batch_size)
     else:  # one prompt: the paper's file, its layer runs as the decoder reports them
         with model.observing(layer_watcher(layer_runs[0])) if layer_runs else contextlib.nullcontext():
             outs = [generate_kangaroo(model, prompts[0], adapter, **kw)]
@@ -126,9 +129,11 @@ def kangaroo_steps(model, prompts, max_new_tokens, settings, layer_runs=None):
     return [(out.tokens, own) for out, own in zip(outs, steps)]
 
 
-# each method's function: (model, prompts, max_new_tokens, settings as trace.settings_used gives them)
+# each method's function: (model, prompts, max_new_tokens, settings as trace.settings_used gives them); those
+# of QUEUED also take batch_size (a queue of the prompts through that many rows)
 METHODS = {"full": full_steps, "unified": unified_steps, "skipdecode": skipdecode_steps, "adainfer": adainfer_steps,
            "kangaroo": kangaroo_steps}
+QUEUED = ("full", "adainfer", "kangaroo")
 
 
 def trace(model, ids, path, method="full", max_new_tokens=16, settings=None, force=False):
