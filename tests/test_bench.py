@@ -120,6 +120,34 @@ def test_batch_waste_against_the_caches_own_slots(llama_dir):
         == {"idle": 0.0, "holes": 0.0}
 
 
+def test_the_queue_schedule_is_the_queues_own(llama_dir, monkeypatch):
+    """bench_pool's schedule of a queue (which prompt's which pass runs in each batch pass) against a
+    real run: Kangaroo's batch rounds counted at their verification, and every row of a scheduled
+    round agreeing on its K; plain decoding's steps counted at the decoder's one-token calls."""
+    from conftest import random_adapter
+    from test_kangaroo import tiny
+    from model import flops, generate_queue
+    from skip import kangaroo_batch
+    from skip.harness.bench_pool import kangaroo_passes, schedule
+    m = tiny(llama_dir, 0.3)
+    A = random_adapter(m, 2, seed=1, lens_like=True)
+    prompts = [[5, 6, 7], [11, 12, 13, 14, 15, 16, 17, 18], [20, 21], [30, 31, 32, 33, 34], [40, 41]]  # no prefill of 1
+    stop = generate_queue(m, [prompts[1]], 1, max_new_tokens=8, eos=[])[0][2]  # rows end at different passes
+    verify, calls = kangaroo_batch.Batch.verify, []
+    monkeypatch.setattr(kangaroo_batch.Batch, "verify", lambda bt, *a: calls.append(1) or verify(bt, *a))
+    for B in (1, 2, 3):
+        calls.clear()
+        outs = kangaroo_batch.generate_kangaroo_batch(m, prompts, A, max_new_tokens=8, gamma=3, eta=0.0, eos=[stop],
+                                                      batch_size=B)
+        passes = kangaroo_passes(outs, B)
+        assert len(passes) == len(calls) and sum(n for _, n in passes) == sum(len(o.rounds) for o in outs)
+        steps = []
+        with m.observing(lambda run, h: steps.append(1) if isinstance(run, flops.EmbedRun) and run.n == 1 else None):
+            tokens = generate_queue(m, prompts, B, max_new_tokens=8, eos=[stop])
+        assert len(schedule([len(t) - 1 for t in tokens], B)) == len(steps)
+    assert schedule([2, 0, 1, 3], 2) == [[(0, 0), (2, 0)], [(0, 1), (3, 0)], [(3, 1)], [(3, 2)]]
+
+
 def test_every_benchmark_record_names_its_run(tmp_path, capsys):
     """publish: the result and its tables, the JSON holding the command, date and machine that made it."""
     import json

@@ -128,7 +128,8 @@ CASES = {
     "skip.harness.bench_exits": [
         (["--batches", "2", "2"], "--batches lists a size twice: 2 2"), (["--batches", "0"], "--batches: 0"),
         (["--batches", "100000"], "--batches 100000: the Spec-Bench pool holds"),
-        (["--batches", "100000", "--top-k", "0"], "one batch of the largest size must fit")],
+        (["--batches", "100000", "--top-k", "0"], "one batch of the largest size must fit"),
+        (["--batches", "4", "--queue", "2"], "--queue 2: fewer prompts than --batches 4 rows")],
     "skip.harness.bench_decoder": [
         (["--runs", "0"], "--runs: 0 is not >= 1"), (["--model", "{model}", "--out", "{dir}"], "is not a regular file"),
         (["--model", "{model}", "--out", "{model}/config.json"], "is not a result file of this project's"),
@@ -140,6 +141,9 @@ CASES = {
         (["--batch", "100000", "--prompts", "100000"], "--prompts 100000: the Spec-Bench pool holds"),
         (["--policy", "batch_stop"], "a policy of the batch, for --batch"),
         (["--batch", "2", "--policy", "batch_k"], "--policy batch_k drafts a fixed k without eta: give --eta 0"),
+        (["--batch", "2", "--pool", "2"], "--batch and --pool are two benchmarks"),
+        (["--pool", "2", "2"], "--pool and --policies list each size and policy once"),
+        (["--pool", "2", "--prompts", "100000"], "--prompts 100000: the Spec-Bench pool holds"),
         (["--model", "{model}", "--adapter", "{adapter}", "--top-k", "60000", "--out", "{dir}/k"],
          "--top-k 60000: the adapter in {adapter} ranks 49152 tokens")],
     "skip.harness.bench_products": [

@@ -3,6 +3,7 @@ the same prompts and weights (SmolLM2-135M-Instruct), in one run.
 
 python -m skip.harness.bench_kangaroo [--per-category 3] [--max-new-tokens 64] [--repeats 2] [--no-sweep]
 python -m skip.harness.bench_kangaroo --batch 1 2 4 8 [--prompts 8]   (batched: bench_kangaroo_batch.py)
+python -m skip.harness.bench_kangaroo --pool 1 2 4 8 [--prompts 64]   (a queue: bench_pool.py)
 
 Rows: plain (this project's generate, the baseline); kangaroo (adapter at layer l, full head);
 kangaroo-K (draft head on the adapter's K most frequent tokens, the documented extension);
@@ -38,6 +39,7 @@ from ..kangaroo_batch import POLICIES
 from ..kangaroo_files import load_adapter
 from ..peer_layerskip import drafter_settings
 from .bench_kangaroo_batch import bench_batch
+from .bench_pool import bench_pool
 from .data import SPECBENCH, specbench
 from .kangaroo_pieces import ACCEPTANCE_HEADERS, acceptance_cells, metrics, piece_costs, predicted_speedup, yes_no
 from .report import markdown_table, publish
@@ -74,17 +76,27 @@ def main(argv=None):
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--sweep-repeats", type=positive, default=1)
     ap.add_argument("--batch", type=positive, nargs="+", help="batch sizes: the batched benchmark instead")
-    ap.add_argument("--prompts", type=positive, default=8, help="with --batch: prompts, a multiple of every B")
+    ap.add_argument("--pool", type=positive, nargs="+", help="batch sizes: a queue of --prompts through B rows "
+                    "against plain decoding's (bench_pool.py) instead")
+    ap.add_argument("--prompts", type=positive, help="with --batch: prompts, a multiple of every B (default 8); "
+                    "with --pool: the queue (default 64)")
     ap.add_argument("--policy", choices=POLICIES, default="row", help="with --batch: how many tokens each row drafts "
                     "(skip/kangaroo_batch.py; batch_k needs --eta 0)")
+    ap.add_argument("--policies", choices=POLICIES, nargs="+", default=list(POLICIES),
+                    help="with --pool: the policies to run (batch_k at eta 0)")
     a = ap.parse_args(argv)
+    if a.batch and a.pool:
+        ap.error("--batch and --pool are two benchmarks: give one")
+    a.prompts = a.prompts or (64 if a.pool else 8)
+    if a.pool and (len(set(a.pool)) < len(a.pool) or len(set(a.policies)) < len(a.policies)):
+        ap.error("--pool and --policies list each size and policy once")
     if a.policy != "row" and not a.batch:
         ap.error(f"--policy {a.policy}: a policy of the batch, for --batch")
     if a.policy == "batch_k" and a.eta != 0:
         ap.error(f"--policy batch_k drafts a fixed k without eta: give --eta 0, got {a.eta}")
     if a.batch and len(set(a.batch)) < len(a.batch):
         ap.error(f"--batch lists a size twice: {' '.join(map(str, a.batch))}")
-    if a.batch and a.prompts > (pool := sum(len(specbench(c)) for c in SPECBENCH)):
+    if (a.batch or a.pool) and a.prompts > (pool := sum(len(specbench(c)) for c in SPECBENCH)):
         ap.error(f"--prompts {a.prompts}: the Spec-Bench pool holds {pool}")
     if a.batch and any(a.prompts % B for B in a.batch):
         ap.error(f"--prompts {a.prompts} is not a multiple of every --batch {' '.join(map(str, a.batch))}")
@@ -95,6 +107,8 @@ def main(argv=None):
     routes = tune(model)
     if a.batch:
         return bench_batch(model, tok, adapter, routes, a)
+    if a.pool:
+        return bench_pool(model, tok, adapter, routes, a)
     l, N = adapter.l, a.max_new_tokens
     from transformers import AutoModelForCausalLM
     hf = AutoModelForCausalLM.from_pretrained(a.model, dtype=model.dtype).to(model.device).eval()
