@@ -22,7 +22,7 @@ drafts, or filler where a row waits while others draft). A row's RoPE position a
 the count of its real slots before it (decoder.positions), and attention reads only real
 keys, so a row sees exactly the keys and positions it would see alone. `valid` is None while
 every slot of every row is real (one row, no padding; and again when the rows left after a
-reorder() are all real), so such a run passes pad_mask=None exactly as an unbatched one does. Why shared slots rather than a length per row: every
+reorder(), shift() or trim() are all real), so such a run passes pad_mask=None exactly as an unbatched one does. Why shared slots rather than a length per row: every
 write stays one dense slice [start, start + T) for all rows, as for a single row, and crop()
 stays one number; per-row lengths would need scattered writes and a per-row gather of keys
 in every layer. The cost: holes are slots that every row's attention spans and skips, at
@@ -35,13 +35,14 @@ rejected slots into holes, reorder() drops finished rows (or copies beams).
 A row that leaves takes its slots with it (reorder drops the row); nothing is cleared, because a
 write always precedes a read of the same slot and `valid` says which slots are a row's.
 
-A queue of prompts through B rows (ours, as servers decode: skip/kangaroo_batch.py, model/queue.py)
-reuses a finished row for the next prompt: seat() copies the prompt's slots, prefilled alone in a
-one-row cache, into the row, right-aligned to end where the other rows' next tokens go; the row's
-older slots become its left padding (its keys stay, unread), so its RoPE positions restart at 0
-and it sees exactly its own keys. A prompt longer than the slots so far first gives every row
-more left padding (shift). trim() then drops the leading slots that are padding in every row, so
-the slots in use stay those of the oldest row, not of everything the queue has decoded.
+A queue of prompts through B rows (ours, as servers decode: model/queue.py) reuses a finished
+row for the next prompt: seat() copies the prompt's slots, prefilled alone in a one-row cache,
+into the row, right-aligned to end where the other rows' next tokens go; the row's older slots
+become its left padding (its keys stay, unread), so its RoPE positions restart at 0 and it sees
+exactly its own keys. A prompt longer than the slots so far first gives every row more left
+padding (shift). A queue then calls trim() at every step, dropping the leading slots that are
+padding in every row, so the slots in use are those of the widest row in the batch, not of
+everything the queue has decoded; a static batch (every prompt at once) keeps its slots.
 
 A sliding attention window (Mistral, Qwen) evicts nothing either: every slot stays, so crop()
 still rolls back, and the window is part of the mask (decoder.attention_mask, counted in a row's
@@ -108,8 +109,7 @@ class KVCache:
         self.k, self.v = self.k[:, rows], self.v[:, rows]  # (L, B', n_kv, capacity, hd)
         if self.valid is not None:
             self.valid = self.valid[rows]  # (B', capacity)
-            if bool(self.valid[:, :self.opened].all()):  # the rows left are all real: an unpadded batch
-                self.valid = None
+            self._drop_mask_if_all_real()
 
     def crop(self, length, layers=None):
         """Forget every slot >= length (in the given layers, default all, with their columns)."""
@@ -150,13 +150,14 @@ class KVCache:
             moved[:, :, :, max(d, 0):S + d] = t[:, :, :, max(-d, 0):S]
             setattr(self, name, moved)
         if d > 0:
-            self._mark(self.k.shape[1])
+            self._mark(self.k.shape[1])  # the new padding needs a mask (over the S slots opened so far)
         if self.valid is not None:
             moved = self.valid.new_zeros(self.valid.shape[0], cap)  # (B, cap)
             moved[:, max(d, 0):S + d] = self.valid[:, max(-d, 0):S]
-            self.valid = None if bool(moved[:, :S + d].all()) else moved
+            self.valid = moved
         self.lengths = [S + d] * len(self.lengths)
         self.opened = S + d
+        self._drop_mask_if_all_real()
 
     def trim(self):
         """Drop the leading slots that are padding in every row; returns how many (every slot moves
@@ -166,12 +167,13 @@ class KVCache:
         f = int(self.valid[:, :self._end()].any(0).int().argmax())  # the first slot real in some row
         if f:
             self.shift(-f)
+        self._drop_mask_if_all_real()  # a seated row may have left every slot real
         return f
 
     def _end(self):
         if len(set(self.lengths)) > 1 or self.opened != self.lengths[0]:
-            raise CacheError(f"the layers end at different slots ({sorted(set(self.lengths))}); "
-                             f"a row can be seated or slots moved only when all end at one")
+            raise CacheError(f"the layers end at slots {sorted(set(self.lengths))} and {self.opened} slots are open; "
+                             f"a row can be seated or slots moved only when every layer ends at the last open slot")
         return self.lengths[0]
 
     # ------------------------------------------------ which slots are real, per row
@@ -192,6 +194,11 @@ class KVCache:
             self.valid[:, self.opened:end] = True if real is None else real
         self.opened = end
         return self.pad_mask(end)
+
+    def _drop_mask_if_all_real(self):
+        """The rows left are all real (after a reorder, shift or seat): an unpadded batch, no mask."""
+        if self.valid is not None and bool(self.valid[:, :self.opened].all()):
+            self.valid = None
 
     def _mark(self, B):
         """Make the mask, every slot so far real, before the first padding or hole is marked."""

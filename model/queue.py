@@ -70,7 +70,7 @@ def generate_queue(model, prompts, batch_size, max_new_tokens=32, temperature=0.
         cache.seat(b, solo)
 
     active, queue = list(range(min(batch_size, len(prompts)))), list(range(batch_size, len(prompts)))
-    # the oldest row's prompt and tokens bound the slots in use: trim drops the rest
+    # trim keeps only the slots of the rows in the batch: the widest holds at most a prompt and its tokens
     cache = model.new_cache(len(active), max(map(len, prompts)) + max_new_tokens)
     prefill(active, cache)
     while True:

@@ -186,7 +186,7 @@ def decode_with_exit(model, prompts, new_check, max_new_tokens=32, eos=None, for
             return res[0] if one else res
         if keep is not None:
             cache.reorder(torch.tensor(keep, device=dev))
-        if queued:  # a static batch keeps its slots; a queue trims them (model/cache.py)
+        if queued:  # a static batch keeps its slots; a queue trims them at every step (model/cache.py)
             cache.trim()
         start = cache.lengths[0]
         pad_mask = cache.open(1)  # (b, start + 1), or None when no live row is padded

@@ -35,6 +35,7 @@ mates. With one row all three are the paper file's run.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -63,6 +64,13 @@ class Rows:
         self.T = max(len(prompts[r]) for r in self.active)  # the padded prompt length
         self.n = self.T  # the slot of every row's x, the newest committed token (not cached yet)
         self.tokens, self.rounds = [[] for _ in prompts], [[] for _ in prompts]
+
+    def alone(self, r):
+        """Prompt r as a batch of its own (a join's prefill), its tokens and rounds this queue's."""
+        solo = copy.copy(self)  # shares prompts, tokens and rounds
+        solo.active, solo.queue, solo.T = [r], [], len(self.prompts[r])
+        solo.n = solo.T
+        return solo
 
     def padding(self):
         """Which slots of the active rows' left-padded prompts (B, T) hold real tokens."""
@@ -286,12 +294,9 @@ def prefill(bt: Batch, s: Sampling):
 def join(bt: Batch, b, r, s: Sampling):
     """Prompt r takes batch row b (a queue, ours): prefilled alone, as its run alone starts, then
     seated in the row's slots of every cache."""
-    rows = bt.rows
-    solo = Batch(bt.kg, Rows(rows.prompts, rows.max_new_tokens, rows.eos, [r]), len(rows.prompts[r]), bt.observe,
-                 bt.on_layer)
-    prefill(solo, s)
+    solo = Batch(bt.kg, bt.rows.alone(r), len(bt.rows.prompts[r]), bt.observe, bt.on_layer)
+    prefill(solo, s)  # its first token, into the queue's record
     bt.seat(b, solo)
-    rows.tokens[r] = solo.rows.tokens[r]
 
 
 @torch.inference_mode()
@@ -312,13 +317,14 @@ def generate_kangaroo_batch(model, prompts, adapter=None, l=None, max_new_tokens
     s = Sampling(temperature, top_p, generator)
     rows = Rows(prompts, max_new_tokens, check_eos(model.cfg, eos), range(min(batch_size or len(prompts),
                                                                              len(prompts))))
-    # slots, holes included (model/cache.py), from the oldest row's first (trim drops the slots before
-    # it): a round moves n by the longest accepted row, at most gamma + 1, and a row lives at most
-    # max_new_tokens - 1 rounds (each commits a token of it); n moves at most by every token committed
+    # slots, holes included (model/cache.py), from a row's first (a queue trims the slots before every
+    # row's first): a round moves n by the longest accepted row, at most gamma + 1, and a row lives at
+    # most max_new_tokens - 1 rounds (each commits a token of it); and a round moves n by at most one
+    # row's a + 1, never more than that row's remaining budget, so by at most every token of the prompts
     moved = min(len(prompts) * max_new_tokens, (max_new_tokens - 1) * (gamma + 1))
     room = max(map(len, prompts)) + moved + min(gamma, max_new_tokens) + 1
     bt = Batch(self_draft(model, adapter, l, draft_vocab, 0), rows, room, observe, on_layer)  # kg's caches: unused
-    queued = bool(rows.queue)  # a static batch keeps its slots; a queue trims them (model/cache.py)
+    queued = bool(rows.queue)  # a static batch keeps its slots; a queue trims them at every round (model/cache.py)
     prefill(bt, s)  # M on the prompts, A on their exited states
     while True:  # a row that meets EOS or max_new_tokens leaves the batch's work, or the next prompt takes its row
         rows.active, keep_ = boundary(rows.active, rows.queue, rows.done, lambda b, r: join(bt, b, r, s))

@@ -18,14 +18,15 @@ from test_exits_batch import PROMPTS as EXIT_PROMPTS, N, ending_tokens, lens_qua
 from test_kangaroo import tiny
 
 SHORT = [[5, 6, 7], [11, 12, 13, 14, 15, 16, 17, 18], [20], [30, 31, 32, 33, 34]]
-LONG = list(range(40, 90))  # longer than every running row's slots: the batch shifts right to seat it
+LONG = [t % 97 for t in range(40, 160)]  # longer than every running row's slots: the batch shifts right to seat it
 
 
 @torch.no_grad()
 def test_a_seated_row_sees_its_own_sequence_alone(llama_dir):
-    """Two rows run with padding and a hole; a third prompt, prefilled alone, takes row 0, then a
-    prompt longer than every slot so far takes row 1 (the batch shifts right); after trim each
-    row's next logits equal its whole sequence run without any cache."""
+    """Two rows run, row 0 with padding and two holes; a prompt longer than every slot so far,
+    prefilled alone, takes row 1 (the batch shifts right), then a short one (trim drops the
+    padding every row has); each time each row's next logits equal its whole sequence run
+    without any cache; a prompt that fills every slot leaves no mask."""
     m = load_model(llama_dir)
     p = [SHORT[0], SHORT[3]]
     cache = KVCache.for_model(m.cfg, 2, 128)
@@ -33,12 +34,10 @@ def test_a_seated_row_sees_its_own_sequence_alone(llama_dir):
     m(torch.tensor([[40, 41, 42], [50, 51, 52]]), cache=cache, start=5, pad_mask=cache.open(3))
     cache.crop(8)
     cache.hide(5, [1, 3])
-    seqs = [None, p[1] + [50, 51, 52]]
-    for b, prompt in [(0, SHORT[1]), (1, LONG[:12])]:
-        solo = KVCache.for_model(m.cfg, 1, len(prompt))
-        m(torch.tensor([prompt]), cache=solo, pad_mask=solo.open(len(prompt)))
-        cache.seat(b, solo)
-        seqs[b] = list(prompt)
+    seqs = [p[0] + [40], LONG[:12]]  # row 0 keeps its padding and two holes through the shift
+    solo = KVCache.for_model(m.cfg, 1, 12)
+    m(torch.tensor([seqs[1]]), cache=solo, pad_mask=solo.open(12))
+    cache.seat(1, solo)
     assert cache.lengths[0] == 12 and cache.trim() == 0  # shifted right by 4, row 1 real from slot 0
     nxt = torch.tensor([[60], [61]])
     z = m(nxt, cache=cache, start=12, pad_mask=cache.open(1))[:, -1]  # (2, V)
@@ -46,17 +45,21 @@ def test_a_seated_row_sees_its_own_sequence_alone(llama_dir):
         assert torch.allclose(z[b], m(torch.tensor([seq + [60 + b]]))[0, -1], atol=1e-5)
     solo = KVCache.for_model(m.cfg, 1, 2)
     m(torch.tensor([[7, 8]]), cache=solo, pad_mask=solo.open(2))
-    cache.seat(1, solo)  # row 1's slots become padding: slots 0..3 are padding in every row
-    assert cache.trim() == 4 and cache.lengths[0] == 9
-    z = m(nxt, cache=cache, start=9, pad_mask=cache.open(1))[:, -1]
+    cache.seat(1, solo)  # row 1's slots become padding: slots 0..5 are padding in every row
+    assert cache.trim() == 6 and cache.lengths[0] == 7
+    z = m(nxt, cache=cache, start=7, pad_mask=cache.open(1))[:, -1]
     for b, seq in enumerate([seqs[0] + [60], [7, 8]]):
         assert torch.allclose(z[b], m(torch.tensor([seq + [60 + b]]))[0, -1], atol=1e-5)
+    for b in (0, 1):  # two prompts that each fill every slot
+        solo = KVCache.for_model(m.cfg, 1, 8)
+        m(torch.tensor([[9 + b] * 8]), cache=solo, pad_mask=solo.open(8))
+        cache.seat(b, solo)
+    assert cache.trim() == 0 and cache.valid is None  # every slot real again: no mask, as one unpadded batch
     with pytest.raises(CacheError, match="real token"):
         cache.shift(-1)
-    cache.crop(9, layers=[0])
-    m(nxt, cache=cache, start=9, pad_mask=cache.open(1), layers=[0])
-    with pytest.raises(CacheError, match="different slots"):
-        cache.trim()
+    m(nxt, cache=cache, start=8, pad_mask=cache.open(1), layers=[0])  # layer 0 runs ahead of the others
+    with pytest.raises(CacheError, match="last open slot"):
+        cache.seat(1, solo)
 
 
 @pytest.mark.parametrize("batch_size", [1, 2, 3])
@@ -68,8 +71,11 @@ def test_plain_queue_rows_are_their_runs_alone(llama_dir, batch_size):
         alone = [generate(m, [p], max_new_tokens=12, eos=[stop])[0] for p in prompts]
         assert generate_queue(m, prompts, batch_size, max_new_tokens=12, eos=[stop]) == alone
     assert generate_queue(m, prompts, 2, max_new_tokens=1) == [p[:1] for p in plain]
-    with pytest.raises(ValueError, match="batch_size"):
-        generate_queue(m, prompts, 0)
+    for bad in (0, 1.5, True, "2"):
+        for decode in (lambda b: generate_queue(m, prompts, b), lambda b: generate_early_exit(m, prompts, 0.5, batch_size=b),
+                       lambda b: generate_kangaroo_batch(m, prompts, None, l=2, batch_size=b)):
+            with pytest.raises(ValueError, match="batch_size"):
+                decode(bad)
 
 
 def rounds(out):
@@ -104,25 +110,27 @@ def test_kangaroo_queue_rows_are_their_runs_alone_whenever_they_join(llama_dir):
         queue_as_alone(m, prompts, batch_size, max_new_tokens=12, gamma=3, eta=0.0, eos=[], **kw)
 
 
-def test_sampled_kangaroo_rows_that_join_are_in_distribution(llama_dir):
+def test_sampled_rows_that_join_are_in_distribution(llama_dir):
     """N rows of a short prompt run; when they end, N copies of a longer prompt join (prefilled
-    alone, seated after a shift); each joined row's second token against the exact distribution."""
+    alone, seated after a shift); each joined row's second token against the exact distribution,
+    through Kangaroo's queue and plain decoding's."""
     m = tiny(llama_dir, 0.3)
     a = random_adapter(m, 2, 2, lens_like=True)
     t, top_p, p = 0.8, 0.9, SHORT[1]
     g, N = torch.Generator().manual_seed(0), 1000  # N: chi_square_pvalue's power
-    outs = generate_kangaroo_batch(m, [SHORT[2]] * N + [p] * N, a, max_new_tokens=3, gamma=2, eta=0.0, temperature=t,
-                                   top_p=top_p, generator=g, eos=[], batch_size=N)
-    counts = torch.zeros(m.cfg.vocab_size)
-    for o in outs[N:]:
-        counts[o.tokens[1]] += 1
     with torch.no_grad():
         p1 = probs(m(torch.tensor([p]), last_only=True)[0, -1], t, top_p)
         x1 = p1.nonzero()[:, 0]
         p2 = probs(m(torch.tensor([p + [int(x)] for x in x1]), last_only=True)[:, -1], t, top_p)
         exact = (p1[x1, None] * p2).sum(0)  # (V,)
-    assert counts[exact == 0].sum() == 0
-    assert chi_square_pvalue(counts, exact, N) > 0.01
+    kw = dict(max_new_tokens=3, temperature=t, top_p=top_p, generator=g, eos=[])
+    for outs in (generate_kangaroo_batch(m, [SHORT[2]] * N + [p] * N, a, gamma=2, eta=0.0, batch_size=N, **kw),
+                 generate_queue(m, [SHORT[2]] * N + [p] * N, N, **kw)):
+        counts = torch.zeros(m.cfg.vocab_size)
+        for o in outs[N:]:
+            counts[getattr(o, "tokens", o)[1]] += 1
+        assert counts[exact == 0].sum() == 0
+        assert chi_square_pvalue(counts, exact, N) > 0.01
 
 
 @torch.no_grad()

@@ -87,16 +87,18 @@ def main(argv=None):
     if len(set(a.batches)) < len(a.batches):
         ap.error(f"--batches lists a size twice: {' '.join(map(str, a.batches))}")
     pool = len(SPECBENCH) * min(len(specbench(c)) for c in SPECBENCH)  # specbench_mix takes them in turn
-    if max(a.batches) * (2 if a.top_k else 1) > pool:  # with --top-k the next B_max prompts pick its tokens
-        ap.error(f"--batches {max(a.batches)}: the Spec-Bench pool holds {pool} prompts, "
-                 f"{'two batches' if a.top_k else 'one batch'} of the largest size must fit")
+    if (a.queue or max(a.batches)) + (max(a.batches) if a.top_k else 0) > pool:  # --top-k: the next B_max pick it
+        what = f"the queue of {a.queue} prompts" if a.queue else "one batch of the largest size"
+        ap.error(f"--batches {max(a.batches)}: the Spec-Bench pool holds {pool} prompts, {what}"
+                 f"{' and one more batch of that size for the cheap head' if a.top_k else ''} must fit")
     r_and_top_k_within(ap, a)
     model, tok = start(a)
     N, B_max = a.max_new_tokens, max(a.batches)
     prompts = specbench_mix(tok, a.queue or B_max)
     vocab = None
     if a.top_k:
-        vocab = frequent_vocab(generate(model, specbench_mix(tok, B_max, skip=B_max), max_new_tokens=N), n=a.top_k)
+        vocab = frequent_vocab(generate(model, specbench_mix(tok, B_max, skip=len(prompts)), max_new_tokens=N),
+                               n=a.top_k)
     tau = a.tau
     if tau is None:
         tau = calibrate_threshold(model, [encode_chat(tok, q) for q, _ in specbench("math_reasoning", 2)], a.r, 12, 7)

@@ -90,6 +90,10 @@ def main(argv=None):
     a.prompts = a.prompts or (64 if a.pool else 8)
     if a.pool and (len(set(a.pool)) < len(a.pool) or len(set(a.policies)) < len(a.policies)):
         ap.error("--pool and --policies list each size and policy once")
+    if a.pool and a.max_new_tokens < 2:
+        ap.error("--pool needs --max-new-tokens 2 or more: with 1 no decode step is left to time")
+    if a.policies != list(POLICIES) and not a.pool:
+        ap.error("--policies: the policies of the queue benchmark, for --pool")
     if a.policy != "row" and not a.batch:
         ap.error(f"--policy {a.policy}: a policy of the batch, for --batch")
     if a.policy == "batch_k" and a.eta != 0:

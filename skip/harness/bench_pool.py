@@ -36,7 +36,8 @@ from .runner import Contender, compare, settings
 def schedule(counts, B):
     """The batch passes of a queue through B rows (model/queue.py's rule): per pass, the (prompt,
     its pass index) of every row in it; counts: each prompt's passes (a prompt of none ends at its
-    prefill and gives its row on)."""
+    prefill and gives its row on, so it is skipped here). Each pass holds the same prompts as the
+    real loop's; their order within a pass may differ, and nothing here reads it."""
     queue, done, passes = [r for r in range(len(counts)) if counts[r]], [0] * len(counts), []
     rows = queue[:B]
     del queue[:B]
