@@ -113,7 +113,7 @@ def test_kangaroo_queue_rows_are_their_runs_alone_whenever_they_join(llama_dir):
 def test_sampled_rows_that_join_are_in_distribution(llama_dir):
     """N rows of a short prompt run; when they end, N copies of a longer prompt join (prefilled
     alone, seated after a shift); each joined row's second token against the exact distribution,
-    through Kangaroo's queue and plain decoding's."""
+    through Kangaroo's queue, plain decoding's and the early exit's (tau above 1: it never exits)."""
     m = tiny(llama_dir, 0.3)
     a = random_adapter(m, 2, 2, lens_like=True)
     t, top_p, p = 0.8, 0.9, SHORT[1]
@@ -125,7 +125,8 @@ def test_sampled_rows_that_join_are_in_distribution(llama_dir):
         exact = (p1[x1, None] * p2).sum(0)  # (V,)
     kw = dict(max_new_tokens=3, temperature=t, top_p=top_p, generator=g, eos=[])
     for outs in (generate_kangaroo_batch(m, [SHORT[2]] * N + [p] * N, a, gamma=2, eta=0.0, batch_size=N, **kw),
-                 generate_queue(m, [SHORT[2]] * N + [p] * N, N, **kw)):
+                 generate_queue(m, [SHORT[2]] * N + [p] * N, N, **kw),
+                 generate_early_exit(m, [SHORT[2]] * N + [p] * N, 1.1, batch_size=N, **kw)):
         counts = torch.zeros(m.cfg.vocab_size)
         for o in outs[N:]:
             counts[getattr(o, "tokens", o)[1]] += 1
