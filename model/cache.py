@@ -40,8 +40,8 @@ row for the next prompt: seat() copies the prompt's slots, prefilled alone in a 
 into the row, right-aligned to end where the other rows' next tokens go; the row's older slots
 become its left padding (its keys stay, unread), so its RoPE positions restart at 0 and it sees
 exactly its own keys. A prompt longer than the slots so far first gives every row more left
-padding (shift). A queue then calls trim() at every step, dropping the leading slots that are
-padding in every row, so the slots in use are those of the widest row in the batch, not of
+padding (shift). A queue then calls trim() at every step whose rows changed, dropping the
+leading slots that are padding in every row, so the slots in use are those of the widest row in the batch, not of
 everything the queue has decoded; a static batch (every prompt at once) keeps its slots.
 
 A sliding attention window (Mistral, Qwen) evicts nothing either: every slot stays, so crop()
@@ -167,7 +167,8 @@ class KVCache:
         f = int(self.valid[:, :self._end()].any(0).int().argmax())  # the first slot real in some row
         if f:
             self.shift(-f)
-        self._drop_mask_if_all_real()  # a seated row may have left every slot real
+        else:
+            self._drop_mask_if_all_real()  # a seated row may have left every slot real
         return f
 
     def _end(self):

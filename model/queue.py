@@ -5,12 +5,12 @@ budget), the next waiting prompt takes that row at the next step: it is prefille
 as its run alone starts, and seated in the row (KVCache.seat: its slots end where every row's
 next token goes, its positions restart at 0); a prompt that ends at its first token gives the
 row to the next one. Rows left without a prompt leave (KVCache.reorder), and the slots that are
-padding in every row are dropped (KVCache.trim), so the slots in use are those of the rows in the
-batch. Every prompt's tokens are those of its run alone (greedy; sampled: in distribution), what
+padding in every row are dropped (KVCache.trim, at a step whose rows changed: no other step
+makes any), so the slots in use are those of the rows in the batch. Every prompt's tokens are those of its run alone (greedy; sampled: in distribution), what
 joins or leaves around it notwithstanding: tests/test_queue.py binds them.
 
-`boundary` is the queue's rule, shared by this file's plain decoding, the early exits
-(skip/exit_decode.py) and Kangaroo (skip/kangaroo_batch.py).
+`first_rows` and `boundary` are the queue's rule, shared by this file's plain decoding, the early
+exits (skip/exit_decode.py) and Kangaroo (skip/kangaroo_batch.py).
 """
 from __future__ import annotations
 
@@ -24,6 +24,12 @@ def check_batch_size(batch_size, allow_none=False):
     if not ((allow_none and batch_size is None) or (is_int(batch_size) and batch_size >= 1)):
         raise ValueError(f"batch_size must be a positive integer{' or None (every prompt at once)' * allow_none}, "
                          f"got {batch_size!r}")
+
+
+def first_rows(n_prompts, batch_size):
+    """The prompts that start in the batch (the first batch_size; None: all) and those that wait."""
+    B = min(batch_size or n_prompts, n_prompts)
+    return list(range(B)), list(range(B, n_prompts))
 
 
 def boundary(active, queue, ended, join):
@@ -69,17 +75,18 @@ def generate_queue(model, prompts, batch_size, max_new_tokens=32, temperature=0.
         prefill([r], solo)
         cache.seat(b, solo)
 
-    active, queue = list(range(min(batch_size, len(prompts)))), list(range(batch_size, len(prompts)))
+    active, queue = first_rows(len(prompts), batch_size)
     # trim keeps only the slots of the rows in the batch: the widest holds at most a prompt and its tokens
     cache = model.new_cache(len(active), max(map(len, prompts)) + max_new_tokens)
     prefill(active, cache)
     while True:
-        active, keep = boundary(active, queue, ended, join)
+        before, (active, keep) = active, boundary(active, queue, ended, join)
         if not active:
             return out
         if keep is not None:
             cache.reorder(keep)
-        cache.trim()
+        if active != before:
+            cache.trim()
         toks = torch.tensor([[out[r][-1]] for r in active], device=model.device)  # (B, 1): each row's newest
         logits = model(toks, cache=cache, start=cache.lengths[0], pad_mask=cache.open(1), last_only=True)[:, -1]
         for r, t in zip(active, next_token(logits.float(), temperature, top_k, top_p, generator).tolist()):

@@ -37,8 +37,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from model import (boundary, check_batch_size, check_eos, check_length, check_prompts, check_sampling, left_pad,
-                   next_token, positions)
+from model import (boundary, check_batch_size, check_eos, check_length, check_prompts, check_sampling, first_rows,
+                   left_pad, next_token, positions)
 
 
 @dataclass
@@ -175,18 +175,17 @@ def decode_with_exit(model, prompts, new_check, max_new_tokens=32, eos=None, for
         pick([r], prefill([r], solo))
         cache.seat(b, solo)
 
-    live = list(range(min(batch_size or len(prompts), len(prompts))))  # the prompt of each cache row
-    queue = list(range(len(live), len(prompts)))
+    live, queue = first_rows(len(prompts), batch_size)  # live: the prompt of each cache row
     queued = bool(queue)
     cache = model.new_cache(len(live), max(map(len, prompts)) + max(budget))  # and the home of the padding
     pick(live, prefill(live, cache))
     while True:
-        live, keep = boundary(live, queue, ended, join)  # finished rows leave, or the next prompts take them
+        before, (live, keep) = live, boundary(live, queue, ended, join)  # finished rows leave, or new ones join
         if not live:
             return res[0] if one else res
         if keep is not None:
             cache.reorder(torch.tensor(keep, device=dev))
-        if queued:  # a static batch keeps its slots; a queue trims them at every step (model/cache.py)
+        if queued and live != before:  # a static batch keeps its slots; a queue trims them (model/cache.py)
             cache.trim()
         start = cache.lengths[0]
         pad_mask = cache.open(1)  # (b, start + 1), or None when no live row is padded

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 import torch
 
-from model import boundary, check_batch_size, check_eos, left_pad, positions
+from model import boundary, check_batch_size, check_eos, first_rows, left_pad, positions
 
 from .kangaroo import (KangarooOutput, Round, Sampling, accept_greedy, accept_sampled, adapt, check_settings, probs,
                        self_draft)
@@ -57,10 +57,9 @@ class Rows:
     """Which prompts are in the batch (`active`: the prompt of each batch row) and which wait
     (`queue`), each one's tokens and rounds, and the slot n where every row's next token x goes."""
 
-    def __init__(self, prompts, max_new_tokens, eos, active):
+    def __init__(self, prompts, max_new_tokens, eos, batch_size):
         self.prompts, self.max_new_tokens, self.eos = prompts, max_new_tokens, eos
-        self.active = list(active)
-        self.queue = [r for r in range(len(prompts)) if r not in self.active]
+        self.active, self.queue = first_rows(len(prompts), batch_size)
         self.T = max(len(prompts[r]) for r in self.active)  # the padded prompt length
         self.n = self.T  # the slot of every row's x, the newest committed token (not cached yet)
         self.tokens, self.rounds = [[] for _ in prompts], [[] for _ in prompts]
@@ -315,8 +314,7 @@ def generate_kangaroo_batch(model, prompts, adapter=None, l=None, max_new_tokens
     prompts = check_settings(model.cfg, prompts, adapter, l, max_new_tokens, gamma, eta, temperature, top_p,
                              draft_vocab)
     s = Sampling(temperature, top_p, generator)
-    rows = Rows(prompts, max_new_tokens, check_eos(model.cfg, eos), range(min(batch_size or len(prompts),
-                                                                             len(prompts))))
+    rows = Rows(prompts, max_new_tokens, check_eos(model.cfg, eos), batch_size)
     # slots, holes included (model/cache.py), from a row's first (a queue trims the slots before every
     # row's first): a round moves n by the longest accepted row, at most gamma + 1, and a row lives at
     # most max_new_tokens - 1 rounds (each commits a token of it); and a round moves n by at most one
@@ -324,15 +322,16 @@ def generate_kangaroo_batch(model, prompts, adapter=None, l=None, max_new_tokens
     moved = min(len(prompts) * max_new_tokens, (max_new_tokens - 1) * (gamma + 1))
     room = max(map(len, prompts)) + moved + min(gamma, max_new_tokens) + 1
     bt = Batch(self_draft(model, adapter, l, draft_vocab, 0), rows, room, observe, on_layer)  # kg's caches: unused
-    queued = bool(rows.queue)  # a static batch keeps its slots; a queue trims them at every round (model/cache.py)
+    queued = bool(rows.queue)  # a static batch keeps its slots; a queue trims them (model/cache.py)
     prefill(bt, s)  # M on the prompts, A on their exited states
     while True:  # a row that meets EOS or max_new_tokens leaves the batch's work, or the next prompt takes its row
-        rows.active, keep_ = boundary(rows.active, rows.queue, rows.done, lambda b, r: join(bt, b, r, s))
+        before, (rows.active, keep_) = rows.active, boundary(rows.active, rows.queue, rows.done,
+                                                             lambda b, r: join(bt, b, r, s))
         if keep_ is not None:
             bt.keep_rows(keep_)
         if not rows.active:
             return [KangarooOutput(t, r) for t, r in zip(rows.tokens, rows.rounds)]
-        if queued:
+        if queued and rows.active != before:
             bt.trim()
         rounds, new = round_rows(bt, rows.last(), rows.n, rows.budgets(gamma), eta, s, policy)
         rows.commit(rounds, new)

@@ -110,17 +110,22 @@ def test_sampling_rule_keeps_the_target_distribution():
         assert accept_sampled(torch.stack([p, p]), p[None], [d], g)[0] == 1
 
 
+@torch.no_grad()
+def second_token_marginal(m, prompt, t, top_p):
+    """Plain sampling's marginal of the second new token, sum_x1 p(x1) p(x2 | x1), computed exactly: (V,)."""
+    p1 = probs(m(torch.tensor([prompt]), last_only=True)[0, -1], t, top_p)
+    x1 = p1.nonzero()[:, 0]
+    p2 = probs(m(torch.tensor([prompt + [int(x)] for x in x1]), last_only=True)[:, -1], t, top_p)
+    return (p1[x1, None] * p2).sum(0)
+
+
 def test_sampled_decoding_keeps_the_target_distribution(llama_dir):
     """The second generated token comes out of a draft round; its marginal must equal
     sum_x1 p(x1) p(x2 | x1) of plain sampling, computed exactly."""
     m = tiny(llama_dir, 0.3)
     a = random_adapter(m, 2, 0, lens_like=True)
     t, top_p = 1.5, 0.9
-    with torch.no_grad():
-        p1 = probs(m(torch.tensor([PROMPT]), last_only=True)[0, -1], t, top_p)
-        x1 = p1.nonzero()[:, 0]
-        p2 = probs(m(torch.tensor([PROMPT + [int(x)] for x in x1]), last_only=True)[:, -1], t, top_p)
-        exact = (p1[x1, None] * p2).sum(0)  # (V,)
+    exact = second_token_marginal(m, PROMPT, t, top_p)
     g = torch.Generator().manual_seed(0)
     N, counts = 1000, torch.zeros(m.cfg.vocab_size)  # N: chi_square_pvalue's power
     for _ in range(N):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from model import KVCache, generate, left_pad, load_model, positions
-from skip.kangaroo import generate_kangaroo, probs
+from skip.kangaroo import generate_kangaroo
 from skip.kangaroo_batch import generate_kangaroo_batch
 from skip.kangaroo_files import load_adapter
 from tokenizer import encode_chat
@@ -13,7 +13,7 @@ from tokenizer import encode_chat
 from skip import WEIGHTS
 
 from conftest import chi_square_pvalue, random_adapter
-from test_kangaroo import tiny  # the tiny Llama with its deep layers scaled
+from test_kangaroo import second_token_marginal, tiny  # tiny: the tiny Llama with its deep layers scaled
 
 PROMPTS = [[5, 6, 7], [11, 12, 13, 14, 15, 16, 17, 18], [20], [30, 31, 32, 33, 34]]  # four lengths
 
@@ -22,13 +22,14 @@ def rounds(out):
     return [(r.drafts, r.accepted) for r in out.rounds]
 
 
-def same_as_alone(m, prompts, **kw):
-    """The batched run, after checking each row against that prompt decoded alone."""
-    batch = generate_kangaroo_batch(m, prompts, **kw)
+def same_as_alone(m, prompts, batch_size=None, **kw):
+    """The batched run (batch_size: through a queue), after checking each row against that prompt
+    decoded alone."""
+    batch = generate_kangaroo_batch(m, prompts, batch_size=batch_size, **kw)
     assert len(batch) == len(prompts)
     for p, row in zip(prompts, batch):
         alone = generate_kangaroo(m, p, **kw)
-        assert row.tokens == alone.tokens and rounds(row) == rounds(alone), (p, kw)
+        assert row.tokens == alone.tokens and rounds(row) == rounds(alone), (p, batch_size, kw)
     return batch
 
 
@@ -168,11 +169,7 @@ def test_batched_sampling_keeps_every_rows_target_distribution(llama_dir):
         counts[i % len(prompts), o.tokens[1]] += 1
     assert not torch.equal(counts[0], counts[2])
     for b, p in enumerate(prompts):
-        with torch.no_grad():
-            p1 = probs(m(torch.tensor([p]), last_only=True)[0, -1], t, top_p)
-            x1 = p1.nonzero()[:, 0]
-            p2 = probs(m(torch.tensor([p + [int(x)] for x in x1]), last_only=True)[:, -1], t, top_p)
-            exact = (p1[x1, None] * p2).sum(0)  # (V,)
+        exact = second_token_marginal(m, p, t, top_p)
         assert counts[b, exact == 0].sum() == 0
         assert chi_square_pvalue(counts[b], exact, N) > 0.01, b
 

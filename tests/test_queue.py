@@ -10,12 +10,12 @@ from model import CacheError, KVCache, generate, generate_queue, left_pad, load_
 from skip.adainfer import SVM
 from skip.adainfer_gen import generate_adainfer
 from skip.baselines import generate_early_exit
-from skip.kangaroo import generate_kangaroo, probs
 from skip.kangaroo_batch import generate_kangaroo_batch
 
 from conftest import chi_square_pvalue, random_adapter
 from test_exits_batch import PROMPTS as EXIT_PROMPTS, N, ending_tokens, lens_quantile
-from test_kangaroo import tiny
+from test_kangaroo import second_token_marginal, tiny
+from test_kangaroo_batch import same_as_alone
 
 SHORT = [[5, 6, 7], [11, 12, 13, 14, 15, 16, 17, 18], [20], [30, 31, 32, 33, 34]]
 LONG = [t % 97 for t in range(40, 160)]  # longer than every running row's slots: the batch shifts right to seat it
@@ -78,19 +78,6 @@ def test_plain_queue_rows_are_their_runs_alone(llama_dir, batch_size):
                 decode(bad)
 
 
-def rounds(out):
-    return [(r.drafts, r.accepted) for r in out.rounds]
-
-
-def queue_as_alone(m, prompts, batch_size, **kw):
-    """The queue's outputs, after checking each prompt against its run alone."""
-    outs = generate_kangaroo_batch(m, prompts, batch_size=batch_size, **kw)
-    for p, o in zip(prompts, outs):
-        alone = generate_kangaroo(m, p, **kw)
-        assert o.tokens == alone.tokens and rounds(o) == rounds(alone), (p, batch_size, kw)
-    return outs
-
-
 def test_kangaroo_queue_rows_are_their_runs_alone_whenever_they_join(llama_dir):
     """Row 1's prompt ends after every possible round in turn (its EOS is each of its tokens), so
     the next prompt joins after each; the rows accept drafts (holes); the last prompt is longer
@@ -103,11 +90,11 @@ def test_kangaroo_queue_rows_are_their_runs_alone_whenever_they_join(llama_dir):
     plain = generate(m, [prompts[1]], max_new_tokens=16, eos=[])[0]
     holes = 0
     for stop in dict.fromkeys(plain):  # every distinct token of row 1: it ends after each round in turn
-        outs = queue_as_alone(m, prompts, 2, adapter=a, max_new_tokens=16, gamma=4, eta=0.3, eos=[stop])
+        outs = same_as_alone(m, prompts, 2, adapter=a, max_new_tokens=16, gamma=4, eta=0.3, eos=[stop])
         holes += sum(r.holes for o in outs for r in o.rounds)
     assert holes > 0
     for batch_size, kw in [(1, dict(adapter=a)), (3, dict(adapter=None, l=2)), (2, dict(adapter=a, draft_vocab=20))]:
-        queue_as_alone(m, prompts, batch_size, max_new_tokens=12, gamma=3, eta=0.0, eos=[], **kw)
+        same_as_alone(m, prompts, batch_size, max_new_tokens=12, gamma=3, eta=0.0, eos=[], **kw)
 
 
 def test_sampled_rows_that_join_are_in_distribution(llama_dir):
@@ -118,11 +105,7 @@ def test_sampled_rows_that_join_are_in_distribution(llama_dir):
     a = random_adapter(m, 2, 2, lens_like=True)
     t, top_p, p = 0.8, 0.9, SHORT[1]
     g, N = torch.Generator().manual_seed(0), 1000  # N: chi_square_pvalue's power
-    with torch.no_grad():
-        p1 = probs(m(torch.tensor([p]), last_only=True)[0, -1], t, top_p)
-        x1 = p1.nonzero()[:, 0]
-        p2 = probs(m(torch.tensor([p + [int(x)] for x in x1]), last_only=True)[:, -1], t, top_p)
-        exact = (p1[x1, None] * p2).sum(0)  # (V,)
+    exact = second_token_marginal(m, p, t, top_p)
     kw = dict(max_new_tokens=3, temperature=t, top_p=top_p, generator=g, eos=[])
     for outs in (generate_kangaroo_batch(m, [SHORT[2]] * N + [p] * N, a, gamma=2, eta=0.0, batch_size=N, **kw),
                  generate_queue(m, [SHORT[2]] * N + [p] * N, N, **kw),
